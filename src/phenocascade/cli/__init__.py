@@ -1,0 +1,62 @@
+"""The ``phenocascade`` command line.
+
+Each sub-module registers its sub-commands with ``register(subparsers)``; this module
+only wires them together and turns :class:`~phenocascade.errors.PhenocascadeError` into a
+one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from phenocascade.errors import PhenocascadeError
+
+# Sub-command modules, each exposing ``register(subparsers) -> None``.
+_COMMAND_MODULES = (
+    "phenocascade.cli.infra",
+    "phenocascade.cli.data",
+    "phenocascade.cli.train",
+    "phenocascade.cli.cascade",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(prog="phenocascade", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc: int = args.func(args)
+    except PhenocascadeError as exc:
+        print(f"phenocascade: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

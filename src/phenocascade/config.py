@@ -1,0 +1,220 @@
+"""Typed settings (environment) and the topology (one YAML file).
+
+Settings come from ``PHENOCASCADE_*`` environment variables (nested with ``__``), e.g.
+``PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS`` or ``PHENOCASCADE_KAFKA__CLIENT={"security.protocol":
+"SSL"}``. Client settings (TLS, SASL) pass through unchanged to confluent-kafka and to the
+Cassandra driver.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from phenocascade.errors import ConfigError
+
+
+class KafkaSettings(BaseModel):
+    """How to reach Kafka.
+
+    ``client`` is merged into every producer, consumer and admin config, so any
+    librdkafka property (``security.protocol``, ``ssl.ca.location``, ``sasl.mechanism``,
+    ``sasl.username``...) passes through.
+    """
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client: dict[str, str] = Field(default_factory=dict)
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        """Return a confluent-kafka config with the pass-through settings applied."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client, **extra}
+
+
+class CassandraSettings(BaseModel):
+    """How to reach Cassandra; TLS and auth pass through to cassandra-driver."""
+
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    port: int = 9042
+    keyspace: str = "phenocascade"
+    replication_factor: int = 1
+    username: str | None = None
+    password: str | None = None
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, read from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PHENOCASCADE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Path("var")
+    datasets: Path = Path("../shared/datasets")
+    artifacts: Path = Path("var/artifacts")
+    topology: Path | None = None
+    allowed_roots: list[Path] = Field(default_factory=list)
+    max_inline_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
+
+    def roots(self) -> list[Path]:
+        """Return the resolved allowed roots; the datasets folder is always allowed."""
+        return [p.resolve() for p in [*self.allowed_roots, self.datasets]]
+
+
+class TopicSpec(BaseModel):
+    """One Kafka topic and how it is created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    partitions: int = 4
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    cleanup_policy: Literal["delete", "compact"] = "delete"
+
+
+class ThresholdOverride(BaseModel):
+    """Hand-set thresholds that replace an artifact's calibrated ones for every label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positive: float
+    negative: float
+
+
+class TierSpec(BaseModel):
+    """One tier of the cascade.
+
+    A ``gate`` tier forwards each image to the topic of its route (``pass``/``skip``);
+    a ``branch`` tier is a leaf whose results the joiner waits for.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: Literal["gate", "branch"]
+    backend: str
+    artifact: str
+    input: str
+    group: str
+    result_topic: str
+    routes: dict[Literal["pass", "skip"], str] = Field(default_factory=dict)
+    batch_size: int = 8
+    max_wait_ms: int = 200
+    device: Literal["cpu", "cuda"] = "cpu"
+    thresholds: ThresholdOverride | None = None
+
+
+class JoinerSpec(BaseModel):
+    """The faust app that merges tier results into one output per image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = "phenocascade-joiner"
+    results_topic: str = "results"
+
+
+class Topology(BaseModel):
+    """The whole flow: topics, tiers and the joiner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    submitted_topic: str
+    annotate_topic: str
+    dead_letter_topic: str
+    annotations_topic: str
+    models_topic: str
+    topics: list[TopicSpec]
+    tiers: list[TierSpec]
+    joiner: JoinerSpec = Field(default_factory=JoinerSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> Topology:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if not self.tiers or self.tiers[0].role != "gate":
+            raise ValueError("the first tier must be a gate (the quality gate)")
+        known = {t.name for t in self.topics}
+        used = {
+            self.submitted_topic,
+            self.annotate_topic,
+            self.dead_letter_topic,
+            self.annotations_topic,
+            self.models_topic,
+            self.joiner.results_topic,
+        }
+        for tier in self.tiers:
+            used |= {tier.input, tier.result_topic, *tier.routes.values()}
+            if tier.role == "gate" and set(tier.routes) != {"pass", "skip"}:
+                raise ValueError(f"gate tier {tier.name!r} needs routes for pass and skip")
+        missing = sorted(used - known)
+        if missing:
+            raise ValueError(f"topics used but not declared under 'topics': {missing}")
+        return self
+
+    def tier(self, name: str) -> TierSpec:
+        """Return the tier called ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If no tier has that name.
+        """
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no tier named {name!r}; the topology has {[t.name for t in self.tiers]}")
+
+    @property
+    def branch_tiers(self) -> list[TierSpec]:
+        """Tiers whose results the joiner waits for."""
+        return [t for t in self.tiers if t.role == "branch"]
+
+    @property
+    def gate_tiers(self) -> list[TierSpec]:
+        """Tiers that decide whether an image goes on."""
+        return [t for t in self.tiers if t.role == "gate"]
+
+
+def load_topology(path: Path | None = None) -> Topology:
+    """Read and validate a topology file.
+
+    Parameters
+    ----------
+    path : pathlib.Path or None, default None
+        A YAML file; ``None`` reads the packaged default ``resources/topology.yaml``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or invalid, with pydantic's explanation.
+    """
+    if path is None:
+        text = resources.files("phenocascade.resources").joinpath("topology.yaml").read_text()
+        where = "packaged topology.yaml"
+    else:
+        if not path.is_file():
+            raise ConfigError(f"topology file {path} does not exist")
+        text = path.read_text()
+        where = str(path)
+    try:
+        return Topology.model_validate(yaml.safe_load(text))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ConfigError(f"invalid topology in {where}: {exc}") from exc
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Return the process settings (read once from the environment)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""phenocascade.consumers."""

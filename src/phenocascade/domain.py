@@ -1,0 +1,223 @@
+"""Core value types of the cascade and the pure routing function.
+
+Box convention everywhere: ``[x_min, y_min, x_max, y_max]`` in pixels of the original
+image, ``x_max``/``y_max`` exclusive (half-open), origin at the top-left corner.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Route(enum.StrEnum):
+    """Where a tier sends an image."""
+
+    PASS = "PASS"
+    SKIP = "SKIP"
+    ANNOTATE = "ANNOTATE"
+
+
+class StageKind(enum.StrEnum):
+    """What a stage predicts, which decides how its scores are routed."""
+
+    GATE = "gate"
+    CLASSIFIER = "classifier"
+    DETECTOR = "detector"
+
+
+class OutputStatus(enum.StrEnum):
+    """Terminal status of one submitted image."""
+
+    ANALYZED = "analyzed"
+    UNUSABLE = "unusable"
+    AWAITING_ANNOTATION = "awaiting_annotation"
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """One detected or annotated object.
+
+    Attributes
+    ----------
+    x_min, y_min, x_max, y_max : float
+        Pixel coordinates, ``x_max``/``y_max`` exclusive.
+    label : str
+        Class name, one of the stage's classes.
+    score : float
+        Calibrated confidence in ``[0, 1]``; 1.0 for human annotations.
+    """
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+    label: str
+    score: float = 1.0
+
+    def as_list(self) -> list[float]:
+        """Return ``[x_min, y_min, x_max, y_max]``."""
+        return [self.x_min, self.y_min, self.x_max, self.y_max]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMeta:
+    """Acquisition metadata carried with every submitted image."""
+
+    study: str = ""
+    specimen: str = ""
+    modality: str = ""
+    stain: str = ""
+    scanner: str = ""
+    acquired_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """A decoded image ready for a stage.
+
+    Attributes
+    ----------
+    image_id : str
+        Stable identifier of the submission.
+    pixels : numpy.ndarray
+        Array of shape ``(H, W, C)`` with ``C`` in ``{1, 3}`` and dtype ``uint8`` or
+        ``uint16``; never rescaled, so a stage decides its own normalisation.
+    """
+
+    image_id: str
+    pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
+
+    @property
+    def height(self) -> int:
+        """Image height in pixels."""
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Image width in pixels."""
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True, slots=True)
+class StageOutput:
+    """What a stage returns for one image.
+
+    Attributes
+    ----------
+    scores : Mapping[str, float]
+        Calibrated probability per label, each in ``[0, 1]``. A gate scores its
+        positive label (e.g. ``"clear"``); a detector scores, per class, its best box.
+    boxes : Sequence[Box]
+        Boxes kept at the stage's keep threshold (detectors only, else empty).
+    """
+
+    scores: Mapping[str, float]
+    boxes: Sequence[Box] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelThresholds:
+    """Two thresholds on one calibrated probability.
+
+    ``p >= positive`` is a confident yes, ``p <= negative`` a confident no, anything
+    between is uncertain. For detectors, ``negative`` is the keep threshold of boxes.
+    """
+
+    positive: float
+    negative: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.negative <= self.positive <= 1.0:
+            raise ValueError(
+                f"thresholds must satisfy 0 <= negative <= positive <= 1, got "
+                f"negative={self.negative}, positive={self.positive}"
+            )
+
+
+def route(
+    kind: StageKind,
+    output: StageOutput,
+    thresholds: Mapping[str, LabelThresholds],
+    gate_label: str = "clear",
+) -> Route:
+    """Decide where one image goes from its calibrated scores.
+
+    Parameters
+    ----------
+    kind : StageKind
+        The stage kind.
+    output : StageOutput
+        The stage's output for the image.
+    thresholds : Mapping[str, LabelThresholds]
+        Per-label thresholds. A label without an entry is never confident.
+    gate_label : str, default "clear"
+        The label whose presence means "usable" (gates only).
+
+    Returns
+    -------
+    Route
+        Gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if confidently
+        absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is confidently
+        present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any kept box
+        scores between its class's keep and confident thresholds, else ``PASS``.
+        Tiers 2 and 3 never ``SKIP``.
+    """
+    if kind is StageKind.GATE:
+        p = output.scores.get(gate_label)
+        t = thresholds.get(gate_label)
+        if p is None or t is None:
+            return Route.ANNOTATE
+        if p >= t.positive:
+            return Route.PASS
+        if p <= t.negative:
+            return Route.SKIP
+        return Route.ANNOTATE
+    if kind is StageKind.CLASSIFIER:
+        for label, p in output.scores.items():
+            t = thresholds.get(label)
+            if t is None or t.negative < p < t.positive:
+                return Route.ANNOTATE
+        return Route.PASS
+    for box in output.boxes:
+        t = thresholds.get(box.label)
+        if t is None or box.score < t.positive:
+            return Route.ANNOTATE
+    return Route.PASS
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One labelled training or evaluation example.
+
+    Attributes
+    ----------
+    image_id : str
+        Identifier, unique within its dataset.
+    path : pathlib.Path or None
+        Where the pixels are read from; ``None`` when ``pixels`` is given.
+    labels : frozenset of str
+        Image-level labels that are present (multi-label); for a gate ``{"clear"}`` or empty.
+    boxes : tuple of Box
+        Object boxes in pixels (detectors).
+    group : str
+        Source image the sample derives from; degraded copies share their source's group,
+        so that a split never separates them.
+    degradation : str
+        Name of the synthetic degradation applied at load time, ``""`` for none.
+    seed : int
+        Seed of that degradation.
+    """
+
+    image_id: str
+    path: Path | None
+    labels: frozenset[str] = frozenset()
+    boxes: tuple[Box, ...] = ()
+    group: str = ""
+    degradation: str = ""
+    seed: int = 0

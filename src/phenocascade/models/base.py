@@ -1,0 +1,245 @@
+"""The ``Stage`` contract, the backend registry and the artifact format.
+
+A stage takes a batch of decoded images and returns, per image, calibrated scores and
+(for detectors) boxes, plus the model version that produced them. The quality gate, the
+majority classifier and the minority detectors are implementations of this one contract;
+tier workers know nothing else about models.
+
+Artifact layout (one folder per trained version)::
+
+    <artifacts>/<tier>/<version>/weights.pt      # state dict, loaded with weights_only=True
+    <artifacts>/<tier>/<version>/metadata.json   # ArtifactMeta
+    <artifacts>/<tier>/CHAMPION                  # text: the version workers should serve
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from phenocascade.domain import DecodedImage, LabelThresholds, StageKind, StageOutput
+from phenocascade.errors import ArtifactError, ConfigError
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What every tier's model offers to a worker.
+
+    Attributes
+    ----------
+    kind : StageKind
+        Gate, classifier or detector; decides how :func:`phenocascade.domain.route` reads
+        the scores.
+    classes : Sequence[str]
+        Label names, in the order of the model's outputs.
+    model_name : str
+        Registered backend name.
+    version : str
+        Artifact version that produced the predictions.
+    thresholds : Mapping[str, LabelThresholds]
+        Calibrated routing thresholds per label.
+    gate_label : str
+        For gates, the label meaning "usable".
+    """
+
+    kind: StageKind
+    classes: Sequence[str]
+    model_name: str
+    version: str
+    thresholds: Mapping[str, LabelThresholds]
+    gate_label: str
+
+    def predict(self, images: Sequence[DecodedImage]) -> list[StageOutput]:
+        """Score a batch; return one :class:`StageOutput` per image, in order."""
+        ...
+
+
+@dataclass
+class ArtifactMeta:
+    """Metadata stored beside the weights; the artifact describes itself.
+
+    Attributes
+    ----------
+    backend : str
+        Registered backend name, used to rebuild the model.
+    tier : str
+        Tier the model was trained for.
+    version : str
+        Unique version, e.g. ``"20261128T101500-3fa2"``.
+    kind : str
+        :class:`StageKind` value.
+    classes : list of str
+        Output labels in order.
+    input_size : int
+        Side of the square network input in pixels.
+    normalization : dict
+        ``{"mean": [...], "std": [...]}`` applied after scaling to ``[0, 1]``.
+    calibration : dict
+        Temperature per label, ``{"temperature": {label: T}}``.
+    thresholds : dict
+        Per label ``{"positive", "negative", "target_precision", "achieved_precision_pos",
+        "achieved_precision_neg", "coverage"}``.
+    metrics : dict
+        Validation metrics the model earned.
+    data_fingerprint : str
+        SHA-256 over the training sample ids and labels.
+    code_version : str
+        phenocascade version (and git revision when known).
+    created_at : str
+        ISO-8601 UTC time.
+    parent_version : str
+        Version this one was retrained from, ``""`` for a bootstrap model.
+    config : dict
+        Backend constructor arguments.
+    """
+
+    backend: str
+    tier: str
+    version: str
+    kind: str
+    classes: list[str]
+    input_size: int
+    normalization: dict[str, list[float]]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    code_version: str = ""
+    created_at: str = ""
+    parent_version: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def label_thresholds(self) -> dict[str, LabelThresholds]:
+        """Return the routing thresholds as :class:`LabelThresholds`."""
+        return {
+            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
+            for label, t in self.thresholds.items()
+        }
+
+    def write(self, folder: Path) -> None:
+        """Write ``metadata.json`` into ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.json").write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def read(cls, folder: Path) -> ArtifactMeta:
+        """Read ``metadata.json`` from ``folder``.
+
+        Raises
+        ------
+        ArtifactError
+            If the file is missing or does not match this schema.
+        """
+        path = folder / "metadata.json"
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; train the tier first (phenocascade train)")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path} is not valid artifact metadata: {exc}") from exc
+
+
+class Backend(Protocol):
+    """A registered backend class: a :class:`Stage` that can also be loaded and saved."""
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> Stage:
+        """Rebuild a trained stage from an artifact folder."""
+        ...
+
+
+B = TypeVar("B")
+_REGISTRY: dict[str, type[Any]] = {}
+
+
+def register_backend(name: str) -> Callable[[type[B]], type[B]]:
+    """Register a backend class under ``name``; duplicate names are refused.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is already registered.
+    """
+
+    def decorator(cls: type[B]) -> type[B]:
+        if name in _REGISTRY:
+            raise ConfigError(f"backend {name!r} is already registered by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def backend_names() -> list[str]:
+    """Return every registered backend name, sorted."""
+    _import_builtin_backends()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> type[Any]:
+    """Return the backend class registered as ``name``.
+
+    Raises
+    ------
+    ConfigError
+        If no backend has that name.
+    """
+    _import_builtin_backends()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def _import_builtin_backends() -> None:
+    # Importing the modules runs their @register_backend decorators.
+    from phenocascade.models import backends  # noqa: F401
+
+
+def champion_version(artifacts: Path, tier: str) -> str | None:
+    """Return the champion version of ``tier``, or ``None`` if it has none."""
+    marker = artifacts / tier / "CHAMPION"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def set_champion(artifacts: Path, tier: str, version: str) -> None:
+    """Atomically make ``version`` the champion of ``tier``."""
+    if not (artifacts / tier / version / "metadata.json").is_file():
+        raise ArtifactError(f"cannot promote {tier}/{version}: no artifact at {artifacts / tier / version}")
+    tmp = artifacts / tier / "CHAMPION.tmp"
+    tmp.write_text(version)
+    os.replace(tmp, artifacts / tier / "CHAMPION")
+
+
+def load_stage(artifacts: Path, tier: str, version: str | None = None, device: str = "cpu") -> Stage:
+    """Load a trained stage.
+
+    Parameters
+    ----------
+    artifacts : pathlib.Path
+        Root of the artifact store.
+    tier : str
+        Tier name (a folder under ``artifacts``).
+    version : str or None, default None
+        Version to load; ``None`` loads the champion.
+    device : str, default "cpu"
+        ``"cpu"`` or ``"cuda"``.
+
+    Raises
+    ------
+    ArtifactError
+        If there is no such artifact.
+    """
+    version = version or champion_version(artifacts, tier)
+    if version is None:
+        raise ArtifactError(
+            f"tier {tier!r} has no champion model under {artifacts}; run `phenocascade train {tier}`"
+        )
+    folder = artifacts / tier / version
+    meta = ArtifactMeta.read(folder)
+    stage: Stage = get_backend(meta.backend).load(folder, device=device)
+    return stage
