@@ -90,3 +90,30 @@ class ArtifactError(PhenocascadeError):
     """A model artifact folder is missing, incomplete or incompatible."""
 
     kind = "artifact"
+
+
+class AnnotationError(ValidationError):
+    """An annotation or dataset file is malformed; nothing from it was imported.
+
+    Attributes
+    ----------
+    file : str
+        The offending file.
+    line : int or None
+        1-based line of the offending row or element, ``None`` when the format has none
+        (the message then names the element, e.g. ``annotations[17]``).
+    """
+
+    kind = "annotation"
+
+    def __init__(self, message: str, *, file: str, line: int | None = None) -> None:
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where}: {message}")
+        self.file = file
+        self.line = line
+
+
+class DownloadError(PhenocascadeError):
+    """A dataset download failed, or its checksum is wrong or unknown; nothing was kept."""
+
+    kind = "download"

@@ -7,6 +7,7 @@ subclass naming the input, so workers can dead-letter it and go on.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
     try:
         if fmt == "tiff":
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                if len(tif.pages) > 1:
+                    raise UnsupportedImageError(
+                        f"{what}: multi-page TIFF ({len(tif.pages)} pages); submit one plane per image"
+                    )
                 page = tif.pages.first
                 shape = page.shape
                 if int(np.prod(shape[:2])) > max_pixels:
@@ -113,7 +118,11 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
                     )
                 arr = page.asarray()
         else:
-            with Image.open(io.BytesIO(data)) as img:
+            with warnings.catch_warnings():
+                # Pillow only warns between its two limits; any such size is over ours anyway.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+            with img:
                 if img.width * img.height > max_pixels:
                     raise DecompressionBombError(
                         f"{what}: declared size {img.width}x{img.height} exceeds the limit of "
@@ -135,8 +144,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
                     raise UnsupportedImageError(f"{what}: image mode {img.mode} is not supported")
     except (DecompressionBombError, UnsupportedImageError):
         raise
-    except Image.DecompressionBombError as exc:
-        raise DecompressionBombError(f"{what}: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecompressionBombError(f"{what}: declared size exceeds the limit ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, tifffile.TiffFileError) as exc:
         raise CorruptImageError(f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated") from exc
     return _normalise(arr, what)

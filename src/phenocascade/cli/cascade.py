@@ -1,0 +1,345 @@
+"""Sub-commands that run and query the cascade: topics, worker, joiner, run, submit, results,
+render, report."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from phenocascade.config import Settings, Topology, get_settings, load_topology
+from phenocascade.consumers.joiner import run_joiner
+from phenocascade.consumers.worker import TierWorker
+from phenocascade.domain import ImageMeta
+from phenocascade.errors import NotFoundError, ValidationError
+from phenocascade.imaging import read_image
+from phenocascade.overlay import render_overlay
+from phenocascade.store.cassandra import (
+    connect,
+    get_latest_output,
+    latest_status_by_image,
+    outputs_by_study,
+)
+from phenocascade.streams import events
+from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
+from phenocascade.streams.scan import scan_topic
+from phenocascade.streams.serde import EventCodec
+
+log = logging.getLogger(__name__)
+console = Console()
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+
+
+def _topology(args: argparse.Namespace) -> Topology:
+    path = getattr(args, "topology", None) or get_settings().topology
+    return load_topology(Path(path) if path else None)
+
+
+# -- topics, worker, joiner, run ----------------------------------------------------------
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    """Create the topology's topics."""
+    created = create_topics(get_settings().kafka, _topology(args))
+    console.print(f"created {len(created)} topics: {', '.join(created) or '(all existed)'}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run one tier worker until SIGTERM/SIGINT."""
+    settings = get_settings()
+    topology = _topology(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = TierWorker(
+        settings=settings,
+        topology=topology,
+        tier=topology.tier(args.tier),
+        instance=args.instance or default_instance_id(),
+    )
+    stats = worker.run(stop, max_images=args.max_images)
+    log.info("worker %s stopped: %s", args.tier, stats)
+    return 0
+
+
+def cmd_joiner(args: argparse.Namespace) -> int:
+    """Run the joiner until SIGTERM/SIGINT."""
+    run_joiner(get_settings(), _topology(args))
+    return 0
+
+
+def start_cascade(topology: Topology, log_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
+    """Start every tier worker and the joiner as separate processes on this machine."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    commands = {t.name: ["worker", t.name] for t in topology.tiers}
+    commands["joiner"] = ["joiner"]
+    for name, cmd in commands.items():
+        out = (log_dir / f"{name}.log").open("ab")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "phenocascade", *cmd], stdout=out, stderr=subprocess.STDOUT
+        )
+    return procs
+
+
+def stop_cascade(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
+    """SIGTERM every process, then SIGKILL what is still alive after ``timeout_s``."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs.values():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the whole cascade on this machine until SIGTERM/SIGINT."""
+    settings = get_settings()
+    topology = _topology(args)
+    create_topics(settings.kafka, topology)
+    procs = start_cascade(topology, settings.home / "logs")
+    console.print(f"cascade running: {', '.join(f'{n} (pid {p.pid})' for n, p in procs.items())}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            if dead:
+                console.print(f"[red]process(es) exited: {dead}; see {settings.home / 'logs'}")
+                return 1
+    finally:
+        stop_cascade(procs)
+    return 0
+
+
+# -- submit --------------------------------------------------------------------------------
+def iter_images(paths: Iterable[Path]) -> list[Path]:
+    """Expand files and folders into image files, sorted, deduplicated."""
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+        elif path.is_file():
+            found.add(path)
+        else:
+            raise ValidationError(f"{path} is neither a file nor a folder")
+    return sorted(p.resolve() for p in found)
+
+
+def image_id_for(path: Path, prefix: str = "") -> str:
+    """Return a stable image id: the file stem plus a short hash of its absolute path."""
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{prefix}{path.stem}-{digest}"
+
+
+def submit_paths(
+    settings: Settings,
+    topology: Topology,
+    paths: Sequence[Path],
+    *,
+    meta: ImageMeta,
+    inline: bool = False,
+    prefix: str = "",
+    progress: bool = True,
+) -> list[str]:
+    """Publish one ``ImageSubmitted`` per file; return the image ids in order."""
+    codec = EventCodec()
+    producer = plain_producer(settings.kafka)
+    ids: list[str] = []
+    with Progress(console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("submitting", total=len(paths))
+        for path in paths:
+            image_id = image_id_for(path, prefix)
+            if inline:
+                record = events.image_submitted(
+                    image_id, inline=path.read_bytes(), fmt=events.format_of(path.name), meta=meta
+                )
+            else:
+                record = events.image_submitted(
+                    image_id, uri=str(path), fmt=events.format_of(path.name), meta=meta
+                )
+            producer.produce(
+                topology.submitted_topic, key=image_id.encode(), value=codec.encode("ImageSubmitted", record)
+            )
+            producer.poll(0)
+            ids.append(image_id)
+            bar.advance(task)
+    remaining = producer.flush(60)
+    if remaining:
+        raise ValidationError(f"{remaining} submissions were not acknowledged by Kafka in 60 s")
+    return ids
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit files or folders."""
+    settings = get_settings()
+    paths = iter_images(Path(p) for p in args.paths)
+    meta = ImageMeta(study=args.study, specimen=args.specimen, modality=args.modality, stain=args.stain)
+    ids = submit_paths(settings, _topology(args), paths, meta=meta, inline=args.inline, prefix=args.prefix)
+    console.print(f"submitted {len(ids)} images to study {args.study!r}")
+    return 0
+
+
+# -- results, render, report ---------------------------------------------------------------
+def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
+    """Return a rich table of outputs: id, status, top labels, boxes, routes, versions."""
+    table = Table(title=f"{len(outputs)} image outputs")
+    for col in ("image", "status", "majority labels (p>=0.5)", "minority boxes", "routes"):
+        table.add_column(col)
+    for o in outputs:
+        labels = ", ".join(f"{k} {v:.2f}" for k, v in sorted(o["labels"].items(), key=lambda kv: -kv[1]) if v >= 0.5)
+        boxes = ", ".join(f"{b['label']} {b['score']:.2f}" for b in o["boxes"][:4])
+        if len(o["boxes"]) > 4:
+            boxes += f" (+{len(o['boxes']) - 4})"
+        routes = " ".join(f"{t}:{r}" for t, r in o["routes"].items())
+        table.add_row(o["image_id"][:40], o["status"], labels, boxes or "-", routes)
+    return table
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Print outputs of one image or one study."""
+    session = connect(get_settings().cassandra)
+    if args.image:
+        found = get_latest_output(session=session, image_id=args.image)
+        outputs = [found] if found else []
+    else:
+        outputs = [
+            o
+            for row in outputs_by_study(session=session, study=args.study)
+            if (o := get_latest_output(session=session, image_id=row["image_id"])) is not None
+        ]
+    if not outputs:
+        raise NotFoundError(f"no outputs for {'image ' + args.image if args.image else 'study ' + args.study}")
+    if args.json:
+        print(json.dumps(outputs, default=str, indent=2))
+    else:
+        console.print(results_table(outputs))
+    return 0
+
+
+def render_output(settings: Settings, output: dict[str, Any], dest: Path) -> Path:
+    """Write the overlay PNG of one output to ``dest``."""
+    if not output["uri"]:
+        raise NotFoundError(f"image {output['image_id']} was submitted inline; its pixels are not stored")
+    pixels = read_image(output["uri"], roots=settings.roots(), max_pixels=settings.max_image_pixels)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    render_overlay(pixels, output["labels"], output["boxes"], status=output["status"]).save(dest)
+    return dest
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render the overlay of one image."""
+    settings = get_settings()
+    output = get_latest_output(session=connect(settings.cassandra), image_id=args.image_id)
+    if output is None:
+        raise NotFoundError(f"no output for image {args.image_id}")
+    console.print(f"wrote {render_output(settings, output, Path(args.output))}")
+    return 0
+
+
+def build_report(settings: Settings, topology: Topology) -> dict[str, Any]:
+    """Count submissions, outputs by status, annotation requests and dead letters.
+
+    ``submitted`` counts distinct image ids on the submitted topic; outputs come from
+    Cassandra (the newest output of each image); ``dead_lettered`` counts distinct
+    dead-lettered messages of the submitted topic, the only ones that end an image.
+    """
+    codec = EventCodec()
+    submitted = {k for k, _ in scan_topic(settings.kafka, topology.submitted_topic)}
+    statuses = latest_status_by_image(session=connect(settings.cassandra))
+    by_status = {s: 0 for s in ("analyzed", "unusable", "awaiting_annotation")}
+    for image_id, status in statuses.items():
+        if image_id.encode() in submitted:
+            by_status[status] += 1
+    dead: set[tuple[int, int]] = set()
+    dead_kinds: dict[str, int] = {}
+    for _, value in scan_topic(settings.kafka, topology.dead_letter_topic):
+        _, record = codec.decode(value, expected="DeadLetter")
+        if record["origin_topic"] == topology.submitted_topic:
+            dead.add((record["origin_partition"], record["origin_offset"]))
+            dead_kinds[record["error_kind"]] = dead_kinds.get(record["error_kind"], 0) + 1
+    requests = {(k, codec.decode(v)[1]["tier"]) for k, v in scan_topic(settings.kafka, topology.annotate_topic)}
+    report: dict[str, Any] = {
+        "submitted": len(submitted),
+        **by_status,
+        "dead_lettered": len(dead),
+        "dead_letter_kinds": dead_kinds,
+        "annotation_requests": len(requests),
+    }
+    report["accounted"] = sum(by_status.values()) + len(dead)
+    report["balanced"] = report["accounted"] == report["submitted"]
+    return report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the report."""
+    report = build_report(get_settings(), _topology(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            console.print(f"{k:>22}: {v}")
+    return 0 if report["balanced"] else 1
+
+
+def register(sub: Any) -> None:
+    """Register the cascade sub-commands."""
+    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
+        p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
+        p.set_defaults(func=func)
+        return p
+
+    topics = sub.add_parser("topics", help="manage Kafka topics")
+    tsub = topics.add_subparsers(dest="topics_command", required=True)
+    create = tsub.add_parser("create", help="create the topology's topics")
+    create.add_argument("--topology")
+    create.set_defaults(func=cmd_topics_create)
+
+    p = add("worker", cmd_worker, "run one tier worker")
+    p.add_argument("tier")
+    p.add_argument("--instance", help="stable instance id (default: host name)")
+    p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+
+    add("joiner", cmd_joiner, "run the joiner (faust)")
+    add("run", cmd_run, "run the whole cascade on this machine")
+
+    p = add("submit", cmd_submit, "submit image files or folders")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--study", default="default")
+    p.add_argument("--specimen", default="")
+    p.add_argument("--modality", default="")
+    p.add_argument("--stain", default="")
+    p.add_argument("--prefix", default="", help="prefix of the generated image ids")
+    p.add_argument("--inline", action="store_true", help="send the bytes instead of the path")
+
+    p = add("results", cmd_results, "show outputs")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--image")
+    group.add_argument("--study")
+    p.add_argument("--json", action="store_true")
+
+    p = add("render", cmd_render, "render an output overlay")
+    p.add_argument("image_id")
+    p.add_argument("-o", "--output", required=True)
+
+    p = add("report", cmd_report, "count submissions, outputs and dead letters")
+    p.add_argument("--json", action="store_true")

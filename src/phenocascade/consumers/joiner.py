@@ -1,0 +1,109 @@
+"""The joiner: a faust-streaming app with a table, merging tier results into outputs.
+
+It reads every tier's result topic (all co-partitioned by image id), keeps each image's
+partial results in a changelogged table, and when :func:`~phenocascade.consumers.joining.merge`
+says an output is due, writes it to Cassandra (idempotent upsert) and then to the results
+topic. The versions key stored in the table makes re-delivered results harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import faust
+from faust.types.auth import CredentialsT
+
+from phenocascade.config import KafkaSettings, Settings, Topology
+from phenocascade.consumers.joining import empty_state, merge
+from phenocascade.errors import PhenocascadeError
+from phenocascade.store.cassandra import connect, save_output
+from phenocascade.streams.serde import EventCodec
+
+log = logging.getLogger(__name__)
+
+
+def _credentials(kafka: KafkaSettings) -> CredentialsT | None:
+    """Map librdkafka TLS/SASL settings to faust credentials."""
+    conf = kafka.client
+    protocol = conf.get("security.protocol", "PLAINTEXT").upper()
+    context = None
+    if "SSL" in protocol:
+        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location"))
+        if "ssl.certificate.location" in conf:
+            context.load_cert_chain(conf["ssl.certificate.location"], conf.get("ssl.key.location"))
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=conf.get("sasl.username"),
+            password=conf.get("sasl.password"),
+            mechanism=conf.get("sasl.mechanism", "PLAIN"),
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def make_app(settings: Settings, topology: Topology) -> faust.App:
+    """Build the joiner app (not started)."""
+    spec = topology.joiner
+    partitions = {t.name: t.partitions for t in topology.topics}
+    result_topics = [t.result_topic for t in topology.tiers]
+    n = partitions[result_topics[0]]
+    app = faust.App(
+        spec.app_id,
+        broker=f"kafka://{settings.kafka.bootstrap_servers}",
+        broker_credentials=_credentials(settings.kafka),
+        store="memory://",
+        topic_partitions=n,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_acks=-1,
+        datadir=str(settings.home / "joiner" / spec.app_id),
+    )
+    codec = EventCodec()
+    source = app.topic(*result_topics, key_type=bytes, value_type=bytes, value_serializer="raw")
+    results = app.topic(spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw")
+    table = app.Table("pending", default=None, partitions=n, value_serializer="json")
+    session_holder: dict[str, Any] = {}
+
+    @app.task
+    async def _connect() -> None:
+        loop = asyncio.get_running_loop()
+        session_holder["session"] = await loop.run_in_executor(None, connect, settings.cassandra)
+
+    @app.agent(source)
+    async def join(stream: Any) -> None:
+        loop = asyncio.get_running_loop()
+        async for key, value in stream.items():
+            try:
+                _, result = codec.decode(value, expected="TierResult")
+            except PhenocascadeError as exc:
+                log.warning("joiner skipped an unreadable tier result (key %r): %s", key, exc)
+                continue
+            image_id = result["image_id"]
+            state = table[image_id] or empty_state()
+            new_state, output = merge(topology, state, result)
+            if output is not None:
+                # Store and publish before the table records the emission: a crash in
+                # between re-emits (the Cassandra upsert is idempotent) instead of losing it.
+                while "session" not in session_holder:
+                    await asyncio.sleep(0.1)
+                await loop.run_in_executor(
+                    None, lambda o=output: save_output(session=session_holder["session"], output=o)
+                )
+                await results.send(key=image_id.encode(), value=codec.encode("ImageOutput", output))
+            table[image_id] = new_state
+
+    return app
+
+
+def run_joiner(settings: Settings, topology: Topology) -> None:
+    """Run the joiner until SIGINT/SIGTERM."""
+    app = make_app(settings, topology)
+    from faust.worker import Worker
+
+    Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()

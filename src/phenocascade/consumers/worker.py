@@ -1,0 +1,295 @@
+"""A tier worker: a Kafka loop + a :class:`~phenocascade.models.base.Stage` + the router.
+
+The loop knows nothing about models beyond the ``Stage`` contract, and the stage knows
+nothing about Kafka. Each batch is read, scored and routed inside one Kafka transaction
+(read-process-write): its outputs and its input offsets commit together, so after a crash
+the batch is either fully visible downstream or redone, never half-done or doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from prometheus_client import Counter, Histogram
+
+from phenocascade.config import Settings, TierSpec, Topology
+from phenocascade.domain import DecodedImage, LabelThresholds, Route, StageKind, StageOutput, route
+from phenocascade.errors import BadInputError, PhenocascadeError
+from phenocascade.imaging import decode_bytes, read_image
+from phenocascade.models.base import Stage, load_stage
+from phenocascade.streams import events
+from phenocascade.streams.kafka import group_consumer, transactional_producer
+from phenocascade.streams.serde import EventCodec
+
+log = logging.getLogger(__name__)
+
+IMAGES = Counter("phenocascade_images_total", "Images scored, by tier and route", ["tier", "route"])
+DEAD = Counter("phenocascade_dead_letters_total", "Messages dead-lettered", ["tier", "kind"])
+BATCH_SECONDS = Histogram("phenocascade_batch_seconds", "Wall time of one batch", ["tier"])
+SWAPS = Counter("phenocascade_model_swaps_total", "Hot-swaps to a promoted model", ["tier"])
+
+
+@dataclass
+class WorkerStats:
+    """Counts of one worker's run."""
+
+    batches: int = 0
+    images: int = 0
+    dead_letters: int = 0
+    routes: dict[str, int] = field(default_factory=dict)
+    swaps: list[str] = field(default_factory=list)
+
+
+StageLoader = Callable[[str | None], Stage]
+
+
+class TierWorker:
+    """Run one tier of the cascade as a member of its consumer group.
+
+    Parameters
+    ----------
+    settings : Settings
+        Connection settings, allowed roots and limits.
+    topology : Topology
+        The flow; ``tier`` must be one of its tiers.
+    tier : TierSpec
+        The tier to run.
+    instance : str
+        Stable id of this worker instance; with the tier name it forms the transactional id,
+        so a restarted instance fences its crashed predecessor at once.
+    stage_loader : callable or None, default None
+        ``version -> Stage`` (``None`` = champion); defaults to loading artifacts from
+        ``settings.artifacts`` on the tier's device.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        topology: Topology,
+        tier: TierSpec,
+        instance: str,
+        stage_loader: StageLoader | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.tier = tier
+        self.instance = instance
+        self.codec = EventCodec()
+        self._load: StageLoader = stage_loader or (
+            lambda version: load_stage(settings.artifacts, tier.artifact, version, device=tier.device)
+        )
+        self.stats = WorkerStats()
+        self.stage: Stage | None = None
+
+    # -- model -----------------------------------------------------------------------------
+    def _thresholds(self, stage: Stage) -> dict[str, LabelThresholds]:
+        override = self.tier.thresholds
+        if override is None:
+            return dict(stage.thresholds)
+        t = LabelThresholds(positive=override.positive, negative=override.negative)
+        return {label: t for label in stage.classes}
+
+    def _poll_promotions(self, models: Consumer) -> None:
+        """Swap to a newly promoted model; called only between batches."""
+        while True:
+            msg = models.poll(0)
+            if msg is None or msg.error():
+                return
+            try:
+                _, promoted = self.codec.decode(msg.value(), expected="ModelPromoted")
+            except PhenocascadeError as exc:
+                log.warning("ignoring unreadable message on %s: %s", msg.topic(), exc)
+                continue
+            if promoted["tier"] != self.tier.artifact or (
+                self.stage is not None and promoted["version"] == self.stage.version
+            ):
+                continue
+            self.stage = self._load(promoted["version"])
+            self.stats.swaps.append(promoted["version"])
+            SWAPS.labels(self.tier.name).inc()
+            log.info("tier %s now serves model %s", self.tier.name, promoted["version"])
+
+    # -- input -----------------------------------------------------------------------------
+    def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:
+        image_id = submitted["image_id"]
+        if submitted["inline"] is not None:
+            data: bytes = submitted["inline"]
+            if len(data) > self.settings.max_inline_bytes:
+                raise BadInputError(
+                    f"{image_id}: inline image of {len(data)} bytes exceeds max_inline_bytes="
+                    f"{self.settings.max_inline_bytes}; submit it by URI instead"
+                )
+            pixels = decode_bytes(data, max_pixels=self.settings.max_image_pixels, what=image_id)
+        elif submitted["uri"] is not None:
+            pixels = read_image(
+                submitted["uri"], roots=self.settings.roots(), max_pixels=self.settings.max_image_pixels
+            )
+        else:
+            raise BadInputError(f"{image_id}: the submission has neither uri nor inline bytes")
+        return DecodedImage(image_id=image_id, pixels=pixels)
+
+    def _dead_letter(self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None) -> None:
+        record = events.dead_letter(
+            topic=msg.topic() or "",
+            partition=msg.partition() or 0,
+            offset=msg.offset() or 0,
+            tier=self.tier.name,
+            error_kind=kind,
+            message=reason,
+            payload=msg.value(),
+            image_id=image_id,
+        )
+        producer.produce(
+            self.topology.dead_letter_topic,
+            key=msg.key(),
+            value=self.codec.encode("DeadLetter", record),
+        )
+        self.stats.dead_letters += 1
+        DEAD.labels(self.tier.name, kind).inc()
+        log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+
+    def _predict(self, stage: Stage, images: Sequence[DecodedImage]) -> list[StageOutput | Exception]:
+        """Score the batch; if the batch fails, score images one by one to isolate the culprit."""
+        if not images:
+            return []
+        try:
+            return list(stage.predict(images))
+        except Exception:
+            log.exception("batch prediction failed in tier %s; retrying one by one", self.tier.name)
+        results: list[StageOutput | Exception] = []
+        for image in images:
+            try:
+                results.append(stage.predict([image])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    # -- one batch -------------------------------------------------------------------------
+    def process_batch(self, consumer: Consumer, producer: Any, msgs: Sequence[Message]) -> None:
+        """Decode, score, route and produce one batch inside one transaction."""
+        stage = self.stage
+        assert stage is not None
+        thresholds = self._thresholds(stage)
+        producer.begin_transaction()
+        good: list[tuple[Message, dict[str, Any], DecodedImage]] = []
+        for msg in msgs:
+            image_id = msg.key().decode("utf-8", "replace") if msg.key() else None
+            try:
+                _, submitted = self.codec.decode(msg.value(), expected="ImageSubmitted")
+                image_id = submitted["image_id"]
+                good.append((msg, submitted, self._pixels(submitted)))
+            except BadInputError as exc:
+                self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
+        outputs = self._predict(stage, [g[2] for g in good])
+        for (msg, submitted, _), output in zip(good, outputs, strict=True):
+            if isinstance(output, Exception):
+                self._dead_letter(
+                    producer, msg, "model_error", f"{type(output).__name__}: {output}", submitted["image_id"]
+                )
+                continue
+            decision = route(stage.kind, output, thresholds, stage.gate_label)
+            key = submitted["image_id"].encode()
+            result = events.tier_result(
+                submitted,
+                tier=self.tier.name,
+                kind=stage.kind,
+                route=decision,
+                output=output,
+                model_name=stage.model_name,
+                model_version=stage.version,
+            )
+            producer.produce(self.tier.result_topic, key=key, value=self.codec.encode("TierResult", result))
+            if stage.kind is StageKind.GATE and decision is not Route.ANNOTATE:
+                target = self.tier.routes["pass" if decision is Route.PASS else "skip"]
+                producer.produce(target, key=key, value=msg.value())
+            if decision is Route.ANNOTATE:
+                request = events.annotation_request(
+                    submitted,
+                    msg.value() or b"",
+                    tier=self.tier.name,
+                    output=output,
+                    classes=stage.classes,
+                    model_name=stage.model_name,
+                    model_version=stage.version,
+                )
+                producer.produce(
+                    self.topology.annotate_topic,
+                    key=key,
+                    value=self.codec.encode("AnnotationRequest", request),
+                )
+            self.stats.routes[decision.value] = self.stats.routes.get(decision.value, 0) + 1
+            IMAGES.labels(self.tier.name, decision.value).inc()
+        producer.send_offsets_to_transaction(
+            consumer.position(consumer.assignment()), consumer.consumer_group_metadata()
+        )
+        producer.commit_transaction()
+        self.stats.batches += 1
+        self.stats.images += len(msgs)
+
+    @staticmethod
+    def _rewind(consumer: Consumer) -> None:
+        """After an aborted transaction, go back to the last committed offsets."""
+        for tp in consumer.committed(consumer.assignment(), timeout=10):
+            if tp.offset >= 0:
+                consumer.seek(tp)
+            else:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, 0))
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, stop: threading.Event, max_images: int | None = None) -> WorkerStats:
+        """Consume until ``stop`` is set (or ``max_images`` were processed).
+
+        Returns
+        -------
+        WorkerStats
+            What this run did.
+        """
+        kafka = self.settings.kafka
+        self.stage = self._load(None)
+        log.info("tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version)
+        consumer = group_consumer(kafka, self.tier.group)
+        producer = transactional_producer(kafka, f"phenocascade-{self.tier.name}-{self.instance}")
+        models = group_consumer(
+            kafka, f"{self.tier.group}-models-{self.instance}", **{"auto.offset.reset": "latest"}
+        )
+        models.assign([TopicPartition(self.topology.models_topic, 0, OFFSET_END)])
+        consumer.subscribe([self.tier.input])
+        try:
+            while not stop.is_set():
+                self._poll_promotions(models)
+                msgs = consumer.consume(self.tier.batch_size, self.tier.max_wait_ms / 1000)
+                msgs = [m for m in msgs if not self._is_error(m)]
+                if not msgs:
+                    continue
+                started = time.perf_counter()
+                try:
+                    self.process_batch(consumer, producer, msgs)
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    if not error.txn_requires_abort():
+                        raise
+                    log.warning("aborting transaction of tier %s: %s", self.tier.name, error)
+                    producer.abort_transaction()
+                    self._rewind(consumer)
+                BATCH_SECONDS.labels(self.tier.name).observe(time.perf_counter() - started)
+                if max_images is not None and self.stats.images >= max_images:
+                    break
+        finally:
+            consumer.close()
+            models.close()
+            producer.flush(10)
+        return self.stats
+
+    @staticmethod
+    def _is_error(msg: Message) -> bool:
+        if msg.error() is None:
+            return False
+        log.warning("consumer error: %s", msg.error())
+        return True

@@ -1,0 +1,1066 @@
+"""Strict importers of common annotation formats, and exporters for training.
+
+Every importer returns a :class:`~phenocascade.data.labelled.LabelledSet` and is strict:
+a malformed file (bad XML/JSON/CSV, a box outside its image, a zero-area box, an
+unknown class, a missing image) raises :class:`~phenocascade.errors.AnnotationError`
+naming the file and the line (or element), and nothing is imported. The only way past
+a zero-area box is an explicit ``drop_degenerate=True``, which records each dropped box
+in :attr:`LabelledSet.dropped`.
+
+Boxes come out as ``[x_min, y_min, x_max, y_max]`` in pixels, half-open, origin at the
+top-left corner of the top-left pixel. Format conventions converted on import:
+
+- Pascal VOC: 1-based inclusive pixel indices -> ``[xmin - 1, ymin - 1, xmax, ymax]``
+  (as Detectron2 does); a box with ``xmax == xmin`` (or ``ymax == ymin``) as written is
+  a zero-area box, since annotation tools write such boxes for stray clicks.
+- COCO: ``[x, y, width, height]`` -> ``[x, y, x + width, y + height]``.
+- YOLO: normalised ``cx cy w h`` -> pixels of the image.
+- Instance masks: the tight half-open box of each non-zero label value.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import xml.parsers.expat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tifffile
+import yaml
+from PIL import Image
+
+from phenocascade.data.labelled import DroppedAnnotation, LabelledSet, load_pixels
+from phenocascade.domain import Box, Sample
+from phenocascade.errors import AnnotationError, PhenocascadeError, ValidationError
+from phenocascade.imaging import decode_bytes
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_ZERO_AREA = "zero-area box"
+# Normalised YOLO coordinates are written with a few decimals; allow their rounding.
+_YOLO_TOLERANCE = 1e-4
+# COCO boxes are floats; allow float round-off at the image border.
+_COCO_TOLERANCE = 1e-6
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Return ``(width, height)`` from an image file's header, without decoding pixels.
+
+    Raises
+    ------
+    AnnotationError
+        If the file is missing or its header cannot be read.
+    """
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages.first.shape
+                return int(shape[1]), int(shape[0])
+        with Image.open(path) as img:
+            return int(img.width), int(img.height)
+    except FileNotFoundError as exc:
+        raise AnnotationError("image file does not exist", file=str(path)) from exc
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise AnnotationError(f"cannot read the image header ({exc})", file=str(path)) from exc
+
+
+def find_image(img_dir: Path, stem: str, *, file: str, line: int | None) -> Path:
+    """Return the one image called ``stem`` + a known suffix in ``img_dir``."""
+    found = [img_dir / f"{stem}{s}" for s in IMAGE_SUFFIXES if (img_dir / f"{stem}{s}").is_file()]
+    if not found:
+        raise AnnotationError(
+            f"no image {stem!r} ({'/'.join(IMAGE_SUFFIXES)}) in {img_dir}", file=file, line=line
+        )
+    if len(found) > 1:
+        raise AnnotationError(
+            f"image {stem!r} is ambiguous in {img_dir}: {[p.name for p in found]}",
+            file=file,
+            line=line,
+        )
+    return found[0]
+
+
+@dataclass
+class _BoxChecker:
+    """Validates boxes against their image and collects dropped degenerate ones."""
+
+    drop_degenerate: bool
+    dropped: list[DroppedAnnotation] = field(default_factory=list)
+
+    def check(
+        self,
+        written: tuple[float, float, float, float],
+        box: tuple[float, float, float, float],
+        size: tuple[int, int],
+        *,
+        label: str,
+        image_id: str,
+        file: str,
+        line: int | None,
+        element: str = "",
+        tolerance: float = 0.0,
+    ) -> bool:
+        """Return ``True`` to keep ``box``, ``False`` if dropped; raise if malformed.
+
+        ``written`` is the box as the file states it (for messages and the drop
+        report), ``box`` the converted half-open pixel box, allowed to exceed the image
+        by ``tolerance`` pixels of round-off.
+        """
+        where = f"{element}: " if element else ""
+        if not all(math.isfinite(v) for v in box):
+            raise AnnotationError(f"{where}box {written} is not finite", file=file, line=line)
+        x0, y0, x1, y1 = box
+        wx0, wy0, wx1, wy1 = written
+        if wx1 < wx0 or wy1 < wy0:
+            raise AnnotationError(
+                f"{where}box {written} of {label!r} is inverted (max < min)", file=file, line=line
+            )
+        width, height = size
+        tol = tolerance
+        if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+            raise AnnotationError(
+                f"{where}box {written} of {label!r} lies outside the {width}x{height} image "
+                f"{image_id!r}",
+                file=file,
+                line=line,
+            )
+        if x1 <= x0 or y1 <= y0 or wx1 == wx0 or wy1 == wy0:
+            if not self.drop_degenerate:
+                raise AnnotationError(
+                    f"{where}{_ZERO_AREA} {written} of {label!r} in image {image_id!r}; fix the "
+                    "file, or import with drop_degenerate=True to drop such boxes with a report",
+                    file=file,
+                    line=line,
+                )
+            self.dropped.append(DroppedAnnotation(file, line, image_id, label, written, _ZERO_AREA))
+            return False
+        return True
+
+
+def _box(x0: float, y0: float, x1: float, y1: float, label: str, size: tuple[int, int]) -> Box:
+    """Build a box, clipping the tolerated round-off at the image border."""
+    width, height = size
+    return Box(
+        max(0.0, float(x0)),
+        max(0.0, float(y0)),
+        min(float(width), float(x1)),
+        min(float(height), float(y1)),
+        label,
+    )
+
+
+def _number(text: str | None, *, what: str, file: str, line: int | None) -> float:
+    """Parse a finite number or raise naming the field."""
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise AnnotationError(f"{what} is {text!r}, not a finite number", file=file, line=line)
+    return value
+
+
+def _check_vocabulary(
+    classes: Sequence[str] | None, keep: Sequence[str] | None, *, file: str
+) -> None:
+    """Refuse a ``keep`` subset that names classes outside ``classes``."""
+    if classes is not None and keep is not None:
+        unknown = sorted(set(keep) - set(classes))
+        if unknown:
+            raise ValidationError(f"{file}: keep={unknown} are not among classes={list(classes)}")
+
+
+def image_files(img_dir: Path) -> list[Path]:
+    """Return the image files of a folder, sorted; other non-hidden files are an error."""
+    if not img_dir.is_dir():
+        raise AnnotationError("image folder does not exist", file=str(img_dir))
+    out = []
+    for p in sorted(img_dir.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise AnnotationError(
+                f"not an image ({'/'.join(IMAGE_SUFFIXES)}); move it out of the image folder",
+                file=str(p),
+            )
+        out.append(p)
+    return out
+
+
+def _sample(image_id: str, path: Path, boxes: Sequence[Box], labels: Iterable[str] = ()) -> Sample:
+    """Build a sample whose image labels are its own labels plus its box classes."""
+    return Sample(
+        image_id=image_id,
+        path=path,
+        labels=frozenset(labels) | {b.label for b in boxes},
+        boxes=tuple(boxes),
+        group=image_id,
+    )
+
+
+# ------------------------------------------------------------------------------- VOC
+
+
+@dataclass
+class _Node:
+    """An XML element with the line it starts on (ElementTree keeps no line numbers)."""
+
+    tag: str
+    line: int
+    text: str = ""
+    children: list[_Node] = field(default_factory=list)
+
+    def find(self, tag: str) -> _Node | None:
+        return next((c for c in self.children if c.tag == tag), None)
+
+    def findall(self, tag: str) -> list[_Node]:
+        return [c for c in self.children if c.tag == tag]
+
+
+def _parse_xml(path: Path) -> _Node:
+    """Parse an XML file into :class:`_Node` s; refuse DTDs (VOC files have none)."""
+    parser = xml.parsers.expat.ParserCreate()
+    roots: list[_Node] = []
+    stack: list[_Node] = []
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        node = _Node(tag, parser.CurrentLineNumber)
+        (stack[-1].children if stack else roots).append(node)
+        stack.append(node)
+
+    def end(tag: str) -> None:
+        stack.pop()
+
+    def chars(data: str) -> None:
+        if stack:
+            stack[-1].text += data
+
+    def doctype(*args: object) -> None:
+        raise AnnotationError(
+            "XML with a DOCTYPE is refused (entities could expand without bound)",
+            file=str(path),
+            line=parser.CurrentLineNumber,
+        )
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    parser.StartDoctypeDeclHandler = doctype
+    try:
+        parser.Parse(path.read_bytes(), True)
+    except xml.parsers.expat.ExpatError as exc:
+        raise AnnotationError(
+            f"bad XML: {xml.parsers.expat.ErrorString(exc.code)}", file=str(path), line=exc.lineno
+        ) from exc
+    return roots[0]
+
+
+def _child_text(node: _Node, tag: str, *, file: str) -> tuple[str, int]:
+    """Return the stripped text and line of a required child element."""
+    child = node.find(tag)
+    if child is None:
+        raise AnnotationError(f"<{node.tag}> has no <{tag}>", file=file, line=node.line)
+    return child.text.strip(), child.line
+
+
+def import_voc(
+    ann_dir: Path,
+    img_dir: Path,
+    ids: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    drop_degenerate: bool = False,
+    *,
+    keep: Sequence[str] | None = None,
+    one_based: bool = True,
+    name: str = "voc",
+) -> LabelledSet:
+    """Import Pascal VOC XML annotations.
+
+    Parameters
+    ----------
+    ann_dir : pathlib.Path
+        Folder of ``<id>.xml`` files.
+    img_dir : pathlib.Path
+        Folder of the images named by each file's ``<filename>`` (else ``<id>`` + a
+        known suffix).
+    ids : sequence of str or None, default None
+        Annotation ids to import, in order; ``None`` imports every ``*.xml``, sorted.
+    classes : sequence of str or None, default None
+        The known class names; an object of another class is an error. ``None`` accepts
+        every name found (sorted).
+    drop_degenerate : bool, default False
+        Drop zero-area boxes and record them in ``dropped`` instead of raising.
+    keep : sequence of str or None, default None
+        Classes to keep (a subset of ``classes``), in model order; boxes of other
+        classes are validated, then left out. ``None`` keeps all.
+    one_based : bool, default True
+        VOC's 1-based inclusive indices; ``False`` reads 0-based half-open boxes.
+    name : str, default "voc"
+        Name of the returned set.
+
+    Returns
+    -------
+    LabelledSet
+        One sample per annotation file; image labels = classes of its kept boxes.
+
+    Raises
+    ------
+    AnnotationError
+        On bad XML, a missing element or image, a non-numeric or out-of-image box, an
+        unknown class, a size that disagrees with the image, or a zero-area box
+        (unless ``drop_degenerate``); the message names the file and line.
+    """
+    where = str(ann_dir)
+    _check_vocabulary(classes, keep, file=where)
+    if ids is None:
+        if not ann_dir.is_dir():
+            raise AnnotationError("annotation folder does not exist", file=where)
+        files = sorted(ann_dir.glob("*.xml"))
+    else:
+        files = [ann_dir / f"{i}.xml" for i in ids]
+    checker = _BoxChecker(drop_degenerate)
+    parsed: list[tuple[str, Path, list[Box]]] = []
+    seen: set[str] = set()
+    for path in files:
+        file = str(path)
+        if not path.is_file():
+            raise AnnotationError("annotation file does not exist", file=file)
+        root = _parse_xml(path)
+        if root.tag != "annotation":
+            raise AnnotationError(
+                f"root element is <{root.tag}>, not <annotation>", file=file, line=1
+            )
+        image_id = path.stem
+        fname = root.find("filename")
+        if fname is not None and fname.text.strip():
+            img_path = img_dir / fname.text.strip()
+            if not img_path.is_file():
+                raise AnnotationError(
+                    f"image {img_path} does not exist", file=file, line=fname.line
+                )
+        else:
+            img_path = find_image(img_dir, image_id, file=file, line=root.line)
+        size = image_size(img_path)
+        size_node = root.find("size")
+        if size_node is not None:
+            for tag, actual in zip(("width", "height"), size, strict=True):
+                text, line = _child_text(size_node, tag, file=file)
+                stated = _number(text, what=f"<{tag}>", file=file, line=line)
+                if stated != actual:
+                    raise AnnotationError(
+                        f"<{tag}> is {text} but image {img_path.name} has {tag} {actual}",
+                        file=file,
+                        line=line,
+                    )
+        boxes: list[Box] = []
+        for obj in root.findall("object"):
+            label, label_line = _child_text(obj, "name", file=file)
+            if classes is not None and label not in classes:
+                raise AnnotationError(
+                    f"unknown class {label!r}; known classes are {list(classes)}",
+                    file=file,
+                    line=label_line,
+                )
+            seen.add(label)
+            bnd = obj.find("bndbox")
+            if bnd is None:
+                raise AnnotationError("<object> has no <bndbox>", file=file, line=obj.line)
+            values = []
+            for tag in ("xmin", "ymin", "xmax", "ymax"):
+                text, line = _child_text(bnd, tag, file=file)
+                values.append(_number(text, what=f"<{tag}>", file=file, line=line))
+            wx0, wy0, wx1, wy1 = values
+            shift = 1.0 if one_based else 0.0
+            converted = (wx0 - shift, wy0 - shift, wx1, wy1)
+            keep_it = checker.check(
+                (wx0, wy0, wx1, wy1),
+                converted,
+                size,
+                label=label,
+                image_id=image_id,
+                file=file,
+                line=bnd.line,
+            )
+            if keep_it and (keep is None or label in keep):
+                boxes.append(_box(*converted, label, size))
+        parsed.append((image_id, img_path, boxes))
+    vocabulary = tuple(keep) if keep is not None else tuple(classes or sorted(seen))
+    samples = tuple(_sample(i, p, b) for i, p, b in parsed)
+    return LabelledSet(name, vocabulary, samples, tuple(checker.dropped))
+
+
+# ------------------------------------------------------------------------------ COCO
+
+
+def _field(entry: Any, key: str, kind: type | tuple[type, ...], *, element: str, file: str) -> Any:
+    """Return ``entry[key]`` if it exists and has type ``kind``."""
+    if not isinstance(entry, dict) or key not in entry:
+        raise AnnotationError(f"{element} has no {key!r}", file=file)
+    value = entry[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AnnotationError(f"{element}.{key} is {value!r}, of the wrong type", file=file)
+    return value
+
+
+def import_coco(
+    json_path: Path,
+    img_dir: Path,
+    *,
+    classes: Sequence[str] | None = None,
+    keep: Sequence[str] | None = None,
+    drop_degenerate: bool = False,
+    name: str = "coco",
+) -> LabelledSet:
+    """Import a COCO detection JSON file (``images``, ``annotations``, ``categories``).
+
+    Parameters
+    ----------
+    json_path : pathlib.Path
+        The COCO file.
+    img_dir : pathlib.Path
+        Folder that ``file_name`` is relative to.
+    classes : sequence of str or None, default None
+        Known class names; a category outside them is an error. ``None`` accepts the
+        file's categories (in id order).
+    keep : sequence of str or None, default None
+        Classes to keep, in model order; ``None`` keeps all.
+    drop_degenerate : bool, default False
+        Drop zero-width or zero-height boxes with a report instead of raising.
+    name : str, default "coco"
+        Name of the returned set.
+
+    Returns
+    -------
+    LabelledSet
+        One sample per image entry (``image_id`` = ``file_name`` without suffix).
+
+    Raises
+    ------
+    AnnotationError
+        On bad JSON (with its line), or naming the element (``annotations[17]``) for a
+        missing or mistyped field, an unknown image or category id, a crowd annotation,
+        a missing image, a size mismatch, or a bad box.
+    """
+    file = str(json_path)
+    _check_vocabulary(classes, keep, file=file)
+    try:
+        doc = json.loads(json_path.read_text())
+    except FileNotFoundError as exc:
+        raise AnnotationError("COCO file does not exist", file=file) from exc
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"bad JSON: {exc.msg}", file=file, line=exc.lineno) from exc
+    for key in ("images", "annotations", "categories"):
+        _field(doc, key, list, element="the top-level object", file=file)
+    categories: dict[int, str] = {}
+    for i, cat in enumerate(doc["categories"]):
+        element = f"categories[{i}]"
+        cid = _field(cat, "id", int, element=element, file=file)
+        cname = _field(cat, "name", str, element=element, file=file)
+        if cid in categories:
+            raise AnnotationError(f"{element}: duplicate category id {cid}", file=file)
+        if classes is not None and cname not in classes:
+            raise AnnotationError(
+                f"{element}: unknown class {cname!r}; known classes are {list(classes)}", file=file
+            )
+        categories[cid] = cname
+    images: dict[int, tuple[str, Path, tuple[int, int]]] = {}
+    for i, img in enumerate(doc["images"]):
+        element = f"images[{i}]"
+        iid = _field(img, "id", int, element=element, file=file)
+        fname = _field(img, "file_name", str, element=element, file=file)
+        width = _field(img, "width", int, element=element, file=file)
+        height = _field(img, "height", int, element=element, file=file)
+        if iid in images:
+            raise AnnotationError(f"{element}: duplicate image id {iid}", file=file)
+        path = img_dir / fname
+        if not path.is_file():
+            raise AnnotationError(f"{element}: image {path} does not exist", file=file)
+        actual = image_size(path)
+        if actual != (width, height):
+            raise AnnotationError(
+                f"{element}: states {width}x{height} but {path.name} is {actual[0]}x{actual[1]}",
+                file=file,
+            )
+        images[iid] = (str(Path(fname).with_suffix("")), path, actual)
+    image_ids = [v[0] for v in images.values()]
+    if len(set(image_ids)) != len(image_ids):
+        raise AnnotationError("two images share a file name without suffix", file=file)
+    checker = _BoxChecker(drop_degenerate)
+    boxes: dict[int, list[Box]] = {iid: [] for iid in images}
+    for i, ann in enumerate(doc["annotations"]):
+        element = f"annotations[{i}]"
+        _field(ann, "id", int, element=element, file=file)
+        iid = _field(ann, "image_id", int, element=element, file=file)
+        cid = _field(ann, "category_id", int, element=element, file=file)
+        bbox = _field(ann, "bbox", list, element=element, file=file)
+        if iid not in images:
+            raise AnnotationError(f"{element}: unknown image_id {iid}", file=file)
+        if cid not in categories:
+            raise AnnotationError(f"{element}: unknown category_id {cid}", file=file)
+        if ann.get("iscrowd", 0):
+            raise AnnotationError(
+                f"{element}: crowd annotations (iscrowd=1) are not supported", file=file
+            )
+        if len(bbox) != 4 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in bbox
+        ):
+            raise AnnotationError(
+                f"{element}.bbox {bbox!r} is not [x, y, width, height]", file=file
+            )
+        x, y, w, h = (float(v) for v in bbox)
+        label = categories[cid]
+        image_id, _, size = images[iid]
+        converted = (x, y, x + w, y + h)
+        keep_it = checker.check(
+            converted,
+            converted,
+            size,
+            label=label,
+            image_id=image_id,
+            file=file,
+            line=None,
+            element=element,
+            tolerance=_COCO_TOLERANCE,
+        )
+        if keep_it and (keep is None or label in keep):
+            boxes[iid].append(_box(*converted, label, size))
+    vocabulary = tuple(keep) if keep is not None else tuple(classes or categories.values())
+    samples = tuple(_sample(v[0], v[1], boxes[iid]) for iid, v in images.items())
+    return LabelledSet(name, vocabulary, samples, tuple(checker.dropped))
+
+
+# ------------------------------------------------------------------------------ YOLO
+
+
+def import_yolo(
+    labels_dir: Path,
+    img_dir: Path,
+    classes: Sequence[str],
+    *,
+    drop_degenerate: bool = False,
+    name: str = "yolo",
+) -> LabelledSet:
+    """Import YOLO detection labels: one ``<stem>.txt`` per image, ``cls cx cy w h`` lines.
+
+    Parameters
+    ----------
+    labels_dir : pathlib.Path
+        Folder of label files; an image without one is a negative (no boxes).
+    img_dir : pathlib.Path
+        Folder of the images; every label file needs its image here.
+    classes : sequence of str
+        Class names by index.
+    drop_degenerate : bool, default False
+        Drop zero-width or zero-height boxes with a report instead of raising.
+    name : str, default "yolo"
+        Name of the returned set.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: not five fields, a non-numeric value, a class index out of
+        range, coordinates outside ``[0, 1]`` or the image, a zero-area box; or a label
+        file without an image.
+    """
+    images = {p.stem: p for p in image_files(img_dir)}
+    if not labels_dir.is_dir():
+        raise AnnotationError("label folder does not exist", file=str(labels_dir))
+    checker = _BoxChecker(drop_degenerate)
+    boxes: dict[str, list[Box]] = {stem: [] for stem in images}
+    for path in sorted(labels_dir.glob("*.txt")):
+        file = str(path)
+        if path.stem not in images:
+            raise AnnotationError(f"no image {path.stem!r} in {img_dir}", file=file)
+        size = image_size(images[path.stem])
+        width, height = size
+        for line_no, raw in enumerate(path.read_text().splitlines(), start=1):
+            fields = raw.split()
+            if not fields:
+                continue
+            if len(fields) != 5:
+                raise AnnotationError(
+                    f"expected 'class cx cy w h', got {len(fields)} fields (polygons are not "
+                    "supported)",
+                    file=file,
+                    line=line_no,
+                )
+            try:
+                index = int(fields[0])
+            except ValueError:
+                index = -1
+            if not 0 <= index < len(classes):
+                raise AnnotationError(
+                    f"class index {fields[0]!r} is not in 0..{len(classes) - 1}",
+                    file=file,
+                    line=line_no,
+                )
+            cx, cy, w, h = (
+                _number(v, what=k, file=file, line=line_no)
+                for k, v in zip(("cx", "cy", "w", "h"), fields[1:], strict=True)
+            )
+            if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+                raise AnnotationError(
+                    f"normalised coordinates {fields[1:]} are outside [0, 1]",
+                    file=file,
+                    line=line_no,
+                )
+            written = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+            converted = (
+                written[0] * width,
+                written[1] * height,
+                written[2] * width,
+                written[3] * height,
+            )
+            label = classes[index]
+            if checker.check(
+                written,
+                converted,
+                size,
+                label=label,
+                image_id=path.stem,
+                file=file,
+                line=line_no,
+                tolerance=_YOLO_TOLERANCE * max(width, height),
+            ):
+                boxes[path.stem].append(_box(*converted, label, size))
+    samples = tuple(_sample(stem, images[stem], boxes[stem]) for stem in images)
+    return LabelledSet(name, tuple(classes), samples, tuple(checker.dropped))
+
+
+# -------------------------------------------------------------------- instance masks
+
+
+def instance_boxes(labels: npt.NDArray[np.integer[Any]]) -> dict[int, tuple[int, int, int, int]]:
+    """Return the tight half-open box of every non-zero value of a 2-D label image.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``(H, W)`` integer array, 0 = background.
+
+    Returns
+    -------
+    dict of int to tuple of int
+        ``{value: (x_min, y_min, x_max, y_max)}``, sorted by value.
+    """
+    flat = np.flatnonzero(labels)
+    if flat.size == 0:
+        return {}
+    values = labels.ravel()[flat]
+    order = np.argsort(values, kind="stable")
+    values, flat = values[order], flat[order]
+    uniques, starts = np.unique(values, return_index=True)
+    rows, cols = np.divmod(flat, labels.shape[1])
+    y0 = np.minimum.reduceat(rows, starts)
+    y1 = np.maximum.reduceat(rows, starts) + 1
+    x0 = np.minimum.reduceat(cols, starts)
+    x1 = np.maximum.reduceat(cols, starts) + 1
+    return {
+        int(v): (int(a), int(b), int(c), int(d))
+        for v, a, b, c, d in zip(uniques, x0, y0, x1, y1, strict=True)
+    }
+
+
+def import_instance_masks(
+    mask_dir: Path, img_dir: Path, label: str = "nucleus", *, name: str = "masks"
+) -> LabelledSet:
+    """Import instance label images (``uint8``/``uint16``, 0 = background) as boxes.
+
+    Parameters
+    ----------
+    mask_dir : pathlib.Path
+        Folder of one single-channel label image per image, same stem as the image.
+    img_dir : pathlib.Path
+        Folder of the images.
+    label : str, default "nucleus"
+        Class of every instance.
+    name : str, default "masks"
+        Name of the returned set.
+
+    Raises
+    ------
+    AnnotationError
+        If a mask is unreadable or not single-channel, its image is missing, or their
+        sizes differ.
+    """
+    samples = []
+    for path in image_files(mask_dir):
+        file = str(path)
+        try:
+            pixels = decode_bytes(path.read_bytes(), max_pixels=2**31, what=file)
+        except PhenocascadeError as exc:
+            raise AnnotationError(f"unreadable mask ({exc})", file=file) from exc
+        if pixels.shape[2] != 1:
+            raise AnnotationError(
+                f"a label image must have one channel, this one has {pixels.shape[2]}", file=file
+            )
+        img_path = find_image(img_dir, path.stem, file=file, line=None)
+        size = image_size(img_path)
+        if size != (pixels.shape[1], pixels.shape[0]):
+            raise AnnotationError(
+                f"mask is {pixels.shape[1]}x{pixels.shape[0]} but image {img_path.name} is "
+                f"{size[0]}x{size[1]}",
+                file=file,
+            )
+        found = instance_boxes(pixels[:, :, 0])
+        boxes = [_box(*b, label, size) for b in found.values()]
+        samples.append(_sample(path.stem, img_path, boxes))
+    return LabelledSet(name, (label,), tuple(samples))
+
+
+# ------------------------------------------------------------------------------- CSV
+
+
+def read_csv_rows(csv_path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Return ``(line, row)`` pairs of a CSV file whose header has ``required`` columns."""
+    file = str(csv_path)
+    try:
+        handle = csv_path.open(newline="")
+    except FileNotFoundError as exc:
+        raise AnnotationError("CSV file does not exist", file=file) from exc
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise AnnotationError(f"header lacks columns {missing}", file=file, line=1)
+        rows = []
+        try:
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise AnnotationError(
+                        f"row does not have the header's {len(reader.fieldnames or [])} fields",
+                        file=file,
+                        line=reader.line_num,
+                    )
+                rows.append((reader.line_num, row))
+        except csv.Error as exc:
+            raise AnnotationError(f"bad CSV: {exc}", file=file, line=reader.line_num) from exc
+    return rows
+
+
+def import_csv_boxes(
+    csv_path: Path,
+    img_dir: Path,
+    *,
+    label: str = "nucleus",
+    image_ids: Sequence[str] | None = None,
+    drop_degenerate: bool = False,
+    name: str = "csv",
+) -> LabelledSet:
+    """Import boxes from a CSV file with ``image_id,x_min,y_min,x_max,y_max`` columns.
+
+    This is the format of the DSB 2018 ``boxes.csv`` (half-open pixel boxes); other
+    columns (``instance``, ``area_px``...) are ignored.
+
+    Parameters
+    ----------
+    csv_path : pathlib.Path
+        The CSV file, with a header row.
+    img_dir : pathlib.Path
+        Folder of ``<image_id>`` + a known suffix.
+    label : str, default "nucleus"
+        Class of every box.
+    image_ids : sequence of str or None, default None
+        Images to return, in order, including those without boxes (negatives). Rows of
+        other images are still validated. ``None`` returns the images named in the file.
+    drop_degenerate : bool, default False
+        Drop zero-area boxes with a report instead of raising.
+    name : str, default "csv"
+        Name of the returned set.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: a missing column or field, a non-numeric value, a missing
+        image, a box outside its image or of zero area.
+    """
+    file = str(csv_path)
+    checker = _BoxChecker(drop_degenerate)
+    paths: dict[str, Path] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    boxes: dict[str, list[Box]] = {}
+    for line, row in read_csv_rows(csv_path, ("image_id", "x_min", "y_min", "x_max", "y_max")):
+        image_id = row["image_id"].strip()
+        if image_id not in paths:
+            paths[image_id] = find_image(img_dir, image_id, file=file, line=line)
+            sizes[image_id] = image_size(paths[image_id])
+            boxes[image_id] = []
+        coords = tuple(
+            _number(row[k], what=k, file=file, line=line)
+            for k in ("x_min", "y_min", "x_max", "y_max")
+        )
+        x0, y0, x1, y1 = coords
+        if checker.check(
+            (x0, y0, x1, y1),
+            (x0, y0, x1, y1),
+            sizes[image_id],
+            label=label,
+            image_id=image_id,
+            file=file,
+            line=line,
+        ):
+            boxes[image_id].append(_box(x0, y0, x1, y1, label, sizes[image_id]))
+    wanted = list(paths) if image_ids is None else list(image_ids)
+    samples = []
+    for image_id in wanted:
+        path = paths.get(image_id) or find_image(img_dir, image_id, file=file, line=None)
+        samples.append(_sample(image_id, path, boxes.get(image_id, [])))
+    return LabelledSet(name, (label,), tuple(samples), tuple(checker.dropped))
+
+
+def import_csv_labels(
+    csv_path: Path,
+    img_dir: Path,
+    columns: Mapping[str, Sequence[str]],
+    *,
+    image_ids: Sequence[str] | None = None,
+    name: str = "csv",
+) -> LabelledSet:
+    """Import image-level labels from categorical CSV columns.
+
+    Each listed column becomes one group of labels ``"<column>:<value>"``; every row
+    has exactly one value per column, so exactly one label per group is present.
+
+    Parameters
+    ----------
+    csv_path : pathlib.Path
+        CSV with an ``image_id`` column and the listed columns.
+    img_dir : pathlib.Path
+        Folder of ``<image_id>`` + a known suffix.
+    columns : mapping of str to sequence of str
+        Column name -> allowed values; their order gives the class order.
+    image_ids : sequence of str or None, default None
+        Images to return, in order; each needs a row. ``None`` returns every row.
+    name : str, default "csv"
+        Name of the returned set.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: a missing column, a value outside the allowed ones, a
+        duplicate image, a missing image; or an image in ``image_ids`` without a row.
+    """
+    file = str(csv_path)
+    classes = tuple(f"{col}:{v}" for col, values in columns.items() for v in values)
+    samples: dict[str, Sample] = {}
+    for line, row in read_csv_rows(csv_path, ("image_id", *columns)):
+        image_id = row["image_id"].strip()
+        if image_id in samples:
+            raise AnnotationError(f"duplicate row for image {image_id!r}", file=file, line=line)
+        labels = set()
+        for col, values in columns.items():
+            value = row[col].strip()
+            if value not in values:
+                raise AnnotationError(
+                    f"unknown class {col}:{value!r}; allowed values are {list(values)}",
+                    file=file,
+                    line=line,
+                )
+            labels.add(f"{col}:{value}")
+        path = find_image(img_dir, image_id, file=file, line=line)
+        samples[image_id] = _sample(image_id, path, (), labels)
+    wanted = list(samples) if image_ids is None else list(image_ids)
+    missing = [i for i in wanted if i not in samples]
+    if missing:
+        raise AnnotationError(f"no row for images {missing[:5]} ({len(missing)} in all)", file=file)
+    return LabelledSet(name, classes, tuple(samples[i] for i in wanted))
+
+
+# --------------------------------------------------------------------- class folders
+
+
+def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
+    """Import single-label images laid out as ``root/<class>/<image>``.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        One sub-folder per class (sorted names give the class order); hidden entries
+        are ignored.
+    name : str, default "folders"
+        Name of the returned set.
+
+    Returns
+    -------
+    LabelledSet
+        ``image_id`` is ``"<class>/<stem>"``; labels are ``{class}``.
+
+    Raises
+    ------
+    AnnotationError
+        If ``root`` is missing, holds a file outside the class folders, a class folder
+        holds a non-image, or a class folder is empty.
+    """
+    if not root.is_dir():
+        raise AnnotationError("folder does not exist", file=str(root))
+    classes: list[str] = []
+    samples: list[Sample] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise AnnotationError("file outside a class folder", file=str(entry))
+        images = image_files(entry)
+        if not images:
+            raise AnnotationError("class folder holds no images", file=str(entry))
+        classes.append(entry.name)
+        samples.extend(_sample(f"{entry.name}/{p.stem}", p, (), {entry.name}) for p in images)
+    return LabelledSet(name, tuple(classes), tuple(samples))
+
+
+# ------------------------------------------------------------------------- exporters
+
+
+def _safe_name(image_id: str) -> str:
+    """Turn an image id into one file name (ids may hold ``/``)."""
+    return image_id.replace(os.sep, "__")
+
+
+def export_yolo(
+    labelled_set: LabelledSet, out_dir: Path, split_name: str, *, copy: bool = False
+) -> Path:
+    """Write a split in the Ultralytics YOLO layout and (re)write ``data.yaml``.
+
+    Writes ``out_dir/images/<split_name>/<id><suffix>`` (a symlink to the original, or a
+    copy; samples with a degradation get a PNG (uint8) or TIFF (uint16) of their degraded
+    pixels) and ``out_dir/labels/<split_name>/<id>.txt`` with ``class cx cy w h`` lines,
+    normalised to ``[0, 1]``; an image without boxes gets an empty file (a negative).
+    Both split folders are emptied first, so a re-export never leaves stale files.
+
+    Parameters
+    ----------
+    labelled_set : LabelledSet
+        Samples with paths; box labels index ``labelled_set.classes``.
+    out_dir : pathlib.Path
+        Dataset root; created if missing.
+    split_name : str
+        ``"train"``, ``"val"`` or ``"test"``.
+    copy : bool, default False
+        Copy images instead of symlinking them.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir/data.yaml``, listing every split folder present and the class names.
+
+    Raises
+    ------
+    ValidationError
+        If a box label is not a class, a sample has no path, or ``data.yaml`` already
+        names other classes.
+    """
+    index = {c: i for i, c in enumerate(labelled_set.classes)}
+    names = dict(enumerate(labelled_set.classes))
+    yaml_path = out_dir / "data.yaml"
+    if yaml_path.is_file():
+        existing = yaml.safe_load(yaml_path.read_text()) or {}
+        if existing.get("names", names) != names:
+            raise ValidationError(
+                f"{yaml_path} names classes {existing.get('names')}, not {names}; use another "
+                "folder"
+            )
+    img_out = out_dir / "images" / split_name
+    lbl_out = out_dir / "labels" / split_name
+    for folder in (img_out, lbl_out):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    for sample in labelled_set.samples:
+        if sample.path is None:
+            raise ValidationError(f"sample {sample.image_id!r} has no path to export")
+        stem = _safe_name(sample.image_id)
+        if sample.degradation:
+            pixels = load_pixels(sample)
+            if pixels.dtype == np.uint8:
+                target = img_out / f"{stem}.png"
+                Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(target)
+            else:
+                target = img_out / f"{stem}.tif"
+                tifffile.imwrite(target, pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        else:
+            target = img_out / f"{stem}{sample.path.suffix.lower()}"
+            if copy:
+                shutil.copyfile(sample.path, target)
+            else:
+                target.symlink_to(sample.path.resolve())
+        width, height = image_size(sample.path)
+        lines = []
+        for b in sample.boxes:
+            if b.label not in index:
+                raise ValidationError(
+                    f"sample {sample.image_id!r} has a box of {b.label!r}, not one of "
+                    f"{list(labelled_set.classes)}"
+                )
+            cx = (b.x_min + b.x_max) / 2 / width
+            cy = (b.y_min + b.y_max) / 2 / height
+            w = (b.x_max - b.x_min) / width
+            h = (b.y_max - b.y_min) / height
+            lines.append(f"{index[b.label]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+        (lbl_out / f"{stem}.txt").write_text("".join(lines))
+    splits = {
+        s: f"images/{s}"
+        for s in sorted(p.name for p in (out_dir / "images").iterdir() if p.is_dir())
+    }
+    yaml_path.write_text(
+        yaml.safe_dump({"path": str(out_dir.resolve()), **splits, "names": names}, sort_keys=False)
+    )
+    return yaml_path
+
+
+def to_coco(labelled_set: LabelledSet) -> dict[str, Any]:
+    """Return a COCO ground-truth dict that ``pycocotools.coco.COCO`` can index.
+
+    Image ids are ``1..N`` in sample order, with ``file_name`` = the sample's
+    ``image_id``; category ids are ``1..K`` in ``classes`` order; each box becomes
+    ``bbox = [x_min, y_min, width, height]`` with ``area = width * height`` and
+    ``iscrowd = 0``. Image sizes are read from the files' headers.
+
+    Raises
+    ------
+    ValidationError
+        If a sample has no path or a box label is not a class.
+    """
+    category = {c: i for i, c in enumerate(labelled_set.classes, start=1)}
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for image_index, sample in enumerate(labelled_set.samples, start=1):
+        if sample.path is None:
+            raise ValidationError(f"sample {sample.image_id!r} has no path; COCO needs its size")
+        width, height = image_size(sample.path)
+        images.append(
+            {"id": image_index, "file_name": sample.image_id, "width": width, "height": height}
+        )
+        for b in sample.boxes:
+            if b.label not in category:
+                raise ValidationError(
+                    f"sample {sample.image_id!r} has a box of {b.label!r}, not one of "
+                    f"{list(labelled_set.classes)}"
+                )
+            w, h = b.x_max - b.x_min, b.y_max - b.y_min
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_index,
+                    "category_id": category[b.label],
+                    "bbox": [b.x_min, b.y_min, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "info": {"description": labelled_set.name},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": c} for c, i in category.items()],
+    }

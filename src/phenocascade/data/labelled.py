@@ -1,0 +1,137 @@
+"""The labelled-set value type shared by the importers and the dataset loaders.
+
+Box convention: ``[x_min, y_min, x_max, y_max]`` in pixels, ``x_max``/``y_max`` exclusive
+(half-open), origin at the top-left corner, as in :mod:`phenocascade.domain`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from dataclasses import dataclass
+
+from phenocascade.config import get_settings
+from phenocascade.data import degrade
+from phenocascade.domain import Sample
+from phenocascade.errors import CorruptImageError, ValidationError
+from phenocascade.imaging import Pixels, decode_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DroppedAnnotation:
+    """One annotation an importer dropped on explicit request (``drop_degenerate=True``).
+
+    Attributes
+    ----------
+    file : str
+        The annotation file it came from.
+    line : int or None
+        1-based line of its element or row, ``None`` if the format has no lines.
+    image_id : str
+        The image it belonged to.
+    label : str
+        Its class.
+    box : tuple of float
+        ``(x_min, y_min, x_max, y_max)`` as written in the file.
+    reason : str
+        Why it was dropped, e.g. ``"zero-area box"``.
+    """
+
+    file: str
+    line: int | None
+    image_id: str
+    label: str
+    box: tuple[float, float, float, float]
+    reason: str
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """A named, ordered collection of labelled samples.
+
+    Attributes
+    ----------
+    name : str
+        Dataset and split, e.g. ``"bccd/train"``.
+    classes : tuple of str
+        The label vocabulary, in the order models index it.
+    samples : tuple of Sample
+        The samples; every label and box label is one of ``classes``.
+    dropped : tuple of DroppedAnnotation, default ()
+        What the importer dropped on request; empty for strict imports.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    samples: tuple[Sample, ...]
+    dropped: tuple[DroppedAnnotation, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fingerprint(self) -> str:
+        """Return a SHA-256 hex digest that changes whenever the labelled content does.
+
+        It covers the classes and, over samples sorted by ``image_id``, each image id,
+        its sorted labels, its boxes, its degradation and seed. File paths are left out,
+        so the same data in another folder has the same fingerprint.
+        """
+        records = sorted(
+            (
+                s.image_id,
+                sorted(s.labels),
+                [[*b.as_list(), b.label] for b in s.boxes],
+                s.degradation,
+                s.seed,
+            )
+            for s in self.samples
+        )
+        payload = json.dumps([list(self.classes), records], separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def label_counts(self) -> dict[str, int]:
+        """Return, per class, the number of samples with that image label or a box of it."""
+        counts: collections.Counter[str] = collections.Counter()
+        for s in self.samples:
+            counts.update(set(s.labels) | {b.label for b in s.boxes})
+        return {c: counts[c] for c in self.classes}
+
+    def box_counts(self) -> dict[str, int]:
+        """Return, per class, the number of boxes."""
+        counts = collections.Counter(b.label for s in self.samples for b in s.boxes)
+        return {c: counts[c] for c in self.classes}
+
+
+def load_pixels(sample: Sample) -> Pixels:
+    """Read a sample's image and apply its degradation.
+
+    Parameters
+    ----------
+    sample : Sample
+        A sample whose ``path`` is set; ``degradation``/``seed`` name a degradation of
+        :mod:`phenocascade.data.degrade` or ``""`` for none.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, C)``, ``C`` in {1, 3}, ``uint8`` or ``uint16`` as stored (never rescaled),
+        degraded deterministically from ``sample.seed``.
+
+    Raises
+    ------
+    ValidationError
+        If the sample has no path or an unknown degradation.
+    CorruptImageError, DecompressionBombError, UnsupportedImageError
+        If the file cannot be read or decoded.
+    """
+    if sample.path is None:
+        raise ValidationError(f"sample {sample.image_id!r} has no path to read pixels from")
+    try:
+        data = sample.path.read_bytes()
+    except OSError as exc:
+        raise CorruptImageError(f"{sample.path}: cannot read file ({exc.strerror})") from exc
+    pixels = decode_bytes(data, max_pixels=get_settings().max_image_pixels, what=str(sample.path))
+    if sample.degradation:
+        return degrade.apply(pixels, sample.degradation, sample.seed)
+    return pixels

@@ -1,0 +1,700 @@
+"""Real Kafka (KRaft) and Cassandra as local JVM processes, for development and tests.
+
+``up`` resolves each service's jars with Maven once into a cache folder, writes its
+configuration from the packaged templates (``phenocascade/infra/templates/<service>/``) into
+``<settings.home>/infra/<service>/``, starts the JVMs detached from the caller and waits until
+each answers a real client request. ``down`` stops them and ``status`` reports on them.
+
+Layout of ``<settings.home>/infra/<service>/``: the rendered configuration files, ``data/``,
+``logs/`` (the service's own log plus ``stdout.log``) and ``<service>.pid``.
+
+Everything listens on 127.0.0.1 only. Kafka's client port is the port of
+``settings.kafka.bootstrap_servers`` (default 9092) and its controller listens on the next
+port; Cassandra's CQL port is ``settings.cassandra.port`` (default 9042) and its storage
+port is 7000.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psutil
+from cassandra import DriverException, RequestExecutionException
+from cassandra.cluster import Cluster, NoHostAvailable
+from cassandra.policies import WhiteListRoundRobinPolicy
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from phenocascade.config import Settings
+from phenocascade.errors import InfraError
+
+__all__ = ["SERVICES", "ServiceStatus", "cache_dir", "down", "status", "up"]
+
+log = logging.getLogger(__name__)
+
+SERVICES: tuple[str, ...] = ("kafka", "cassandra")
+"""Every service ``up`` can start, in the order they are started (slowest first is better,
+so ``up`` starts Cassandra before Kafka whatever order it is given)."""
+
+_START_ORDER = ("cassandra", "kafka")
+_CASSANDRA_STORAGE_PORT = 7000
+_STOP_TIMEOUT_S = 60.0
+_POLL_S = 0.5
+_LOG_TAIL_LINES = 25
+_MIN_JAVA = 17
+_MAIN_CLASS = {"kafka": "kafka.Kafka", "cassandra": "org.apache.cassandra.service.CassandraDaemon"}
+# The artifact whose version names the cache folder, e.g. kafka-4.1.1.
+_MAIN_ARTIFACT = {"kafka": "kafka_2.13", "cassandra": "cassandra-all"}
+_SERVICE_LOG = {"kafka": "server.log", "cassandra": "system.log"}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What ``status`` knows about one local service.
+
+    Attributes
+    ----------
+    name : str
+        ``"kafka"`` or ``"cassandra"``.
+    pid : int or None
+        The process phenocascade started, if it is alive; ``None`` when no such process
+        runs (the port may still be served by a process started some other way).
+    port : int
+        The client port on 127.0.0.1 (Kafka's bootstrap port, Cassandra's CQL port).
+    listening : bool
+        Whether a TCP connection to the port succeeds.
+    ready : bool
+        Whether a real client request succeeded: Kafka's AdminClient listed the topics,
+        or Cassandra answered ``SELECT release_version FROM system.local``.
+    version : str or None
+        The release Cassandra reported; for Kafka, the release of the cached jars (the
+        Kafka protocol does not report it). ``None`` when not ready and not cached.
+    log : pathlib.Path
+        The service's main log file.
+    """
+
+    name: str
+    pid: int | None
+    port: int
+    listening: bool
+    ready: bool
+    version: str | None
+    log: Path
+
+    @property
+    def running(self) -> bool:
+        """Whether the process phenocascade started is alive."""
+        return self.pid is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (the log path as a string, ``running`` included)."""
+        return {**asdict(self), "log": str(self.log), "running": self.running}
+
+
+def cache_dir() -> Path:
+    """Return the folder that holds the resolved jars of each service.
+
+    ``$PHENOCASCADE_INFRA_CACHE`` if set, else ``~/.cache/phenocascade/infra``. Each service
+    gets ``<name>-<version>/lib`` below it, filled once by Maven.
+    """
+    env = os.environ.get("PHENOCASCADE_INFRA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "phenocascade" / "infra"
+
+
+def up(
+    settings: Settings,
+    *,
+    services: Sequence[str] = SERVICES,
+    timeout_s: float = 180.0,
+    progress: Progress | None = None,
+) -> dict[str, ServiceStatus]:
+    """Start the local services that are not already running, and wait until they are ready.
+
+    Idempotent: a service whose port already answers a real client request is left alone,
+    whoever started it. The first call resolves the jars with Maven (network needed once);
+    later calls reuse the cached jars and need neither network nor Maven.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``settings.home`` holds configuration, data, logs and pid files; the client ports
+        come from ``settings.kafka.bootstrap_servers`` and ``settings.cassandra.port``.
+    services : sequence of str, default SERVICES
+        Any of ``"kafka"`` and ``"cassandra"``.
+    timeout_s : float, default 180.0
+        Seconds to wait, after the JVMs were launched, until every service is ready. Maven
+        resolution is not counted.
+    progress : callable or None, default None
+        Called with one human-readable line per step (resolving, starting, ready).
+
+    Returns
+    -------
+    dict of str to ServiceStatus
+        The status of each requested service, all ready.
+
+    Raises
+    ------
+    InfraError
+        If ``java`` (17 or newer) or, on the first start, ``mvn`` is missing; if Maven cannot
+        resolve the jars; if a port is taken by something that is not a ready service; if a
+        service dies while starting (the message quotes its last log lines); or if it is not
+        ready within ``timeout_s``.
+    """
+    wanted = _check_services(services)
+    say = progress or (lambda message: log.info("%s", message))
+    root = _infra_root(settings)
+    with _locked(root):
+        pending: dict[str, int] = {}
+        for name in _START_ORDER:
+            if name not in wanted:
+                continue
+            port = _client_port(settings, name)
+            if _ready(name, port) is not None:
+                say(f"{name} is already running on 127.0.0.1:{port}")
+                continue
+            pid = _live_pid(root, name)
+            if pid is None:
+                pid = _launch(settings, name, say)
+            else:
+                say(f"{name} (pid {pid}) is still starting")
+            pending[name] = pid
+        _wait_ready(settings, pending, timeout_s=timeout_s, say=say)
+    return {name: s for name, s in status(settings).items() if name in wanted}
+
+
+def down(
+    settings: Settings,
+    *,
+    services: Sequence[str] = SERVICES,
+    timeout_s: float = _STOP_TIMEOUT_S,
+    progress: Progress | None = None,
+) -> dict[str, ServiceStatus]:
+    """Stop the services phenocascade started: SIGTERM, wait, then SIGKILL.
+
+    A service served by a process phenocascade did not start (no pid file of ours) is left
+    alone. Pid files are removed.
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the pid files live (``settings.home``).
+    services : sequence of str, default SERVICES
+        Any of ``"kafka"`` and ``"cassandra"``.
+    timeout_s : float, default 60.0
+        Seconds to wait after SIGTERM (Cassandra flushes its memtables) before SIGKILL.
+    progress : callable or None, default None
+        Called with one human-readable line per step.
+
+    Returns
+    -------
+    dict of str to ServiceStatus
+        The status of each requested service after stopping.
+    """
+    wanted = _check_services(services)
+    say = progress or (lambda message: log.info("%s", message))
+    root = _infra_root(settings)
+    with _locked(root):
+        procs: dict[str, psutil.Process] = {}
+        for name in wanted:
+            pid = _live_pid(root, name)
+            if pid is None:
+                say(f"{name} is not running (nothing phenocascade started)")
+            else:
+                proc = psutil.Process(pid)
+                proc.send_signal(signal.SIGTERM)
+                say(f"{name} (pid {pid}) asked to stop")
+                procs[name] = proc
+        _gone, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+        for proc in alive:
+            say(f"pid {proc.pid} still alive after {timeout_s:.0f} s; killing it")
+            proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for name in wanted:
+            _pid_file(root, name).unlink(missing_ok=True)
+            if name in procs:
+                say(f"{name} stopped")
+    return {name: s for name, s in status(settings).items() if name in wanted}
+
+
+def status(settings: Settings) -> dict[str, ServiceStatus]:
+    """Report on every local service without changing anything.
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the pid files live, and the client ports.
+
+    Returns
+    -------
+    dict of str to ServiceStatus
+        One entry per name in :data:`SERVICES`.
+    """
+    root = _infra_root(settings)
+    out: dict[str, ServiceStatus] = {}
+    for name in SERVICES:
+        port = _client_port(settings, name)
+        listening = _listening(port)
+        version = _ready(name, port) if listening else None
+        out[name] = ServiceStatus(
+            name=name,
+            pid=_live_pid(root, name),
+            port=port,
+            listening=listening,
+            ready=version is not None,
+            version=version or _cached_version(name),
+            log=root / name / "logs" / _SERVICE_LOG[name],
+        )
+    return out
+
+
+# --- starting -----------------------------------------------------------------------------
+
+
+def _launch(settings: Settings, name: str, say: Progress) -> int:
+    """Resolve, configure and start one service; return its pid (not yet ready)."""
+    java = _java()
+    lib = _resolve_jars(name, say)
+    root = _infra_root(settings)
+    port = _client_port(settings, name)
+    if _listening(port):
+        raise InfraError(
+            f"127.0.0.1:{port} is taken by a process that is not a ready {name}; stop it, "
+            f"or point phenocascade at another port ({_port_setting(name)})"
+        )
+    home = root / name
+    for sub in ("data", "logs"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    if name == "kafka":
+        cmd = _kafka_command(java, lib, home, port)
+    else:
+        cmd = _cassandra_command(java, lib, home, port)
+    pid = _spawn_detached(cmd, cwd=home, out=home / "logs" / "stdout.log")
+    _pid_file(root, name).write_text(f"{pid}\n")
+    say(f"{name} starting (pid {pid}), logs in {home / 'logs'}")
+    return pid
+
+
+def _kafka_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
+    """Write Kafka's configuration, format its storage once, and return its command."""
+    properties = _render(
+        "kafka",
+        "server.properties",
+        home,
+        kafka_port=port,
+        controller_port=port + 1,
+        data_dir=home / "data",
+    )
+    log4j = _render("kafka", "log4j2.properties", home)
+    cluster_id_file = home / "cluster.id"
+    if not cluster_id_file.is_file():
+        cluster_id_file.write_text(_kafka_cluster_id() + "\n")
+    classpath = str(lib / "*")
+    fmt = subprocess.run(
+        [
+            java,
+            "-Xmx256m",
+            f"-Dlog4j2.configurationFile={log4j}",
+            f"-Dkafka.logs.dir={home / 'logs'}",
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            cluster_id_file.read_text().strip(),
+            "-c",
+            str(properties),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if fmt.returncode != 0:
+        raise InfraError(
+            f"formatting Kafka's storage in {home / 'data'} failed "
+            f"(exit {fmt.returncode}):\n{_tail(fmt.stdout + fmt.stderr)}"
+        )
+    return [
+        java,
+        *_jvm_options("kafka"),
+        f"-Dkafka.logs.dir={home / 'logs'}",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        classpath,
+        _MAIN_CLASS["kafka"],
+        str(properties),
+    ]
+
+
+def _cassandra_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
+    """Write Cassandra's configuration and return its command."""
+    yaml_file = _render(
+        "cassandra",
+        "cassandra.yaml",
+        home,
+        native_port=port,
+        storage_port=_CASSANDRA_STORAGE_PORT,
+        data_dir=home / "data",
+    )
+    logback = _render("cassandra", "logback.xml", home)
+    jamm = sorted(lib.glob("jamm-*.jar"))
+    if not jamm:
+        raise InfraError(f"no jamm jar in {lib}; delete that folder so that Maven fills it again")
+    return [
+        java,
+        *_jvm_options("cassandra"),
+        # Cassandra measures object sizes with jamm, which must be loaded as an agent.
+        f"-javaagent:{jamm[0]}",
+        "-Dcassandra-foreground=yes",
+        f"-Dcassandra.config={yaml_file.as_uri()}",
+        f"-Dcassandra.storagedir={home / 'data'}",
+        f"-Dcassandra.logdir={home / 'logs'}",
+        f"-Dlogback.configurationFile={logback}",
+        # One node: nobody to gossip with, so do not wait for gossip to settle.
+        "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+        "-Dcassandra.initial_token=0",
+        "-cp",
+        str(lib / "*"),
+        _MAIN_CLASS["cassandra"],
+    ]
+
+
+def _spawn_detached(cmd: list[str], *, cwd: Path, out: Path) -> int:
+    """Start ``cmd`` in the background, not as our child, and return its pid.
+
+    The JVMs must outlive the command that started them, ignore the terminal's Ctrl-C and
+    never become zombies of a long-lived caller (a test session): a shell starts them in
+    the background of a new session and exits at once, so init adopts them.
+    """
+    env = {**os.environ, "PHENOCASCADE_LAUNCH_OUT": str(out)}
+    launcher = subprocess.run(
+        ["sh", "-c", '"$@" </dev/null >>"$PHENOCASCADE_LAUNCH_OUT" 2>&1 & echo $!', "sh", *cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        check=False,
+        timeout=30,
+    )
+    if launcher.returncode != 0 or not launcher.stdout.strip().isdigit():
+        raise InfraError(f"could not launch {cmd[0]}: {launcher.stderr.strip()}")
+    return int(launcher.stdout)
+
+
+def _wait_ready(
+    settings: Settings, pending: dict[str, int], *, timeout_s: float, say: Progress
+) -> None:
+    """Poll until every pending service answers a client request, or fail with its log."""
+    root = _infra_root(settings)
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while pending:
+        for name, pid in list(pending.items()):
+            version = _ready(name, _client_port(settings, name))
+            if version is not None:
+                say(f"{name} {version} ready after {time.monotonic() - started:.1f} s")
+                del pending[name]
+            elif not _alive(pid, name):
+                _pid_file(root, name).unlink(missing_ok=True)
+                raise InfraError(
+                    f"{name} (pid {pid}) exited while starting; last lines of its logs:\n"
+                    f"{_log_tail(root, name)}"
+                )
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(sorted(pending))
+            raise InfraError(
+                f"{names} not ready after {timeout_s:.0f} s (still running; `phenocascade infra"
+                f" down` stops it). Last lines of its logs:\n"
+                + "\n".join(_log_tail(root, name) for name in pending)
+            )
+        if pending:
+            time.sleep(_POLL_S)
+
+
+# --- readiness ----------------------------------------------------------------------------
+
+
+def _ready(name: str, port: int) -> str | None:
+    """Return the service's version if it answers a real client request, else ``None``."""
+    if not _listening(port):
+        return None
+    if name == "kafka":
+        return _kafka_ready(port)
+    return _cassandra_ready(port)
+
+
+def _kafka_ready(port: int) -> str | None:
+    admin = AdminClient(
+        {
+            "bootstrap.servers": f"127.0.0.1:{port}",
+            # A broker that is still starting refuses connections; that is expected here.
+            "log_level": 0,
+        }
+    )
+    try:
+        admin.list_topics(timeout=3)
+    except KafkaException:
+        return None
+    # The Kafka protocol does not report the broker's release; the cached jars know it.
+    return _cached_version("kafka") or "(version unknown)"
+
+
+def _cassandra_ready(port: int) -> str | None:
+    cluster = Cluster(
+        ["127.0.0.1"],
+        port=port,
+        protocol_version=5,
+        connect_timeout=3,
+        control_connection_timeout=3,
+        load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]),
+    )
+    try:
+        session = cluster.connect()
+        row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+    except (NoHostAvailable, DriverException, RequestExecutionException, OSError):
+        return None
+    finally:
+        cluster.shutdown()
+    return str(row.release_version) if row is not None else None
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+# --- processes and pid files --------------------------------------------------------------
+
+
+def _infra_root(settings: Settings) -> Path:
+    root = settings.home.resolve() / "infra"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _pid_file(root: Path, name: str) -> Path:
+    return root / name / f"{name}.pid"
+
+
+def _live_pid(root: Path, name: str) -> int | None:
+    """Return the pid in the service's pid file if that process is alive and is the service."""
+    path = _pid_file(root, name)
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _alive(pid, name) else None
+
+
+def _alive(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs the service's main class (a recycled pid does not count)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and _MAIN_CLASS[name] in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise ``up`` and ``down`` across processes (two test sessions, CLI and tests)."""
+    with (root / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _log_tail(root: Path, name: str) -> str:
+    """Return the last lines of the service's log and of its stdout/stderr."""
+    parts = []
+    for path in (root / name / "logs" / _SERVICE_LOG[name], root / name / "logs" / "stdout.log"):
+        if path.is_file():
+            parts.append(f"--- {path}\n{_tail(path.read_text(errors='replace'))}")
+    return "\n".join(parts) or f"(no log files in {root / name / 'logs'})"
+
+
+def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+# --- tools, jars and templates ------------------------------------------------------------
+
+
+def _java() -> str:
+    """Return the ``java`` executable, checking that it is Java 17 or newer."""
+    java = shutil.which("java")
+    if java is None:
+        raise InfraError(
+            "java not found on PATH; Kafka 4 and Cassandra 5 need a Java 17+ runtime "
+            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr)
+    major = int(match.group(1)) if match else 0
+    if major == 1 and match and match.group(2):  # "1.8.0_402" style
+        major = int(match.group(2))
+    if major < _MIN_JAVA:
+        raise InfraError(
+            f"{java} is Java {major or '?'}; Kafka 4 and Cassandra 5 need Java {_MIN_JAVA}+ "
+            "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)"
+        )
+    return java
+
+
+def _template(name: str, filename: str) -> str:
+    return (
+        resources.files("phenocascade.infra")
+        .joinpath("templates", name, filename)
+        .read_text(encoding="utf-8")
+    )
+
+
+def _render(name: str, filename: str, home: Path, **values: object) -> Path:
+    """Write ``templates/<name>/<filename>`` into ``home``, filling ``${key}`` from values.
+
+    Files rendered without values are copied verbatim, so that their own ``${...}``
+    (Log4j, Logback) survive.
+    """
+    text = _template(name, filename)
+    if values:
+        text = string.Template(text).substitute({k: str(v) for k, v in values.items()})
+    target = home / filename
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _jvm_options(name: str) -> list[str]:
+    """Return the flags of ``templates/<name>/jvm.options`` (lines starting with ``-``)."""
+    lines = (line.strip() for line in _template(name, "jvm.options").splitlines())
+    return [line for line in lines if line.startswith("-")]
+
+
+def _pom_version(name: str) -> str:
+    """Return the version of the service's main artifact, read from its packaged pom.xml."""
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    pom = ET.fromstring(_template(name, "pom.xml"))
+    for dep in pom.iterfind("m:dependencies/m:dependency", ns):
+        if dep.findtext("m:artifactId", namespaces=ns) == _MAIN_ARTIFACT[name]:
+            version = dep.findtext("m:version", namespaces=ns)
+            if version:
+                return version
+    raise InfraError(f"packaged pom.xml of {name} names no {_MAIN_ARTIFACT[name]} version")
+
+
+def _cached_version(name: str) -> str | None:
+    version = _pom_version(name)
+    return version if (cache_dir() / f"{name}-{version}" / "lib").is_dir() else None
+
+
+def _resolve_jars(name: str, say: Progress) -> Path:
+    """Return the folder of the service's jars, copying them with Maven on first use.
+
+    Maven runs offline first (its local repository may hold everything already) and online
+    only if that fails. The jars land in a temporary folder that is renamed into place, so
+    an interrupted copy is never mistaken for a complete one.
+    """
+    version = _pom_version(name)
+    target = cache_dir() / f"{name}-{version}" / "lib"
+    if target.is_dir():
+        return target
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise InfraError(
+            f"mvn (Apache Maven) not found on PATH; it fetches the {name} {version} jars once "
+            f"into {target.parent} (Debian/Ubuntu: apt-get install maven)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say(f"resolving {name} {version} with Maven into {target}")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        pom = Path(tmp) / "pom.xml"
+        pom.write_text(_template(name, "pom.xml"), encoding="utf-8")
+        staging = Path(tmp) / "lib"
+        base = [
+            mvn,
+            "-B",
+            "-q",
+            "-Dstyle.color=never",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ]
+        result = subprocess.run([*base, "-o"], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            say(f"{name} {version} is not in Maven's local repository; downloading")
+            result = subprocess.run(base, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not any(staging.glob("*.jar")):
+            raise InfraError(
+                f"Maven could not resolve {name} {version} (is Maven Central reachable?):\n"
+                f"{_tail(result.stdout + result.stderr)}"
+            )
+        staging.rename(target)
+    return target
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def _check_services(services: Sequence[str]) -> list[str]:
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        raise InfraError(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
+    return [name for name in SERVICES if name in services]
+
+
+def _client_port(settings: Settings, name: str) -> int:
+    if name == "cassandra":
+        return settings.cassandra.port
+    first = settings.kafka.bootstrap_servers.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        raise InfraError(
+            f"the local Kafka serves 127.0.0.1 only, but PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS "
+            f"is {settings.kafka.bootstrap_servers!r}; use 127.0.0.1:<port> for local infra"
+        )
+    return int(port)
+
+
+def _port_setting(name: str) -> str:
+    if name == "kafka":
+        return "PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:<port>"
+    return "PHENOCASCADE_CASSANDRA__PORT=<port>"
+
+
+def _kafka_cluster_id() -> str:
+    """Return a random KRaft cluster id: a UUID in URL-safe base64 without padding.
+
+    Kafka's own ``Uuid.randomUuid`` redraws ids that start with ``-`` (they read as a
+    command-line flag); so does this.
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text

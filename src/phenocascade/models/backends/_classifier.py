@@ -1,0 +1,374 @@
+"""Image-level sigmoid classifiers; the quality gate and the majority classifier share this.
+
+Not a registered backend itself: :mod:`.quality_cnn` and :mod:`.multilabel_cnn` subclass it
+with their kind and defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from phenocascade.domain import DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.errors import ConfigError
+from phenocascade.models import artifact
+from phenocascade.models.base import ArtifactMeta
+from phenocascade.models.calibration import sigmoid
+from phenocascade.models.nets import build_classifier
+from phenocascade.models.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment_batch,
+    grid_crops,
+    normalize,
+    random_crops,
+    resize_square,
+    to_chw,
+    to_unit_rgb,
+)
+from phenocascade.models.thresholds import fallback_record
+from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
+
+Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
+
+# Scores are kept this far from 0 and 1 so the certify-nothing fallback thresholds (1.0 and
+# 0.0) can never be met by a saturated sigmoid.
+SCORE_CLIP = 1e-6
+
+
+class ImageClassifier:
+    """A CNN with one sigmoid output per label, trained with (weighted) binary cross-entropy.
+
+    Parameters
+    ----------
+    backbone : str
+        ``"small_cnn"``, ``"resnet18"``, ``"resnet50"`` or ``"mobilenet_v2"``.
+    input_size : int
+        Side of the square network input in pixels.
+    view : {"resize", "crops"}
+        ``"resize"`` squeezes the whole image to ``input_size`` (for whole-field labels);
+        ``"crops"`` cuts ``input_size`` crops at native resolution and averages their logits
+        (for texture such as focus, which resizing would destroy).
+    crops_per_image : int
+        Random training crops cached per image (``view="crops"``).
+    grid_per_side : int
+        Inference crops per axis (``view="crops"``); up to ``grid_per_side**2`` crops.
+    pretrained : str or None
+        See :func:`phenocascade.models.nets.resolve_pretrained`.
+    batch_size : int
+        Training and inference batch size.
+    lr : float
+        AdamW learning rate.
+    weight_decay : float
+        AdamW weight decay.
+    balance : bool
+        Weight positives by ``n_negative / n_positive`` per label (clipped to ``[1, 50]``).
+    """
+
+    kind: ClassVar[StageKind]
+    model_name: ClassVar[str]
+    gate_label: str = "clear"
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        input_size: int,
+        view: Literal["resize", "crops"],
+        crops_per_image: int = 4,
+        grid_per_side: int = 3,
+        pretrained: str | None = None,
+        batch_size: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        balance: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.input_size = input_size
+        self.view = view
+        self.crops_per_image = crops_per_image
+        self.grid_per_side = grid_per_side
+        self.pretrained = pretrained
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.balance = balance
+
+    # -- configuration -------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Return the constructor arguments (stored in the artifact)."""
+        return {
+            "backbone": self.backbone,
+            "input_size": self.input_size,
+            "view": self.view,
+            "crops_per_image": self.crops_per_image,
+            "grid_per_side": self.grid_per_side,
+            "pretrained": self.pretrained,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "balance": self.balance,
+        }
+
+    # -- Stage attributes ----------------------------------------------------------------
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Output labels, in order (known after ``fit`` or ``load``)."""
+        return tuple(self.classes_)
+
+    @property
+    def version(self) -> str:
+        """Artifact version; ``""`` until saved or loaded."""
+        return getattr(self, "version_", "")
+
+    @property
+    def thresholds(self) -> dict[str, LabelThresholds]:
+        """Routing thresholds per label."""
+        return {
+            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
+            for label, t in self.thresholds_.items()
+        }
+
+    # -- views -----------------------------------------------------------------------------
+    def _train_views(self, pixels: npt.NDArray[Any], rng: np.random.Generator) -> torch.Tensor:
+        image = to_chw(to_unit_rgb(pixels))
+        if self.view == "resize":
+            return resize_square(image, self.input_size)[None]
+        return random_crops(image, self.input_size, self.crops_per_image, rng)
+
+    def _eval_views(self, pixels: npt.NDArray[Any]) -> torch.Tensor:
+        image = to_chw(to_unit_rgb(pixels))
+        if self.view == "resize":
+            return resize_square(image, self.input_size)[None]
+        return grid_crops(image, self.input_size, self.grid_per_side)
+
+    def _encode(self, samples: Sequence[Sample]) -> torch.Tensor:
+        target = torch.zeros(len(samples), len(self.classes_))
+        index = {label: i for i, label in enumerate(self.classes_)}
+        for row, sample in enumerate(samples):
+            for label in sample.labels:
+                if label not in index:
+                    raise ConfigError(
+                        f"sample {sample.image_id} has label {label!r}, not one of {self.classes_}"
+                    )
+                target[row, index[label]] = 1.0
+        return target
+
+    # -- training --------------------------------------------------------------------------
+    def fit(
+        self,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        *,
+        classes: Sequence[str],
+        load: Loader,
+        progress: bool | ProgressCallback | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        max_epochs: int = 10,
+        patience: int = 3,
+    ) -> Self:
+        """Train on ``train`` with early stopping on the loss over ``val``.
+
+        Parameters
+        ----------
+        train, val : sequence of Sample
+            Labelled samples; ``Sample.labels`` holds the labels present.
+        classes : sequence of str
+            Output labels in order.
+        load : callable
+            ``Sample -> (H, W, C) uint8/uint16 pixels``; called once per sample.
+        progress : bool, callable or None, default None
+            See :func:`phenocascade.models.training.fit_loop`.
+        seed : int, default 0
+            Seeds weight init, crops, shuffling and augmentation.
+        device : str, default "cpu"
+            Torch device.
+        max_epochs : int, default 10
+            Upper bound on epochs.
+        patience : int, default 3
+            Epochs without validation improvement before stopping.
+
+        Returns
+        -------
+        Self
+            With ``net_``, ``classes_``, ``history_`` (training loss per step),
+            ``val_history_``, ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+        """
+        if not train or not val:
+            raise ConfigError("fit needs at least one training and one validation sample")
+        generator = seed_everything(seed)
+        rng = np.random.default_rng(seed)
+        self.classes_ = list(classes)
+        net = build_classifier(self.backbone, len(self.classes_), self.pretrained).to(device)
+
+        def views(samples: Sequence[Sample], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            xs, ys = [], []
+            targets = self._encode(samples)
+            for sample, target in zip(samples, targets, strict=True):
+                pixels = load(sample)
+                v = self._train_views(pixels, rng) if training else self._eval_views(pixels)
+                xs.append(v)
+                ys.append(target.expand(len(v), -1))
+            return torch.cat(xs), torch.cat(ys)
+
+        x_train, y_train = views(train, True)
+        x_val, y_val = views(val, False)
+        positives = y_train.sum(0)
+        if self.balance:
+            pos_weight = ((len(y_train) - positives) / positives.clamp(min=1)).clamp(1.0, 50.0)
+        else:
+            pos_weight = torch.ones(len(self.classes_))
+        pos_weight = pos_weight.to(device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+        def epoch_batches(_epoch: int) -> list[npt.NDArray[np.int64]]:
+            return batched(rng.permutation(len(x_train)), self.batch_size)
+
+        def train_step(idx: npt.NDArray[np.int64]) -> torch.Tensor:
+            batch = augment_batch(x_train[idx], generator)
+            logits = net(normalize(batch.to(device), IMAGENET_MEAN, IMAGENET_STD))
+            return F.binary_cross_entropy_with_logits(
+                logits, y_train[idx].to(device), pos_weight=pos_weight
+            )
+
+        def val_loss() -> float:
+            logits = self._logits(net, x_val, device)
+            return float(F.binary_cross_entropy_with_logits(logits, y_val, pos_weight=pos_weight.cpu()))
+
+        result = fit_loop(
+            net,
+            optimizer=optimizer,
+            epoch_batches=epoch_batches,
+            train_step=train_step,
+            val_loss=val_loss,
+            max_epochs=max_epochs,
+            patience=patience,
+            progress=progress,
+            description=f"{self.model_name}/{self.backbone}",
+        )
+        net.eval()
+        self.net_ = net
+        self.device_ = device
+        self.history_ = result.train_loss
+        self.val_history_ = result.val_loss
+        self.best_epoch_ = result.best_epoch
+        self.temperature_ = {label: 1.0 for label in self.classes_}
+        fallback = fallback_record(0.99, 0.1).as_dict()
+        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        return self
+
+    # -- inference -------------------------------------------------------------------------
+    def _logits(self, net: torch.nn.Module, views: torch.Tensor, device: str) -> torch.Tensor:
+        """Logits of ``(N, 3, S, S)`` unnormalised views, in batches; returned on the CPU."""
+        net.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(views), self.batch_size):
+                chunk = views[start : start + self.batch_size].to(device)
+                out.append(net(normalize(chunk, IMAGENET_MEAN, IMAGENET_STD)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.classes_))
+
+    def decision_logits(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
+        """Uncalibrated logits, shape ``(len(images), len(classes))``, ``float64``.
+
+        With ``view="crops"`` an image's logit is the mean over its grid crops.
+        """
+        per_image = [self._eval_views(img.pixels) for img in images]
+        if not per_image:
+            return np.zeros((0, len(self.classes_)))
+        logits = self._logits(self.net_, torch.cat(per_image), self.device_).double().numpy()
+        bounds = np.cumsum([0, *(len(v) for v in per_image)])
+        return np.stack([logits[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+    def predict(self, images: Sequence[DecodedImage], *, calibrated: bool = True) -> list[StageOutput]:
+        """Score a batch of images.
+
+        Parameters
+        ----------
+        images : sequence of DecodedImage
+            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
+        calibrated : bool, default True
+            Apply the fitted temperatures; ``False`` gives the raw sigmoid outputs.
+
+        Returns
+        -------
+        list of StageOutput
+            One per image, in order, with a score in ``[1e-6, 1 - 1e-6]`` for every class
+            and no boxes.
+        """
+        logits = self.decision_logits(images)
+        temps = np.array([self.temperature_[c] if calibrated else 1.0 for c in self.classes_])
+        probs = np.clip(sigmoid(logits / temps), SCORE_CLIP, 1.0 - SCORE_CLIP)
+        return [
+            StageOutput(scores={c: float(p) for c, p in zip(self.classes_, row, strict=True)})
+            for row in probs
+        ]
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
+        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
+        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(
+        self,
+        folder: Path,
+        *,
+        tier: str = "",
+        metrics: Mapping[str, Any] | None = None,
+        data_fingerprint: str = "",
+        parent_version: str = "",
+    ) -> ArtifactMeta:
+        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``."""
+        artifact.save_weights(folder, self.net_.state_dict())
+        meta = ArtifactMeta(
+            backend=self.model_name,
+            tier=tier,
+            version=folder.name,
+            kind=self.kind.value,
+            classes=list(self.classes_),
+            input_size=self.input_size,
+            normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            calibration={"temperature": dict(self.temperature_)},
+            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
+            metrics=dict(metrics or {}),
+            data_fingerprint=data_fingerprint,
+            code_version=artifact.code_version(),
+            created_at=artifact.utc_now(),
+            parent_version=parent_version,
+            config=self.get_config(),
+        )
+        meta.write(folder)
+        self.version_ = folder.name
+        self.meta_ = meta
+        return meta
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> Self:
+        """Rebuild a trained classifier from an artifact folder (``weights_only=True``)."""
+        meta = artifact.read_meta(folder, cls.model_name)
+        stage = cls(**meta.config)
+        # Pretrained weights only matter for initialisation; the artifact holds them all.
+        net = build_classifier(stage.backbone, len(meta.classes))
+        net.load_state_dict(artifact.load_weights(folder, device="cpu"))
+        stage.net_ = net.to(device).eval()
+        stage.device_ = device
+        stage.classes_ = list(meta.classes)
+        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
+        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
+        stage.version_ = meta.version
+        stage.meta_ = meta
+        return stage
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,50 @@
+"""The majority classifier: independent sigmoid heads for image-level phenotype labels."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from phenocascade.domain import StageKind
+from phenocascade.models.backends._classifier import ImageClassifier
+from phenocascade.models.base import register_backend
+
+
+@register_backend("multilabel_cnn")
+class MultiLabelCNN(ImageClassifier):
+    """Multi-label classifier on the whole resized field of view; kind ``CLASSIFIER``.
+
+    Each label has its own sigmoid output, trained with binary cross-entropy whose
+    positives are weighted by ``n_negative / n_positive`` so rare labels still count.
+    ``backbone`` selects ``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"`` or
+    ``"small_cnn"``. Parameters are those of :class:`~._classifier.ImageClassifier`.
+    """
+
+    kind = StageKind.CLASSIFIER
+    model_name = "multilabel_cnn"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet18",
+        input_size: int = 224,
+        view: Literal["resize", "crops"] = "resize",
+        crops_per_image: int = 4,
+        grid_per_side: int = 3,
+        pretrained: str | None = None,
+        batch_size: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        balance: bool = True,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            input_size=input_size,
+            view=view,
+            crops_per_image=crops_per_image,
+            grid_per_side=grid_per_side,
+            pretrained=pretrained,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            balance=balance,
+        )

@@ -1,0 +1,207 @@
+"""Routing thresholds with a finite-sample precision guarantee (Learn then Test).
+
+For one label with calibrated validation scores ``p_i`` and truths ``y_i``, the PASS rule
+``p >= t`` has precision ``P(y = 1 | p >= t)``. For each candidate ``t`` we test the null
+hypothesis "precision(t) < target" with the exact binomial tail: among the ``n_t`` selected
+validation samples, ``k_t`` are errors, and
+
+    p-value(t) = P(Binomial(n_t, 1 - target) <= k_t),
+
+which is the Clopper-Pearson test of the error rate. Candidates are tested in a fixed
+sequence from the most conservative threshold towards the least (fixed-sequence testing,
+Angelopoulos et al., "Learn then Test", 2021), stopping at the first failure; the last
+rejected null gives the threshold with the largest coverage, and with probability at least
+``1 - delta`` over the validation draw the chosen rule has precision >= target.
+
+The sequence starts at the first candidate whose selection is large enough for any
+outcome to be significant (``target**n <= delta``): smaller selections can never reject,
+and testing them first would end every sequence at once. This start depends on the
+unlabelled scores only, never on the truths. The SKIP rule ``p <= t`` is handled the same
+way with the roles of the classes swapped. When nothing can be certified the thresholds
+fall back to ``positive = 1.0`` and ``negative = 0.0``: every decision goes to a human.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """Return ``P(X <= k)`` for ``X ~ Binomial(n, p)``, summed in log space.
+
+    Parameters
+    ----------
+    k : int
+        Number of successes (may be negative, giving 0, or ``>= n``, giving 1).
+    n : int
+        Number of trials, ``n >= 0``.
+    p : float
+        Success probability in ``[0, 1]``.
+    """
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k + 1)
+    ]
+    top = max(terms)
+    return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms)))
+
+
+def precision_p_value(errors: int, selected: int, target_precision: float) -> float:
+    """P-value of the null "precision < target" after ``errors`` errors in ``selected`` decisions.
+
+    Returns ``1.0`` when nothing is selected.
+    """
+    if selected == 0:
+        return 1.0
+    return binomial_cdf(errors, selected, 1.0 - target_precision)
+
+
+def min_certifiable_count(target_precision: float, delta: float) -> int:
+    """Smallest number of error-free decisions whose p-value is ``<= delta``.
+
+    E.g. 230 for ``target_precision=0.99, delta=0.1`` and 45 for ``0.95, 0.1``.
+    """
+    if not 0.0 < target_precision < 1.0 or not 0.0 < delta < 1.0:
+        raise ValueError("target_precision and delta must lie strictly between 0 and 1")
+    return max(1, math.ceil(math.log(delta) / math.log(target_precision) - 1e-12))
+
+
+@dataclass(frozen=True)
+class ThresholdRecord:
+    """Certified routing thresholds of one label and how they did on validation data.
+
+    Attributes
+    ----------
+    positive : float
+        PASS (or "confident box") when the calibrated score is ``>= positive``.
+    negative : float
+        SKIP (or "drop box") when the calibrated score is ``<= negative``.
+    target_precision : float
+        Precision each automatic decision must reach.
+    delta : float
+        Allowed probability that the guarantee fails.
+    achieved_precision_pos, achieved_precision_neg : float
+        Precision of the PASS / SKIP decisions on the validation data (1.0 when vacuous,
+        i.e. when ``n_pos``/``n_neg`` is 0).
+    n_pos, n_neg : int
+        Validation samples decided automatically on each side.
+    coverage : float
+        Fraction of validation samples decided automatically.
+    """
+
+    positive: float
+    negative: float
+    target_precision: float
+    delta: float
+    achieved_precision_pos: float
+    achieved_precision_neg: float
+    n_pos: int
+    n_neg: int
+    coverage: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Return the record as a JSON-ready ``dict`` (the artifact's ``thresholds`` entry)."""
+        return {key: float(value) for key, value in asdict(self).items()}
+
+
+def _fixed_sequence(
+    scores_desc: npt.NDArray[np.float64],
+    errors_desc: npt.NDArray[np.int64],
+    target_precision: float,
+    delta: float,
+) -> int:
+    """Return how many top-ranked samples the certified rule selects (0 if none).
+
+    ``scores_desc`` is sorted in decreasing order of confidence in the decision and
+    ``errors_desc`` marks the samples on which the decision would be wrong. Candidates are
+    the distinct scores, so ties are selected together.
+    """
+    n_min = min_certifiable_count(target_precision, delta)
+    cum_errors = np.cumsum(errors_desc)
+    # The last index of each run of equal scores is where a threshold can sit.
+    ends = np.flatnonzero(np.append(scores_desc[1:] != scores_desc[:-1], True))
+    chosen = 0
+    for end in ends:
+        selected = int(end) + 1
+        if selected < n_min:
+            continue
+        if precision_p_value(int(cum_errors[end]), selected, target_precision) > delta:
+            break
+        chosen = selected
+    return chosen
+
+
+def select_thresholds(
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    target_precision: float = 0.99,
+    delta: float = 0.1,
+) -> ThresholdRecord:
+    """Choose PASS and SKIP thresholds of one label by Learn-then-Test.
+
+    Parameters
+    ----------
+    scores : array_like
+        Shape ``(n,)``, calibrated validation probabilities in ``[0, 1]``.
+    labels : array_like
+        Shape ``(n,)``, 1 where the label is truly present (for detectors: the box
+        matches a ground-truth box), else 0.
+    target_precision : float, default 0.99
+        Required precision of each automatic decision.
+    delta : float, default 0.1
+        The guarantee holds with probability at least ``1 - delta``.
+
+    Returns
+    -------
+    ThresholdRecord
+        ``positive = 1.0`` / ``negative = 0.0`` on the sides that could not be certified.
+    """
+    p = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"scores {p.shape} and labels {y.shape} differ in shape")
+    order = np.argsort(-p, kind="stable")
+    n_pos = _fixed_sequence(p[order], (1 - y[order]), target_precision, delta)
+    positive = float(p[order][n_pos - 1]) if n_pos else 1.0
+    order = np.argsort(p, kind="stable")
+    n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta)
+    negative = float(p[order][n_neg - 1]) if n_neg else 0.0
+    if negative > positive:
+        # Both sides certified yet overlapping: only possible when they share tied
+        # scores; keep the SKIP side below PASS so LabelThresholds stays ordered.
+        negative = positive
+    pos_mask, neg_mask = p >= positive, p <= negative
+    if not n_pos:
+        pos_mask = np.zeros_like(pos_mask)
+    if not n_neg:
+        neg_mask = np.zeros_like(neg_mask)
+    return ThresholdRecord(
+        positive=positive,
+        negative=negative,
+        target_precision=target_precision,
+        delta=delta,
+        achieved_precision_pos=float(y[pos_mask].mean()) if pos_mask.any() else 1.0,
+        achieved_precision_neg=float(1 - y[neg_mask].mean()) if neg_mask.any() else 1.0,
+        n_pos=int(pos_mask.sum()),
+        n_neg=int(neg_mask.sum()),
+        coverage=float((pos_mask | neg_mask).mean()) if p.size else 0.0,
+    )
+
+
+def fallback_record(target_precision: float, delta: float) -> ThresholdRecord:
+    """Thresholds that certify nothing: every decision goes to a human."""
+    return ThresholdRecord(1.0, 0.0, target_precision, delta, 1.0, 1.0, 0, 0, 0.0)

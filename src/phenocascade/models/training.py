@@ -1,0 +1,154 @@
+"""The training loop shared by the torch backends: seeding, progress, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[dict[str, float]], None]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for augmentation draws."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - libraries (ultralytics) draw from the global RNG
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_loop` learned.
+
+    Attributes
+    ----------
+    train_loss : list of float
+        Mean training loss per optimiser step (the loss history).
+    val_loss : list of float
+        Validation loss after each epoch.
+    best_epoch : int
+        Zero-based epoch whose weights were kept.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def fit_loop(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epoch_batches: Callable[[int], Iterable[Any]],
+    train_step: Callable[[Any], torch.Tensor],
+    val_loss: Callable[[], float],
+    max_epochs: int,
+    patience: int,
+    progress: bool | ProgressCallback | None = None,
+    description: str = "training",
+) -> FitResult:
+    """Train with early stopping on the validation loss and restore the best weights.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained in place; ends holding the weights of the best validation epoch.
+    optimizer : torch.optim.Optimizer
+        Optimiser over ``model``'s parameters.
+    epoch_batches : callable
+        ``epoch -> iterable of batches``.
+    train_step : callable
+        ``batch -> scalar loss`` in training mode; the loop does backward and step.
+    val_loss : callable
+        Returns the validation loss (the model is put in eval mode by the callee if needed).
+    max_epochs : int
+        Upper bound on epochs.
+    patience : int
+        Stop after this many epochs without a better validation loss.
+    progress : bool, callable or None, default None
+        ``True`` shows a rich progress bar; a callable receives
+        ``{"epoch", "step", "train_loss", "val_loss"}`` after each epoch.
+    description : str, default "training"
+        Label of the progress bar.
+
+    Returns
+    -------
+    FitResult
+        Loss histories and the kept epoch.
+    """
+    result = FitResult()
+    best = float("inf")
+    best_state = copy.deepcopy(model.state_dict())
+    stale = 0
+    bar = (
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("epoch {task.completed}/{task.total} {task.fields[info]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        if progress is True
+        else None
+    )
+    task = bar.add_task(description, total=max_epochs, info="") if bar else None
+    if bar:
+        bar.start()
+    try:
+        for epoch in range(max_epochs):
+            model.train()
+            losses = []
+            for batch in epoch_batches(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                loss = train_step(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch}")
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            result.train_loss.extend(losses)
+            current = float(val_loss())
+            result.val_loss.append(current)
+            if current < best - 1e-6:
+                best, stale, result.best_epoch = current, 0, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            info = {
+                "epoch": float(epoch),
+                "step": float(len(result.train_loss)),
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "val_loss": current,
+            }
+            log.debug("%s epoch %d: %s", description, epoch, info)
+            if bar is not None and task is not None:
+                bar.update(
+                    task,
+                    advance=1,
+                    info=f"train {info['train_loss']:.4f} val {current:.4f}",
+                )
+            elif callable(progress):
+                progress(info)
+            if stale >= patience:
+                break
+    finally:
+        if bar:
+            bar.stop()
+    model.load_state_dict(best_state)
+    return result
+
+
+def batched(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split an index array into consecutive batches of at most ``batch_size``."""
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]

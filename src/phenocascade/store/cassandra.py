@@ -1,0 +1,208 @@
+"""Cassandra repository for image outputs (no torch, no Kafka here).
+
+Tables are designed around the queries they serve:
+
+* ``outputs_by_image``: one row per image and per set of model versions (the joiner's
+  upserts are idempotent; a replay with new models adds a row), read by image id;
+* ``outputs_by_study``: the same outputs partitioned by study, read by study.
+
+Store functions are keyword-only, take an explicit session and return ``None`` (or an
+empty list) when nothing is found.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra.query import PreparedStatement
+
+from phenocascade.config import CassandraSettings
+from phenocascade.errors import InfraError
+
+_TABLES = (
+    """
+    CREATE TABLE IF NOT EXISTS outputs_by_image (
+        image_id text,
+        versions_key text,
+        status text,
+        study text,
+        uri text,
+        labels map<text, double>,
+        boxes text,
+        routes map<text, text>,
+        model_versions map<text, text>,
+        produced_at timestamp,
+        PRIMARY KEY ((image_id), versions_key)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS outputs_by_study (
+        study text,
+        image_id text,
+        versions_key text,
+        status text,
+        produced_at timestamp,
+        PRIMARY KEY ((study), image_id, versions_key)
+    )
+    """,
+)
+
+
+def versions_key(model_versions: Mapping[str, str]) -> str:
+    """Return a stable key for a set of tier model versions, e.g. ``"majority=v2;quality=v1"``."""
+    return ";".join(f"{tier}={version}" for tier, version in sorted(model_versions.items()))
+
+
+def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Session:
+    """Connect to Cassandra and (by default) create the keyspace and tables.
+
+    TLS and authentication settings pass through to cassandra-driver.
+
+    Raises
+    ------
+    InfraError
+        If no host answers.
+    """
+    auth = (
+        PlainTextAuthProvider(settings.username, settings.password)
+        if settings.username is not None
+        else None
+    )
+    ssl_context = None
+    if settings.ssl_ca_file is not None:
+        ssl_context = ssl.create_default_context(cafile=str(settings.ssl_ca_file))
+        if settings.ssl_cert_file is not None:
+            ssl_context.load_cert_chain(str(settings.ssl_cert_file), settings.ssl_key_file)
+    cluster = Cluster(
+        settings.hosts,
+        port=settings.port,
+        auth_provider=auth,
+        ssl_context=ssl_context,
+        protocol_version=5,
+    )
+    try:
+        session = cluster.connect()
+    except NoHostAvailable as exc:
+        raise InfraError(
+            f"Cassandra at {settings.hosts}:{settings.port} does not answer ({exc}); "
+            "run `phenocascade infra up`"
+        ) from exc
+    if create_schema:
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} WITH replication = "
+            f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.replication_factor}}}"
+        )
+    session.set_keyspace(settings.keyspace)
+    if create_schema:
+        for ddl in _TABLES:
+            session.execute(ddl)
+    return session
+
+
+_PREPARED: dict[tuple[int, str], PreparedStatement] = {}
+
+
+def _prepare(session: Session, cql: str) -> PreparedStatement:
+    key = (id(session), cql)
+    if key not in _PREPARED:
+        _PREPARED[key] = session.prepare(cql)
+    return _PREPARED[key]
+
+
+def _timestamp(value: datetime | int) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
+    """Upsert one ``ImageOutput`` record (idempotent per image and model versions)."""
+    key = versions_key(output["model_versions"])
+    produced = _timestamp(output["produced_at"])
+    session.execute(
+        _prepare(
+            session,
+            "INSERT INTO outputs_by_image (image_id, versions_key, status, study, uri, labels, "
+            "boxes, routes, model_versions, produced_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ),
+        (
+            output["image_id"],
+            key,
+            output["status"],
+            output["study"],
+            output["uri"],
+            dict(output["labels"]),
+            json.dumps(list(output["boxes"])),
+            dict(output["routes"]),
+            dict(output["model_versions"]),
+            produced,
+        ),
+    )
+    session.execute(
+        _prepare(
+            session,
+            "INSERT INTO outputs_by_study (study, image_id, versions_key, status, produced_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+        ),
+        (output["study"], output["image_id"], key, output["status"], produced),
+    )
+
+
+def _row_to_output(row: Any) -> dict[str, Any]:
+    return {
+        "image_id": row.image_id,
+        "status": row.status,
+        "study": row.study,
+        "uri": row.uri,
+        "labels": dict(row.labels or {}),
+        "boxes": json.loads(row.boxes or "[]"),
+        "routes": dict(row.routes or {}),
+        "model_versions": dict(row.model_versions or {}),
+        "produced_at": row.produced_at,
+    }
+
+
+def get_outputs(*, session: Session, image_id: str) -> list[dict[str, Any]]:
+    """Return every output of ``image_id`` (one per set of model versions), oldest first."""
+    rows = session.execute(
+        _prepare(session, "SELECT * FROM outputs_by_image WHERE image_id = ?"), (image_id,)
+    )
+    return sorted((_row_to_output(r) for r in rows), key=lambda o: o["produced_at"])
+
+
+def get_latest_output(*, session: Session, image_id: str) -> dict[str, Any] | None:
+    """Return the newest output of ``image_id``, or ``None`` if it has none."""
+    outputs = get_outputs(session=session, image_id=image_id)
+    return outputs[-1] if outputs else None
+
+
+def outputs_by_study(*, session: Session, study: str) -> list[dict[str, Any]]:
+    """Return ``{image_id, versions_key, status, produced_at}`` for every output of ``study``."""
+    rows = session.execute(
+        _prepare(session, "SELECT * FROM outputs_by_study WHERE study = ?"), (study,)
+    )
+    return [
+        {
+            "image_id": r.image_id,
+            "versions_key": r.versions_key,
+            "status": r.status,
+            "produced_at": r.produced_at,
+        }
+        for r in rows
+    ]
+
+
+def latest_status_by_image(*, session: Session) -> dict[str, str]:
+    """Return the status of each image's newest output (a full scan: for reports)."""
+    latest: dict[str, tuple[datetime, str]] = {}
+    for r in session.execute("SELECT image_id, status, produced_at FROM outputs_by_image"):
+        seen = latest.get(r.image_id)
+        if seen is None or r.produced_at > seen[0]:
+            latest[r.image_id] = (r.produced_at, r.status)
+    return {image_id: status for image_id, (_, status) in latest.items()}

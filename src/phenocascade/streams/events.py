@@ -1,0 +1,187 @@
+"""Builders of event records (dicts shaped by ``schemas/*.avsc``) from domain values."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from phenocascade.domain import Box, ImageMeta, OutputStatus, Route, StageKind, StageOutput
+
+_FORMATS = {"tif": "TIFF", "tiff": "TIFF", "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
+
+
+def now_ms() -> int:
+    """Return the current time in epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+def format_of(name: str) -> str:
+    """Return the ``ImageFormat`` symbol for a file name's extension."""
+    return _FORMATS.get(name.rsplit(".", 1)[-1].lower(), "UNKNOWN")
+
+
+def box_record(box: Box) -> dict[str, Any]:
+    """Return the Avro ``Box`` record of ``box``."""
+    return {
+        "x_min": box.x_min,
+        "y_min": box.y_min,
+        "x_max": box.x_max,
+        "y_max": box.y_max,
+        "label": box.label,
+        "score": box.score,
+    }
+
+
+def boxes_from_records(records: Iterable[Mapping[str, Any]]) -> list[Box]:
+    """Return domain boxes from Avro ``Box`` records."""
+    return [
+        Box(r["x_min"], r["y_min"], r["x_max"], r["y_max"], r["label"], r["score"]) for r in records
+    ]
+
+
+def image_submitted(
+    image_id: str,
+    *,
+    uri: str | None = None,
+    inline: bytes | None = None,
+    fmt: str = "UNKNOWN",
+    meta: ImageMeta | None = None,
+) -> dict[str, Any]:
+    """Return an ``ImageSubmitted`` record; exactly one of ``uri``/``inline`` must be set."""
+    if (uri is None) == (inline is None):
+        raise ValueError("exactly one of uri and inline must be given")
+    m = meta or ImageMeta()
+    return {
+        "image_id": image_id,
+        "submitted_at": now_ms(),
+        "uri": uri,
+        "inline": inline,
+        "format": fmt,
+        "metadata": {
+            "study": m.study,
+            "specimen": m.specimen,
+            "modality": m.modality,
+            "stain": m.stain,
+            "scanner": m.scanner,
+            "acquired_at": m.acquired_at,
+        },
+    }
+
+
+def tier_result(
+    submitted: Mapping[str, Any],
+    *,
+    tier: str,
+    kind: StageKind,
+    route: Route,
+    output: StageOutput,
+    model_name: str,
+    model_version: str,
+) -> dict[str, Any]:
+    """Return the ``TierResult`` of one tier for one submitted image."""
+    return {
+        "image_id": submitted["image_id"],
+        "tier": tier,
+        "kind": kind.value,
+        "route": route.value,
+        "scores": {k: float(v) for k, v in output.scores.items()},
+        "boxes": [box_record(b) for b in output.boxes],
+        "model_name": model_name,
+        "model_version": model_version,
+        "study": submitted["metadata"]["study"],
+        "uri": submitted["uri"],
+        "produced_at": now_ms(),
+    }
+
+
+def uncertainty(output: StageOutput) -> float:
+    """Return a priority in ``[0, 1]``: 1 minus twice the distance of the least sure score to 0.5."""
+    probs = [*output.scores.values(), *(b.score for b in output.boxes)]
+    if not probs:
+        return 0.0
+    return max(1.0 - 2.0 * abs(p - 0.5) for p in probs)
+
+
+def annotation_request(
+    submitted: Mapping[str, Any],
+    submitted_bytes: bytes,
+    *,
+    tier: str,
+    output: StageOutput,
+    classes: Sequence[str],
+    model_name: str,
+    model_version: str,
+) -> dict[str, Any]:
+    """Return an ``AnnotationRequest`` carrying the prediction that caused it."""
+    return {
+        "image_id": submitted["image_id"],
+        "tier": tier,
+        "priority": uncertainty(output),
+        "scores": {k: float(v) for k, v in output.scores.items()},
+        "boxes": [box_record(b) for b in output.boxes],
+        "classes": list(classes),
+        "model_name": model_name,
+        "model_version": model_version,
+        "study": submitted["metadata"]["study"],
+        "uri": submitted["uri"],
+        "inline": submitted["inline"],
+        "submitted": submitted_bytes,
+        "created_at": now_ms(),
+    }
+
+
+def dead_letter(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    tier: str,
+    error_kind: str,
+    message: str,
+    payload: bytes | None,
+    image_id: str | None = None,
+) -> dict[str, Any]:
+    """Return a ``DeadLetter`` record; the payload is truncated to 64 KiB."""
+    return {
+        "origin_topic": topic,
+        "origin_partition": partition,
+        "origin_offset": offset,
+        "image_id": image_id,
+        "tier": tier,
+        "error_kind": error_kind,
+        "message": message,
+        "payload": (payload or b"")[:65536],
+        "failed_at": now_ms(),
+    }
+
+
+def image_output(
+    image_id: str,
+    *,
+    status: OutputStatus,
+    study: str,
+    uri: str | None,
+    labels: Mapping[str, float],
+    boxes: Sequence[Mapping[str, Any]],
+    routes: Mapping[str, str],
+    model_versions: Mapping[str, str],
+) -> dict[str, Any]:
+    """Return the final ``ImageOutput`` record of one image."""
+    return {
+        "image_id": image_id,
+        "status": status.value,
+        "study": study,
+        "uri": uri,
+        "labels": dict(labels),
+        "boxes": list(boxes),
+        "routes": dict(routes),
+        "model_versions": dict(model_versions),
+        "produced_at": now_ms(),
+    }
+
+
+def to_epoch_ms(value: datetime | int) -> int:
+    """Return epoch milliseconds from a decoded ``timestamp-millis`` value."""
+    return value if isinstance(value, int) else int(value.timestamp() * 1000)

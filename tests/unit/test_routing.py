@@ -1,0 +1,68 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from phenocascade.domain import Box, LabelThresholds, Route, StageKind, StageOutput, route
+
+probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+@st.composite
+def thresholds(draw: st.DrawFn) -> LabelThresholds:
+    a, b = sorted((draw(probs), draw(probs)))
+    return LabelThresholds(positive=b, negative=a)
+
+
+@given(p=probs, t=thresholds())
+def test_gate_routes_by_the_two_thresholds(p: float, t: LabelThresholds) -> None:
+    r = route(StageKind.GATE, StageOutput(scores={"clear": p}), {"clear": t})
+    if p >= t.positive:
+        assert r is Route.PASS
+    elif p <= t.negative:
+        assert r is Route.SKIP
+    else:
+        assert r is Route.ANNOTATE
+
+
+@given(p=probs, q=probs, t=thresholds())
+def test_gate_is_monotone_in_the_clear_probability(p: float, q: float, t: LabelThresholds) -> None:
+    order = {Route.SKIP: 0, Route.ANNOTATE: 1, Route.PASS: 2}
+    lo, hi = sorted((p, q))
+    r_lo = route(StageKind.GATE, StageOutput(scores={"clear": lo}), {"clear": t})
+    r_hi = route(StageKind.GATE, StageOutput(scores={"clear": hi}), {"clear": t})
+    assert order[r_lo] <= order[r_hi]
+
+
+@given(scores=st.dictionaries(st.sampled_from(["a", "b", "c"]), probs, min_size=1), t=thresholds())
+def test_classifier_passes_only_when_every_label_is_decided(scores: dict[str, float], t: LabelThresholds) -> None:
+    r = route(StageKind.CLASSIFIER, StageOutput(scores=scores), {k: t for k in "abc"})
+    decided = all(p >= t.positive or p <= t.negative for p in scores.values())
+    assert r is (Route.PASS if decided else Route.ANNOTATE)
+    assert r is not Route.SKIP
+
+
+def test_classifier_label_without_thresholds_is_never_confident() -> None:
+    t = LabelThresholds(positive=0.9, negative=0.1)
+    assert route(StageKind.CLASSIFIER, StageOutput(scores={"a": 0.99, "new": 0.0}), {"a": t}) is Route.ANNOTATE
+
+
+@given(score=probs, t=thresholds())
+def test_detector_annotates_uncertain_boxes(score: float, t: LabelThresholds) -> None:
+    box = Box(0, 0, 10, 10, "large_nucleus", score)
+    r = route(StageKind.DETECTOR, StageOutput(scores={}, boxes=[box]), {"large_nucleus": t})
+    assert r is (Route.PASS if score >= t.positive else Route.ANNOTATE)
+
+
+def test_detector_without_boxes_passes() -> None:
+    t = LabelThresholds(positive=0.9, negative=0.3)
+    assert route(StageKind.DETECTOR, StageOutput(scores={"x": 0.1}), {"x": t}) is Route.PASS
+
+
+def test_gate_without_score_is_uncertain() -> None:
+    t = LabelThresholds(positive=0.9, negative=0.1)
+    assert route(StageKind.GATE, StageOutput(scores={}), {"clear": t}) is Route.ANNOTATE
+
+
+def test_thresholds_must_be_ordered() -> None:
+    with pytest.raises(ValueError, match="negative <= positive"):
+        LabelThresholds(positive=0.2, negative=0.8)

@@ -1,0 +1,134 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from phenocascade.errors import SchemaError
+from phenocascade.streams import events
+from phenocascade.streams.serde import MAGIC, EVENT_NAMES, EventCodec, default_schema_dir, schema_fingerprint
+
+
+def _crc64_avro(data: bytes) -> int:
+    """CRC-64-AVRO (Rabin) written from the Avro specification, independent of fastavro."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for b in data:
+        fp = (fp >> 8) ^ table[(fp ^ b) & 0xFF]
+    return fp
+
+
+def test_every_event_has_a_schema() -> None:
+    names = {json.loads(p.read_text())["name"] for p in default_schema_dir().glob("*.avsc")}
+    assert names == set(EVENT_NAMES)
+
+
+def test_frame_is_the_single_object_encoding() -> None:
+    codec = EventCodec()
+    record = events.image_submitted("img-1", uri="/data/a.png", fmt="PNG")
+    data = codec.encode("ImageSubmitted", record)
+    assert data[:2] == MAGIC
+    from fastavro.schema import to_parsing_canonical_form
+
+    pcf = to_parsing_canonical_form(codec.schema("ImageSubmitted"))
+    assert data[2:10] == _crc64_avro(pcf.encode()).to_bytes(8, "little")
+    name, back = codec.decode(data)
+    assert name == "ImageSubmitted"
+    assert back["image_id"] == "img-1" and back["uri"] == "/data/a.png" and back["inline"] is None
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (None, "not an Avro single-object"),
+        (b"", "not an Avro single-object"),
+        (b"hello world, not avro", "not an Avro single-object"),
+        (MAGIC + b"\x00" * 8 + b"\x02", "unknown schema fingerprint"),
+    ],
+)
+def test_undecodable_messages_raise_schema_error(payload: bytes | None, match: str) -> None:
+    with pytest.raises(SchemaError, match=match):
+        EventCodec().decode(payload)
+
+
+def test_truncated_body_raises_schema_error() -> None:
+    codec = EventCodec()
+    data = codec.encode("ImageSubmitted", events.image_submitted("x", uri="/a.png"))
+    with pytest.raises(SchemaError, match="cannot decode ImageSubmitted"):
+        codec.decode(data[:14])
+
+
+def test_unexpected_event_type_is_refused() -> None:
+    codec = EventCodec()
+    data = codec.encode("ImageSubmitted", events.image_submitted("x", uri="/a.png"))
+    with pytest.raises(SchemaError, match="expected a TierResult"):
+        codec.decode(data, expected="TierResult")
+
+
+def test_record_not_matching_schema_is_refused() -> None:
+    with pytest.raises(SchemaError, match="does not match the ImageSubmitted schema"):
+        EventCodec().encode("ImageSubmitted", {"image_id": 3})
+
+
+# -- evolution: both directions --------------------------------------------------------
+def _current(name: str) -> dict:
+    return json.loads((default_schema_dir() / f"{name}.avsc").read_text())
+
+
+def _with_new_field(schema: dict) -> dict:
+    newer = json.loads(json.dumps(schema))
+    newer["fields"].append({"name": "priority_hint", "type": "int", "default": 0})
+    return newer
+
+
+def _write_dir(tmp: Path, schema: dict, history: list[dict]) -> Path:
+    (tmp / "history").mkdir(parents=True)
+    (tmp / f"{schema['name']}.avsc").write_text(json.dumps(schema))
+    for i, h in enumerate(history):
+        (tmp / "history" / f"{h['name']}.v{i}.avsc").write_text(json.dumps(h))
+    return tmp
+
+
+def test_old_reader_reads_new_writer(tmp_path: Path) -> None:
+    old = _current("ImageSubmitted")
+    new = _with_new_field(old)
+    writer = EventCodec(_write_dir(tmp_path / "new", new, []))
+    reader = EventCodec(_write_dir(tmp_path / "old", old, [new]))  # new schema deployed first
+    record = {**events.image_submitted("e-1", uri="/a.png"), "priority_hint": 7}
+    _, back = reader.decode(writer.encode("ImageSubmitted", record))
+    assert back["image_id"] == "e-1"
+    assert "priority_hint" not in back
+
+
+def test_new_reader_reads_old_writer_with_defaults(tmp_path: Path) -> None:
+    old = _current("ImageSubmitted")
+    new = _with_new_field(old)
+    writer = EventCodec(_write_dir(tmp_path / "old", old, []))
+    reader = EventCodec(_write_dir(tmp_path / "new", new, [old]))
+    _, back = reader.decode(writer.encode("ImageSubmitted", events.image_submitted("e-2", uri="/b.png")))
+    assert back["image_id"] == "e-2"
+    assert back["priority_hint"] == 0
+
+
+def test_writer_schema_unknown_to_reader_is_refused(tmp_path: Path) -> None:
+    old = _current("ImageSubmitted")
+    new = _with_new_field(old)
+    writer = EventCodec(_write_dir(tmp_path / "new", new, []))
+    reader = EventCodec(_write_dir(tmp_path / "old", old, []))
+    record = {**events.image_submitted("e-3", uri="/a.png"), "priority_hint": 1}
+    with pytest.raises(SchemaError, match="unknown schema fingerprint"):
+        reader.decode(writer.encode("ImageSubmitted", record))
+
+
+def test_fingerprint_differs_between_versions() -> None:
+    from fastavro import parse_schema
+
+    old = _current("ImageSubmitted")
+    assert schema_fingerprint(parse_schema(old, named_schemas={})) != schema_fingerprint(
+        parse_schema(_with_new_field(old), named_schemas={})
+    )
