@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from phenocascade.errors import ConfigError
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list)
     max_inline_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 64_000_000
+    # Signs the annotation app's session cookies (PHENOCASCADE_UI_SECRET); when unset, the
+    # app generates one and keeps it in ``home/ui_secret`` so sessions survive restarts.
+    ui_secret: SecretStr | None = None
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
 
@@ -163,6 +166,34 @@ class Topology(BaseModel):
             raise ValueError(f"topics used but not declared under 'topics': {missing}")
         return self
 
+    def namespaced(self, prefix: str) -> Topology:
+        """Return a copy whose topics, consumer groups and joiner id all start with ``prefix``.
+
+        Lets several isolated cascades (environments, test sessions) share one cluster.
+        """
+
+        def rename(name: str) -> str:
+            return f"{prefix}{name}"
+
+        data = self.model_dump()
+        for key in (
+            "submitted_topic",
+            "annotate_topic",
+            "dead_letter_topic",
+            "annotations_topic",
+            "models_topic",
+        ):
+            data[key] = rename(data[key])
+        for topic in data["topics"]:
+            topic["name"] = rename(topic["name"])
+        for tier in data["tiers"]:
+            for key in ("input", "group", "result_topic"):
+                tier[key] = rename(tier[key])
+            tier["routes"] = {k: rename(v) for k, v in tier["routes"].items()}
+        data["joiner"]["app_id"] = rename(data["joiner"]["app_id"])
+        data["joiner"]["results_topic"] = rename(data["joiner"]["results_topic"])
+        return Topology.model_validate(data)
+
     def tier(self, name: str) -> TierSpec:
         """Return the tier called ``name``.
 
@@ -174,7 +205,9 @@ class Topology(BaseModel):
         for t in self.tiers:
             if t.name == name:
                 return t
-        raise ConfigError(f"no tier named {name!r}; the topology has {[t.name for t in self.tiers]}")
+        raise ConfigError(
+            f"no tier named {name!r}; the topology has {[t.name for t in self.tiers]}"
+        )
 
     @property
     def branch_tiers(self) -> list[TierSpec]:

@@ -32,6 +32,12 @@ class NotFoundError(PhenocascadeError):
     kind = "not_found"
 
 
+class ConflictError(PhenocascadeError):
+    """The request is valid but clashes with the current state (e.g. a task claimed by another)."""
+
+    kind = "conflict"
+
+
 class ValidationError(PhenocascadeError):
     """A user submission (annotation, form, request) is invalid; nothing was stored."""
 

@@ -1,7 +1,8 @@
 """Decode microscopy images safely: 8/16-bit, grey or RGB, TIFF/PNG/JPEG.
 
-Everything that can go wrong with an input image raises a :class:`~phenocascade.errors.BadInputError`
-subclass naming the input, so workers can dead-letter it and go on.
+Everything that can go wrong with an input image raises a
+:class:`~phenocascade.errors.BadInputError` subclass naming the input, so workers can
+dead-letter it and go on.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ def _normalise(arr: npt.NDArray[np.generic], what: str) -> Pixels:
             f"{what}: {channels} channels is not supported; submit grey (1) or RGB (3)"
         )
     if arr.shape[0] < 8 or arr.shape[1] < 8:
-        raise UnsupportedImageError(f"{what}: image of {arr.shape[1]}x{arr.shape[0]} px is too small")
-    return np.ascontiguousarray(arr)  # type: ignore[return-value]
+        raise UnsupportedImageError(
+            f"{what}: image of {arr.shape[1]}x{arr.shape[0]} px is too small"
+        )
+    return np.ascontiguousarray(arr)
 
 
 def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels:
@@ -108,7 +111,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 if len(tif.pages) > 1:
                     raise UnsupportedImageError(
-                        f"{what}: multi-page TIFF ({len(tif.pages)} pages); submit one plane per image"
+                        f"{what}: multi-page TIFF ({len(tif.pages)} pages); "
+                        "submit one plane per image"
                     )
                 page = tif.pages.first
                 shape = page.shape
@@ -134,7 +138,9 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
                 elif img.mode == "I":
                     arr = np.asarray(img)
                     if arr.min() < 0 or arr.max() > 65535:
-                        raise UnsupportedImageError(f"{what}: 32-bit integer image is not supported")
+                        raise UnsupportedImageError(
+                            f"{what}: 32-bit integer image is not supported"
+                        )
                     arr = arr.astype(np.uint16)
                 elif img.mode in ("L", "RGB", "RGBA", "LA", "1"):
                     arr = np.asarray(img)
@@ -146,8 +152,16 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecompressionBombError(f"{what}: declared size exceeds the limit ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, tifffile.TiffFileError) as exc:
-        raise CorruptImageError(f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated") from exc
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        tifffile.TiffFileError,
+    ) as exc:
+        raise CorruptImageError(
+            f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated"
+        ) from exc
     return _normalise(arr, what)
 
 

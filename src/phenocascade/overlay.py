@@ -57,12 +57,13 @@ def render_overlay(
     """
     image = to_display(pixels)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(12, image.height // 40))
+    size = max(12, image.height // 40)
+    font = ImageFont.load_default(size=size)
     for box in boxes:
         xy = (box["x_min"], box["y_min"], box["x_max"] - 1, box["y_max"] - 1)
         draw.rectangle(xy, outline=BOX_COLOUR, width=max(2, image.height // 300))
         draw.text(
-            (box["x_min"], max(0, box["y_min"] - font.size - 2)),
+            (box["x_min"], max(0, box["y_min"] - size - 2)),
             f"{box['label']} {box['score']:.2f}",
             fill=BOX_COLOUR,
             font=font,
@@ -73,9 +74,11 @@ def render_overlay(
         for label, score in sorted(labels.items(), key=lambda kv: -kv[1])
         if score >= min_label_score
     ]
-    y = 4
+    y = 4.0
     for line in lines:
-        draw.rectangle((2, y - 1, 6 + draw.textlength(line, font=font), y + font.size + 1), fill=(0, 0, 0))
+        draw.rectangle(
+            (2, y - 1, 6 + draw.textlength(line, font=font), y + size + 1), fill=(0, 0, 0)
+        )
         draw.text((4, y), line, fill=LABEL_COLOUR, font=font)
-        y += font.size + 4
+        y += size + 4
     return image

@@ -1,6 +1,6 @@
 import io
-import zlib
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,9 @@ def test_truncated_tiff() -> None:
 
 def _png_header_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 100)
@@ -98,7 +100,9 @@ def test_float_tiff_is_unsupported() -> None:
 
 def test_five_channel_tiff_is_unsupported() -> None:
     buf = io.BytesIO()
-    tifffile.imwrite(buf, np.zeros((32, 32, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(
+        buf, np.zeros((32, 32, 5), np.uint8), photometric="minisblack", planarconfig="contig"
+    )
     with pytest.raises(UnsupportedImageError, match="5 channels"):
         decode_bytes(buf.getvalue(), max_pixels=MAX)
 

@@ -33,7 +33,14 @@ def run(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return outputs
 
 
-BOX = {"x_min": 1.0, "y_min": 2.0, "x_max": 5.0, "y_max": 6.0, "label": "large_nucleus", "score": 0.97}
+BOX = {
+    "x_min": 1.0,
+    "y_min": 2.0,
+    "x_max": 5.0,
+    "y_max": 6.0,
+    "label": "large_nucleus",
+    "score": 0.97,
+}
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
@@ -64,12 +71,16 @@ def test_skip_is_unusable_and_annotate_is_awaiting() -> None:
 
 
 def test_branch_annotate_makes_output_await_annotation() -> None:
-    outs = run([result("quality", "PASS"), result("majority", "ANNOTATE"), result("minority", "PASS")])
+    outs = run(
+        [result("quality", "PASS"), result("majority", "ANNOTATE"), result("minority", "PASS")]
+    )
     assert [o["status"] for o in outs] == ["awaiting_annotation"]
 
 
 def test_reentry_after_expert_marks_clear_gives_a_second_analyzed_output() -> None:
-    outs = run([result("quality", "ANNOTATE"), result("majority", "PASS"), result("minority", "PASS")])
+    outs = run(
+        [result("quality", "ANNOTATE"), result("majority", "PASS"), result("minority", "PASS")]
+    )
     assert [o["status"] for o in outs] == ["awaiting_annotation", "analyzed"]
 
 

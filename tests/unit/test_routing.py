@@ -34,7 +34,9 @@ def test_gate_is_monotone_in_the_clear_probability(p: float, q: float, t: LabelT
 
 
 @given(scores=st.dictionaries(st.sampled_from(["a", "b", "c"]), probs, min_size=1), t=thresholds())
-def test_classifier_passes_only_when_every_label_is_decided(scores: dict[str, float], t: LabelThresholds) -> None:
+def test_classifier_passes_only_when_every_label_is_decided(
+    scores: dict[str, float], t: LabelThresholds
+) -> None:
     r = route(StageKind.CLASSIFIER, StageOutput(scores=scores), {k: t for k in "abc"})
     decided = all(p >= t.positive or p <= t.negative for p in scores.values())
     assert r is (Route.PASS if decided else Route.ANNOTATE)
@@ -43,7 +45,10 @@ def test_classifier_passes_only_when_every_label_is_decided(scores: dict[str, fl
 
 def test_classifier_label_without_thresholds_is_never_confident() -> None:
     t = LabelThresholds(positive=0.9, negative=0.1)
-    assert route(StageKind.CLASSIFIER, StageOutput(scores={"a": 0.99, "new": 0.0}), {"a": t}) is Route.ANNOTATE
+    assert (
+        route(StageKind.CLASSIFIER, StageOutput(scores={"a": 0.99, "new": 0.0}), {"a": t})
+        is Route.ANNOTATE
+    )
 
 
 @given(score=probs, t=thresholds())

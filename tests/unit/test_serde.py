@@ -5,7 +5,13 @@ import pytest
 
 from phenocascade.errors import SchemaError
 from phenocascade.streams import events
-from phenocascade.streams.serde import MAGIC, EVENT_NAMES, EventCodec, default_schema_dir, schema_fingerprint
+from phenocascade.streams.serde import (
+    EVENT_NAMES,
+    MAGIC,
+    EventCodec,
+    default_schema_dir,
+    schema_fingerprint,
+)
 
 
 def _crc64_avro(data: bytes) -> int:
@@ -110,7 +116,9 @@ def test_new_reader_reads_old_writer_with_defaults(tmp_path: Path) -> None:
     new = _with_new_field(old)
     writer = EventCodec(_write_dir(tmp_path / "old", old, []))
     reader = EventCodec(_write_dir(tmp_path / "new", new, [old]))
-    _, back = reader.decode(writer.encode("ImageSubmitted", events.image_submitted("e-2", uri="/b.png")))
+    _, back = reader.decode(
+        writer.encode("ImageSubmitted", events.image_submitted("e-2", uri="/b.png"))
+    )
     assert back["image_id"] == "e-2"
     assert back["priority_hint"] == 0
 

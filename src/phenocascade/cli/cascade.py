@@ -1,5 +1,7 @@
-"""Sub-commands that run and query the cascade: topics, worker, joiner, run, submit, results,
-render, report."""
+"""Sub-commands that run and query the cascade.
+
+``topics create``, ``worker``, ``joiner``, ``run``, ``submit``, ``results``, ``render``, ``report``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +83,13 @@ def cmd_joiner(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_cascade(topology: Topology, log_dir: Path) -> dict[str, subprocess.Popen[bytes]]:
-    """Start every tier worker and the joiner as separate processes on this machine."""
+def start_cascade(
+    topology: Topology, log_dir: Path, env: Mapping[str, str] | None = None
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Start every tier worker and the joiner as separate processes on this machine.
+
+    ``env`` replaces the child processes' environment (default: this process's).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     commands = {t.name: ["worker", t.name] for t in topology.tiers}
@@ -90,7 +97,10 @@ def start_cascade(topology: Topology, log_dir: Path) -> dict[str, subprocess.Pop
     for name, cmd in commands.items():
         out = (log_dir / f"{name}.log").open("ab")
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "phenocascade", *cmd], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "phenocascade", *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
         )
     return procs
 
@@ -136,7 +146,9 @@ def iter_images(paths: Iterable[Path]) -> list[Path]:
     found: set[Path] = set()
     for path in paths:
         if path.is_dir():
-            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+            found |= {
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            }
         elif path.is_file():
             found.add(path)
         else:
@@ -177,7 +189,9 @@ def submit_paths(
                     image_id, uri=str(path), fmt=events.format_of(path.name), meta=meta
                 )
             producer.produce(
-                topology.submitted_topic, key=image_id.encode(), value=codec.encode("ImageSubmitted", record)
+                topology.submitted_topic,
+                key=image_id.encode(),
+                value=codec.encode("ImageSubmitted", record),
             )
             producer.poll(0)
             ids.append(image_id)
@@ -192,8 +206,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit files or folders."""
     settings = get_settings()
     paths = iter_images(Path(p) for p in args.paths)
-    meta = ImageMeta(study=args.study, specimen=args.specimen, modality=args.modality, stain=args.stain)
-    ids = submit_paths(settings, _topology(args), paths, meta=meta, inline=args.inline, prefix=args.prefix)
+    meta = ImageMeta(
+        study=args.study, specimen=args.specimen, modality=args.modality, stain=args.stain
+    )
+    ids = submit_paths(
+        settings, _topology(args), paths, meta=meta, inline=args.inline, prefix=args.prefix
+    )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
 
@@ -205,7 +223,11 @@ def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
     for col in ("image", "status", "majority labels (p>=0.5)", "minority boxes", "routes"):
         table.add_column(col)
     for o in outputs:
-        labels = ", ".join(f"{k} {v:.2f}" for k, v in sorted(o["labels"].items(), key=lambda kv: -kv[1]) if v >= 0.5)
+        labels = ", ".join(
+            f"{k} {v:.2f}"
+            for k, v in sorted(o["labels"].items(), key=lambda kv: -kv[1])
+            if v >= 0.5
+        )
         boxes = ", ".join(f"{b['label']} {b['score']:.2f}" for b in o["boxes"][:4])
         if len(o["boxes"]) > 4:
             boxes += f" (+{len(o['boxes']) - 4})"
@@ -227,7 +249,9 @@ def cmd_results(args: argparse.Namespace) -> int:
             if (o := get_latest_output(session=session, image_id=row["image_id"])) is not None
         ]
     if not outputs:
-        raise NotFoundError(f"no outputs for {'image ' + args.image if args.image else 'study ' + args.study}")
+        raise NotFoundError(
+            f"no outputs for {'image ' + args.image if args.image else 'study ' + args.study}"
+        )
     if args.json:
         print(json.dumps(outputs, default=str, indent=2))
     else:
@@ -238,7 +262,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 def render_output(settings: Settings, output: dict[str, Any], dest: Path) -> Path:
     """Write the overlay PNG of one output to ``dest``."""
     if not output["uri"]:
-        raise NotFoundError(f"image {output['image_id']} was submitted inline; its pixels are not stored")
+        raise NotFoundError(
+            f"image {output['image_id']} was submitted inline; its pixels are not stored"
+        )
     pixels = read_image(output["uri"], roots=settings.roots(), max_pixels=settings.max_image_pixels)
     dest.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(pixels, output["labels"], output["boxes"], status=output["status"]).save(dest)
@@ -276,7 +302,10 @@ def build_report(settings: Settings, topology: Topology) -> dict[str, Any]:
         if record["origin_topic"] == topology.submitted_topic:
             dead.add((record["origin_partition"], record["origin_offset"]))
             dead_kinds[record["error_kind"]] = dead_kinds.get(record["error_kind"], 0) + 1
-    requests = {(k, codec.decode(v)[1]["tier"]) for k, v in scan_topic(settings.kafka, topology.annotate_topic)}
+    requests = {
+        (k, codec.decode(v)[1]["tier"])
+        for k, v in scan_topic(settings.kafka, topology.annotate_topic)
+    }
     report: dict[str, Any] = {
         "submitted": len(submitted),
         **by_status,
@@ -302,9 +331,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Register the cascade sub-commands."""
+
     def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
-        p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
+        p.add_argument(
+            "--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)"
+        )
         p.set_defaults(func=func)
         return p
 

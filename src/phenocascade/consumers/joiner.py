@@ -9,6 +9,7 @@ topic. The versions key stored in the table makes re-delivered results harmless.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from typing import Any
@@ -66,7 +67,9 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
     )
     codec = EventCodec()
     source = app.topic(*result_topics, key_type=bytes, value_type=bytes, value_serializer="raw")
-    results = app.topic(spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw")
+    results = app.topic(
+        spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw"
+    )
     table = app.Table("pending", default=None, partitions=n, value_serializer="json")
     session_holder: dict[str, Any] = {}
 
@@ -93,7 +96,10 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 while "session" not in session_holder:
                     await asyncio.sleep(0.1)
                 await loop.run_in_executor(
-                    None, lambda o=output: save_output(session=session_holder["session"], output=o)
+                    None,
+                    functools.partial(
+                        save_output, session=session_holder["session"], output=output
+                    ),
                 )
                 await results.send(key=image_id.encode(), value=codec.encode("ImageOutput", output))
             table[image_id] = new_state

@@ -83,7 +83,9 @@ class TierWorker:
         self.instance = instance
         self.codec = EventCodec()
         self._load: StageLoader = stage_loader or (
-            lambda version: load_stage(settings.artifacts, tier.artifact, version, device=tier.device)
+            lambda version: load_stage(
+                settings.artifacts, tier.artifact, version, device=tier.device
+            )
         )
         self.stats = WorkerStats()
         self.stage: Stage | None = None
@@ -129,13 +131,17 @@ class TierWorker:
             pixels = decode_bytes(data, max_pixels=self.settings.max_image_pixels, what=image_id)
         elif submitted["uri"] is not None:
             pixels = read_image(
-                submitted["uri"], roots=self.settings.roots(), max_pixels=self.settings.max_image_pixels
+                submitted["uri"],
+                roots=self.settings.roots(),
+                max_pixels=self.settings.max_image_pixels,
             )
         else:
             raise BadInputError(f"{image_id}: the submission has neither uri nor inline bytes")
         return DecodedImage(image_id=image_id, pixels=pixels)
 
-    def _dead_letter(self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None) -> None:
+    def _dead_letter(
+        self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None
+    ) -> None:
         record = events.dead_letter(
             topic=msg.topic() or "",
             partition=msg.partition() or 0,
@@ -153,9 +159,13 @@ class TierWorker:
         )
         self.stats.dead_letters += 1
         DEAD.labels(self.tier.name, kind).inc()
-        log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+        log.warning(
+            "dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
+        )
 
-    def _predict(self, stage: Stage, images: Sequence[DecodedImage]) -> list[StageOutput | Exception]:
+    def _predict(
+        self, stage: Stage, images: Sequence[DecodedImage]
+    ) -> list[StageOutput | Exception]:
         """Score the batch; if the batch fails, score images one by one to isolate the culprit."""
         if not images:
             return []
@@ -180,7 +190,8 @@ class TierWorker:
         producer.begin_transaction()
         good: list[tuple[Message, dict[str, Any], DecodedImage]] = []
         for msg in msgs:
-            image_id = msg.key().decode("utf-8", "replace") if msg.key() else None
+            raw_key = msg.key()
+            image_id = raw_key.decode("utf-8", "replace") if raw_key else None
             try:
                 _, submitted = self.codec.decode(msg.value(), expected="ImageSubmitted")
                 image_id = submitted["image_id"]
@@ -191,7 +202,11 @@ class TierWorker:
         for (msg, submitted, _), output in zip(good, outputs, strict=True):
             if isinstance(output, Exception):
                 self._dead_letter(
-                    producer, msg, "model_error", f"{type(output).__name__}: {output}", submitted["image_id"]
+                    producer,
+                    msg,
+                    "model_error",
+                    f"{type(output).__name__}: {output}",
+                    submitted["image_id"],
                 )
                 continue
             decision = route(stage.kind, output, thresholds, stage.gate_label)
@@ -205,7 +220,9 @@ class TierWorker:
                 model_name=stage.model_name,
                 model_version=stage.version,
             )
-            producer.produce(self.tier.result_topic, key=key, value=self.codec.encode("TierResult", result))
+            producer.produce(
+                self.tier.result_topic, key=key, value=self.codec.encode("TierResult", result)
+            )
             if stage.kind is StageKind.GATE and decision is not Route.ANNOTATE:
                 target = self.tier.routes["pass" if decision is Route.PASS else "skip"]
                 producer.produce(target, key=key, value=msg.value())

@@ -164,7 +164,7 @@ def _bright_level(pixels: Pixels) -> float:
 def _convolve(image: FloatImage, kernel: FloatImage) -> FloatImage:
     """Convolve each channel of ``(H, W, C)`` with an odd-sized 2-D kernel, reflecting edges.
 
-    FFT keeps large defocus kernels (radius 25 px on a 1040 px image) fast, which a
+    FFT keeps large defocus kernels (radius 40 px on a 1040 px image) fast, which a
     direct convolution is not.
     """
     height, width = image.shape[:2]

@@ -10,6 +10,7 @@ import collections
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from phenocascade.config import get_settings
 from phenocascade.data import degrade
@@ -101,6 +102,29 @@ class LabelledSet:
         """Return, per class, the number of boxes."""
         counts = collections.Counter(b.label for s in self.samples for b in s.boxes)
         return {c: counts[c] for c in self.classes}
+
+    def summary(self) -> dict[str, Any]:
+        """Return a JSON-ready summary: sizes, counts per class, drops and fingerprint."""
+        return {
+            "name": self.name,
+            "images": len(self.samples),
+            "classes": list(self.classes),
+            "images_per_label": self.label_counts(),
+            "boxes_per_class": self.box_counts(),
+            "unlabelled_images": sum(1 for s in self.samples if not s.labels and not s.boxes),
+            "dropped": [
+                {
+                    "file": d.file,
+                    "line": d.line,
+                    "image_id": d.image_id,
+                    "label": d.label,
+                    "box": list(d.box),
+                    "reason": d.reason,
+                }
+                for d in self.dropped
+            ],
+            "fingerprint": self.fingerprint(),
+        }
 
 
 def load_pixels(sample: Sample) -> Pixels:

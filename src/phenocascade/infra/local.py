@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from typing import Any
 
 import psutil
 from cassandra import DriverException, RequestExecutionException
-from cassandra.cluster import Cluster, NoHostAvailable
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
 from cassandra.policies import WhiteListRoundRobinPolicy
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
@@ -59,7 +60,8 @@ _START_ORDER = ("cassandra", "kafka")
 _CASSANDRA_STORAGE_PORT = 7000
 _STOP_TIMEOUT_S = 60.0
 _POLL_S = 0.5
-_LOG_TAIL_LINES = 25
+_LOG_TAIL_LINES = 15
+_ERROR_LINE = re.compile(r"\b(ERROR|FATAL)\b|Exception:|Error:")
 _MIN_JAVA = 17
 _MAIN_CLASS = {"kafka": "kafka.Kafka", "cassandra": "org.apache.cassandra.service.CassandraDaemon"}
 # The artifact whose version names the cache folder, e.g. kafka-4.1.1.
@@ -116,7 +118,8 @@ def cache_dir() -> Path:
     """Return the folder that holds the resolved jars of each service.
 
     ``$PHENOCASCADE_INFRA_CACHE`` if set, else ``~/.cache/phenocascade/infra``. Each service
-    gets ``<name>-<version>/lib`` below it, filled once by Maven.
+    gets ``<name>-<version>-<pom hash>/lib`` below it, filled once by Maven; editing a
+    packaged pom.xml therefore resolves afresh instead of reusing stale jars.
     """
     env = os.environ.get("PHENOCASCADE_INFRA_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "phenocascade" / "infra"
@@ -469,11 +472,16 @@ def _cassandra_ready(port: int) -> str | None:
         protocol_version=5,
         connect_timeout=3,
         control_connection_timeout=3,
-        load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]),
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]),
+                request_timeout=5,
+            )
+        },
     )
     try:
         session = cluster.connect()
-        row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+        row = session.execute("SELECT release_version FROM system.local").one()
     except (NoHostAvailable, DriverException, RequestExecutionException, OSError):
         return None
     finally:
@@ -531,12 +539,22 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _log_tail(root: Path, name: str) -> str:
-    """Return the last lines of the service's log and of its stdout/stderr."""
+    """Return the error lines and the last lines of the service's log and stdout/stderr.
+
+    The error lines come first because a JVM that fails to start often logs its cause
+    (``BindException: Address already in use``) long before its last words.
+    """
     parts = []
     for path in (root / name / "logs" / _SERVICE_LOG[name], root / name / "logs" / "stdout.log"):
-        if path.is_file():
-            parts.append(f"--- {path}\n{_tail(path.read_text(errors='replace'))}")
-    return "\n".join(parts) or f"(no log files in {root / name / 'logs'})"
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        errors = [line for line in text.splitlines() if _ERROR_LINE.search(line)]
+        if errors:
+            parts.append(f"--- errors in {path}\n" + "\n".join(errors[-_LOG_TAIL_LINES:]))
+        if text.strip():
+            parts.append(f"--- end of {path}\n{_tail(text)}")
+    return "\n".join(parts) or f"(no log output in {root / name / 'logs'})"
 
 
 def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
@@ -607,9 +625,14 @@ def _pom_version(name: str) -> str:
     raise InfraError(f"packaged pom.xml of {name} names no {_MAIN_ARTIFACT[name]} version")
 
 
+def _lib_dir(name: str) -> Path:
+    """Return where the service's jars are cached (the folder may not exist yet)."""
+    digest = hashlib.sha256(_template(name, "pom.xml").encode()).hexdigest()[:8]
+    return cache_dir() / f"{name}-{_pom_version(name)}-{digest}" / "lib"
+
+
 def _cached_version(name: str) -> str | None:
-    version = _pom_version(name)
-    return version if (cache_dir() / f"{name}-{version}" / "lib").is_dir() else None
+    return _pom_version(name) if _lib_dir(name).is_dir() else None
 
 
 def _resolve_jars(name: str, say: Progress) -> Path:
@@ -620,7 +643,7 @@ def _resolve_jars(name: str, say: Progress) -> Path:
     an interrupted copy is never mistaken for a complete one.
     """
     version = _pom_version(name)
-    target = cache_dir() / f"{name}-{version}" / "lib"
+    target = _lib_dir(name)
     if target.is_dir():
         return target
     mvn = shutil.which("mvn")

@@ -209,13 +209,17 @@ def champion_version(artifacts: Path, tier: str) -> str | None:
 def set_champion(artifacts: Path, tier: str, version: str) -> None:
     """Atomically make ``version`` the champion of ``tier``."""
     if not (artifacts / tier / version / "metadata.json").is_file():
-        raise ArtifactError(f"cannot promote {tier}/{version}: no artifact at {artifacts / tier / version}")
+        raise ArtifactError(
+            f"cannot promote {tier}/{version}: no artifact at {artifacts / tier / version}"
+        )
     tmp = artifacts / tier / "CHAMPION.tmp"
     tmp.write_text(version)
     os.replace(tmp, artifacts / tier / "CHAMPION")
 
 
-def load_stage(artifacts: Path, tier: str, version: str | None = None, device: str = "cpu") -> Stage:
+def load_stage(
+    artifacts: Path, tier: str, version: str | None = None, device: str = "cpu"
+) -> Stage:
     """Load a trained stage.
 
     Parameters

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
 
 from phenocascade.errors import ConfigError
 
@@ -107,14 +108,19 @@ def resolve_pretrained(pretrained: str | None, backbone: str) -> Path | None:
     return path
 
 
-def _torchvision_net(backbone: str, pretrained: str | None) -> nn.Module:
-    """Build a torchvision ImageNet classifier and load offline weights into it (strictly)."""
+def _torchvision_net(backbone: str, pretrained: str | None, *, frozen_bn: bool = False) -> nn.Module:
+    """Build a torchvision ImageNet classifier and load offline weights into it (strictly).
+
+    ``frozen_bn`` swaps batch norm for :class:`~torchvision.ops.FrozenBatchNorm2d`, as
+    torchvision's detectors do: their batches of a few images give useless batch statistics.
+    """
     builders = {
         "resnet18": torchvision.models.resnet18,
         "resnet50": torchvision.models.resnet50,
         "mobilenet_v2": torchvision.models.mobilenet_v2,
     }
-    net: nn.Module = builders[backbone](weights=None)
+    norm = {"norm_layer": FrozenBatchNorm2d} if frozen_bn else {}
+    net: nn.Module = builders[backbone](weights=None, **norm)
     path = resolve_pretrained(pretrained, backbone)
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -182,8 +188,19 @@ def build_classifier(backbone: str, num_outputs: int, pretrained: str | None = N
     return net
 
 
-def build_fpn_backbone(backbone: str, pretrained: str | None = None) -> BackboneWithFPN:
+def build_fpn_backbone(
+    backbone: str, pretrained: str | None = None, *, frozen_bn: bool = False
+) -> BackboneWithFPN:
     """Build a three-level FPN (strides 8, 16, 32, plus max-pool) for a detector.
+
+    Parameters
+    ----------
+    backbone : str
+        One of :data:`DETECTOR_BACKBONES`.
+    pretrained : str or None, default None
+        See :func:`resolve_pretrained`.
+    frozen_bn : bool, default False
+        Freeze batch norm (use it with pretrained weights, whose statistics are kept).
 
     Returns
     -------
@@ -192,7 +209,7 @@ def build_fpn_backbone(backbone: str, pretrained: str | None = None) -> Backbone
     """
     if backbone not in DETECTOR_BACKBONES:
         raise ConfigError(f"unknown detector backbone {backbone!r}; choose one of {DETECTOR_BACKBONES}")
-    net = _torchvision_net(backbone, pretrained)
+    net = _torchvision_net(backbone, pretrained, frozen_bn=frozen_bn)
     if backbone == "mobilenet_v2":
         body: nn.Module = net.features  # type: ignore[assignment]
         return_layers = {"6": "0", "13": "1", "18": "2"}

@@ -1,0 +1,1 @@
+"""Packaged data: the default topology and the Avro schemas."""

@@ -97,7 +97,7 @@ def tier_result(
 
 
 def uncertainty(output: StageOutput) -> float:
-    """Return a priority in ``[0, 1]``: 1 minus twice the distance of the least sure score to 0.5."""
+    """Return a priority in ``[0, 1]``: 1 minus twice the least sure score's distance to 0.5."""
     probs = [*output.scores.values(), *(b.score for b in output.boxes)]
     if not probs:
         return 0.0

@@ -86,7 +86,8 @@ def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 3
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:
         raise InfraError(
-            f"Kafka at {kafka.bootstrap_servers} does not answer ({exc}); run `phenocascade infra up`"
+            f"Kafka at {kafka.bootstrap_servers} does not answer ({exc}); "
+            "run `phenocascade infra up`"
         ) from exc
     new = [
         NewTopic(

@@ -10,7 +10,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from phenocascade.config import KafkaSettings
 
 
-def scan_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> Iterator[tuple[bytes | None, bytes | None]]:
+def scan_topic(
+    kafka: KafkaSettings, topic: str, timeout_s: float = 30.0
+) -> Iterator[tuple[bytes | None, bytes | None]]:
     """Yield ``(key, value)`` of every committed message now in ``topic``.
 
     It uses a throw-away consumer group that commits nothing, and stops at each
@@ -45,7 +47,7 @@ def scan_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> Ite
             part = msg.partition()
             assert part is not None
             if msg.error():
-                # Partition EOF: with read_committed, aborted/control records can sit before the high mark.
+                # Partition EOF: under read_committed, control records can sit before the high mark.
                 remaining.pop(part, None)
                 continue
             offset = msg.offset()

@@ -1,4 +1,4 @@
-"""Avro single-object encoding of phenocascade events (fastavro).
+r"""Avro single-object encoding of phenocascade events (fastavro).
 
 Frame: ``b"\\xc3\\x01"`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer
 schema's Parsing Canonical Form + the Avro binary body (Avro 1.11 spec, "Single-object
@@ -41,7 +41,7 @@ EVENT_NAMES = (
 
 def schema_fingerprint(schema: Mapping[str, Any]) -> bytes:
     """Return the 8-byte CRC-64-AVRO fingerprint of ``schema`` as it goes on the wire."""
-    pcf = to_parsing_canonical_form(schema)
+    pcf = to_parsing_canonical_form(dict(schema))
     # fastavro renders the fingerprint as the hex of its little-endian bytes.
     return bytes.fromhex(fingerprint(pcf, "CRC-64-AVRO"))
 
@@ -49,7 +49,8 @@ def schema_fingerprint(schema: Mapping[str, Any]) -> bytes:
 def _parse(raw: Mapping[str, Any]) -> dict[str, Any]:
     # Each file is self-contained; parse with its own name table so that the same named
     # type (e.g. Box) may be defined in several files.
-    parsed: dict[str, Any] = fastavro.parse_schema(dict(raw), named_schemas={})
+    parsed = fastavro.parse_schema(dict(raw), named_schemas={})
+    assert isinstance(parsed, dict)
     return parsed
 
 
@@ -97,7 +98,9 @@ class EventCodec:
         try:
             return self._readers[name]
         except KeyError:
-            raise SchemaError(f"unknown event type {name!r}; known: {sorted(self._readers)}") from None
+            raise SchemaError(
+                f"unknown event type {name!r}; known: {sorted(self._readers)}"
+            ) from None
 
     def encode(self, name: str, record: Mapping[str, Any]) -> bytes:
         """Encode ``record`` as event ``name``.

@@ -1,5 +1,5 @@
 """Built-in backends; importing this package registers each of them by name."""
 
-from phenocascade.models.backends import multilabel_cnn, quality_cnn
+from phenocascade.models.backends import multilabel_cnn, quality_cnn, torchvision_detector
 
-__all__ = ["multilabel_cnn", "quality_cnn"]
+__all__ = ["multilabel_cnn", "quality_cnn", "torchvision_detector"]

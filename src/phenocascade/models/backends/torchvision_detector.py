@@ -1,0 +1,405 @@
+"""The minority detector: torchvision Faster R-CNN on a small FPN backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.errors import ConfigError
+from phenocascade.models import artifact
+from phenocascade.models.backends._classifier import SCORE_CLIP
+from phenocascade.models.base import ArtifactMeta, register_backend
+from phenocascade.models.calibration import calibrate_probability
+from phenocascade.models.nets import build_fpn_backbone
+from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_chw, to_unit_rgb
+from phenocascade.models.thresholds import fallback_record
+from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
+
+Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
+
+
+@register_backend("torchvision_detector")
+class TorchvisionDetector:
+    """Faster R-CNN (torchvision) with a ResNet-18 or MobileNetV2 FPN; kind ``DETECTOR``.
+
+    Boxes are returned in original-image pixels, ``[x_min, y_min, x_max, y_max]`` with the
+    maxima exclusive. A class's score in :class:`StageOutput` is its best box's calibrated
+    score (``1e-6`` when it has no box).
+
+    Parameters
+    ----------
+    backbone : str, default "mobilenet_v2"
+        ``"mobilenet_v2"`` or ``"resnet18"``.
+    pretrained : str or None, default None
+        See :func:`phenocascade.models.nets.resolve_pretrained`.
+    min_size : int, default 320
+        Shorter image side after torchvision's internal resize.
+    max_size : int, default 512
+        Upper bound on the longer side after that resize.
+    anchor_sizes : tuple of int, default (16, 32, 64, 128)
+        One anchor size per FPN level (strides 8, 16, 32, 64), in resized pixels.
+    batch_size : int, default 4
+        Images per optimiser step.
+    lr : float, default 5e-4
+        AdamW learning rate.
+    weight_decay : float, default 1e-4
+        AdamW weight decay.
+    score_floor : float, default 0.01
+        Raw scores below this are never returned.
+    detections_per_image : int, default 100
+        Upper bound on boxes per image.
+    """
+
+    kind = StageKind.DETECTOR
+    model_name = "torchvision_detector"
+    gate_label = "clear"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "mobilenet_v2",
+        pretrained: str | None = None,
+        min_size: int = 320,
+        max_size: int = 512,
+        anchor_sizes: tuple[int, ...] = (16, 32, 64, 128),
+        batch_size: int = 4,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-4,
+        score_floor: float = 0.01,
+        detections_per_image: int = 100,
+    ) -> None:
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.min_size = min_size
+        self.max_size = max_size
+        self.anchor_sizes = anchor_sizes
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.score_floor = score_floor
+        self.detections_per_image = detections_per_image
+
+    def get_config(self) -> dict[str, Any]:
+        """Return the constructor arguments (stored in the artifact)."""
+        return {
+            "backbone": self.backbone,
+            "pretrained": self.pretrained,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "anchor_sizes": list(self.anchor_sizes),
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "score_floor": self.score_floor,
+            "detections_per_image": self.detections_per_image,
+        }
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Object classes, in order (known after ``fit`` or ``load``)."""
+        return tuple(self.classes_)
+
+    @property
+    def version(self) -> str:
+        """Artifact version; ``""`` until saved or loaded."""
+        return getattr(self, "version_", "")
+
+    @property
+    def thresholds(self) -> dict[str, LabelThresholds]:
+        """Keep (``negative``) and confident (``positive``) box thresholds per class."""
+        return {
+            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
+            for label, t in self.thresholds_.items()
+        }
+
+    def _build(self, n_classes: int, pretrained: str | None) -> FasterRCNN:
+        # Frozen batch norm keeps ImageNet statistics whenever the config is pretrained,
+        # also when rebuilding for load() (which reads no ImageNet file).
+        body = build_fpn_backbone(self.backbone, pretrained, frozen_bn=self.pretrained is not None)
+        levels = len(self.anchor_sizes)
+        anchors = AnchorGenerator(
+            sizes=tuple((s,) for s in self.anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * levels
+        )
+        # A slimmer box head and fewer sampled proposals than torchvision's defaults (1024-d
+        # head, 2000 proposals, 512 RoIs): few, sparse objects per image need no more, and
+        # CPU training gets several times faster.
+        head = TwoMLPHead(body.out_channels * 7 * 7, 256)
+        return FasterRCNN(
+            body,
+            rpn_anchor_generator=anchors,
+            box_head=head,
+            box_predictor=FastRCNNPredictor(256, n_classes + 1),  # class 0 is background
+            rpn_pre_nms_top_n_train=600,
+            rpn_post_nms_top_n_train=300,
+            rpn_pre_nms_top_n_test=300,
+            rpn_post_nms_top_n_test=150,
+            rpn_batch_size_per_image=128,
+            box_batch_size_per_image=128,
+            box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2),
+            min_size=self.min_size,
+            max_size=self.max_size,
+            image_mean=list(IMAGENET_MEAN),
+            image_std=list(IMAGENET_STD),
+            box_score_thresh=self.score_floor,
+            box_detections_per_img=self.detections_per_image,
+        )
+
+    def _scale(self, h: int, w: int) -> float:
+        return min(self.min_size / min(h, w), self.max_size / max(h, w))
+
+    def _prepare(self, sample: Sample, load: Loader) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Load, convert and pre-resize one sample to the size torchvision would use."""
+        image = to_chw(to_unit_rgb(load(sample)))
+        _, h, w = image.shape
+        scale = self._scale(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
+        index = {c: i + 1 for i, c in enumerate(self.classes_)}
+        boxes = []
+        labels = []
+        for box in sample.boxes:
+            if box.label not in index:
+                raise ConfigError(f"sample {sample.image_id} has box label {box.label!r}, not in {self.classes_}")
+            boxes.append([box.x_min * scale, box.y_min * scale, box.x_max * scale, box.y_max * scale])
+            labels.append(index[box.label])
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        return image, target
+
+    @staticmethod
+    def _flip(
+        image: torch.Tensor, target: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Random horizontal and vertical flips, moving the boxes with the pixels."""
+        _, h, w = image.shape
+        boxes = target["boxes"].clone()
+        if torch.rand(1, generator=generator) < 0.5:
+            image = image.flip(-1)
+            boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
+        if torch.rand(1, generator=generator) < 0.5:
+            image = image.flip(-2)
+            boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
+        return image, {"boxes": boxes, "labels": target["labels"]}
+
+    def fit(
+        self,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        *,
+        classes: Sequence[str],
+        load: Loader,
+        progress: bool | ProgressCallback | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        max_epochs: int = 10,
+        patience: int = 3,
+    ) -> Self:
+        """Train on ``train`` with early stopping on the detection loss over ``val``.
+
+        Parameters
+        ----------
+        train, val : sequence of Sample
+            ``Sample.boxes`` in pixels; samples without boxes are negatives.
+        classes : sequence of str
+            Object classes in order.
+        load : callable
+            ``Sample -> (H, W, C) uint8/uint16 pixels``; called once per sample.
+        progress : bool, callable or None, default None
+            See :func:`phenocascade.models.training.fit_loop`.
+        seed : int, default 0
+            Seeds weight init, shuffling and flips.
+        device : str, default "cpu"
+            Torch device.
+        max_epochs : int, default 10
+            Upper bound on epochs.
+        patience : int, default 3
+            Epochs without validation improvement before stopping.
+
+        Returns
+        -------
+        Self
+            With ``model_``, ``classes_``, ``history_`` (training loss per step),
+            ``val_history_``, ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+        """
+        if not train or not val:
+            raise ConfigError("fit needs at least one training and one validation sample")
+        generator = seed_everything(seed)
+        rng = np.random.default_rng(seed)
+        self.classes_ = list(classes)
+        model = self._build(len(self.classes_), self.pretrained).to(device)
+        train_data = [self._prepare(s, load) for s in train]
+        val_data = [self._prepare(s, load) for s in val]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+        def losses(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> torch.Tensor:
+            images = [img.to(device) for img, _ in batch]
+            targets = [{k: v.to(device) for k, v in t.items()} for _, t in batch]
+            loss_dict: dict[str, torch.Tensor] = model(images, targets)
+            return sum(loss_dict.values(), torch.zeros((), device=device))
+
+        def epoch_batches(_epoch: int) -> list[list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
+            return [
+                [self._flip(*train_data[i], generator) for i in idx]
+                for idx in batched(rng.permutation(len(train_data)), self.batch_size)
+            ]
+
+        def val_loss() -> float:
+            # torchvision detectors only compute losses in training mode; batch norm is put
+            # in eval mode so validation does not update its running statistics.
+            model.train()
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+            total = 0.0
+            with torch.no_grad():
+                for idx in batched(np.arange(len(val_data)), self.batch_size):
+                    total += float(losses([val_data[i] for i in idx])) * len(idx)
+            return total / len(val_data)
+
+        result = fit_loop(
+            model,
+            optimizer=optimizer,
+            epoch_batches=epoch_batches,
+            train_step=losses,
+            val_loss=val_loss,
+            max_epochs=max_epochs,
+            patience=patience,
+            progress=progress,
+            description=f"{self.model_name}/{self.backbone}",
+        )
+        self.model_ = model.eval()
+        self.device_ = device
+        self.history_ = result.train_loss
+        self.val_history_ = result.val_loss
+        self.best_epoch_ = result.best_epoch
+        self.temperature_ = {label: 1.0 for label in self.classes_}
+        fallback = fallback_record(0.99, 0.1).as_dict()
+        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        return self
+
+    def predict(self, images: Sequence[DecodedImage], *, calibrated: bool = True) -> list[StageOutput]:
+        """Detect objects in a batch of images.
+
+        Parameters
+        ----------
+        images : sequence of DecodedImage
+            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
+        calibrated : bool, default True
+            ``True`` applies the fitted temperatures and drops boxes at or below each
+            class's keep threshold (``negative``); ``False`` returns every raw box above
+            ``score_floor``.
+
+        Returns
+        -------
+        list of StageOutput
+            One per image. Boxes are ``[x_min, y_min, x_max, y_max]`` in original pixels,
+            clipped to the image; ``scores`` has every class.
+        """
+        outputs: list[StageOutput] = []
+        self.model_.eval()
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            tensors = [to_chw(to_unit_rgb(img.pixels)).to(self.device_) for img in chunk]
+            with torch.inference_mode():
+                detections = self.model_(tensors)
+            for img, det in zip(chunk, detections, strict=True):
+                outputs.append(self._to_output(img, det, calibrated))
+        return outputs
+
+    def _to_output(self, img: DecodedImage, det: Mapping[str, torch.Tensor], calibrated: bool) -> StageOutput:
+        boxes = det["boxes"].cpu().double().numpy()
+        labels = det["labels"].cpu().numpy()
+        raw = det["scores"].cpu().double().numpy()
+        best = {c: SCORE_CLIP for c in self.classes_}
+        kept: list[Box] = []
+        for (x0, y0, x1, y1), label_index, score in zip(boxes, labels, raw, strict=True):
+            label = self.classes_[int(label_index) - 1]
+            p = float(calibrate_probability(score, self.temperature_[label])) if calibrated else float(score)
+            p = min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
+            if calibrated and p <= self.thresholds_[label]["negative"]:
+                continue
+            best[label] = max(best[label], p)
+            kept.append(
+                Box(
+                    x_min=float(np.clip(x0, 0, img.width)),
+                    y_min=float(np.clip(y0, 0, img.height)),
+                    x_max=float(np.clip(x1, 0, img.width)),
+                    y_max=float(np.clip(y1, 0, img.height)),
+                    label=label,
+                    score=p,
+                )
+            )
+        return StageOutput(scores=best, boxes=tuple(kept))
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
+        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
+        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
+
+    def save(
+        self,
+        folder: Path,
+        *,
+        tier: str = "",
+        metrics: Mapping[str, Any] | None = None,
+        data_fingerprint: str = "",
+        parent_version: str = "",
+    ) -> ArtifactMeta:
+        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``."""
+        artifact.save_weights(folder, self.model_.state_dict())
+        meta = ArtifactMeta(
+            backend=self.model_name,
+            tier=tier,
+            version=folder.name,
+            kind=self.kind.value,
+            classes=list(self.classes_),
+            input_size=self.min_size,
+            normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            calibration={"temperature": dict(self.temperature_)},
+            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
+            metrics=dict(metrics or {}),
+            data_fingerprint=data_fingerprint,
+            code_version=artifact.code_version(),
+            created_at=artifact.utc_now(),
+            parent_version=parent_version,
+            config=self.get_config(),
+        )
+        meta.write(folder)
+        self.version_ = folder.name
+        self.meta_ = meta
+        return meta
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> Self:
+        """Rebuild a trained detector from an artifact folder (``weights_only=True``)."""
+        meta = artifact.read_meta(folder, cls.model_name)
+        config = dict(meta.config)
+        config["anchor_sizes"] = tuple(config.get("anchor_sizes", (16, 32, 64, 128)))
+        stage = cls(**config)
+        stage.classes_ = list(meta.classes)
+        model = stage._build(len(meta.classes), None)
+        model.load_state_dict(artifact.load_weights(folder, device="cpu"))
+        stage.model_ = model.to(device).eval()
+        stage.device_ = device
+        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
+        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
+        stage.version_ = meta.version
+        stage.meta_ = meta
+        return stage

@@ -1,0 +1,145 @@
+"""A whole cascade (three tier workers + joiner as real processes) on an isolated namespace
+of topics, for integration tests against the real local Kafka and Cassandra."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phenocascade.cli.cascade import start_cascade, stop_cascade, submit_paths
+from phenocascade.config import Settings, load_topology
+from phenocascade.domain import ImageMeta
+from phenocascade.streams.kafka import create_topics, plain_producer
+from phenocascade.streams.scan import scan_topic
+from phenocascade.streams.serde import EventCodec
+
+TEST_KEYSPACE = "phenocascade_test"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that reproduce ``settings`` in a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHENOCASCADE_")}
+    env.update(
+        {
+            "PHENOCASCADE_HOME": str(settings.home.resolve()),
+            "PHENOCASCADE_DATASETS": str(settings.datasets.resolve()),
+            "PHENOCASCADE_ARTIFACTS": str(settings.artifacts.resolve()),
+            "PHENOCASCADE_ALLOWED_ROOTS": json.dumps([str(p) for p in settings.allowed_roots]),
+            "PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "PHENOCASCADE_CASSANDRA__HOSTS": json.dumps(settings.cassandra.hosts),
+            "PHENOCASCADE_CASSANDRA__PORT": str(settings.cassandra.port),
+            "PHENOCASCADE_CASSANDRA__KEYSPACE": settings.cassandra.keyspace,
+        }
+    )
+    if settings.topology is not None:
+        env["PHENOCASCADE_TOPOLOGY"] = str(settings.topology)
+    return env
+
+
+class Cascade:
+    """Start, kill, restart and observe a namespaced cascade."""
+
+    def __init__(self, base: Settings, workdir: Path) -> None:
+        prefix = f"it{uuid.uuid4().hex[:8]}-"
+        self.topology = load_topology().namespaced(prefix)
+        workdir.mkdir(parents=True, exist_ok=True)
+        topo_file = workdir / "topology.yaml"
+        topo_file.write_text(yaml.safe_dump(self.topology.model_dump()))
+        self.roots = workdir / "inputs"
+        self.roots.mkdir(exist_ok=True)
+        self.settings = base.model_copy(
+            update={
+                "topology": topo_file,
+                "allowed_roots": [self.roots],
+                "cassandra": base.cassandra.model_copy(update={"keyspace": TEST_KEYSPACE}),
+            }
+        )
+        self.env = settings_env(self.settings)
+        self.logs = workdir / "logs"
+        self.codec = EventCodec()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        create_topics(self.settings.kafka, self.topology)
+
+    def start(self) -> None:
+        self.procs = start_cascade(self.topology, self.logs, env=self.env)
+
+    def kill9(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str) -> None:
+        cmd = ["worker", name] if name != "joiner" else ["joiner"]
+        out = (self.logs / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [self.procs[name].args[0], "-m", "phenocascade", *cmd],  # type: ignore[index]
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+
+    def stop(self) -> None:
+        stop_cascade(self.procs)
+
+    def alive(self) -> dict[str, bool]:
+        return {n: p.poll() is None for n, p in self.procs.items()}
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for f in sorted(self.logs.glob("*.log")):
+            parts.append(
+                f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+            )
+        return "\n".join(parts)
+
+    def submit(self, paths: Sequence[Path], prefix: str, study: str = "it") -> list[str]:
+        return submit_paths(
+            self.settings,
+            self.topology,
+            paths,
+            meta=ImageMeta(study=study),
+            prefix=prefix,
+            progress=False,
+        )
+
+    def produce_raw(self, key: str, value: bytes) -> None:
+        producer = plain_producer(self.settings.kafka)
+        producer.produce(self.topology.submitted_topic, key=key.encode(), value=value)
+        producer.flush(30)
+
+    def read(self, topic: str, event: str) -> list[dict[str, Any]]:
+        return [
+            self.codec.decode(v, expected=event)[1]
+            for _, v in scan_topic(self.settings.kafka, topic)
+        ]
+
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.read(self.topology.joiner.results_topic, "ImageOutput")
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self.read(self.topology.dead_letter_topic, "DeadLetter")
+
+    def wait_until_done(
+        self, ids: Sequence[str], timeout_s: float, dead_ok: Sequence[str] = ()
+    ) -> Counter[str]:
+        """Wait until every id has an output or (if in ``dead_ok``) a dead letter."""
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            counts = Counter(o["image_id"] for o in self.outputs() if o["image_id"] in wanted)
+            dead = {d["image_id"] for d in self.dead_letters()} & set(dead_ok)
+            if wanted <= set(counts) | dead or time.monotonic() > deadline:
+                return counts
+            if not all(self.alive().values()):
+                raise AssertionError(f"a cascade process died: {self.alive()}\n{self.log_tail()}")
+            time.sleep(2.0)

@@ -1,0 +1,201 @@
+"""The cascade end to end on the real local Kafka and Cassandra: real images, real models,
+real processes. No mocks."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from harness import Cascade
+from phenocascade.recipes import ensure_bootstrap
+from PIL import Image
+
+from phenocascade.cli.demo import sample_images
+from phenocascade.config import Settings
+from phenocascade.store.cassandra import connect, get_outputs
+from phenocascade.streams import events
+from phenocascade.streams.serde import MAGIC
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="session")
+def trained(infra: Settings) -> Settings:
+    """The infra settings, with bootstrap models trained (once) if missing."""
+    ensure_bootstrap(infra)
+    return infra
+
+
+@pytest.fixture(scope="module")
+def cascade(trained: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cascade]:
+    c = Cascade(trained, tmp_path_factory.mktemp("cascade"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> None:
+    datasets = cascade.settings.datasets.resolve()
+    images = sample_images(datasets, dsb=30, bccd=15, bbbc006_unclear=15, bbbc006_clear=0)
+    assert len(images) == 60
+    ids = cascade.submit(images, prefix="real-")
+    counts = cascade.wait_until_done(ids, timeout_s=600)
+    assert sorted(counts) == sorted(ids), cascade.log_tail()
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+
+    outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in set(ids)}
+    defocused = [i for i, p in zip(ids, images, strict=True) if "unclear_z00" in str(p)]
+    assert len(defocused) == 15
+    for image_id in defocused:
+        assert outputs[image_id]["status"] in {"unusable", "awaiting_annotation"}, outputs[image_id]
+    for output in outputs.values():
+        assert set(output["model_versions"]) >= {"quality"}
+        for box in output["boxes"]:
+            assert 0 <= box["x_min"] < box["x_max"] and 0 <= box["y_min"] < box["y_max"]
+
+    session = connect(cascade.settings.cassandra)
+    for image_id in ids:
+        rows = get_outputs(session=session, image_id=image_id)
+        assert len(rows) == 1 and rows[0]["status"] == outputs[image_id]["status"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _tiff(arr: np.ndarray, **kw: str) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kw)
+    return buf.getvalue()
+
+
+def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on(
+    cascade: Cascade, tmp_path: Path
+) -> None:
+    real = sorted((cascade.settings.datasets / "dsb2018" / "images").glob("*.png"))[0].read_bytes()
+    good = Image.open(io.BytesIO(real))
+    files = {
+        "zero": (b"", "corrupt_image"),
+        "truncated": (real[: len(real) // 3], "corrupt_image"),
+        "not-image": (b"GIF89a this is no microscopy image", "corrupt_image"),
+        "bomb": (_png_claiming(200_000, 200_000), "decompression_bomb"),
+        "float-dtype": (_tiff(np.zeros((64, 64), np.float32)), "unsupported_image"),
+        "five-channels": (
+            _tiff(np.zeros((64, 64, 5), np.uint8), photometric="minisblack", planarconfig="contig"),
+            "unsupported_image",
+        ),
+    }
+    expected: dict[str, str] = {}
+    paths = []
+    for name, (data, _kind) in files.items():
+        path = cascade.roots / f"{name}.png"
+        path.write_bytes(data)
+        paths.append(path)
+    ids = cascade.submit(paths, prefix="bad-")
+    for image_id, name in zip(ids, files, strict=True):
+        expected[image_id] = files[name][1]
+
+    outside = tmp_path / "outside.png"
+    good.save(outside)
+    ids_outside = cascade.submit([outside], prefix="bad-")
+    expected[ids_outside[0]] = "path_not_allowed"
+
+    codec = cascade.codec
+    cascade.produce_raw("bad-garbage-message", b"\x00\x01 not avro at all")
+    unknown = MAGIC + bytes(range(8)) + b"\x02\x04ab"
+    cascade.produce_raw("bad-unknown-schema", unknown)
+    # a record of the wrong event type on the input topic
+    cascade.produce_raw(
+        "bad-wrong-event",
+        codec.encode(
+            "ModelPromoted",
+            {
+                "tier": "x",
+                "version": "1",
+                "parent_version": "",
+                "metrics": {},
+                "promoted_at": events.now_ms(),
+            },
+        ),
+    )
+    schema_keys = {"bad-garbage-message", "bad-unknown-schema", "bad-wrong-event"}
+
+    ok_path = cascade.roots / "fine.png"
+    good.save(ok_path)
+    ok_ids = cascade.submit([ok_path], prefix="after-bad-")
+    counts = cascade.wait_until_done(ok_ids, timeout_s=300)
+    assert counts[ok_ids[0]] == 1, cascade.log_tail()
+
+    dead = cascade.dead_letters()
+    by_id = {d["image_id"]: d for d in dead if d["image_id"]}
+    for image_id, kind in expected.items():
+        assert image_id in by_id, (image_id, dead)
+        assert by_id[image_id]["error_kind"] == kind, by_id[image_id]
+        assert by_id[image_id]["message"], "a dead letter must say why"
+        assert by_id[image_id]["origin_topic"] == cascade.topology.submitted_topic
+    schema_dead = [d for d in dead if d["image_id"] in schema_keys]
+    assert sorted(d["image_id"] for d in schema_dead) == sorted(schema_keys)
+    assert {d["error_kind"] for d in schema_dead} == {"schema"}
+    # nothing is lost and nothing is counted twice: bad inputs have no output
+    bad_ids = set(expected) | schema_keys
+    assert not [o for o in cascade.outputs() if o["image_id"] in bad_ids]
+    assert all(cascade.alive().values())
+
+
+@pytest.mark.slow
+def test_kill_9_a_worker_halfway_loses_and_duplicates_nothing(
+    trained: Settings, tmp_path: Path
+) -> None:
+    cascade = Cascade(trained, tmp_path / "crash")
+    cascade.start()
+    try:
+        images = sorted((trained.datasets.resolve() / "dsb2018" / "images").glob("*.png"))[:100]
+        ids = cascade.submit(images, prefix="crash-a-") + cascade.submit(images, prefix="crash-b-")
+        assert len(set(ids)) == 200
+        victim = "quality"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = len(cascade.read(cascade.topology.tier(victim).result_topic, "TierResult"))
+            if done >= 60:
+                break
+            time.sleep(0.2)
+        assert 0 < done < 200, f"could not catch the worker halfway (done={done})"
+        cascade.kill9(victim)
+        cascade.restart(victim)
+        counts = cascade.wait_until_done(ids, timeout_s=900)
+        assert sorted(counts) == sorted(ids), cascade.log_tail()
+        assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+        for tier in cascade.topology.tiers:
+            committed = Counter(
+                r["image_id"]
+                for r in cascade.read(tier.result_topic, "TierResult")
+                if r["image_id"] in set(ids)
+            )
+            assert all(n == 1 for n in committed.values()), (tier.name, committed.most_common(3))
+        assert set(
+            Counter(
+                r["image_id"]
+                for r in cascade.read(cascade.topology.tier("quality").result_topic, "TierResult")
+            )
+        ) == set(ids)
+    finally:
+        cascade.stop()
