@@ -33,7 +33,7 @@ def _raises_at(file: Path, line: int | None, match: str):
 # --------------------------------------------------------------------------- VOC
 
 
-def _voc_object(name: str, box: tuple[str, str, str, str]) -> str:
+def _voc_object(name: str, box: tuple[str, ...]) -> str:
     xmin, ymin, xmax, ymax = box
     return (
         "  <object>\n"
@@ -51,7 +51,7 @@ def _voc(tmp_path: Path, objects: list[tuple[str, tuple[str, ...]]], *, size=(20
     text = (
         "<annotation>\n  <filename>a.png</filename>\n"
         f"  <size>\n    <width>{size[0]}</width>\n    <height>{size[1]}</height>\n  </size>\n"
-        + "".join(_voc_object(n, b) for n, b in objects)  # type: ignore[arg-type]
+        + "".join(_voc_object(n, b) for n, b in objects)
         + "</annotation>\n"
     )
     path = tmp_path / "ann" / "a.xml"

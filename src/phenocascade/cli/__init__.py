@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "phenocascade.cli.data",
     "phenocascade.cli.train",
     "phenocascade.cli.cascade",
+    "phenocascade.cli.annotate",
     "phenocascade.cli.demo",
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -93,15 +94,32 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _table(statuses: dict[str, local.ServiceStatus]) -> Table:
-    table = Table("service", "pid", "address", "listening", "ready", "version", "log")
+    table = Table("service", "pid")
+    table.add_column("address", no_wrap=True)
+    table.add_column("ready")
+    table.add_column("version")
+    table.add_column("log", overflow="fold")
     for s in statuses.values():
         table.add_row(
             s.name,
             str(s.pid) if s.pid is not None else "-",
             f"127.0.0.1:{s.port}",
-            "yes" if s.listening else "no",
-            "[green]yes[/]" if s.ready else "[red]no[/]",
+            _readiness(s),
             s.version or "-",
-            str(s.log),
+            _short(s.log),
         )
     return table
+
+
+def _readiness(s: local.ServiceStatus) -> str:
+    if s.ready:
+        return "[green]yes[/]"
+    return "[yellow]port open, not answering[/]" if s.listening else "[red]no[/]"
+
+
+def _short(path: Path) -> str:
+    """Return ``path`` relative to the working directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

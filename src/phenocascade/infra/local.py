@@ -499,9 +499,7 @@ def _listening(port: int) -> bool:
 
 
 def _infra_root(settings: Settings) -> Path:
-    root = settings.home.resolve() / "infra"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return settings.home.resolve() / "infra"
 
 
 def _pid_file(root: Path, name: str) -> Path:
@@ -530,6 +528,7 @@ def _alive(pid: int, name: str) -> bool:
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Serialise ``up`` and ``down`` across processes (two test sessions, CLI and tests)."""
+    root.mkdir(parents=True, exist_ok=True)
     with (root / ".lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

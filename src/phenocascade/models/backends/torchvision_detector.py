@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
@@ -147,7 +147,9 @@ class TorchvisionDetector:
             rpn_post_nms_top_n_test=150,
             rpn_batch_size_per_image=128,
             box_batch_size_per_image=128,
-            box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2),
+            box_roi_pool=MultiScaleRoIAlign(
+                featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2
+            ),
             min_size=self.min_size,
             max_size=self.max_size,
             image_mean=list(IMAGENET_MEAN),
@@ -159,7 +161,9 @@ class TorchvisionDetector:
     def _scale(self, h: int, w: int) -> float:
         return min(self.min_size / min(h, w), self.max_size / max(h, w))
 
-    def _prepare(self, sample: Sample, load: Loader) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _prepare(
+        self, sample: Sample, load: Loader
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Load, convert and pre-resize one sample to the size torchvision would use."""
         image = to_chw(to_unit_rgb(load(sample)))
         _, h, w = image.shape
@@ -171,8 +175,12 @@ class TorchvisionDetector:
         labels = []
         for box in sample.boxes:
             if box.label not in index:
-                raise ConfigError(f"sample {sample.image_id} has box label {box.label!r}, not in {self.classes_}")
-            boxes.append([box.x_min * scale, box.y_min * scale, box.x_max * scale, box.y_max * scale])
+                raise ConfigError(
+                    f"sample {sample.image_id} has box label {box.label!r}, not in {self.classes_}"
+                )
+            boxes.append(
+                [box.x_min * scale, box.y_min * scale, box.x_max * scale, box.y_max * scale]
+            )
             labels.append(index[box.label])
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -254,7 +262,7 @@ class TorchvisionDetector:
 
         def epoch_batches(_epoch: int) -> list[list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
             return [
-                [self._flip(*train_data[i], generator) for i in idx]
+                [self._flip(train_data[i][0], train_data[i][1], generator) for i in idx]
                 for idx in batched(rng.permutation(len(train_data)), self.batch_size)
             ]
 
@@ -292,7 +300,9 @@ class TorchvisionDetector:
         self.thresholds_ = {label: dict(fallback) for label in self.classes_}
         return self
 
-    def predict(self, images: Sequence[DecodedImage], *, calibrated: bool = True) -> list[StageOutput]:
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
         """Detect objects in a batch of images.
 
         Parameters
@@ -321,7 +331,9 @@ class TorchvisionDetector:
                 outputs.append(self._to_output(img, det, calibrated))
         return outputs
 
-    def _to_output(self, img: DecodedImage, det: Mapping[str, torch.Tensor], calibrated: bool) -> StageOutput:
+    def _to_output(
+        self, img: DecodedImage, det: Mapping[str, torch.Tensor], calibrated: bool
+    ) -> StageOutput:
         boxes = det["boxes"].cpu().double().numpy()
         labels = det["labels"].cpu().numpy()
         raw = det["scores"].cpu().double().numpy()
@@ -329,8 +341,10 @@ class TorchvisionDetector:
         kept: list[Box] = []
         for (x0, y0, x1, y1), label_index, score in zip(boxes, labels, raw, strict=True):
             label = self.classes_[int(label_index) - 1]
-            p = float(calibrate_probability(score, self.temperature_[label])) if calibrated else float(score)
-            p = min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
+            if calibrated:
+                p = self.calibrated_score(label, score)
+            else:
+                p = min(max(float(score), SCORE_CLIP), 1.0 - SCORE_CLIP)
             if calibrated and p <= self.thresholds_[label]["negative"]:
                 continue
             best[label] = max(best[label], p)
@@ -345,6 +359,11 @@ class TorchvisionDetector:
                 )
             )
         return StageOutput(scores=best, boxes=tuple(kept))
+
+    def calibrated_score(self, label: str, raw_score: float) -> float:
+        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
+        p = float(calibrate_probability(raw_score, self.temperature_[label]))
+        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
 
     def set_calibration(
         self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]

@@ -1,0 +1,704 @@
+"""Cassandra repository of the active-learning loop: annotation tasks, labels and users.
+
+Tables are designed around the queries they serve:
+
+* ``annotation_tasks``: one row per ``(image_id, tier)``, the authority on a task's
+  state. Every write to it is a lightweight transaction (``IF NOT EXISTS`` /
+  ``IF revision = ?``), so a replayed request never duplicates or reopens a task and two
+  annotators never both hold a claim.
+* ``annotation_queue``: the tasks not done yet, one partition per ``(tier, study)``,
+  clustered by ``priority DESC, created_at ASC`` so a partition reads in serving order
+  and ``priority >= ?`` is a slice. ``annotation_queue_partitions`` lists the
+  ``(tier, study)`` partitions so the queue of a tier (or of every tier) is a merge of
+  already sorted partitions.
+* ``annotations_by_tier`` (clustered by ``created_at``) feeds retraining: "every label of
+  tier T since time S"; ``annotations_by_image`` answers "every label of this image".
+* ``users``: username -> bcrypt hash and role.
+
+Store functions are keyword-only, take an explicit session and return ``None`` (or an
+empty list) when nothing is found. Times are timezone-aware UTC ``datetime`` objects.
+Boxes are ``{"x_min", "y_min", "x_max", "y_max", "label", "score"}`` dicts in pixels,
+``[x_min, x_max)`` half-open, as in the Avro ``Box`` record.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cassandra.cluster import Session
+from cassandra.query import PreparedStatement
+
+from phenocascade.errors import ConflictError
+
+TASK_OPEN = "open"
+TASK_CLAIMED = "claimed"
+TASK_DONE = "done"
+ROLES = ("annotator", "reviewer", "admin")
+DEFAULT_CLAIM_S = 15 * 60
+
+# One tiny partition: the list of (tier, study) queue partitions (a few dozen rows).
+_PARTITIONS_BUCKET = "all"
+
+_TABLES = (
+    """
+    CREATE TABLE IF NOT EXISTS annotation_tasks (
+        image_id text,
+        tier text,
+        status text,
+        revision int,
+        claimed_by text,
+        claim_expires_at timestamp,
+        priority double,
+        scores map<text, double>,
+        boxes text,
+        classes list<text>,
+        model_name text,
+        model_version text,
+        study text,
+        uri text,
+        inline blob,
+        submitted blob,
+        created_at timestamp,
+        completed_by text,
+        completed_at timestamp,
+        annotation_id text,
+        PRIMARY KEY ((image_id), tier)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS annotation_queue (
+        tier text,
+        study text,
+        priority double,
+        created_at timestamp,
+        image_id text,
+        claimed_by text,
+        claim_expires_at timestamp,
+        model_version text,
+        PRIMARY KEY ((tier, study), priority, created_at, image_id)
+    ) WITH CLUSTERING ORDER BY (priority DESC, created_at ASC, image_id ASC)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS annotation_queue_partitions (
+        bucket text,
+        tier text,
+        study text,
+        PRIMARY KEY ((bucket), tier, study)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS annotations_by_tier (
+        tier text,
+        created_at timestamp,
+        annotation_id text,
+        image_id text,
+        annotator text,
+        labels list<text>,
+        boxes text,
+        uri text,
+        model_version text,
+        PRIMARY KEY ((tier), created_at, annotation_id)
+    ) WITH CLUSTERING ORDER BY (created_at ASC, annotation_id ASC)
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS annotations_by_image (
+        image_id text,
+        tier text,
+        created_at timestamp,
+        annotation_id text,
+        annotator text,
+        labels list<text>,
+        boxes text,
+        uri text,
+        model_version text,
+        PRIMARY KEY ((image_id), tier, created_at, annotation_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS users (
+        username text PRIMARY KEY,
+        password_hash text,
+        role text,
+        created_at timestamp
+    )
+    """,
+)
+
+
+def create_tables(session: Session) -> None:
+    """Create this module's tables in the session's keyspace (idempotent)."""
+    for ddl in _TABLES:
+        session.execute(ddl)
+
+
+_PREPARED: dict[tuple[int, str], PreparedStatement] = {}
+
+
+def _prepare(session: Session, cql: str) -> PreparedStatement:
+    key = (id(session), cql)
+    if key not in _PREPARED:
+        _PREPARED[key] = session.prepare(cql)
+    return _PREPARED[key]
+
+
+def _utc(value: datetime | int | None) -> datetime | None:
+    """Return an aware UTC datetime from a driver value (naive UTC) or epoch milliseconds."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now(now: datetime | None) -> datetime:
+    return datetime.now(tz=UTC) if now is None else now.astimezone(UTC)
+
+
+def _claim_is_live(claimed_by: str | None, expires: datetime | None, now: datetime) -> bool:
+    return claimed_by is not None and expires is not None and expires > now
+
+
+# -- tasks ---------------------------------------------------------------------------------
+def _row_to_task(row: Any) -> dict[str, Any]:
+    return {
+        "image_id": row.image_id,
+        "tier": row.tier,
+        "status": row.status,
+        "revision": row.revision,
+        "claimed_by": row.claimed_by,
+        "claim_expires_at": _utc(row.claim_expires_at),
+        "priority": row.priority,
+        "scores": dict(row.scores or {}),
+        "boxes": json.loads(row.boxes or "[]"),
+        "classes": list(row.classes or []),
+        "model_name": row.model_name or "",
+        "model_version": row.model_version or "",
+        "study": row.study or "",
+        "uri": row.uri,
+        "inline": row.inline,
+        "submitted": row.submitted or b"",
+        "created_at": _utc(row.created_at),
+        "completed_by": row.completed_by,
+        "completed_at": _utc(row.completed_at),
+        "annotation_id": row.annotation_id,
+    }
+
+
+def _write_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
+    session.execute(
+        _prepare(
+            session,
+            "INSERT INTO annotation_queue (tier, study, priority, created_at, image_id, "
+            "claimed_by, claim_expires_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        ),
+        (
+            task["tier"],
+            task["study"],
+            task["priority"],
+            task["created_at"],
+            task["image_id"],
+            task["claimed_by"],
+            task["claim_expires_at"],
+            task["model_version"],
+        ),
+    )
+    session.execute(
+        _prepare(
+            session,
+            "INSERT INTO annotation_queue_partitions (bucket, tier, study) VALUES (?, ?, ?)",
+        ),
+        (_PARTITIONS_BUCKET, task["tier"], task["study"]),
+    )
+
+
+def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
+    """Create the task of one ``AnnotationRequest`` unless ``(image_id, tier)`` has one.
+
+    A repeated request neither duplicates nor reopens a task; it only re-writes the queue
+    entry of a task that is not done, which repairs a queue write lost in a crash.
+
+    Parameters
+    ----------
+    session : cassandra.cluster.Session
+        Session bound to the phenocascade keyspace.
+    request : Mapping
+        A decoded ``AnnotationRequest`` record (``created_at`` as datetime or epoch ms).
+
+    Returns
+    -------
+    bool
+        ``True`` if this call created the task.
+    """
+    task = {
+        "image_id": request["image_id"],
+        "tier": request["tier"],
+        "status": TASK_OPEN,
+        "revision": 0,
+        "claimed_by": None,
+        "claim_expires_at": None,
+        "priority": float(request["priority"]),
+        "scores": {k: float(v) for k, v in request["scores"].items()},
+        "boxes": [dict(b) for b in request["boxes"]],
+        "classes": list(request["classes"]),
+        "model_name": request["model_name"],
+        "model_version": request["model_version"],
+        "study": request["study"],
+        "uri": request["uri"],
+        "inline": request["inline"],
+        "submitted": request["submitted"],
+        "created_at": _utc(request["created_at"]),
+    }
+    result = session.execute(
+        _prepare(
+            session,
+            "INSERT INTO annotation_tasks (image_id, tier, status, revision, priority, scores, "
+            "boxes, classes, model_name, model_version, study, uri, inline, submitted, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+        ),
+        (
+            task["image_id"],
+            task["tier"],
+            task["status"],
+            task["revision"],
+            task["priority"],
+            task["scores"],
+            json.dumps(task["boxes"]),
+            task["classes"],
+            task["model_name"],
+            task["model_version"],
+            task["study"],
+            task["uri"],
+            task["inline"],
+            task["submitted"],
+            task["created_at"],
+        ),
+    )
+    if result.was_applied:
+        _write_queue_entry(session, task)
+        return True
+    existing = get_task(session=session, image_id=task["image_id"], tier=task["tier"])
+    if existing is not None and existing["status"] != TASK_DONE:
+        _write_queue_entry(session, existing)
+    return False
+
+
+def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | None:
+    """Return the task of ``(image_id, tier)``, or ``None`` if there is none.
+
+    Returns
+    -------
+    dict or None
+        Keys: ``image_id, tier, status ("open" | "claimed" | "done"), revision,
+        claimed_by, claim_expires_at, priority, scores, boxes, classes, model_name,
+        model_version, study, uri, inline, submitted, created_at, completed_by,
+        completed_at, annotation_id``. A ``"claimed"`` task whose ``claim_expires_at`` has
+        passed is claimable again (see :func:`is_claimable`).
+    """
+    row = session.execute(
+        _prepare(
+            session,
+            "SELECT * FROM annotation_tasks WHERE image_id = ? AND tier = ?",
+        ),
+        (image_id, tier),
+    ).one()
+    return None if row is None else _row_to_task(row)
+
+
+def is_claimable(task: Mapping[str, Any], *, user: str, now: datetime | None = None) -> bool:
+    """Whether ``user`` may claim (or save) ``task`` now.
+
+    True for an open task, an expired claim, or ``user``'s own claim; false for a done task
+    or another user's live claim.
+    """
+    if task["status"] == TASK_DONE:
+        return False
+    if task["claimed_by"] == user:
+        return True
+    return not _claim_is_live(task["claimed_by"], task["claim_expires_at"], _now(now))
+
+
+def list_open_tasks(
+    *,
+    session: Session,
+    tier: str | None = None,
+    study: str | None = None,
+    min_priority: float | None = None,
+    limit: int = 100,
+    user: str | None = None,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Return the tasks waiting for an annotator, most uncertain first, then oldest first.
+
+    Parameters
+    ----------
+    session : cassandra.cluster.Session
+        Session bound to the phenocascade keyspace.
+    tier, study : str or None, default None
+        Only this tier / study; ``None`` for all.
+    min_priority : float or None, default None
+        Only tasks with ``priority >= min_priority``.
+    limit : int, default 100
+        Most tasks returned.
+    user : str or None, default None
+        Also list the tasks this user has claimed; other users' live claims are always
+        left out, and expired claims count as open.
+    now : datetime or None, default None
+        The time claims are judged at (``None``: the current time).
+
+    Returns
+    -------
+    list of dict
+        ``{tier, study, priority, created_at, image_id, claimed_by, claim_expires_at,
+        model_version}`` in serving order: ``priority`` descending, then ``created_at``
+        ascending, then ``image_id``.
+    """
+    at = _now(now)
+    partitions = [
+        (r.tier, r.study)
+        for r in session.execute(
+            _prepare(
+                session,
+                "SELECT tier, study FROM annotation_queue_partitions WHERE bucket = ?",
+            ),
+            (_PARTITIONS_BUCKET,),
+        )
+        if (tier is None or r.tier == tier) and (study is None or r.study == study)
+    ]
+    select = (
+        "SELECT tier, study, priority, created_at, image_id, claimed_by, claim_expires_at, "
+        "model_version FROM annotation_queue WHERE tier = ? AND study = ?"
+    )
+
+    def entries(part: tuple[str, str]) -> Iterator[dict[str, Any]]:
+        if min_priority is None:
+            rows = session.execute(_prepare(session, select), part)
+        else:
+            rows = session.execute(
+                _prepare(session, select + " AND priority >= ?"), (*part, min_priority)
+            )
+        for r in rows:
+            yield {
+                "tier": r.tier,
+                "study": r.study,
+                "priority": r.priority,
+                "created_at": _utc(r.created_at),
+                "image_id": r.image_id,
+                "claimed_by": r.claimed_by,
+                "claim_expires_at": _utc(r.claim_expires_at),
+                "model_version": r.model_version or "",
+            }
+
+    merged = heapq.merge(
+        *(entries(p) for p in partitions),
+        key=lambda e: (-e["priority"], e["created_at"], e["image_id"]),
+    )
+    waiting = (
+        e
+        for e in merged
+        if e["claimed_by"] == user or not _claim_is_live(e["claimed_by"], e["claim_expires_at"], at)
+    )
+    return list(itertools.islice(waiting, limit))
+
+
+def claim_task(
+    *,
+    session: Session,
+    image_id: str,
+    tier: str,
+    user: str,
+    claim_s: float = DEFAULT_CLAIM_S,
+    now: datetime | None = None,
+) -> dict[str, Any] | None:
+    """Claim a task for ``user`` for ``claim_s`` seconds (or extend ``user``'s own claim).
+
+    The claim is a compare-and-set on the task's revision (a lightweight transaction), so
+    of two annotators claiming at once exactly one wins.
+
+    Returns
+    -------
+    dict or None
+        The claimed task (as :func:`get_task`), or ``None`` if there is no such task.
+
+    Raises
+    ------
+    ConflictError
+        If the task is done, or another user holds a live claim on it.
+    """
+    at = _now(now)
+    task = get_task(session=session, image_id=image_id, tier=tier)
+    if task is None:
+        return None
+    _check_claimable(task, user=user, now=at)
+    expires = at + timedelta(seconds=claim_s)
+    result = session.execute(
+        _prepare(
+            session,
+            "UPDATE annotation_tasks SET status = ?, claimed_by = ?, claim_expires_at = ?, "
+            "revision = ? WHERE image_id = ? AND tier = ? IF revision = ?",
+        ),
+        (TASK_CLAIMED, user, expires, task["revision"] + 1, image_id, tier, task["revision"]),
+    )
+    if not result.was_applied:
+        raise ConflictError(
+            f"task {tier}/{image_id} changed while {user} claimed it (someone else claimed or "
+            "completed it); reload the queue"
+        )
+    task.update(
+        status=TASK_CLAIMED,
+        claimed_by=user,
+        claim_expires_at=expires,
+        revision=task["revision"] + 1,
+    )
+    _write_queue_entry(session, task)
+    return task
+
+
+def _check_claimable(task: Mapping[str, Any], *, user: str, now: datetime) -> None:
+    where = f"task {task['tier']}/{task['image_id']}"
+    if task["status"] == TASK_DONE:
+        raise ConflictError(f"{where} is already done (by {task['completed_by']}); pick another")
+    if not is_claimable(task, user=user, now=now):
+        raise ConflictError(
+            f"{where} is claimed by {task['claimed_by']} until "
+            f"{task['claim_expires_at']:%Y-%m-%d %H:%M:%S} UTC; pick another task"
+        )
+
+
+def complete_task(
+    *,
+    session: Session,
+    image_id: str,
+    tier: str,
+    user: str,
+    annotation_id: str,
+    now: datetime | None = None,
+) -> dict[str, Any] | None:
+    """Mark a task done by ``user`` with the annotation ``annotation_id``.
+
+    ``user`` must be able to claim it (open, expired claim, or their own claim); the change
+    is a compare-and-set on the revision. The task leaves the queue.
+
+    Returns
+    -------
+    dict or None
+        The completed task, or ``None`` if there is no such task.
+
+    Raises
+    ------
+    ConflictError
+        If the task is done already, or another user holds a live claim on it.
+    """
+    at = _now(now)
+    task = get_task(session=session, image_id=image_id, tier=tier)
+    if task is None:
+        return None
+    _check_claimable(task, user=user, now=at)
+    result = session.execute(
+        _prepare(
+            session,
+            "UPDATE annotation_tasks SET status = ?, completed_by = ?, completed_at = ?, "
+            "annotation_id = ?, revision = ? WHERE image_id = ? AND tier = ? IF revision = ?",
+        ),
+        (
+            TASK_DONE,
+            user,
+            at,
+            annotation_id,
+            task["revision"] + 1,
+            image_id,
+            tier,
+            task["revision"],
+        ),
+    )
+    if not result.was_applied:
+        raise ConflictError(
+            f"task {tier}/{image_id} changed while {user} completed it; reload the queue"
+        )
+    session.execute(
+        _prepare(
+            session,
+            "DELETE FROM annotation_queue WHERE tier = ? AND study = ? AND priority = ? "
+            "AND created_at = ? AND image_id = ?",
+        ),
+        (tier, task["study"], task["priority"], task["created_at"], image_id),
+    )
+    task.update(
+        status=TASK_DONE,
+        completed_by=user,
+        completed_at=at,
+        annotation_id=annotation_id,
+        revision=task["revision"] + 1,
+    )
+    return task
+
+
+# -- annotations ---------------------------------------------------------------------------
+def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> None:
+    """Store one ``Annotation`` record in both annotation tables (idempotent per id).
+
+    Parameters
+    ----------
+    session : cassandra.cluster.Session
+        Session bound to the phenocascade keyspace.
+    annotation : Mapping
+        An ``Annotation`` record: ``annotation_id, image_id, tier, annotator, labels, boxes,
+        uri, model_version, created_at`` (datetime or epoch ms).
+    """
+    created = _utc(annotation["created_at"])
+    boxes = json.dumps([dict(b) for b in annotation["boxes"]])
+    labels = list(annotation["labels"])
+    for table in ("annotations_by_tier", "annotations_by_image"):
+        session.execute(
+            _prepare(
+                session,
+                f"INSERT INTO {table} (tier, created_at, annotation_id, image_id, annotator, "
+                "labels, boxes, uri, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ),
+            (
+                annotation["tier"],
+                created,
+                annotation["annotation_id"],
+                annotation["image_id"],
+                annotation["annotator"],
+                labels,
+                boxes,
+                annotation["uri"],
+                annotation["model_version"],
+            ),
+        )
+
+
+def _row_to_annotation(row: Any) -> dict[str, Any]:
+    return {
+        "annotation_id": row.annotation_id,
+        "image_id": row.image_id,
+        "tier": row.tier,
+        "annotator": row.annotator,
+        "labels": list(row.labels or []),
+        "boxes": json.loads(row.boxes or "[]"),
+        "uri": row.uri,
+        "model_version": row.model_version or "",
+        "created_at": _utc(row.created_at),
+    }
+
+
+def annotations_by_tier(
+    *,
+    session: Session,
+    tier: str,
+    since: datetime | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Return the annotations of ``tier``, oldest first (the retraining feed).
+
+    Parameters
+    ----------
+    session : cassandra.cluster.Session
+        Session bound to the phenocascade keyspace.
+    tier : str
+        Tier name, e.g. ``"quality"``.
+    since : datetime or None, default None
+        Only annotations created strictly after this time.
+    limit : int or None, default None
+        Most annotations returned (the oldest ones).
+
+    Returns
+    -------
+    list of dict
+        ``Annotation``-shaped records; ``created_at`` is an aware UTC datetime.
+    """
+    cql = "SELECT * FROM annotations_by_tier WHERE tier = ?"
+    params: list[Any] = [tier]
+    if since is not None:
+        cql += " AND created_at > ?"
+        params.append(since)
+    rows = session.execute(_prepare(session, cql), params)
+    found = (_row_to_annotation(r) for r in rows)
+    return list(found if limit is None else itertools.islice(found, limit))
+
+
+def recent_annotations(*, session: Session, tier: str, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the ``limit`` newest annotations of ``tier``, newest first (review)."""
+    rows = session.execute(
+        _prepare(
+            session,
+            "SELECT * FROM annotations_by_tier WHERE tier = ? "
+            "ORDER BY created_at DESC, annotation_id DESC LIMIT ?",
+        ),
+        (tier, limit),
+    )
+    return [_row_to_annotation(r) for r in rows]
+
+
+def annotations_for_image(*, session: Session, image_id: str) -> list[dict[str, Any]]:
+    """Return every annotation of ``image_id`` (all tiers), by tier then oldest first."""
+    rows = session.execute(
+        _prepare(session, "SELECT * FROM annotations_by_image WHERE image_id = ?"), (image_id,)
+    )
+    return [_row_to_annotation(r) for r in rows]
+
+
+# -- users ---------------------------------------------------------------------------------
+def add_user(*, session: Session, username: str, password_hash: str, role: str) -> bool:
+    """Create a user unless the name is taken.
+
+    Parameters
+    ----------
+    username : str
+        Login name.
+    password_hash : str
+        A bcrypt hash (never the password itself).
+    role : str
+        One of :data:`ROLES`.
+
+    Returns
+    -------
+    bool
+        ``True`` if the user was created, ``False`` if the name already existed.
+    """
+    result = session.execute(
+        _prepare(
+            session,
+            "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) "
+            "IF NOT EXISTS",
+        ),
+        (username, password_hash, role, datetime.now(tz=UTC)),
+    )
+    return bool(result.was_applied)
+
+
+def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
+    """Return ``{username, password_hash, role, created_at}``, or ``None`` if unknown."""
+    row = session.execute(
+        _prepare(session, "SELECT * FROM users WHERE username = ?"), (username,)
+    ).one()
+    if row is None:
+        return None
+    return {
+        "username": row.username,
+        "password_hash": row.password_hash,
+        "role": row.role,
+        "created_at": _utc(row.created_at),
+    }
+
+
+def list_users(*, session: Session) -> list[dict[str, Any]]:
+    """Return ``{username, role, created_at}`` of every user, sorted by name."""
+    rows = session.execute("SELECT username, role, created_at FROM users")
+    return sorted(
+        ({"username": r.username, "role": r.role, "created_at": _utc(r.created_at)} for r in rows),
+        key=lambda u: u["username"],
+    )
+
+
+def delete_user(*, session: Session, username: str) -> bool:
+    """Delete a user; return ``False`` if there was none."""
+    result = session.execute(
+        _prepare(session, "DELETE FROM users WHERE username = ? IF EXISTS"), (username,)
+    )
+    return bool(result.was_applied)

@@ -1,0 +1,114 @@
+"""The app's shared state and its ``Annotated`` dependency aliases.
+
+Routers declare what they need by type: ``ctx: Ctx``, ``user: CurrentUser``,
+``user: ReviewerUser`` or ``user: AdminUser``. A missing or stale login raises
+:class:`~phenocascade.errors.AuthError` (401 / redirect to ``/login``), a too-low role
+:class:`~phenocascade.errors.PermissionDeniedError` (403).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from cassandra.cluster import Session
+from fastapi import Depends, Request
+
+from phenocascade.config import Settings, Topology
+from phenocascade.errors import AuthError, PermissionDeniedError
+from phenocascade.store.annotations import get_user
+from phenocascade.ui.images import PixelCache
+from phenocascade.ui.publish import AnnotationPublisher
+from phenocascade.ui.security import (
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    Role,
+    SessionCodec,
+    SessionData,
+    User,
+    csrf_matches,
+)
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class AppContext:
+    """Everything a request handler may use, built once at start-up."""
+
+    settings: Settings
+    topology: Topology
+    session: Session
+    cookies: SessionCodec
+    publisher: AnnotationPublisher
+    pixels: PixelCache
+
+
+def get_context(request: Request) -> AppContext:
+    """Return the app's :class:`AppContext`."""
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(get_context)]
+
+
+def read_session(request: Request, ctx: Ctx) -> SessionData | None:
+    """Return the request's verified session cookie, or ``None``."""
+    return ctx.cookies.loads(request.cookies.get(SESSION_COOKIE))
+
+
+BrowserSession = Annotated[SessionData | None, Depends(read_session)]
+
+
+def check_csrf(request: Request, browser: BrowserSession) -> None:
+    """Refuse a state-changing request whose ``X-CSRF-Token`` does not match its session.
+
+    Installed on the whole app, so no ``POST``/``PUT``/``PATCH``/``DELETE`` route can
+    forget it. A request without any session fails with 401 (log in first), except the
+    login itself, which needs the anonymous session ``GET /login`` hands out.
+    """
+    if request.method not in UNSAFE_METHODS:
+        return
+    if browser is None and request.url.path != "/login":
+        raise AuthError("not logged in; log in at /login first")
+    if not csrf_matches(browser, request.headers.get(CSRF_HEADER)):
+        raise PermissionDeniedError(
+            f"missing or invalid CSRF token (header {CSRF_HEADER}); reload the page and try again"
+        )
+
+
+def current_user(browser: BrowserSession, ctx: Ctx) -> User:
+    """Return the logged-in user, re-read from the store so role changes apply at once."""
+    if browser is None or browser.username is None:
+        raise AuthError("not logged in; log in at /login")
+    stored = get_user(session=ctx.session, username=browser.username)
+    if stored is None:
+        raise AuthError(f"user {browser.username!r} no longer exists; log in again")
+    return User(username=stored["username"], role=Role(stored["role"]))
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def _require(role: Role, user: User) -> User:
+    if user.role.rank < role.rank:
+        raise PermissionDeniedError(
+            f"user {user.username!r} has role {user.role.value}; this needs {role.value} "
+            "(ask an admin)"
+        )
+    return user
+
+
+def reviewer_user(user: CurrentUser) -> User:
+    """Return the logged-in user if a reviewer or admin."""
+    return _require(Role.REVIEWER, user)
+
+
+def admin_user(user: CurrentUser) -> User:
+    """Return the logged-in user if an admin."""
+    return _require(Role.ADMIN, user)
+
+
+ReviewerUser = Annotated[User, Depends(reviewer_user)]
+AdminUser = Annotated[User, Depends(admin_user)]

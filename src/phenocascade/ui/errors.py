@@ -1,0 +1,81 @@
+"""Domain errors -> HTTP responses, in one place.
+
+API requests get ``{"error": <kind>, "detail": <message>}`` JSON; a page request (a
+``GET`` outside ``/api/``) without a login is redirected to ``/login`` instead.
+"""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from phenocascade.errors import (
+    AuthError,
+    BadInputError,
+    ConflictError,
+    InfraError,
+    NotFoundError,
+    PermissionDeniedError,
+    PhenocascadeError,
+    ValidationError,
+)
+
+# Most specific first: the first matching class decides the status.
+STATUS_BY_ERROR: tuple[tuple[type[PhenocascadeError], int], ...] = (
+    (AuthError, 401),
+    (PermissionDeniedError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (ValidationError, 422),
+    (BadInputError, 422),
+    (InfraError, 503),
+    (PhenocascadeError, 500),
+)
+
+API_PREFIXES = ("/api/", "/admin/api/")
+
+
+def status_of(exc: PhenocascadeError) -> int:
+    """Return the HTTP status of a domain error."""
+    return next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
+
+
+def is_page_request(request: Request) -> bool:
+    """Whether the request is a browser page load rather than an API call."""
+    path = request.url.path
+    return request.method == "GET" and not path.startswith(API_PREFIXES)
+
+
+def _error_response(request: Request, exc: PhenocascadeError) -> Response:
+    status = status_of(exc)
+    if is_page_request(request):
+        if status == 401:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+        body = (
+            f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{html.escape(str(exc))}</p>"
+        )
+        return HTMLResponse(body, status_code=status)
+    return JSONResponse({"error": exc.kind, "detail": str(exc)}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every :class:`PhenocascadeError` and request-validation error to a response."""
+
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, PhenocascadeError)
+        return _error_response(request, exc)
+
+    async def request_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _error_response(request, ValidationError(f"invalid request: {problems}"))
+
+    app.add_exception_handler(PhenocascadeError, domain_error)
+    app.add_exception_handler(RequestValidationError, request_error)

@@ -1,0 +1,88 @@
+"""The login session: the login page, log in, log out, and who am I."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
+
+from phenocascade.errors import AuthError
+from phenocascade.store.annotations import get_user
+from phenocascade.ui.deps import BrowserSession, Ctx, CurrentUser
+from phenocascade.ui.security import (
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    SessionData,
+    new_session,
+    verify_password,
+)
+from phenocascade.ui.templates import render_page
+
+router = APIRouter(tags=["session"])
+
+
+class Credentials(BaseModel):
+    """The login form."""
+
+    username: str
+    password: str
+    next: str = "/queue"
+
+
+def set_session_cookie(response: Response, ctx: Ctx, data: SessionData) -> None:
+    """Attach the signed session cookie (Secure, HttpOnly, SameSite=Strict)."""
+    response.set_cookie(
+        SESSION_COOKIE,
+        ctx.cookies.dumps(data),
+        max_age=SESSION_MAX_AGE_S,
+        path="/",
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def local_target(target: str) -> str:
+    """Return ``target`` if it is a path on this site, else ``/queue`` (no open redirect)."""
+    if target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return "/queue"
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(ctx: Ctx, browser: BrowserSession) -> HTMLResponse:
+    """Show the login form, with an anonymous session whose token protects it."""
+    session = browser if browser is not None and browser.username is None else new_session()
+    response = render_page("login", browser=session)
+    set_session_cookie(response, ctx, session)
+    return response
+
+
+@router.post("/login")
+def login(credentials: Credentials, ctx: Ctx, response: Response) -> dict[str, Any]:
+    """Check the password and start a session with a fresh CSRF token."""
+    stored = get_user(session=ctx.session, username=credentials.username)
+    if not verify_password(credentials.password, stored["password_hash"] if stored else None):
+        raise AuthError("wrong user name or password")
+    assert stored is not None
+    set_session_cookie(response, ctx, new_session(stored["username"]))
+    return {
+        "username": stored["username"],
+        "role": stored["role"],
+        "next": local_target(credentials.next),
+    }
+
+
+@router.post("/logout")
+def logout(ctx: Ctx, response: Response, _user: CurrentUser) -> dict[str, str]:
+    """End the session (the browser keeps only an anonymous one)."""
+    set_session_cookie(response, ctx, new_session())
+    return {"next": "/login"}
+
+
+@router.get("/api/me")
+def me(user: CurrentUser) -> dict[str, str]:
+    """Return the logged-in user's name and role."""
+    return {"username": user.username, "role": user.role.value}

@@ -1,0 +1,54 @@
+"""User management (admins only): list, add and delete users."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel
+
+from phenocascade.errors import ConflictError, NotFoundError
+from phenocascade.store.annotations import add_user, delete_user, list_users
+from phenocascade.ui.deps import AdminUser, Ctx
+from phenocascade.ui.security import check_role, check_username, hash_password
+
+router = APIRouter(prefix="/admin/api/users", tags=["users"])
+
+
+class NewUser(BaseModel):
+    """A user to create."""
+
+    username: str
+    password: str
+    role: str = "annotator"
+
+
+@router.get("")
+def read_users(ctx: Ctx, _admin: AdminUser) -> dict[str, Any]:
+    """List every user with their role."""
+    return {"users": list_users(session=ctx.session)}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_user(body: NewUser, ctx: Ctx, _admin: AdminUser) -> dict[str, str]:
+    """Create a user; 409 if the name is taken."""
+    username = check_username(body.username)
+    role = check_role(body.role)
+    if not add_user(
+        session=ctx.session,
+        username=username,
+        password_hash=hash_password(body.password),
+        role=role,
+    ):
+        raise ConflictError(f"user {username!r} already exists")
+    return {"username": username, "role": role.value}
+
+
+@router.delete("/{username}")
+def remove_user(username: str, ctx: Ctx, admin: AdminUser) -> dict[str, str]:
+    """Delete a user (not oneself, so the last admin cannot lock everyone out by mistake)."""
+    if username == admin.username:
+        raise ConflictError("you cannot delete your own account; ask another admin")
+    if not delete_user(session=ctx.session, username=username):
+        raise NotFoundError(f"no user {username!r}")
+    return {"deleted": username}

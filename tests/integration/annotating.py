@@ -1,0 +1,98 @@
+"""Helpers of the active-learning integration tests: an isolated namespace of topics and
+real AnnotationRequest events, produced as the tier workers produce them."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cassandra.cluster import Session
+from harness import TEST_KEYSPACE
+
+from phenocascade.config import Settings, Topology, load_topology
+from phenocascade.consumers.annotation_sink import AnnotationSink, SinkStats
+from phenocascade.domain import Box, ImageMeta, StageOutput
+from phenocascade.store.cassandra import connect
+from phenocascade.streams import events
+from phenocascade.streams.kafka import create_topics, plain_producer
+from phenocascade.streams.serde import EventCodec
+
+
+class AnnotationWorld:
+    """Namespaced topics, the shared test keyspace, and a unique study for one test module."""
+
+    def __init__(self, infra: Settings) -> None:
+        self.prefix = f"al{uuid.uuid4().hex[:8]}-"
+        self.topology: Topology = load_topology().namespaced(self.prefix)
+        self.settings = infra.model_copy(
+            update={"cassandra": infra.cassandra.model_copy(update={"keyspace": TEST_KEYSPACE})}
+        )
+        self.study = f"study-{self.prefix[:-1]}"
+        self.codec = EventCodec()
+        create_topics(self.settings.kafka, self.topology)
+        self.session: Session = connect(self.settings.cassandra)
+
+    def request(
+        self,
+        image_id: str,
+        *,
+        tier: str,
+        path: Path,
+        scores: dict[str, float],
+        classes: Sequence[str],
+        boxes: Sequence[Box] = (),
+        study: str | None = None,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Return an ``AnnotationRequest`` record and its original ``ImageSubmitted`` bytes.
+
+        ``image_id`` is prefixed with this world's namespace, so reruns never collide in the
+        shared keyspace.
+        """
+        image_id = self.prefix + image_id
+        submitted = events.image_submitted(
+            image_id,
+            uri=str(path),
+            fmt=events.format_of(path.name),
+            meta=ImageMeta(study=self.study if study is None else study),
+        )
+        submitted_bytes = self.codec.encode("ImageSubmitted", submitted)
+        request = events.annotation_request(
+            submitted,
+            submitted_bytes,
+            tier=tier,
+            output=StageOutput(scores=scores, boxes=tuple(boxes)),
+            classes=classes,
+            model_name=f"{tier}-test-model",
+            model_version="v-test",
+        )
+        return request, submitted_bytes
+
+    def produce(self, values: Sequence[tuple[bytes, bytes]]) -> None:
+        """Produce ``(key, value)`` pairs to the annotate topic and wait for the acks."""
+        producer = plain_producer(self.settings.kafka)
+        for key, value in values:
+            producer.produce(self.topology.annotate_topic, key=key, value=value)
+        assert producer.flush(30) == 0
+
+    def encode(self, request: dict[str, Any]) -> tuple[bytes, bytes]:
+        return request["image_id"].encode(), self.codec.encode("AnnotationRequest", request)
+
+    def run_sink(self, timeout_s: float = 120.0) -> SinkStats:
+        """Run the sink (real consumer group) until it has read the whole annotate topic."""
+        stop = threading.Event()
+        # A safety net only: the sink normally stops itself once caught up.
+        timer = threading.Timer(timeout_s, stop.set)
+        timer.start()
+        try:
+            sink = AnnotationSink(
+                settings=self.settings,
+                topology=self.topology,
+                session=self.session,
+                group=f"{self.prefix}annotation-sink",
+            )
+            return sink.run(stop, until_caught_up=True)
+        finally:
+            timer.cancel()

@@ -1,0 +1,169 @@
+"""One conformance suite that every registered Stage backend must pass.
+
+Each backend is trained for a few steps on tiny synthetic images (a bright square on a
+noisy background is the object), then checked against the Stage contract and the
+estimator rules: configuration-only constructors, ``fit`` returning ``self``, a falling
+loss, well-formed predictions, and save/load round trips through ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from phenocascade.domain import Box, DecodedImage, Sample, StageKind
+from phenocascade.models.base import Stage, backend_names, get_backend
+from phenocascade.models.certify import calibrate_stage
+
+SIZE = 48
+
+# Per backend: constructor arguments and epochs small enough for a unit test.
+FAST: dict[str, tuple[dict[str, Any], int]] = {
+    "quality_cnn": ({"input_size": 32, "view": "resize", "batch_size": 4}, 6),
+    "multilabel_cnn": ({"backbone": "small_cnn", "input_size": 32, "batch_size": 4}, 6),
+    "torchvision_detector": ({"backbone": "resnet18", "min_size": SIZE, "max_size": SIZE}, 5),
+    "yolo": ({"imgsz": 64, "batch_size": 4}, 6),
+}
+
+
+def _classes(cls: type[Any]) -> tuple[str, ...]:
+    return (cls.gate_label,) if cls.kind is StageKind.GATE else ("square",)
+
+
+def _synthetic(n: int, seed: int, label: str) -> tuple[list[Sample], dict[str, np.ndarray]]:
+    """Half of the images hold one bright square (the object / the positive label)."""
+    rng = np.random.default_rng(seed)
+    samples, pixels = [], {}
+    for i in range(n):
+        img = (rng.random((SIZE, SIZE, 1)) * 40).astype(np.uint8)
+        labels: frozenset[str] = frozenset()
+        boxes: tuple[Box, ...] = ()
+        if i % 2 == 0:
+            side = int(rng.integers(12, 20))
+            x, y = (int(v) for v in rng.integers(0, SIZE - side, 2))
+            img[y : y + side, x : x + side] = 220
+            labels = frozenset({label})
+            boxes = (Box(float(x), float(y), float(x + side), float(y + side), label),)
+        sid = f"syn{seed}-{i}"
+        pixels[sid] = img
+        samples.append(Sample(sid, None, labels=labels, boxes=boxes))
+    return samples, pixels
+
+
+def _test_images() -> list[DecodedImage]:
+    """Grey uint8, RGB uint8 and grey uint16 images of different sizes."""
+    rng = np.random.default_rng(7)
+    grey = (rng.random((SIZE, SIZE, 1)) * 40).astype(np.uint8)
+    grey[10:26, 12:28] = 230
+    rgb = (rng.random((40, 56, 3)) * 60).astype(np.uint8)
+    rgb[5:20, 30:45] = 200
+    deep = (rng.random((64, 48, 1)) * 4000).astype(np.uint16)
+    deep[30:50, 10:30] = 60000
+    return [DecodedImage("grey", grey), DecodedImage("rgb", rgb), DecodedImage("deep", deep)]
+
+
+@pytest.fixture(scope="module", params=backend_names())
+def fitted(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[str, Any, list[Sample], dict[str, np.ndarray]]]:
+    name = request.param
+    cls = get_backend(name)
+    config, epochs = FAST.get(name, ({}, 3))
+    label = _classes(cls)[0]
+    train, train_px = _synthetic(8, 0, label)
+    val, val_px = _synthetic(4, 1, label)
+    pixels = {**train_px, **val_px}
+    stage = cls(**config)
+    returned = stage.fit(
+        train,
+        val,
+        classes=_classes(cls),
+        load=lambda s: pixels[s.image_id],
+        seed=0,
+        max_epochs=epochs,
+        patience=epochs,
+    )
+    assert returned is stage
+    yield name, stage, val, pixels
+
+
+@pytest.mark.parametrize("name", backend_names())
+def test_constructor_only_stores_configuration(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"constructor did I/O: {args[:1]}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    cls = get_backend(name)
+    stage = cls(**FAST.get(name, ({}, 3))[0])
+    learned = [k for k in vars(stage) if k.endswith("_") and not k.startswith("__")]
+    assert learned == []
+    monkeypatch.undo()
+    assert cls(**stage.get_config()).get_config() == stage.get_config()
+
+
+def test_loss_goes_down(fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]]) -> None:
+    _, stage, _, _ = fitted
+    history = np.asarray(stage.history_, dtype=float)
+    assert len(history) >= 4 and np.isfinite(history).all()
+    quarter = max(1, len(history) // 4)
+    assert history[-quarter:].mean() < history[:quarter].mean()
+
+
+def test_predictions_follow_the_stage_contract(
+    fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]],
+) -> None:
+    _, stage, _, _ = fitted
+    assert isinstance(stage, Stage)
+    images = _test_images()
+    outputs = stage.predict(images)
+    assert len(outputs) == len(images)
+    for img, out in zip(images, outputs, strict=True):
+        assert set(out.scores) == set(stage.classes)
+        assert all(0.0 <= p <= 1.0 for p in out.scores.values())
+        if stage.kind is not StageKind.DETECTOR:
+            assert out.boxes == ()
+        for box in out.boxes:
+            assert box.label in stage.classes
+            assert 0.0 <= box.score <= 1.0
+            assert 0 <= box.x_min <= box.x_max <= img.width
+            assert 0 <= box.y_min <= box.y_max <= img.height
+    assert stage.predict([]) == []
+
+
+def test_save_load_round_trip(
+    fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name, stage, val, pixels = fitted
+    images = [DecodedImage(s.image_id, pixels[s.image_id]) for s in val]
+    calibrate_stage(stage, images, val, target_precision=0.9, delta=0.2)
+    before = stage.predict([*images, *_test_images()])
+    meta = stage.save(tmp_path / "v1", tier="test")
+    assert (tmp_path / "v1" / "weights.pt").is_file()
+    assert meta.version == "v1" and meta.backend == name and meta.classes == list(stage.classes)
+
+    calls: list[dict[str, Any]] = []
+    real_load = torch.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    loaded = get_backend(name).load(tmp_path / "v1")
+    assert calls and all(c.get("weights_only") is True for c in calls)
+    assert loaded.version == "v1"
+    assert loaded.thresholds == stage.thresholds
+    assert loaded.predict([*images, *_test_images()]) == before
