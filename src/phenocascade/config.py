@@ -42,6 +42,7 @@ class CassandraSettings(BaseModel):
     hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     port: int = 9042
     keyspace: str = "phenocascade"
+    local_dc: str | None = None
     replication_factor: int = 1
     username: str | None = None
     password: str | None = None

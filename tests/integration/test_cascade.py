@@ -120,12 +120,12 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on
     expected[ids_outside[0]] = "path_not_allowed"
 
     codec = cascade.codec
-    cascade.produce_raw("bad-garbage-message", b"\x00\x01 not avro at all")
+    cascade.produce_raw(cascade.prefix + "bad-garbage-message", b"\x00\x01 not avro at all")
     unknown = MAGIC + bytes(range(8)) + b"\x02\x04ab"
-    cascade.produce_raw("bad-unknown-schema", unknown)
+    cascade.produce_raw(cascade.prefix + "bad-unknown-schema", unknown)
     # a record of the wrong event type on the input topic
     cascade.produce_raw(
-        "bad-wrong-event",
+        cascade.prefix + "bad-wrong-event",
         codec.encode(
             "ModelPromoted",
             {
@@ -137,7 +137,9 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on
             },
         ),
     )
-    schema_keys = {"bad-garbage-message", "bad-unknown-schema", "bad-wrong-event"}
+    schema_keys = {
+        cascade.prefix + k for k in ("bad-garbage-message", "bad-unknown-schema", "bad-wrong-event")
+    }
 
     ok_path = cascade.roots / "fine.png"
     good.save(ok_path)

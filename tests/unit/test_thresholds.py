@@ -10,6 +10,7 @@ from phenocascade.models.thresholds import (
     binomial_cdf,
     min_certifiable_count,
     precision_p_value,
+    select_pooled_thresholds,
     select_thresholds,
 )
 
@@ -91,3 +92,70 @@ def test_guarantee_holds_in_simulation() -> None:
 def test_mismatched_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="shape"):
         select_thresholds([0.1, 0.2], [1])
+
+
+def test_minimum_count_with_errors_matches_the_exact_binomial() -> None:
+    # One error among n decisions is significant at 0.95/0.1 from n = 77 on.
+    assert min_certifiable_count(0.95, 0.1, errors=1) == 77
+    assert _exact_cdf(1, 77, 0.05) <= 0.1 < _exact_cdf(1, 76, 0.05)
+    assert min_certifiable_count(0.95, 0.05) == 59  # 0.95**58 > 0.05 >= 0.95**59
+    assert min_certifiable_count(0.95, 0.05, errors=1) == 93
+    assert _exact_cdf(1, 93, 0.05) <= 0.05 < _exact_cdf(1, 92, 0.05)
+
+
+def test_a_second_start_steps_over_one_early_confident_error() -> None:
+    # The top-scored decision is wrong, the next 200 are right. One sequence starts at
+    # 45 decisions with 1 error: P(Bin(45, 0.05) <= 1) = 0.33 > 0.1, so it certifies
+    # nothing. With two starts at level 0.05 the second starts at 93 decisions (1 error
+    # significant), and every larger selection (still 1 error) passes.
+    scores = np.linspace(1.0, 0.5, 201)
+    labels = np.r_[0, np.ones(200)]
+    single = select_thresholds(scores, labels, target_precision=0.95, delta=0.1)
+    assert single.n_pos == 0 and single.positive == 1.0
+    double = select_thresholds(scores, labels, target_precision=0.95, delta=0.1, starts=2)
+    assert double.n_pos == 201 and double.positive == pytest.approx(0.5)
+    assert double.achieved_precision_pos == pytest.approx(200 / 201)
+
+
+def test_pooling_certifies_what_no_single_label_can() -> None:
+    # Two labels, each with 30 positives and 30 negatives: 30 < 45 error-free decisions,
+    # so neither label certifies anything at 0.95/0.1. Pooled, the 60 positive decisions
+    # (scores 0.95 and 0.8) have p-value 0.95**60 = 0.046 <= 0.1, and the next tie group
+    # (negatives at 0.2) fails, so PASS starts at 0.8; symmetrically SKIP ends at 0.2.
+    scores = {
+        "a": np.r_[np.full(30, 0.95), np.full(30, 0.05)],
+        "b": np.r_[np.full(30, 0.8), np.full(30, 0.2)],
+    }
+    truths = {label: np.r_[np.ones(30), np.zeros(30)] for label in scores}
+    for label in scores:
+        alone = select_thresholds(scores[label], truths[label], target_precision=0.95)
+        assert (alone.positive, alone.negative, alone.coverage) == (1.0, 0.0, 0.0)
+    result = select_pooled_thresholds(scores, truths, target_precision=0.95, delta=0.1)
+    assert (result.pooled.positive, result.pooled.negative) == (0.8, 0.2)
+    assert (result.pooled.n, result.pooled.n_pos, result.pooled.n_neg) == (120, 60, 60)
+    assert result.pooled.achieved_precision_pos == 1.0
+    for label, record in result.per_label.items():
+        assert (record.positive, record.negative) == (0.8, 0.2), label
+        assert (record.n, record.n_pos, record.n_neg, record.coverage) == (60, 30, 30, 1.0)
+
+
+def test_pooled_precision_counts_errors_of_every_label() -> None:
+    # Label "b" puts 3 negatives at 0.9, between label a's positives (0.95) and its own
+    # (0.8). The first PASS candidate with at least 45 decisions holds all 63 of them with
+    # 3 errors: P(Bin(63, 0.05) <= 3) = 0.63 > 0.1, so PASS is never certified. SKIP holds
+    # the 57 clean negatives (0.05 and 0.1): 0.95**57 = 0.054 <= 0.1.
+    scores = {
+        "a": np.r_[np.full(30, 0.95), np.full(30, 0.05)],
+        "b": np.r_[np.full(30, 0.8), np.full(3, 0.9), np.full(27, 0.1)],
+    }
+    truths = {"a": np.r_[np.ones(30), np.zeros(30)], "b": np.r_[np.ones(30), np.zeros(30)]}
+    assert _exact_cdf(3, 63, 0.05) > 0.1
+    result = select_pooled_thresholds(scores, truths, target_precision=0.95, delta=0.1)
+    assert result.pooled.positive == 1.0 and result.pooled.n_pos == 0
+    assert result.pooled.negative == 0.1 and result.pooled.n_neg == 57
+    assert result.per_label["b"].n_neg == 27
+
+
+def test_pooled_inputs_must_name_the_same_labels() -> None:
+    with pytest.raises(ValueError, match="differ"):
+        select_pooled_thresholds({"a": [0.1]}, {"b": [0]})

@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "phenocascade.cli.cascade",
     "phenocascade.cli.annotate",
     "phenocascade.cli.demo",
+    "phenocascade.cli.learning",
 )
 
 

@@ -95,13 +95,14 @@ def start_cascade(
     commands = {t.name: ["worker", t.name] for t in topology.tiers}
     commands["joiner"] = ["joiner"]
     for name, cmd in commands.items():
-        out = (log_dir / f"{name}.log").open("ab")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "phenocascade", *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-        )
+        # The child keeps its own copy of the descriptor; ours is closed at once.
+        with (log_dir / f"{name}.log").open("ab") as out:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "phenocascade", *cmd],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+            )
     return procs
 
 

@@ -53,6 +53,8 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
     partitions = {t.name: t.partitions for t in topology.topics}
     result_topics = [t.result_topic for t in topology.tiers]
     n = partitions[result_topics[0]]
+    datadir = settings.home / "joiner" / spec.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         spec.app_id,
         broker=f"kafka://{settings.kafka.bootstrap_servers}",
@@ -63,14 +65,14 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
-        datadir=str(settings.home / "joiner" / spec.app_id),
+        datadir=str(datadir),
     )
     codec = EventCodec()
     source = app.topic(*result_topics, key_type=bytes, value_type=bytes, value_serializer="raw")
     results = app.topic(
         spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw"
     )
-    table = app.Table("pending", default=None, partitions=n, value_serializer="json")
+    table = app.Table("pending", default=None, partitions=n, key_type=str)
     session_holder: dict[str, Any] = {}
 
     @app.task
@@ -88,7 +90,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 log.warning("joiner skipped an unreadable tier result (key %r): %s", key, exc)
                 continue
             image_id = result["image_id"]
-            state = table[image_id] or empty_state()
+            state = table.get(image_id) or empty_state()
             new_state, output = merge(topology, state, result)
             if output is not None:
                 # Store and publish before the table records the emission: a crash in

@@ -62,7 +62,8 @@ class TierWorker:
         The tier to run.
     instance : str
         Stable id of this worker instance; with the tier name it forms the transactional id,
-        so a restarted instance fences its crashed predecessor at once.
+        so a restarted instance fences its crashed predecessor at once. The transactional id
+        is ``<consumer group>-<instance>``: unique per tier and namespace.
     stage_loader : callable or None, default None
         ``version -> Stage`` (``None`` = champion); defaults to loading artifacts from
         ``settings.artifacts`` on the tier's device.
@@ -272,7 +273,7 @@ class TierWorker:
         self.stage = self._load(None)
         log.info("tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version)
         consumer = group_consumer(kafka, self.tier.group)
-        producer = transactional_producer(kafka, f"phenocascade-{self.tier.name}-{self.instance}")
+        producer = transactional_producer(kafka, f"{self.tier.group}-{self.instance}")
         models = group_consumer(
             kafka, f"{self.tier.group}-models-{self.instance}", **{"auto.offset.reset": "latest"}
         )

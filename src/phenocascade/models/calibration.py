@@ -16,6 +16,10 @@ FloatArray = npt.NDArray[np.float64]
 
 # Probabilities are clipped this far from 0 and 1 before taking logits.
 _EPS = 1e-12
+# Stage scores are kept this far from 0 and 1 so the certify-nothing fallback thresholds
+# (1.0 and 0.0) can never be met by a saturated sigmoid; validation scores used to certify
+# thresholds are clipped the same way, so a certified threshold is never exactly 0 or 1.
+SCORE_CLIP = 1e-6
 _INV_T_RANGE = (1e-3, 50.0)
 
 

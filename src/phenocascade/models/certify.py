@@ -4,26 +4,46 @@ Classifiers and gates: a temperature per label on the raw logits, then Learn-the
 thresholds on the calibrated scores. Detectors: each raw box is matched to the ground
 truth at IoU >= 0.5 (greedily by score, per class); a temperature per class is fitted on
 the logits of the box scores against "matched", then the keep (``negative``) and
-confident (``positive``) thresholds are certified on those boxes.
+confident (``positive``) thresholds are certified on those boxes, and the keep threshold
+is capped so that it drops at most ``1 - target_precision`` of the true boxes
+(:func:`keep_threshold_cap`).
+
+Thresholds are certified per label, or (``threshold_mode="pooled"``, the default for
+multi-label classifiers) as one pair shared by all labels on their pooled decisions. A
+classifier only PASSes an image when every label is decided; with a few dozen validation
+positives per label no label alone reaches the count a certificate needs (45 error-free
+decisions at 95 % precision, delta 0.1), while the pooled decisions do.
+
+The temperatures and the thresholds are fitted on the same validation data: a
+temperature is a monotone map per label, so it leaves that label's ranking unchanged,
+but in pooled mode it does shift labels against each other.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.models.calibration import (
+    SCORE_CLIP,
     calibrate_probability,
     expected_calibration_error,
     fit_temperature,
     logit,
 )
-from phenocascade.models.thresholds import select_thresholds
+from phenocascade.models.thresholds import (
+    select_pooled_thresholds,
+    select_thresholds,
+    threshold_record,
+)
+
+ThresholdMode = Literal["per_label", "pooled"]
 
 
 def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -73,7 +93,12 @@ class Calibration:
     thresholds : dict
         ``{label: ThresholdRecord.as_dict()}``.
     metrics : dict
-        Validation summary: per label ``ece_before``, ``ece_after``, ``n``.
+        Validation summary, stored as the artifact's ``metrics["calibration"]``:
+        ``threshold_mode`` (``"per_label"`` or ``"pooled"``), ``starts``,
+        ``target_precision``, ``delta``, ``pooled`` (the shared pair's
+        ``ThresholdRecord.as_dict()`` with the pooled ``n`` and achieved precisions, or
+        ``None`` per label) and ``labels``: per label ``n``, ``positives``,
+        ``ece_before``, ``ece_after``.
     """
 
     temperature: dict[str, float]
@@ -105,6 +130,49 @@ def _label_pairs(
     }
 
 
+def keep_threshold_cap(true_scores: npt.ArrayLike, miss_rate: float) -> float:
+    """Highest keep threshold that drops at most ``miss_rate`` of true boxes (conformal).
+
+    A detector drops boxes scoring ``<= negative`` without asking anyone, so a dropped
+    true box is a silent miss. The certified SKIP rule only bounds the share of true boxes
+    *among the dropped ones*: for a weak detector, whose boxes are nearly all false, it
+    certifies dropping every box. This cap bounds the share of true boxes that are
+    dropped instead. With the ``m`` calibrated scores of validation boxes that match a
+    truth, sorted ``s_1 <= ... <= s_m``, and ``k = floor((m + 1) * miss_rate)``, a new
+    true box (exchangeable with them) scores below ``s_k`` with probability at most
+    ``k / (m + 1) <= miss_rate`` (the split-conformal quantile), so the cap sits just
+    below ``s_k``. With ``k = 0`` (too few matched boxes) the cap is ``0.0``: every box
+    above the backend's score floor is kept, and the image goes to a person.
+
+    Parameters
+    ----------
+    true_scores : array_like
+        Shape ``(m,)``, calibrated scores of the validation boxes matched to a truth.
+    miss_rate : float
+        Largest allowed share of true boxes dropped, in ``(0, 1)``.
+
+    Returns
+    -------
+    float
+        The cap on the ``negative`` (keep) threshold, in ``[0, 1)``.
+    """
+    scores = np.sort(np.asarray(true_scores, dtype=np.float64).ravel())
+    k = math.floor((len(scores) + 1) * miss_rate)
+    if k == 0:
+        return 0.0
+    return float(np.nextafter(scores[k - 1], 0.0))
+
+
+def default_threshold_mode(kind: StageKind, classes: Sequence[str]) -> ThresholdMode:
+    """``"pooled"`` for classifiers with several labels, else ``"per_label"``.
+
+    A classifier routes an image on all its labels at once, so its labels share one
+    decision budget; a gate has a single label, and a detector's classes are routed box
+    by box with class-specific keep thresholds.
+    """
+    return "pooled" if kind is StageKind.CLASSIFIER and len(classes) > 1 else "per_label"
+
+
 def calibrate_stage(
     stage: Any,
     images: Sequence[DecodedImage],
@@ -112,6 +180,8 @@ def calibrate_stage(
     *,
     target_precision: float = 0.99,
     delta: float = 0.1,
+    threshold_mode: ThresholdMode | None = None,
+    starts: int = 1,
 ) -> Calibration:
     """Fit temperatures and certify thresholds of a trained backend on validation data.
 
@@ -128,29 +198,80 @@ def calibrate_stage(
         Precision each automatic decision must reach.
     delta : float, default 0.1
         Allowed probability that a guarantee fails.
+    threshold_mode : {"per_label", "pooled"} or None, default None
+        ``"pooled"`` certifies one pair shared by all labels on their pooled calibrated
+        decisions; ``"per_label"`` certifies each label on its own. ``None`` picks
+        :func:`default_threshold_mode`.
+    starts : int, default 1
+        Start points of the fixed-sequence test (see
+        :mod:`phenocascade.models.thresholds`).
 
     Returns
     -------
     Calibration
         What was stored into ``stage``.
     """
+    mode = threshold_mode or default_threshold_mode(stage.kind, stage.classes)
+    if mode not in ("per_label", "pooled"):
+        raise ValueError(f"threshold_mode must be 'per_label' or 'pooled', got {mode!r}")
     raw = stage.predict(images, calibrated=False)
     temperature: dict[str, float] = {}
-    thresholds: dict[str, dict[str, float]] = {}
-    metrics: dict[str, Any] = {}
+    calibrated: dict[str, npt.NDArray[np.float64]] = {}
+    truths: dict[str, npt.NDArray[np.int64]] = {}
+    per_label: dict[str, Any] = {}
     for label, (scores, truth) in _label_pairs(stage.kind, stage.classes, raw, samples).items():
         t = fit_temperature(logit(scores), truth)
-        calibrated = calibrate_probability(scores, t)
         temperature[label] = t
-        thresholds[label] = select_thresholds(
-            calibrated, truth, target_precision=target_precision, delta=delta
-        ).as_dict()
-        metrics[label] = {
+        calibrated[label] = np.clip(calibrate_probability(scores, t), SCORE_CLIP, 1.0 - SCORE_CLIP)
+        truths[label] = truth
+        per_label[label] = {
             "n": len(scores),
             "positives": int(truth.sum()),
             # JSON has no NaN: an empty set (a detector with no box) has no ECE.
             "ece_before": expected_calibration_error(scores, truth) if len(scores) else None,
-            "ece_after": expected_calibration_error(calibrated, truth) if len(scores) else None,
+            "ece_after": (
+                expected_calibration_error(calibrated[label], truth) if len(scores) else None
+            ),
         }
+    pooled_record: dict[str, float] | None = None
+    if mode == "pooled":
+        pooled = select_pooled_thresholds(
+            calibrated, truths, target_precision=target_precision, delta=delta, starts=starts
+        )
+        thresholds = {label: record.as_dict() for label, record in pooled.per_label.items()}
+        pooled_record = pooled.pooled.as_dict()
+    else:
+        thresholds = {
+            label: select_thresholds(
+                calibrated[label],
+                truths[label],
+                target_precision=target_precision,
+                delta=delta,
+                starts=starts,
+            ).as_dict()
+            for label in calibrated
+        }
+    if stage.kind is StageKind.DETECTOR:
+        for label, record in thresholds.items():
+            negative = min(
+                record["negative"],
+                keep_threshold_cap(calibrated[label][truths[label] == 1], 1.0 - target_precision),
+            )
+            thresholds[label] = threshold_record(
+                calibrated[label],
+                truths[label],
+                record["positive"],
+                negative,
+                target_precision=target_precision,
+                delta=delta,
+            ).as_dict()
     stage.set_calibration(temperature, thresholds)
+    metrics = {
+        "threshold_mode": mode,
+        "starts": starts,
+        "target_precision": target_precision,
+        "delta": delta,
+        "pooled": pooled_record,
+        "labels": per_label,
+    }
     return Calibration(temperature=temperature, thresholds=thresholds, metrics=metrics)

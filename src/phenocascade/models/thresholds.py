@@ -19,11 +19,28 @@ and testing them first would end every sequence at once. This start depends on t
 unlabelled scores only, never on the truths. The SKIP rule ``p <= t`` is handled the same
 way with the roles of the classes swapped. When nothing can be certified the thresholds
 fall back to ``positive = 1.0`` and ``negative = 0.0``: every decision goes to a human.
+
+A single sequence ends at its first failure, so one confident error near the top of the
+ranking (one mislabelled image) can stop it before it ever reaches a useful coverage.
+With ``starts = m`` the sequence is run from ``m`` start points, each at level
+``delta / m`` (Bonferroni over the sequences, the multi-start variant of fixed-sequence
+testing in Learn then Test): start ``k`` is the first selection size at which ``k``
+errors can still be significant, so the later starts step over early errors. The union of
+the rejections keeps the family-wise error rate at ``delta``, and the largest rejected
+selection gives the threshold. Start points depend on ``target``, ``delta`` and ``m``
+only.
+
+Multi-label classifiers can pool their labels (:func:`select_pooled_thresholds`): after a
+temperature per label the scores of different labels are probabilities on one scale, so
+one shared ``(positive, negative)`` pair is certified on every (image, label) decision
+together. The guarantee is then on the precision of single label decisions pooled over
+labels, not on each label separately and not on whole images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,14 +90,22 @@ def precision_p_value(errors: int, selected: int, target_precision: float) -> fl
     return binomial_cdf(errors, selected, 1.0 - target_precision)
 
 
-def min_certifiable_count(target_precision: float, delta: float) -> int:
-    """Smallest number of error-free decisions whose p-value is ``<= delta``.
+def min_certifiable_count(target_precision: float, delta: float, errors: int = 0) -> int:
+    """Smallest number of decisions with ``errors`` errors whose p-value is ``<= delta``.
 
-    E.g. 230 for ``target_precision=0.99, delta=0.1`` and 45 for ``0.95, 0.1``.
+    E.g. 230 for ``target_precision=0.99, delta=0.1`` and 45 for ``0.95, 0.1`` without
+    errors; 77 for ``0.95, 0.1`` with one error.
     """
     if not 0.0 < target_precision < 1.0 or not 0.0 < delta < 1.0:
         raise ValueError("target_precision and delta must lie strictly between 0 and 1")
-    return max(1, math.ceil(math.log(delta) / math.log(target_precision) - 1e-12))
+    if errors < 0:
+        raise ValueError(f"errors must be >= 0, got {errors}")
+    # The error-free count has a closed form and bounds the search from below: the
+    # p-value of k errors in n decisions falls as n grows.
+    n = max(1, math.ceil(math.log(delta) / math.log(target_precision) - 1e-12)) + errors
+    while precision_p_value(errors, n, target_precision) > delta:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,8 @@ class ThresholdRecord:
         Validation samples decided automatically on each side.
     coverage : float
         Fraction of validation samples decided automatically.
+    n : int
+        Validation samples (or pooled label decisions) the record was computed on.
     """
 
     positive: float
@@ -115,6 +142,7 @@ class ThresholdRecord:
     n_pos: int
     n_neg: int
     coverage: float
+    n: int
 
     def as_dict(self) -> dict[str, float]:
         """Return the record as a JSON-ready ``dict`` (the artifact's ``thresholds`` entry)."""
@@ -126,26 +154,66 @@ def _fixed_sequence(
     errors_desc: npt.NDArray[np.int64],
     target_precision: float,
     delta: float,
+    starts: int = 1,
 ) -> int:
     """Return how many top-ranked samples the certified rule selects (0 if none).
 
     ``scores_desc`` is sorted in decreasing order of confidence in the decision and
     ``errors_desc`` marks the samples on which the decision would be wrong. Candidates are
-    the distinct scores, so ties are selected together.
+    the distinct scores, so ties are selected together. With ``starts = m`` the sequence is
+    run from ``m`` start points at level ``delta / m`` each (see the module docstring).
     """
-    n_min = min_certifiable_count(target_precision, delta)
+    if starts < 1:
+        raise ValueError(f"starts must be at least 1, got {starts}")
+    level = delta / starts
     cum_errors = np.cumsum(errors_desc)
     # The last index of each run of equal scores is where a threshold can sit.
     ends = np.flatnonzero(np.append(scores_desc[1:] != scores_desc[:-1], True))
     chosen = 0
-    for end in ends:
-        selected = int(end) + 1
-        if selected < n_min:
-            continue
-        if precision_p_value(int(cum_errors[end]), selected, target_precision) > delta:
-            break
-        chosen = selected
+    for k in range(starts):
+        first = min_certifiable_count(target_precision, level, errors=k)
+        for end in ends:
+            selected = int(end) + 1
+            if selected < first:
+                continue
+            if precision_p_value(int(cum_errors[end]), selected, target_precision) > level:
+                break
+            chosen = max(chosen, selected)
     return chosen
+
+
+def threshold_record(
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    positive: float,
+    negative: float,
+    *,
+    target_precision: float,
+    delta: float,
+) -> ThresholdRecord:
+    """Describe given thresholds on validation data: precision, counts and coverage.
+
+    ``positive = 1.0`` (``negative = 0.0``) means that side decides nothing, even for a
+    score of exactly 1.0 (0.0). Shapes and meanings as in :func:`select_thresholds`.
+    """
+    p = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"scores {p.shape} and labels {y.shape} differ in shape")
+    pos_mask = p >= positive if positive < 1.0 else np.zeros(p.shape, dtype=bool)
+    neg_mask = p <= negative if negative > 0.0 else np.zeros(p.shape, dtype=bool)
+    return ThresholdRecord(
+        positive=positive,
+        negative=negative,
+        target_precision=target_precision,
+        delta=delta,
+        achieved_precision_pos=float(y[pos_mask].mean()) if pos_mask.any() else 1.0,
+        achieved_precision_neg=float(1 - y[neg_mask].mean()) if neg_mask.any() else 1.0,
+        n_pos=int(pos_mask.sum()),
+        n_neg=int(neg_mask.sum()),
+        coverage=float((pos_mask | neg_mask).mean()) if p.size else 0.0,
+        n=int(p.size),
+    )
 
 
 def select_thresholds(
@@ -154,6 +222,7 @@ def select_thresholds(
     *,
     target_precision: float = 0.99,
     delta: float = 0.1,
+    starts: int = 1,
 ) -> ThresholdRecord:
     """Choose PASS and SKIP thresholds of one label by Learn-then-Test.
 
@@ -168,6 +237,8 @@ def select_thresholds(
         Required precision of each automatic decision.
     delta : float, default 0.1
         The guarantee holds with probability at least ``1 - delta``.
+    starts : int, default 1
+        Start points of the fixed-sequence test, each at level ``delta / starts``.
 
     Returns
     -------
@@ -179,33 +250,88 @@ def select_thresholds(
     if p.shape != y.shape:
         raise ValueError(f"scores {p.shape} and labels {y.shape} differ in shape")
     order = np.argsort(-p, kind="stable")
-    n_pos = _fixed_sequence(p[order], (1 - y[order]), target_precision, delta)
+    n_pos = _fixed_sequence(p[order], (1 - y[order]), target_precision, delta, starts)
     positive = float(p[order][n_pos - 1]) if n_pos else 1.0
     order = np.argsort(p, kind="stable")
-    n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta)
+    n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta, starts)
     negative = float(p[order][n_neg - 1]) if n_neg else 0.0
     if negative > positive:
         # Both sides certified yet overlapping: only possible when they share tied
         # scores; keep the SKIP side below PASS so LabelThresholds stays ordered.
         negative = positive
-    pos_mask, neg_mask = p >= positive, p <= negative
-    if not n_pos:
-        pos_mask = np.zeros_like(pos_mask)
-    if not n_neg:
-        neg_mask = np.zeros_like(neg_mask)
-    return ThresholdRecord(
-        positive=positive,
-        negative=negative,
+    # A certified side whose score is exactly 1.0 (0.0) would read as "decides nothing"
+    # in threshold_record; scores are clipped away from 0 and 1, so this cannot happen.
+    return threshold_record(
+        p, y, positive, negative, target_precision=target_precision, delta=delta
+    )
+
+
+@dataclass(frozen=True)
+class PooledThresholds:
+    """One certified threshold pair shared by every label, and how it does per label.
+
+    Attributes
+    ----------
+    pooled : ThresholdRecord
+        The pair certified on all (sample, label) decisions together; ``n`` is their count.
+    per_label : dict
+        ``{label: ThresholdRecord}`` with the shared pair and that label's own figures.
+    """
+
+    pooled: ThresholdRecord
+    per_label: dict[str, ThresholdRecord]
+
+
+def select_pooled_thresholds(
+    scores: Mapping[str, npt.ArrayLike],
+    labels: Mapping[str, npt.ArrayLike],
+    *,
+    target_precision: float = 0.99,
+    delta: float = 0.1,
+    starts: int = 1,
+) -> PooledThresholds:
+    """Certify one ``(positive, negative)`` pair on the decisions of all labels pooled.
+
+    Parameters
+    ----------
+    scores : mapping of str to array_like
+        Per label, shape ``(n_label,)`` calibrated validation probabilities; they must be
+        on one scale (e.g. temperature-scaled per label) for sharing a pair to make sense.
+    labels : mapping of str to array_like
+        Per label, shape ``(n_label,)`` 0/1 truths, same keys as ``scores``.
+    target_precision : float, default 0.99
+        Required precision of the pooled automatic label decisions.
+    delta : float, default 0.1
+        The guarantee holds with probability at least ``1 - delta``.
+    starts : int, default 1
+        Start points of the fixed-sequence test (see :func:`select_thresholds`).
+
+    Returns
+    -------
+    PooledThresholds
+        ``pooled.n`` is the number of pooled decisions.
+    """
+    if set(scores) != set(labels):
+        raise ValueError(f"scores labels {sorted(scores)} differ from truths {sorted(labels)}")
+    names = list(scores)
+    flat_scores = [np.asarray(scores[c], dtype=np.float64).ravel() for c in names]
+    flat_truths = [np.asarray(labels[c], dtype=np.int64).ravel() for c in names]
+    pooled = select_thresholds(
+        np.concatenate(flat_scores) if names else np.zeros(0),
+        np.concatenate(flat_truths) if names else np.zeros(0, dtype=np.int64),
         target_precision=target_precision,
         delta=delta,
-        achieved_precision_pos=float(y[pos_mask].mean()) if pos_mask.any() else 1.0,
-        achieved_precision_neg=float(1 - y[neg_mask].mean()) if neg_mask.any() else 1.0,
-        n_pos=int(pos_mask.sum()),
-        n_neg=int(neg_mask.sum()),
-        coverage=float((pos_mask | neg_mask).mean()) if p.size else 0.0,
+        starts=starts,
     )
+    per_label = {
+        c: threshold_record(
+            s, y, pooled.positive, pooled.negative, target_precision=target_precision, delta=delta
+        )
+        for c, s, y in zip(names, flat_scores, flat_truths, strict=True)
+    }
+    return PooledThresholds(pooled=pooled, per_label=per_label)
 
 
 def fallback_record(target_precision: float, delta: float) -> ThresholdRecord:
     """Thresholds that certify nothing: every decision goes to a human."""
-    return ThresholdRecord(1.0, 0.0, target_precision, delta, 1.0, 1.0, 0, 0, 0.0)
+    return ThresholdRecord(1.0, 0.0, target_precision, delta, 1.0, 1.0, 0, 0, 0.0, 0)

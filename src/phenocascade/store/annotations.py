@@ -13,6 +13,8 @@ Tables are designed around the queries they serve:
   already sorted partitions.
 * ``annotations_by_tier`` (clustered by ``created_at``) feeds retraining: "every label of
   tier T since time S"; ``annotations_by_image`` answers "every label of this image".
+  ``annotation_ids`` (written first, ``IF NOT EXISTS``) pins each annotation id to one
+  ``(tier, created_at)`` key, so a re-sent annotation is stored once whatever its clock.
 * ``users``: username -> bcrypt hash and role.
 
 Store functions are keyword-only, take an explicit session and return ``None`` (or an
@@ -117,6 +119,14 @@ _TABLES = (
         uri text,
         model_version text,
         PRIMARY KEY ((image_id), tier, created_at, annotation_id)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS annotation_ids (
+        annotation_id text PRIMARY KEY,
+        tier text,
+        image_id text,
+        created_at timestamp
     )
     """,
     """
@@ -538,8 +548,13 @@ def complete_task(
 
 
 # -- annotations ---------------------------------------------------------------------------
-def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> None:
+def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> bool:
     """Store one ``Annotation`` record in both annotation tables (idempotent per id).
+
+    The first write of an id claims it in ``annotation_ids`` (a lightweight transaction)
+    with its ``tier`` and ``created_at``. A later write of the same id (a replay, or a
+    producer re-sending with a new ``created_at``) goes to that first key, so it never
+    becomes a second label; it also repairs a row a crash left out.
 
     Parameters
     ----------
@@ -548,8 +563,26 @@ def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> None:
     annotation : Mapping
         An ``Annotation`` record: ``annotation_id, image_id, tier, annotator, labels, boxes,
         uri, model_version, created_at`` (datetime or epoch ms).
+
+    Returns
+    -------
+    bool
+        ``True`` if this call stored the id for the first time.
     """
+    tier, image_id = annotation["tier"], annotation["image_id"]
     created = _utc(annotation["created_at"])
+    claim = session.execute(
+        _prepare(
+            session,
+            "INSERT INTO annotation_ids (annotation_id, tier, image_id, created_at) "
+            "VALUES (?, ?, ?, ?) IF NOT EXISTS",
+        ),
+        (annotation["annotation_id"], tier, image_id, created),
+    )
+    first = bool(claim.was_applied)
+    if not first:
+        existing = claim.one()
+        tier, image_id, created = existing.tier, existing.image_id, _utc(existing.created_at)
     boxes = json.dumps([dict(b) for b in annotation["boxes"]])
     labels = list(annotation["labels"])
     for table in ("annotations_by_tier", "annotations_by_image"):
@@ -560,10 +593,10 @@ def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> None:
                 "labels, boxes, uri, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ),
             (
-                annotation["tier"],
+                tier,
                 created,
                 annotation["annotation_id"],
-                annotation["image_id"],
+                image_id,
                 annotation["annotator"],
                 labels,
                 boxes,
@@ -571,6 +604,7 @@ def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> None:
                 annotation["model_version"],
             ),
         )
+    return first
 
 
 def _row_to_annotation(row: Any) -> dict[str, Any]:

@@ -19,11 +19,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+)
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement
 
 from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
+from phenocascade.store import lineage
 from phenocascade.store.annotations import create_tables
 
 _TABLES = (
@@ -86,6 +94,13 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         auth_provider=auth,
         ssl_context=ssl_context,
         protocol_version=5,
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=TokenAwarePolicy(
+                    DCAwareRoundRobinPolicy(local_dc=settings.local_dc)
+                )
+            )
+        },
     )
     try:
         session = cluster.connect()
@@ -104,6 +119,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         for ddl in _TABLES:
             session.execute(ddl)
         create_tables(session)
+        lineage.create_tables(session)
     return session
 
 

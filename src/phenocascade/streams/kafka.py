@@ -28,7 +28,6 @@ def transactional_producer(kafka: KafkaSettings, transactional_id: str) -> Produ
                 "enable.idempotence": True,
                 "transaction.timeout.ms": 60000,
                 "linger.ms": 5,
-                "compression.type": "lz4",
                 "message.max.bytes": 16 * 1024 * 1024,
             }
         )
@@ -44,7 +43,6 @@ def plain_producer(kafka: KafkaSettings) -> Producer:
             **{
                 "enable.idempotence": True,
                 "linger.ms": 5,
-                "compression.type": "lz4",
                 "message.max.bytes": 16 * 1024 * 1024,
             }
         )

@@ -1,5 +1,11 @@
 """Built-in backends; importing this package registers each of them by name."""
 
-from phenocascade.models.backends import multilabel_cnn, quality_cnn, torchvision_detector, yolo
+from phenocascade.models.backends import (
+    multilabel_cnn,
+    nucleus_outlier,
+    quality_cnn,
+    torchvision_detector,
+    yolo,
+)
 
-__all__ = ["multilabel_cnn", "quality_cnn", "torchvision_detector", "yolo"]
+__all__ = ["multilabel_cnn", "nucleus_outlier", "quality_cnn", "torchvision_detector", "yolo"]

@@ -20,7 +20,7 @@ from phenocascade.domain import DecodedImage, LabelThresholds, Sample, StageKind
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
 from phenocascade.models.base import ArtifactMeta
-from phenocascade.models.calibration import sigmoid
+from phenocascade.models.calibration import SCORE_CLIP, sigmoid
 from phenocascade.models.nets import build_classifier
 from phenocascade.models.preprocess import (
     IMAGENET_MEAN,
@@ -37,10 +37,6 @@ from phenocascade.models.thresholds import fallback_record
 from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
 
 Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
-
-# Scores are kept this far from 0 and 1 so the certify-nothing fallback thresholds (1.0 and
-# 0.0) can never be met by a saturated sigmoid.
-SCORE_CLIP = 1e-6
 
 
 class ImageClassifier:

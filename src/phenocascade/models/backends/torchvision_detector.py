@@ -59,7 +59,15 @@ class TorchvisionDetector:
     score_floor : float, default 0.01
         Raw scores below this are never returned.
     detections_per_image : int, default 100
-        Upper bound on boxes per image.
+        Upper bound on boxes per image; the region proposals kept at inference follow it
+        (``max(150, 2 * detections_per_image)``), so crowded images are not cut short.
+    freeze_backbone : bool, default False
+        Keep the pretrained ImageNet body fixed and train only the FPN and the heads:
+        about a third less time per step, so more steps fit a CPU budget.
+    crop_size : int or None, default None
+        Train on random ``crop_size`` squares of the resized images (boxes clipped; a box
+        keeping under half its area is dropped) instead of whole images: a step costs
+        less, so more steps fit a budget. ``None`` trains on whole images.
     """
 
     kind = StageKind.DETECTOR
@@ -79,6 +87,8 @@ class TorchvisionDetector:
         weight_decay: float = 1e-4,
         score_floor: float = 0.01,
         detections_per_image: int = 100,
+        freeze_backbone: bool = False,
+        crop_size: int | None = None,
     ) -> None:
         self.backbone = backbone
         self.pretrained = pretrained
@@ -90,6 +100,8 @@ class TorchvisionDetector:
         self.weight_decay = weight_decay
         self.score_floor = score_floor
         self.detections_per_image = detections_per_image
+        self.freeze_backbone = freeze_backbone
+        self.crop_size = crop_size
 
     def get_config(self) -> dict[str, Any]:
         """Return the constructor arguments (stored in the artifact)."""
@@ -104,6 +116,8 @@ class TorchvisionDetector:
             "weight_decay": self.weight_decay,
             "score_floor": self.score_floor,
             "detections_per_image": self.detections_per_image,
+            "freeze_backbone": self.freeze_backbone,
+            "crop_size": self.crop_size,
         }
 
     @property
@@ -128,23 +142,27 @@ class TorchvisionDetector:
         # Frozen batch norm keeps ImageNet statistics whenever the config is pretrained,
         # also when rebuilding for load() (which reads no ImageNet file).
         body = build_fpn_backbone(self.backbone, pretrained, frozen_bn=self.pretrained is not None)
+        if self.freeze_backbone:
+            for parameter in body.body.parameters():
+                parameter.requires_grad_(False)
         levels = len(self.anchor_sizes)
         anchors = AnchorGenerator(
             sizes=tuple((s,) for s in self.anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * levels
         )
         # A slimmer box head and fewer sampled proposals than torchvision's defaults (1024-d
-        # head, 2000 proposals, 512 RoIs): few, sparse objects per image need no more, and
-        # CPU training gets several times faster.
+        # head, 2000 proposals, 512 RoIs): CPU training gets several times faster. Inference
+        # keeps enough proposals for every box the caller allows.
         head = TwoMLPHead(body.out_channels * 7 * 7, 256)
-        return FasterRCNN(
+        proposals = max(150, 2 * self.detections_per_image)
+        model = FasterRCNN(
             body,
             rpn_anchor_generator=anchors,
             box_head=head,
             box_predictor=FastRCNNPredictor(256, n_classes + 1),  # class 0 is background
             rpn_pre_nms_top_n_train=600,
             rpn_post_nms_top_n_train=300,
-            rpn_pre_nms_top_n_test=300,
-            rpn_post_nms_top_n_test=150,
+            rpn_pre_nms_top_n_test=2 * proposals,
+            rpn_post_nms_top_n_test=proposals,
             rpn_batch_size_per_image=128,
             box_batch_size_per_image=128,
             box_roi_pool=MultiScaleRoIAlign(
@@ -157,6 +175,10 @@ class TorchvisionDetector:
             box_score_thresh=self.score_floor,
             box_detections_per_img=self.detections_per_image,
         )
+        # _prepare() already resizes training images the way the transform would; skipping
+        # the transform's own resize keeps random crops at their resized scale.
+        model.transform._skip_resize = True
+        return model
 
     def _scale(self, h: int, w: int) -> float:
         return min(self.min_size / min(h, w), self.max_size / max(h, w))
@@ -187,6 +209,34 @@ class TorchvisionDetector:
             "labels": torch.tensor(labels, dtype=torch.int64),
         }
         return image, target
+
+    def _crop(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cut a random ``crop_size`` square; keep boxes with at least half their area inside."""
+        _, h, w = image.shape
+        side = self.crop_size
+        if side is None or (h <= side and w <= side):
+            return image, target
+        y0 = int(torch.randint(0, max(1, h - side + 1), (1,), generator=generator))
+        x0 = int(torch.randint(0, max(1, w - side + 1), (1,), generator=generator))
+        crop = image[:, y0 : y0 + side, x0 : x0 + side]
+        boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        clipped = torch.stack(
+            [
+                boxes[:, 0].clamp(0, crop.shape[2]),
+                boxes[:, 1].clamp(0, crop.shape[1]),
+                boxes[:, 2].clamp(0, crop.shape[2]),
+                boxes[:, 3].clamp(0, crop.shape[1]),
+            ],
+            dim=1,
+        )
+
+        def area(b: torch.Tensor) -> torch.Tensor:
+            return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+        keep = area(clipped) >= 0.5 * area(boxes).clamp(min=1e-6)
+        return crop, {"boxes": clipped[keep], "labels": target["labels"][keep]}
 
     @staticmethod
     def _flip(
@@ -260,9 +310,13 @@ class TorchvisionDetector:
             loss_dict: dict[str, torch.Tensor] = model(images, targets)
             return sum(loss_dict.values(), torch.zeros((), device=device))
 
+        def augment(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            image, target = self._crop(train_data[i][0], train_data[i][1], generator)
+            return self._flip(image, target, generator)
+
         def epoch_batches(_epoch: int) -> list[list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
             return [
-                [self._flip(train_data[i][0], train_data[i][1], generator) for i in idx]
+                [augment(int(i)) for i in idx]
                 for idx in batched(rng.permutation(len(train_data)), self.batch_size)
             ]
 
@@ -406,17 +460,36 @@ class TorchvisionDetector:
         return meta
 
     @classmethod
+    def restore(
+        cls,
+        config: Mapping[str, Any],
+        classes: Sequence[str],
+        state: Mapping[str, Any],
+        device: str = "cpu",
+    ) -> Self:
+        """Rebuild a trained network from its config, classes and state dict (no ImageNet file).
+
+        Calibration is left neutral (temperature 1.0, fallback thresholds).
+        """
+        config = dict(config)
+        config["anchor_sizes"] = tuple(config.get("anchor_sizes", (16, 32, 64, 128)))
+        stage = cls(**config)
+        stage.classes_ = list(classes)
+        model = stage._build(len(stage.classes_), None)
+        model.load_state_dict(dict(state))
+        stage.model_ = model.to(device).eval()
+        stage.device_ = device
+        stage.temperature_ = {label: 1.0 for label in stage.classes_}
+        fallback = fallback_record(0.99, 0.1).as_dict()
+        stage.thresholds_ = {label: dict(fallback) for label in stage.classes_}
+        return stage
+
+    @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Self:
         """Rebuild a trained detector from an artifact folder (``weights_only=True``)."""
         meta = artifact.read_meta(folder, cls.model_name)
-        config = dict(meta.config)
-        config["anchor_sizes"] = tuple(config.get("anchor_sizes", (16, 32, 64, 128)))
-        stage = cls(**config)
-        stage.classes_ = list(meta.classes)
-        model = stage._build(len(meta.classes), None)
-        model.load_state_dict(artifact.load_weights(folder, device="cpu"))
-        stage.model_ = model.to(device).eval()
-        stage.device_ = device
+        state = artifact.load_weights(folder, device="cpu")
+        stage = cls.restore(meta.config, meta.classes, state, device)
         stage.temperature_ = dict(meta.calibration.get("temperature", {}))
         stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
         stage.version_ = meta.version

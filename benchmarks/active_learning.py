@@ -1,0 +1,422 @@
+"""Active learning: labels picked by the cascade's uncertainty routing vs at random.
+
+Simulated experts label images with the shared datasets' ground truth. For the quality
+gate and the majority classifier, and for each seed, both strategies start from the same
+random seed set and then run rounds of ``k`` labels:
+
+* ``uncertainty``: the ``k`` unlabelled pool images whose calibrated prediction is least
+  sure, i.e. the highest annotate-queue priority
+  (:func:`phenocascade.streams.events.uncertainty`, the priority tier workers give an
+  ``AnnotationRequest``);
+* ``random``: ``k`` unlabelled pool images drawn uniformly.
+
+Each round uses the real loop pieces: the labels go as ``Annotation`` events to a
+namespaced annotations topic on the local Kafka, are read back and turned into samples by
+the retraining consumer's :func:`~phenocascade.consumers.retrainer.annotation_samples`
+(holdout images are refused there), and a model is trained from scratch on all labels so
+far and scored on the fixed holdout by :class:`~phenocascade.learning.RecipeTrainer`,
+the retraining consumer's trainer (calibration and thresholds re-fitted on the holdout).
+Training is tiny: MobileNetV2 (offline ImageNet weights) at ``--input-size`` px, a few
+epochs, images pre-shrunk to at most 256 px so two CPU cores finish in minutes.
+
+``labels_to_95pct`` is the smallest number of labels at which the mean curve reaches 95 %
+of the full-data metric (the same budget trained once per seed on every pool label);
+``null`` if no round reaches it.
+
+Usage::
+
+    .venv/bin/python benchmarks/active_learning.py [--seeds 0 1 2] [--rounds 4]
+
+Writes ``benchmarks/results/active_learning.json`` (``{tier: {strategy: {labels_to_95pct,
+curve: [[labels, mean, std], ...], seeds}}, command}``), ``active_learning.png`` and
+``active_learning_details.json`` (per-seed curves, full-data metrics, sizes, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+from phenocascade.config import Settings, Topology, get_settings, load_topology
+from phenocascade.consumers.retrainer import annotation_samples, newest_per_image
+from phenocascade.data.datasets import (
+    DSB_MAJORITY_CLASSES,
+    QUALITY_CLASS,
+    dsb2018_majority,
+    quality_set,
+)
+from phenocascade.data.labelled import load_pixels
+from phenocascade.domain import DecodedImage, Sample
+from phenocascade.infra.local import up
+from phenocascade.learning import TIER_METRICS, Budget, RecipeTrainer
+from phenocascade.models.base import load_stage
+from phenocascade.streams import events
+from phenocascade.streams.kafka import create_topics, plain_producer
+from phenocascade.streams.scan import scan_topic
+from phenocascade.streams.serde import EventCodec
+
+RESULTS = Path(__file__).parent / "results"
+STRATEGIES = ("uncertainty", "random")
+MAX_SIDE = 256
+log = logging.getLogger("active_learning")
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """Pool, holdout and round sizes of one tier."""
+
+    tier: str
+    pool: tuple[Sample, ...]
+    holdout: tuple[Sample, ...]
+    initial: int
+    k: int
+
+
+def shrink(sample: Sample, folder: Path) -> Sample:
+    """Write the sample's pixels (degradation applied) at most 256 px wide as a PNG file.
+
+    The networks see 96-128 px anyway; smaller files make the many re-trainings cheap.
+    Returns the sample pointing at the file, with no degradation left to apply.
+    """
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in sample.image_id)
+    path = folder / f"{name}.png"
+    if not path.is_file():
+        pixels = load_pixels(sample)
+        if pixels.dtype != np.uint8:
+            raise ValueError(f"{sample.image_id}: expected 8-bit pixels, got {pixels.dtype}")
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+        image.save(path)
+    return replace(sample, path=path, degradation="", seed=0)
+
+
+def plans(settings: Settings, work: Path, pool_size: int) -> list[TierPlan]:
+    """Build the quality and majority pools (train split) and holdouts (val split)."""
+    root = settings.datasets
+    folder = work / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    # Quality: every source gives a clear original and two severely degraded copies.
+    q_pool = quality_set(root, "train", max_sources=pool_size // 3).samples
+    q_hold = quality_set(root, "val", max_sources=40).samples
+    majority = dsb2018_majority(root, "train").samples
+    rng = np.random.default_rng(0)
+    m_pool = tuple(majority[i] for i in sorted(rng.choice(len(majority), pool_size, replace=False)))
+    m_hold = dsb2018_majority(root, "val").samples
+    return [
+        TierPlan(
+            "quality",
+            tuple(shrink(s, folder) for s in q_pool),
+            tuple(shrink(s, folder) for s in q_hold),
+            initial=16,
+            k=16,
+        ),
+        TierPlan(
+            "majority",
+            tuple(shrink(s, folder) for s in m_pool),
+            tuple(shrink(s, folder) for s in m_hold),
+            initial=16,
+            k=24,
+        ),
+    ]
+
+
+class Experts:
+    """Simulated experts: label pool images with ground truth as ``Annotation`` events."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.settings = settings
+        self.topic = topology.annotations_topic
+        self.codec = EventCodec()
+        self.producer = plain_producer(settings.kafka)
+
+    def label(self, run: str, tier: str, samples: Sequence[Sample]) -> None:
+        """Produce one annotation per sample (annotator = the run's name)."""
+        for s in samples:
+            record = {
+                "annotation_id": uuid.uuid4().hex,
+                "image_id": s.image_id,
+                "tier": tier,
+                "annotator": run,
+                "labels": sorted(s.labels),
+                "boxes": [],
+                "uri": str(s.path),
+                "model_version": "",
+                "created_at": events.now_ms(),
+            }
+            self.producer.produce(
+                self.topic, key=s.image_id.encode(), value=self.codec.encode("Annotation", record)
+            )
+        if self.producer.flush(30):
+            raise RuntimeError("Kafka did not acknowledge the annotations")
+
+    def read(self, run: str) -> list[dict[str, Any]]:
+        """Read back every annotation of ``run`` from the topic."""
+        found = []
+        for _, value in scan_topic(self.settings.kafka, self.topic):
+            _, record = self.codec.decode(value, expected="Annotation")
+            if record["annotator"] == run:
+                found.append(record)
+        return found
+
+
+def train_on_annotations(
+    trainer: RecipeTrainer, experts: Experts, run: str, plan: TierPlan, classes: Sequence[str]
+) -> tuple[str, float]:
+    """Train a model on every annotation of ``run``; return its version and holdout metric."""
+    newest, _ = newest_per_image(experts.read(run))
+    samples, excluded = annotation_samples(
+        newest,
+        classes=classes,
+        holdout_keys=trainer.holdout_keys(plan.tier),
+        roots=[Path(str(plan.pool[0].path)).parent],
+        inline_bytes=lambda _: None,
+        cache_dir=trainer.settings.home / "inline",
+    )
+    if excluded:
+        raise RuntimeError(f"{run}: annotations left out unexpectedly: {excluded}")
+    challenger = trainer.train(plan.tier, extra_samples=samples, parent_version="")
+    return challenger.version, challenger.metrics[TIER_METRICS[plan.tier]]
+
+
+def pick(
+    strategy: str,
+    version: str,
+    plan: TierPlan,
+    labelled: set[int],
+    pixels: list[DecodedImage],
+    settings: Settings,
+    rng: np.random.Generator,
+) -> list[int]:
+    """Choose the next ``k`` pool indices by ``strategy``."""
+    unlabelled = [i for i in range(len(plan.pool)) if i not in labelled]
+    if strategy == "random":
+        return [int(i) for i in rng.choice(unlabelled, min(plan.k, len(unlabelled)), replace=False)]
+    stage = load_stage(settings.artifacts, plan.tier, version)
+    outputs = stage.predict([pixels[i] for i in unlabelled])
+    priority = np.array([events.uncertainty(o) for o in outputs])
+    # Most uncertain first, as the annotate queue serves them; ties by pool order.
+    order = np.argsort(-priority, kind="stable")
+    return [unlabelled[int(j)] for j in order[: plan.k]]
+
+
+def run_tier(
+    plan: TierPlan,
+    *,
+    settings: Settings,
+    experts: Experts,
+    seeds: Sequence[int],
+    rounds: int,
+    budget: Budget,
+    tag: str,
+) -> dict[str, Any]:
+    """Run both strategies and the full-data reference for every seed of one tier."""
+    pixels = [DecodedImage(s.image_id, load_pixels(s)) for s in plan.pool]
+    classes = [QUALITY_CLASS] if plan.tier == "quality" else list(DSB_MAJORITY_CLASSES)
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {s: {} for s in STRATEGIES}
+    full: dict[int, float] = {}
+    for seed in seeds:
+        trainer = RecipeTrainer(
+            settings,
+            budget=replace(budget, seed=seed),
+            base={plan.tier: ()},
+            holdout={plan.tier: plan.holdout},
+        )
+        rng = np.random.default_rng(seed)
+        initial = [int(i) for i in rng.choice(len(plan.pool), plan.initial, replace=False)]
+        # Round 0 is the same for both strategies: train it once.
+        start_run = f"{tag}-{plan.tier}-s{seed}-start"
+        experts.label(start_run, plan.tier, [plan.pool[i] for i in initial])
+        v0, m0 = train_on_annotations(trainer, experts, start_run, plan, classes)
+        log.info("%s seed %d: %d labels -> %.4f", plan.tier, seed, len(initial), m0)
+        for strategy in STRATEGIES:
+            run = f"{tag}-{plan.tier}-s{seed}-{strategy}"
+            experts.label(run, plan.tier, [plan.pool[i] for i in initial])
+            labelled, version, metric = set(initial), v0, m0
+            curve = [(len(labelled), m0)]
+            pick_rng = np.random.default_rng(seed + 1000)
+            for _ in range(rounds):
+                chosen = pick(strategy, version, plan, labelled, pixels, settings, pick_rng)
+                if version != v0:
+                    shutil.rmtree(settings.artifacts / plan.tier / version)
+                experts.label(run, plan.tier, [plan.pool[i] for i in chosen])
+                labelled |= set(chosen)
+                version, metric = train_on_annotations(trainer, experts, run, plan, classes)
+                curve.append((len(labelled), metric))
+                log.info(
+                    "%s seed %d %s: %d labels -> %.4f",
+                    plan.tier,
+                    seed,
+                    strategy,
+                    len(labelled),
+                    metric,
+                )
+            shutil.rmtree(settings.artifacts / plan.tier / version)
+            curves[strategy][seed] = curve
+        shutil.rmtree(settings.artifacts / plan.tier / v0)
+        full_run = f"{tag}-{plan.tier}-s{seed}-full"
+        experts.label(full_run, plan.tier, plan.pool)
+        vf, full[seed] = train_on_annotations(trainer, experts, full_run, plan, classes)
+        shutil.rmtree(settings.artifacts / plan.tier / vf)
+        log.info("%s seed %d: all %d labels -> %.4f", plan.tier, seed, len(plan.pool), full[seed])
+    return {"curves": curves, "full": full}
+
+
+def summarise(raw: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """Mean/std curves and labels_to_95pct per strategy."""
+    target = 0.95 * float(np.mean(list(raw["full"].values())))
+    out: dict[str, Any] = {}
+    for strategy in STRATEGIES:
+        per_seed = [raw["curves"][strategy][s] for s in seeds]
+        labels = [n for n, _ in per_seed[0]]
+        values = np.array([[m for _, m in c] for c in per_seed])
+        curve = [
+            [int(n), float(values[:, j].mean()), float(values[:, j].std())]
+            for j, n in enumerate(labels)
+        ]
+        reached = [n for n, mean, _ in curve if mean >= target]
+        out[strategy] = {
+            "labels_to_95pct": reached[0] if reached else None,
+            "curve": curve,
+            "seeds": list(seeds),
+        }
+    return out
+
+
+def plot(results: dict[str, Any], details: dict[str, Any], path: Path) -> None:
+    """One panel per tier: metric vs labels, mean +- std over seeds, and the 95 % target."""
+    tiers = [t for t in results if t != "command"]
+    fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4))
+    for ax, tier in zip(np.atleast_1d(axes), tiers, strict=True):
+        for strategy, colour in zip(STRATEGIES, ("C0", "C1"), strict=True):
+            curve = np.array(results[tier][strategy]["curve"])
+            ax.plot(curve[:, 0], curve[:, 1], "o-", color=colour, label=strategy)
+            ax.fill_between(
+                curve[:, 0],
+                curve[:, 1] - curve[:, 2],
+                curve[:, 1] + curve[:, 2],
+                color=colour,
+                alpha=0.2,
+            )
+        full = details[tier]["full_data_metric_mean"]
+        ax.axhline(full, color="k", lw=1, label=f"all {details[tier]['pool']} labels")
+        ax.axhline(0.95 * full, color="k", lw=1, ls="--", label="95 % of that")
+        ax.set(
+            xlabel="expert labels",
+            ylabel=f"holdout {details[tier]['metric']}",
+            title=f"{tier} ({len(results[tier]['uncertainty']['seeds'])} seeds)",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="acquisition rounds after the seed set"
+    )
+    parser.add_argument("--pool", type=int, default=240, help="pool images per tier")
+    parser.add_argument("--input-size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--tiers", nargs="+", default=["quality", "majority"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("phenocascade.recipes", "phenocascade.models"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+
+    base = get_settings()
+    up(base, services=("kafka",))
+    tag = f"al{uuid.uuid4().hex[:6]}"
+    topology = load_topology().namespaced(f"{tag}-")
+    create_topics(base.kafka, topology)
+    work = Path(tempfile.mkdtemp(prefix="phenocascade-al-"))
+    settings = base.model_copy(
+        update={"artifacts": work / "artifacts", "home": work / "home", "allowed_roots": [work]}
+    )
+    # Early stopping looks at 32 holdout images; calibration and the metric use all of it.
+    budget = Budget(
+        max_epochs=args.epochs,
+        max_val_fit=32,
+        config={"input_size": args.input_size, "batch_size": 16},
+    )
+    experts = Experts(settings, topology)
+    results: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    try:
+        for plan in plans(settings, work, args.pool):
+            if plan.tier not in args.tiers:
+                continue
+            tier_started = time.time()
+            raw = run_tier(
+                plan,
+                settings=settings,
+                experts=experts,
+                seeds=args.seeds,
+                rounds=args.rounds,
+                budget=budget,
+                tag=tag,
+            )
+            results[plan.tier] = summarise(raw, args.seeds)
+            details[plan.tier] = {
+                "metric": TIER_METRICS[plan.tier],
+                "pool": len(plan.pool),
+                "holdout": len(plan.holdout),
+                "initial_labels": plan.initial,
+                "k": plan.k,
+                "full_data_metric": {str(s): m for s, m in raw["full"].items()},
+                "full_data_metric_mean": float(np.mean(list(raw["full"].values()))),
+                "per_seed": {
+                    strategy: {str(s): c for s, c in raw["curves"][strategy].items()}
+                    for strategy in STRATEGIES
+                },
+                "seconds": round(time.time() - tier_started, 1),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = " ".join(
+        [".venv/bin/python", "benchmarks/active_learning.py", *map(shlex.quote, sys.argv[1:])]
+    )
+    results["command"] = command
+    details["command"] = command
+    details["budget"] = {
+        "epochs": args.epochs,
+        "input_size": args.input_size,
+        "batch_size": 16,
+        "early_stopping_holdout_images": 32,
+    }
+    details["seconds"] = round(time.time() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "active_learning.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "active_learning_details.json").write_text(json.dumps(details, indent=2) + "\n")
+    plot(results, details, args.out / "active_learning.png")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

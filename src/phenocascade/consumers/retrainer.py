@@ -1,0 +1,665 @@
+"""The retraining consumer: expert annotations in, challengers trained, better models promoted.
+
+One consumer group (``phenocascade-retrainer``) reads ``Annotation`` events from the
+``annotations`` topic and stores each in Cassandra
+(:func:`~phenocascade.store.annotations.save_annotation`, idempotent per annotation id), so
+the store holds every annotation, those of the browser app and those of third-party
+producers alike. Offsets are committed after the writes (a replay changes nothing).
+
+Per tier it counts the annotations that no retraining has considered yet. When a tier has
+``every`` of them (or on demand, :meth:`Retrainer.retrain`), a challenger is trained in a
+background thread, so annotations keep being stored meanwhile:
+
+1. every annotation of the tier so far becomes a training :class:`~phenocascade.domain.Sample`
+   (the newest per image wins; pixels from the URI under the allowed roots, or the inline
+   bytes kept in the task row); annotations of images that are in the tier's fixed
+   holdout, or that cannot be used, are left out and logged with their reason;
+2. a :class:`ChallengerTrainer` trains the challenger on the tier's base training data
+   plus those samples, re-fitting its calibration and thresholds, and scores it on the
+   holdout; the champion is scored on the same holdout;
+3. the challenger is promoted only if its deciding metric is strictly better: it becomes
+   ``CHAMPION``, a ``ModelPromoted`` event (keyed by tier) goes to the compacted ``models``
+   topic, which tier workers read between batches, and
+4. every attempt (promoted, rejected or failed) is recorded in the lineage tables
+   (:mod:`phenocascade.store.lineage`).
+
+The loop knows nothing about models beyond the :class:`ChallengerTrainer` protocol; the
+command line wires in :class:`phenocascade.learning.RecipeTrainer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from cassandra.cluster import Session
+from confluent_kafka import Consumer, Message, Producer
+from prometheus_client import Counter
+
+from phenocascade.config import Settings, TierSpec, Topology
+from phenocascade.consumers.annotation_sink import AnnotationSink
+from phenocascade.domain import Box, Sample
+from phenocascade.errors import (
+    ArtifactError,
+    BadInputError,
+    ConfigError,
+    InfraError,
+    PhenocascadeError,
+)
+from phenocascade.imaging import resolve_under_roots
+from phenocascade.models.base import ArtifactMeta, champion_version, set_champion
+from phenocascade.store.annotations import annotations_by_tier, get_task, save_annotation
+from phenocascade.store.cassandra import connect
+from phenocascade.store.lineage import (
+    FAILED,
+    PROMOTED,
+    REJECTED,
+    lineage_by_tier,
+    save_lineage,
+)
+from phenocascade.streams import events
+from phenocascade.streams.kafka import group_consumer, plain_producer
+from phenocascade.streams.scan import scan_topic
+from phenocascade.streams.serde import EventCodec
+
+log = logging.getLogger(__name__)
+
+RETRAINER_GROUP = "phenocascade-retrainer"
+RETRAINER_NAME = "retrainer"
+HOLDOUT_REASON = "image is in the tier's fixed holdout"
+
+ANNOTATIONS = Counter("phenocascade_retrainer_annotations_total", "Annotations stored", ["tier"])
+ATTEMPTS = Counter("phenocascade_retrainer_attempts_total", "Retrainings", ["tier", "decision"])
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A trained, calibrated, saved (not promoted) model and its holdout metrics.
+
+    Attributes
+    ----------
+    version : str
+        Artifact version under ``<artifacts>/<tier>/``.
+    metrics : dict of str to float
+        Metrics on the tier's fixed holdout.
+    """
+
+    version: str
+    metrics: dict[str, float]
+
+
+class ChallengerTrainer(Protocol):
+    """What the retrainer needs from a training recipe.
+
+    ``tier`` is an artifact name (``TierSpec.artifact``); versions live under
+    ``<artifacts>/<tier>/``.
+    """
+
+    def metric(self, tier: str) -> str:
+        """Name of the holdout metric (higher is better) that decides a promotion."""
+        ...
+
+    def holdout_keys(self, tier: str) -> frozenset[str]:
+        """SHA-256 hex digests of the bytes of every image in the tier's fixed holdout."""
+        ...
+
+    def train(
+        self, tier: str, *, extra_samples: Sequence[Sample], parent_version: str
+    ) -> Challenger:
+        """Train, calibrate and save a challenger on the base data plus ``extra_samples``."""
+        ...
+
+    def evaluate(self, tier: str, version: str) -> dict[str, float]:
+        """Metrics of a saved version on the tier's fixed holdout."""
+        ...
+
+
+@dataclass
+class Outcome:
+    """What one retraining attempt did (also its lineage record)."""
+
+    tier: str
+    version: str
+    parent_version: str
+    decision: str
+    reason: str
+    trigger: str
+    metric: str
+    metrics: dict[str, float]
+    parent_metrics: dict[str, float]
+    annotation_ids: list[str]
+    excluded: dict[str, str]
+    started_at: datetime
+    finished_at: datetime
+
+    def record(self) -> dict[str, Any]:
+        """Return the lineage record (see :func:`phenocascade.store.lineage.save_lineage`)."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class RetrainerStats:
+    """Counts of one retrainer run."""
+
+    messages: int = 0
+    stored: int = 0
+    dead_letters: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def image_key(data: bytes) -> str:
+    """Return the identity of an image's bytes (SHA-256 hex), used to recognise holdout images."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def newest_per_image(
+    annotations: Iterable[Mapping[str, Any]],
+) -> tuple[list[Mapping[str, Any]], dict[str, str]]:
+    """Keep the newest annotation of each image; return it and ``{superseded id: reason}``."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    superseded: dict[str, str] = {}
+    for a in sorted(annotations, key=lambda a: (a["created_at"], a["annotation_id"])):
+        old = newest.get(a["image_id"])
+        if old is not None:
+            superseded[old["annotation_id"]] = f"superseded by {a['annotation_id']}"
+        newest[a["image_id"]] = a
+    return list(newest.values()), superseded
+
+
+def annotation_samples(
+    annotations: Iterable[Mapping[str, Any]],
+    *,
+    classes: Sequence[str],
+    holdout_keys: frozenset[str],
+    roots: Sequence[Path],
+    inline_bytes: Callable[[Mapping[str, Any]], bytes | None],
+    cache_dir: Path,
+) -> tuple[list[Sample], dict[str, str]]:
+    """Turn annotations into training samples; say why each one left out was left out.
+
+    Parameters
+    ----------
+    annotations : iterable of Mapping
+        ``Annotation`` records of one tier (the newest per image, see
+        :func:`newest_per_image`).
+    classes : sequence of str
+        The tier's classes; an annotation naming another label is left out.
+    holdout_keys : frozenset of str
+        :func:`image_key` of every holdout image; annotations of those are left out, so the
+        holdout never receives training labels.
+    roots : sequence of pathlib.Path
+        Allowed roots: a URI outside them is left out (as a worker would dead-letter it).
+    inline_bytes : callable
+        ``annotation -> bytes or None``: the pixels of an image that has no URI (the task
+        row's inline bytes); ``None`` leaves the annotation out.
+    cache_dir : pathlib.Path
+        Where inline images are written (named by their key) so training reads them from
+        a file like any other sample.
+
+    Returns
+    -------
+    samples : list of Sample
+        ``image_id`` and ``path`` of the image, ``labels`` the annotated labels, ``boxes``
+        the annotated boxes ``[x_min, y_min, x_max, y_max]`` in pixels (half-open).
+    excluded : dict of str to str
+        ``{annotation_id: reason}`` of the annotations left out.
+    """
+    known = set(classes)
+    samples: list[Sample] = []
+    excluded: dict[str, str] = {}
+    for a in annotations:
+        aid = a["annotation_id"]
+        labels = set(a["labels"]) | {b["label"] for b in a["boxes"]}
+        unknown = sorted(labels - known)
+        if unknown:
+            excluded[aid] = f"labels {unknown} are not classes of the model {sorted(known)}"
+            continue
+        try:
+            if a["uri"]:
+                path = resolve_under_roots(a["uri"], roots)
+                data = path.read_bytes()
+            else:
+                inline = inline_bytes(a)
+                if inline is None:
+                    excluded[aid] = "no URI and no inline bytes in the annotation task"
+                    continue
+                data = inline
+                path = cache_dir / f"{image_key(inline)}.img"
+                if not path.is_file():
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(inline)
+        except BadInputError as exc:
+            excluded[aid] = str(exc)
+            continue
+        except OSError as exc:
+            excluded[aid] = f"cannot read {a['uri']}: {exc.strerror}"
+            continue
+        if image_key(data) in holdout_keys:
+            excluded[aid] = HOLDOUT_REASON
+            continue
+        boxes = tuple(
+            Box(b["x_min"], b["y_min"], b["x_max"], b["y_max"], b["label"], 1.0) for b in a["boxes"]
+        )
+        samples.append(
+            Sample(
+                image_id=a["image_id"],
+                path=path,
+                labels=frozenset(labels),
+                boxes=boxes,
+                group=a["image_id"],
+            )
+        )
+    return samples, excluded
+
+
+class Retrainer:
+    """Consume ``Annotation`` events, store them, and retrain tiers as labels accumulate.
+
+    Parameters
+    ----------
+    settings : Settings
+        Kafka and Cassandra settings, the artifacts folder (shared with the tier workers),
+        the allowed roots and ``home`` (inline images are cached under
+        ``home/retraining/inline``).
+    topology : Topology
+        Names the annotations, models and dead-letter topics and the tiers.
+    trainer : ChallengerTrainer
+        Trains and scores challengers.
+    every : int or None, default None
+        Retrain a tier once this many of its annotations are new to retraining; ``None``
+        retrains only on demand.
+    tiers : sequence of str or None, default None
+        Topology tier names that may be retrained (default: all). Annotations of every
+        tier are stored regardless.
+    session : cassandra.cluster.Session or None, default None
+        Cassandra session; ``None`` connects with ``settings.cassandra``.
+    group : str, default "phenocascade-retrainer"
+        Consumer group id.
+    batch_size : int, default 64
+        Most messages handled per commit.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        topology: Topology,
+        trainer: ChallengerTrainer,
+        every: int | None = None,
+        tiers: Sequence[str] | None = None,
+        session: Session | None = None,
+        group: str = RETRAINER_GROUP,
+        batch_size: int = 64,
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.settings = settings
+        self.topology = topology
+        self.trainer = trainer
+        self.every = every
+        self.specs: dict[str, TierSpec] = {
+            t.name: t for t in topology.tiers if tiers is None or t.name in tiers
+        }
+        self.group = group
+        self.batch_size = batch_size
+        self.codec = EventCodec()
+        self.stats = RetrainerStats()
+        self._session = session
+        self._tiers = {t.name for t in topology.tiers}
+        self._lock = threading.Lock()
+        self._seen: dict[str, set[str]] = {}
+        self._considered: dict[str, set[str]] = {}
+        self._producer: Producer | None = None
+
+    # -- connections -----------------------------------------------------------------------
+    @property
+    def session(self) -> Session:
+        """The Cassandra session (connected on first use)."""
+        if self._session is None:
+            self._session = connect(self.settings.cassandra)
+        return self._session
+
+    @property
+    def producer(self) -> Producer:
+        """The producer of ``ModelPromoted`` events and dead letters (created on first use)."""
+        if self._producer is None:
+            self._producer = plain_producer(self.settings.kafka)
+        return self._producer
+
+    # -- counting --------------------------------------------------------------------------
+    def _load_counts(self, tier: str) -> None:
+        """Read which annotations of ``tier`` exist and which the last attempt considered."""
+        seen = {a["annotation_id"] for a in annotations_by_tier(session=self.session, tier=tier)}
+        last = lineage_by_tier(session=self.session, tier=tier, limit=1)
+        considered = set(last[0]["annotation_ids"]) | set(last[0]["excluded"]) if last else set()
+        with self._lock:
+            self._seen[tier] = seen
+            self._considered[tier] = considered
+
+    def pending(self, tier: str) -> int:
+        """Return how many stored annotations of ``tier`` no retraining has considered yet."""
+        if tier not in self._seen:
+            self._load_counts(tier)
+        with self._lock:
+            return len(self._seen[tier] - self._considered[tier])
+
+    # -- storing ---------------------------------------------------------------------------
+    def _annotation(self, msg: Message) -> dict[str, Any]:
+        _, annotation = self.codec.decode(msg.value(), expected="Annotation")
+        if annotation["tier"] not in self._tiers:
+            raise BadInputError(
+                f"annotation {annotation['annotation_id']} of image {annotation['image_id']} "
+                f"names tier {annotation['tier']!r}, which the topology does not have "
+                f"({sorted(self._tiers)}); fix the producer's topology"
+            )
+        return annotation
+
+    def store(self, msgs: Sequence[Message]) -> None:
+        """Store one batch of annotations; dead letters are flushed before this returns.
+
+        Raises
+        ------
+        InfraError
+            If a dead letter was not acknowledged by Kafka (the batch is then not committed).
+        """
+        for msg in msgs:
+            try:
+                annotation = self._annotation(msg)
+            except BadInputError as exc:
+                self._dead_letter(msg, exc)
+                continue
+            tier = annotation["tier"]
+            stored = save_annotation(session=self.session, annotation=annotation)
+            self.stats.stored += stored
+            ANNOTATIONS.labels(tier).inc(stored)
+            if tier in self.specs:
+                self.pending(tier)
+                with self._lock:
+                    self._seen[tier].add(annotation["annotation_id"])
+        self.stats.messages += len(msgs)
+        if self.producer.flush(30):
+            raise InfraError("dead letters were not acknowledged by Kafka within 30 s")
+
+    def _dead_letter(self, msg: Message, exc: BadInputError) -> None:
+        key = msg.key()
+        record = events.dead_letter(
+            topic=msg.topic() or "",
+            partition=msg.partition() or 0,
+            offset=msg.offset() or 0,
+            tier=RETRAINER_NAME,
+            error_kind=exc.kind,
+            message=str(exc),
+            payload=msg.value(),
+            image_id=key.decode("utf-8", "replace") if key else None,
+        )
+        self.producer.produce(
+            self.topology.dead_letter_topic, key=key, value=self.codec.encode("DeadLetter", record)
+        )
+        self.stats.dead_letters += 1
+        log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+
+    def sync(self) -> int:
+        """Store every annotation now in the topic (idempotent); return how many were read.
+
+        Lets an on-demand retraining see third-party annotations even when no retrainer
+        consumer is running.
+        """
+        count = 0
+        for _, value in scan_topic(self.settings.kafka, self.topology.annotations_topic):
+            try:
+                _, annotation = self.codec.decode(value, expected="Annotation")
+            except PhenocascadeError as exc:
+                log.warning("sync skips an unreadable annotation message: %s", exc)
+                continue
+            if annotation["tier"] in self._tiers:
+                save_annotation(session=self.session, annotation=annotation)
+                count += 1
+        return count
+
+    # -- retraining ------------------------------------------------------------------------
+    def _inline_bytes(self, annotation: Mapping[str, Any]) -> bytes | None:
+        task = get_task(
+            session=self.session, image_id=annotation["image_id"], tier=annotation["tier"]
+        )
+        if task is None or task["inline"] is None:
+            return None
+        data: bytes = task["inline"]
+        return data
+
+    def retrain(self, tier: str, *, trigger: str = "manual") -> Outcome:
+        """Train a challenger for ``tier`` on all its annotations and promote it if better.
+
+        Parameters
+        ----------
+        tier : str
+            Topology tier name.
+        trigger : str, default "manual"
+            Why: ``"count"`` (enough new annotations) or ``"manual"``.
+
+        Returns
+        -------
+        Outcome
+            The attempt, also saved as lineage; ``decision`` is ``"promoted"``,
+            ``"rejected"`` or ``"failed"`` (``reason`` says why).
+
+        Raises
+        ------
+        ConfigError
+            If ``tier`` is not one this retrainer may retrain.
+        ArtifactError
+            If the tier has no champion to challenge.
+        """
+        spec = self.specs.get(tier)
+        if spec is None:
+            raise ConfigError(
+                f"tier {tier!r} is not retrained here; choose from {list(self.specs)}"
+            )
+        started = datetime.now(tz=UTC)
+        artifacts = self.settings.artifacts
+        parent = champion_version(artifacts, spec.artifact)
+        if parent is None:
+            raise ArtifactError(
+                f"tier {tier!r} has no champion under {artifacts}; train one first "
+                f"(phenocascade train {spec.artifact})"
+            )
+        classes = ArtifactMeta.read(artifacts / spec.artifact / parent).classes
+        metric = self.trainer.metric(spec.artifact)
+        stored = annotations_by_tier(session=self.session, tier=tier)
+        newest, excluded = newest_per_image(stored)
+        samples, left_out = annotation_samples(
+            newest,
+            classes=classes,
+            holdout_keys=self.trainer.holdout_keys(spec.artifact),
+            roots=self.settings.roots(),
+            inline_bytes=self._inline_bytes,
+            cache_dir=self.settings.home / "retraining" / "inline",
+        )
+        excluded.update(left_out)
+        for aid, reason in sorted(excluded.items()):
+            log.info("tier %s: annotation %s left out of training: %s", tier, aid, reason)
+        used = [s.image_id for s in samples]
+        by_image = {a["image_id"]: a["annotation_id"] for a in newest}
+        outcome = Outcome(
+            tier=tier,
+            version="",
+            parent_version=parent,
+            decision=FAILED,
+            reason="",
+            trigger=trigger,
+            metric=metric,
+            metrics={},
+            parent_metrics={},
+            annotation_ids=[by_image[i] for i in used],
+            excluded=excluded,
+            started_at=started,
+            finished_at=started,
+        )
+        log.info(
+            "tier %s: training a challenger to %s on %d annotations (%d left out)",
+            tier,
+            parent,
+            len(samples),
+            len(excluded),
+        )
+        try:
+            challenger = self.trainer.train(
+                spec.artifact, extra_samples=samples, parent_version=parent
+            )
+            outcome.version = challenger.version
+            outcome.metrics = challenger.metrics
+            outcome.parent_metrics = self.trainer.evaluate(spec.artifact, parent)
+        except Exception as exc:  # any training failure is recorded, the loop goes on
+            log.exception("tier %s: retraining failed", tier)
+            outcome.version = outcome.version or f"failed-{uuid.uuid4().hex[:12]}"
+            outcome.reason = f"{type(exc).__name__}: {exc}"
+            return self._finish(outcome)
+        new = challenger.metrics.get(metric, float("nan"))
+        old = outcome.parent_metrics.get(metric, float("nan"))
+        # NaN compares false, so a metric that could not be computed never promotes.
+        if new > old:
+            outcome.decision = PROMOTED
+            outcome.reason = f"{metric} {new:.4f} > champion's {old:.4f} on the holdout"
+        else:
+            outcome.decision = REJECTED
+            outcome.reason = f"{metric} {new:.4f} is not above champion's {old:.4f} on the holdout"
+        return self._finish(outcome, spec)
+
+    def _finish(self, outcome: Outcome, spec: TierSpec | None = None) -> Outcome:
+        outcome.finished_at = datetime.now(tz=UTC)
+        if outcome.decision == PROMOTED:
+            assert spec is not None
+            set_champion(self.settings.artifacts, spec.artifact, outcome.version)
+            self._publish(spec, outcome)
+        save_lineage(session=self.session, record=outcome.record())
+        with self._lock:
+            self._considered[outcome.tier] = set(outcome.annotation_ids) | set(outcome.excluded)
+        self.stats.outcomes.append(outcome)
+        ATTEMPTS.labels(outcome.tier, outcome.decision).inc()
+        log.info(
+            "tier %s: challenger %s %s (%s)",
+            outcome.tier,
+            outcome.version,
+            outcome.decision,
+            outcome.reason,
+        )
+        return outcome
+
+    def _publish(self, spec: TierSpec, outcome: Outcome) -> None:
+        """Produce ``ModelPromoted`` (keyed by tier: the compacted topic keeps the latest)."""
+        metric = outcome.metric
+        metrics = {
+            **outcome.metrics,
+            f"parent_{metric}": outcome.parent_metrics.get(metric, float("nan")),
+            "annotations": float(len(outcome.annotation_ids)),
+        }
+        record = {
+            "tier": spec.artifact,
+            "version": outcome.version,
+            "parent_version": outcome.parent_version,
+            "metrics": metrics,
+            "promoted_at": events.now_ms(),
+        }
+        self.producer.produce(
+            self.topology.models_topic,
+            key=spec.artifact.encode(),
+            value=self.codec.encode("ModelPromoted", record),
+        )
+        if self.producer.flush(30):
+            raise InfraError(
+                f"ModelPromoted for {spec.artifact}/{outcome.version} was not acknowledged by "
+                "Kafka within 30 s; the version is champion, workers load it on restart"
+            )
+
+    # -- the loop --------------------------------------------------------------------------
+    def _retrain_due(self, tier: str) -> Outcome | None:
+        """Retrain a tier whose count was reached; a tier that cannot be retrained waits."""
+        try:
+            return self.retrain(tier, trigger="count")
+        except PhenocascadeError as exc:
+            # Without a champion (or a recipe) nothing changes by retrying at once: wait
+            # for `every` more annotations before trying again.
+            log.error("tier %s cannot be retrained: %s", tier, exc)
+            with self._lock:
+                self._considered[tier] = set(self._seen[tier])
+            return None
+
+    def _due(self, running: Mapping[str, Future[Outcome | None]]) -> list[str]:
+        if self.every is None:
+            return []
+        return [t for t in self.specs if t not in running and self.pending(t) >= self.every]
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        until_caught_up: bool = False,
+        max_messages: int | None = None,
+    ) -> RetrainerStats:
+        """Consume until ``stop`` is set; retrain tiers in the background as labels arrive.
+
+        Parameters
+        ----------
+        stop : threading.Event
+            Set it to stop; a retraining under way is finished first.
+        until_caught_up : bool, default False
+            Also stop once every partition has been read to its end and no retraining is
+            running or due (tests, one-shot runs).
+        max_messages : int or None, default None
+            Also stop after this many messages (and the retrainings they started).
+
+        Returns
+        -------
+        RetrainerStats
+            What this run did.
+        """
+        consumer: Consumer = group_consumer(self.settings.kafka, self.group)
+        consumer.subscribe([self.topology.annotations_topic])
+        running: dict[str, Future[Outcome | None]] = {}
+        # One retraining at a time: training is CPU-bound and shares the machine.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrain")
+        for tier in self.specs:
+            self._load_counts(tier)
+        try:
+            while not stop.is_set():
+                msgs = [m for m in consumer.consume(self.batch_size, 0.5) if not self._error(m)]
+                if msgs:
+                    self.store(msgs)
+                    consumer.commit(asynchronous=False)
+                for tier, future in list(running.items()):
+                    if future.done():
+                        del running[tier]
+                        future.result()
+                for tier in self._due(running):
+                    running[tier] = pool.submit(self._retrain_due, tier)
+                if max_messages is not None and self.stats.messages >= max_messages:
+                    break
+                if (
+                    until_caught_up
+                    and not msgs
+                    and not running
+                    and AnnotationSink.caught_up(consumer)
+                ):
+                    break
+        finally:
+            pool.shutdown(wait=True)
+            for future in running.values():
+                future.result()
+            consumer.close()
+            if self._producer is not None:
+                self._producer.flush(10)
+        return self.stats
+
+    @staticmethod
+    def _error(msg: Message) -> bool:
+        if msg.error() is None:
+            return False
+        log.warning("consumer error: %s", msg.error())
+        return True

@@ -1,0 +1,102 @@
+"""calibrate_stage: which threshold mode it uses and what it records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phenocascade.domain import (
+    DecodedImage,
+    LabelThresholds,
+    Route,
+    Sample,
+    StageKind,
+    StageOutput,
+    route,
+)
+from phenocascade.models.calibration import calibrate_probability
+from phenocascade.models.certify import calibrate_stage, default_threshold_mode
+
+
+class FixedScores:
+    """A trained-stage stand-in whose raw scores are given per image id."""
+
+    def __init__(self, kind: StageKind, raw: Mapping[str, Mapping[str, float]]) -> None:
+        self.kind = kind
+        self.raw = raw
+        self.classes = tuple(next(iter(raw.values())))
+
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
+        return [StageOutput(scores=dict(self.raw[img.image_id])) for img in images]
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        self.temperature = dict(temperature)
+        self.stored = {label: dict(t) for label, t in thresholds.items()}
+
+
+def _two_label_set() -> tuple[FixedScores, list[DecodedImage], list[Sample]]:
+    # 60 images; label "a" present in the first 30, label "b" in the last 30. Raw scores
+    # separate both labels perfectly, so every decision is right, but each label has only
+    # 30 positives and 30 negatives: fewer than the 45 a 95 % certificate needs.
+    rng = np.random.default_rng(0)
+    raw: dict[str, dict[str, float]] = {}
+    samples = []
+    for i in range(60):
+        present = "a" if i < 30 else "b"
+        high, low = rng.uniform(0.7, 0.95), rng.uniform(0.05, 0.3)
+        raw[f"im{i}"] = {"a": high if present == "a" else low, "b": high if present == "b" else low}
+        samples.append(Sample(f"im{i}", Path(f"im{i}.png"), labels=frozenset({present})))
+    images = [DecodedImage(s.image_id, np.zeros((4, 4, 1), np.uint8)) for s in samples]
+    return FixedScores(StageKind.CLASSIFIER, raw), images, samples
+
+
+def test_default_mode_pools_multi_label_classifiers_only() -> None:
+    assert default_threshold_mode(StageKind.CLASSIFIER, ["a", "b"]) == "pooled"
+    assert default_threshold_mode(StageKind.CLASSIFIER, ["a"]) == "per_label"
+    assert default_threshold_mode(StageKind.GATE, ["clear"]) == "per_label"
+    assert default_threshold_mode(StageKind.DETECTOR, ["x", "y"]) == "per_label"
+
+
+def test_pooled_mode_lets_a_classifier_pass_images_per_label_mode_cannot() -> None:
+    stage, images, samples = _two_label_set()
+    per_label = calibrate_stage(
+        stage, images, samples, target_precision=0.95, delta=0.1, threshold_mode="per_label"
+    )
+    assert all(t["positive"] == 1.0 and t["negative"] == 0.0 for t in stage.stored.values())
+    assert per_label.metrics["threshold_mode"] == "per_label"
+    assert per_label.metrics["pooled"] is None
+
+    pooled = calibrate_stage(stage, images, samples, target_precision=0.95, delta=0.1)
+    record = pooled.metrics["pooled"]
+    assert pooled.metrics["threshold_mode"] == "pooled"
+    assert record["n"] == 120 and record["n_pos"] == 60 and record["n_neg"] == 60
+    assert record["achieved_precision_pos"] == 1.0 and record["achieved_precision_neg"] == 1.0
+    assert {(t["positive"], t["negative"]) for t in stage.stored.values()} == {
+        (record["positive"], record["negative"])
+    }
+    assert pooled.metrics["labels"]["a"]["n"] == 60
+    assert pooled.metrics["labels"]["a"]["positives"] == 30
+    # With the shared pair every validation image is decided on both labels: PASS.
+    thresholds = {
+        label: LabelThresholds(positive=t["positive"], negative=t["negative"])
+        for label, t in stage.stored.items()
+    }
+    for img in images:
+        scores = {
+            label: float(calibrate_probability(p, pooled.temperature[label]))
+            for label, p in stage.raw[img.image_id].items()
+        }
+        assert route(StageKind.CLASSIFIER, StageOutput(scores), thresholds) is Route.PASS
+
+
+def test_unknown_mode_is_refused() -> None:
+    stage, images, samples = _two_label_set()
+    with pytest.raises(ValueError, match="threshold_mode"):
+        calibrate_stage(stage, images, samples, threshold_mode="joint")  # type: ignore[arg-type]
