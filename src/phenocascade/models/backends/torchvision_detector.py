@@ -61,6 +61,10 @@ class TorchvisionDetector:
     detections_per_image : int, default 100
         Upper bound on boxes per image; the region proposals kept at inference follow it
         (``max(150, 2 * detections_per_image)``), so crowded images are not cut short.
+    nms_iou : float, default 0.5
+        IoU above which non-maximum suppression removes the lower-scored of two boxes of
+        one class; lower it for objects that rarely overlap (nuclei), whose fragments
+        then no longer survive beside the whole.
     freeze_backbone : bool, default False
         Keep the pretrained ImageNet body fixed and train only the FPN and the heads:
         about a third less time per step, so more steps fit a CPU budget.
@@ -87,6 +91,7 @@ class TorchvisionDetector:
         weight_decay: float = 1e-4,
         score_floor: float = 0.01,
         detections_per_image: int = 100,
+        nms_iou: float = 0.5,
         freeze_backbone: bool = False,
         crop_size: int | None = None,
     ) -> None:
@@ -100,6 +105,7 @@ class TorchvisionDetector:
         self.weight_decay = weight_decay
         self.score_floor = score_floor
         self.detections_per_image = detections_per_image
+        self.nms_iou = nms_iou
         self.freeze_backbone = freeze_backbone
         self.crop_size = crop_size
 
@@ -116,6 +122,7 @@ class TorchvisionDetector:
             "weight_decay": self.weight_decay,
             "score_floor": self.score_floor,
             "detections_per_image": self.detections_per_image,
+            "nms_iou": self.nms_iou,
             "freeze_backbone": self.freeze_backbone,
             "crop_size": self.crop_size,
         }
@@ -174,6 +181,7 @@ class TorchvisionDetector:
             image_std=list(IMAGENET_STD),
             box_score_thresh=self.score_floor,
             box_detections_per_img=self.detections_per_image,
+            box_nms_thresh=self.nms_iou,
         )
         # _prepare() already resizes training images the way the transform would; skipping
         # the transform's own resize keeps random crops at their resized scale.
