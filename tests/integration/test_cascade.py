@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tifffile
 from harness import Cascade
-from phenocascade.recipes import ensure_bootstrap
 from PIL import Image
 
 from phenocascade.cli.demo import sample_images
 from phenocascade.config import Settings
+from phenocascade.recipes import ensure_bootstrap
 from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.streams import events
 from phenocascade.streams.serde import MAGIC

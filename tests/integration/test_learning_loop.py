@@ -15,8 +15,8 @@ topology threshold override) so that images also run through the branch tiers: a
 model's certified thresholds would send nearly every image to annotation.
 
 Streams: a warm-up; an idle burst; the images the experts label; a burst when the
-retrainer starts training, then one image every two seconds until the promotion; a last
-burst after the worker has switched.
+retrainer starts training, then one image every two seconds until the worker has
+switched; a last burst after the switch.
 
 Set ``PHENOCASCADE_RESULTS_DIR`` to also write ``retraining_latency.json`` there.
 """
@@ -197,7 +197,9 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
     datasets = cascade.settings.datasets.resolve()
     images = datasets / "dsb2018" / "images"
     train_ids = split_ids(datasets, "dsb2018", "train")
-    stream = iter(images / f"{i}.png" for i in train_ids[20:])
+    test_ids = split_ids(datasets, "dsb2018", "test")
+    # Images nobody labels; val images (the holdout) are kept out of the stream.
+    stream = iter(images / f"{i}.png" for i in [*train_ids[20:], *test_ids])
     clear_1 = [images / f"{i}.png" for i in train_ids[:12]]
     degraded = _degraded_copies(cascade.settings, train_ids[12:20], cascade.roots)
     assert len(degraded) == 8
@@ -250,23 +252,26 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
         found = cascade.read(cascade.topology.models_topic, "ModelPromoted")
         return next((p for p in found if p["tier"] == "quality"), None)
 
+    worker_log = cascade.logs / "quality.log"
     trickle: list[str] = []
-    deadline = time.monotonic() + 900
-    while (event := promoted()) is None:
+    event: dict[str, Any] | None = None
+    switched = False
+    deadline = time.monotonic() + 1200
+    # Keep streaming until the worker has switched, so the switch happens mid-stream.
+    while not switched:
         assert time.monotonic() < deadline, cascade.log_tail()
         assert all(cascade.alive().values()), cascade.log_tail()
-        if len(trickle) < 150:
-            trickle += cascade.submit([next(stream)], prefix="al2t-")
+        path = next(stream, None)
+        if path is not None:
+            trickle += cascade.submit([path], prefix="al2t-")
         time.sleep(2.0)
+        event = event or promoted()
+        switched = event is not None and bool(
+            re.search(rf"now serves model {re.escape(event['version'])}", worker_log.read_text())
+        )
+    assert event is not None
     new = event["version"]
     promoted_at = to_epoch_ms(event["promoted_at"]) / 1000
-    worker_log = cascade.logs / "quality.log"
-    _wait_for(
-        lambda: re.search(rf"now serves model {re.escape(new)}", worker_log.read_text()),
-        300,
-        "the quality worker to switch",
-        cascade,
-    )
 
     # After the switch.
     ids_3 = cascade.submit([next(stream) for _ in range(8)], prefix="al3-")
@@ -282,7 +287,8 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
     assert ArtifactMeta.read(cascade.settings.artifacts / "quality" / new).parent_version == weak
     assert event["metrics"]["auroc"] > event["metrics"]["parent_auroc"]
 
-    # Versions: old before, new after, and one switch in between while images streamed.
+    # Versions: old before, new after, and one switch in between while images streamed
+    # (images still queued at the switch are scored by the new model).
     outputs = {o["image_id"]: o for o in cascade.outputs()}
     assert {outputs[i]["model_versions"]["quality"] for i in ids_3} == {new}
     quality_results = sorted(

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
-console = Console()
+# Wide enough for the results table when output is not a terminal (CI logs, pipes).
+console = Console(width=max(140, shutil.get_terminal_size().columns))
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 
@@ -233,7 +235,9 @@ def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
         if len(o["boxes"]) > 4:
             boxes += f" (+{len(o['boxes']) - 4})"
         routes = " ".join(f"{t}:{r}" for t, r in o["routes"].items())
-        table.add_row(o["image_id"][:40], o["status"], labels, boxes or "-", routes)
+        image_id = o["image_id"]
+        short = image_id if len(image_id) <= 36 else f"{image_id[:18]}…{image_id[-17:]}"
+        table.add_row(short, o["status"], labels, boxes or "-", routes)
     return table
 
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import Progress
 
 from phenocascade.cli.cascade import (
     build_report,
+    console,
     iter_images,
     render_output,
     results_table,
@@ -32,8 +32,6 @@ from phenocascade.infra.local import up
 from phenocascade.recipes import ensure_bootstrap
 from phenocascade.store.cassandra import connect, get_latest_output
 from phenocascade.streams.kafka import create_topics
-
-console = Console()
 
 
 def sample_images(

@@ -33,6 +33,12 @@ def register(subparsers: Any) -> None:
     train.add_argument("--size", choices=("bootstrap", "full"), default="bootstrap")
     train.add_argument("--max-train", type=int, default=None, help="cap on training samples")
     train.add_argument(
+        "--dataset",
+        choices=("dsb", "bccd"),
+        default="dsb",
+        help="minority tier: DSB 2018 large nuclei or BCCD white cells and platelets",
+    )
+    train.add_argument(
         "--target-precision",
         type=float,
         default=None,
@@ -54,6 +60,12 @@ def register(subparsers: Any) -> None:
         "--out", type=Path, required=True, help="folder for metrics.json and plots"
     )
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument(
+        "--dataset",
+        choices=("dsb", "bccd"),
+        default="dsb",
+        help="minority tier: the dataset the model was trained on",
+    )
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -69,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         pretrained=args.pretrained,
         max_train=args.max_train,
+        dataset=args.dataset,
         target_precision=args.target_precision,
         delta=args.delta,
     )
@@ -85,6 +98,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         out_dir=args.out,
         version=args.version,
         device=args.device,
+        dataset=args.dataset,
     )
     summary = {k: v for k, v in metrics.items() if k not in ("per_label", "boxes", "bbbc006")}
     print(json.dumps(summary, indent=2))

@@ -241,7 +241,8 @@ def load_stage(
     version = version or champion_version(artifacts, tier)
     if version is None:
         raise ArtifactError(
-            f"tier {tier!r} has no champion model under {artifacts}; run `phenocascade train {tier}`"
+            f"tier {tier!r} has no champion model under {artifacts}; "
+            f"run `phenocascade train {tier}`"
         )
     folder = artifacts / tier / version
     meta = ArtifactMeta.read(folder)

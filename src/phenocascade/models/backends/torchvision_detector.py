@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
@@ -28,6 +29,32 @@ from phenocascade.models.thresholds import fallback_record
 from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
 
 Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
+SCALE_MODES = ("short_side", "native")
+
+
+class _ScaledTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with the detector's own resize rule.
+
+    Training images arrive already resized by :meth:`TorchvisionDetector._prepare` (and
+    maybe cropped), so they pass unchanged; inference images are resized by the same
+    rule, with antialiasing as in training.
+    """
+
+    def __init__(self, scale: Callable[[int, int], float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.training:
+            return image, target
+        h, w = image.shape[-2:]
+        factor = self.scale(h, w)
+        if factor != 1.0:
+            size = (max(1, round(h * factor)), max(1, round(w * factor)))
+            image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
+        return image, target
 
 
 @register_backend("torchvision_detector")
@@ -45,9 +72,15 @@ class TorchvisionDetector:
     pretrained : str or None, default None
         See :func:`phenocascade.models.nets.resolve_pretrained`.
     min_size : int, default 320
-        Shorter image side after torchvision's internal resize.
+        Shorter image side after the resize (``scale_mode="short_side"``), or the
+        smallest shorter side (``"native"``: smaller images are enlarged to it).
     max_size : int, default 512
-        Upper bound on the longer side after that resize.
+        Upper bound on the longer side after the resize, in both modes.
+    scale_mode : {"short_side", "native"}, default "short_side"
+        ``"short_side"`` resizes every image so that its shorter side is ``min_size``
+        (torchvision's rule); ``"native"`` keeps the original pixels unless the image is
+        outside those bounds, so small objects in large images stay large enough to
+        detect (use it with ``crop_size`` to bound the cost of a training step).
     anchor_sizes : tuple of int, default (16, 32, 64, 128)
         One anchor size per FPN level (strides 8, 16, 32, 64), in resized pixels.
     batch_size : int, default 4
@@ -85,6 +118,7 @@ class TorchvisionDetector:
         pretrained: str | None = None,
         min_size: int = 320,
         max_size: int = 512,
+        scale_mode: str = "short_side",
         anchor_sizes: tuple[int, ...] = (16, 32, 64, 128),
         batch_size: int = 4,
         lr: float = 5e-4,
@@ -99,6 +133,7 @@ class TorchvisionDetector:
         self.pretrained = pretrained
         self.min_size = min_size
         self.max_size = max_size
+        self.scale_mode = scale_mode
         self.anchor_sizes = anchor_sizes
         self.batch_size = batch_size
         self.lr = lr
@@ -116,6 +151,7 @@ class TorchvisionDetector:
             "pretrained": self.pretrained,
             "min_size": self.min_size,
             "max_size": self.max_size,
+            "scale_mode": self.scale_mode,
             "anchor_sizes": list(self.anchor_sizes),
             "batch_size": self.batch_size,
             "lr": self.lr,
@@ -148,6 +184,10 @@ class TorchvisionDetector:
     def _build(self, n_classes: int, pretrained: str | None) -> FasterRCNN:
         # Frozen batch norm keeps ImageNet statistics whenever the config is pretrained,
         # also when rebuilding for load() (which reads no ImageNet file).
+        if self.scale_mode not in SCALE_MODES:
+            raise ConfigError(
+                f"unknown scale_mode {self.scale_mode!r}; choose one of {SCALE_MODES}"
+            )
         body = build_fpn_backbone(self.backbone, pretrained, frozen_bn=self.pretrained is not None)
         if self.freeze_backbone:
             for parameter in body.body.parameters():
@@ -183,12 +223,19 @@ class TorchvisionDetector:
             box_detections_per_img=self.detections_per_image,
             box_nms_thresh=self.nms_iou,
         )
-        # _prepare() already resizes training images the way the transform would; skipping
-        # the transform's own resize keeps random crops at their resized scale.
-        model.transform._skip_resize = True
+        model.transform = _ScaledTransform(
+            self._scale,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            image_mean=list(IMAGENET_MEAN),
+            image_std=list(IMAGENET_STD),
+        )
         return model
 
     def _scale(self, h: int, w: int) -> float:
+        """Resize factor of an ``h`` x ``w`` image (see ``scale_mode``)."""
+        if self.scale_mode == "native":
+            return min(max(1.0, self.min_size / min(h, w)), self.max_size / max(h, w))
         return min(self.min_size / min(h, w), self.max_size / max(h, w))
 
     def _prepare(
