@@ -396,8 +396,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "seconds": round(time.time() - tier_started, 1),
             }
+            # Written after each tier, so a long run keeps what it has finished.
+            write(args, dict(results), dict(details), started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write(
+    args: argparse.Namespace, results: dict[str, Any], details: dict[str, Any], started: float
+) -> None:
+    """Write the results, the details and the plot of the tiers finished so far."""
     command = " ".join(
         [".venv/bin/python", "benchmarks/active_learning.py", *map(shlex.quote, sys.argv[1:])]
     )
@@ -415,7 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "active_learning_details.json").write_text(json.dumps(details, indent=2) + "\n")
     plot(results, details, args.out / "active_learning.png")
     print(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def test_newest_annotation_of_an_image_wins() -> None:
     old = _ann("old", "img", None, created_at=datetime(2026, 1, 1, tzinfo=UTC))
     new = _ann("new", "img", None, created_at=datetime(2026, 1, 2, tzinfo=UTC))
     other = _ann("other", "img2", None)
-    kept, superseded = newest_per_image([new, other, old])
-    assert sorted(a["annotation_id"] for a in kept) == ["new", "other"]
+    kept, superseded = newest_per_image([other, new, old])
+    assert [a["annotation_id"] for a in kept] == ["new", "other"]  # by image id
     assert superseded == {"old": "superseded by new"}
 
 

@@ -163,7 +163,11 @@ def image_key(data: bytes) -> str:
 def newest_per_image(
     annotations: Iterable[Mapping[str, Any]],
 ) -> tuple[list[Mapping[str, Any]], dict[str, str]]:
-    """Keep the newest annotation of each image; return it and ``{superseded id: reason}``."""
+    """Keep the newest annotation of each image; return it and ``{superseded id: reason}``.
+
+    The kept annotations are sorted by image id, so training sees the same order whatever
+    order the annotations arrived in.
+    """
     newest: dict[str, Mapping[str, Any]] = {}
     superseded: dict[str, str] = {}
     for a in sorted(annotations, key=lambda a: (a["created_at"], a["annotation_id"])):
@@ -171,7 +175,7 @@ def newest_per_image(
         if old is not None:
             superseded[old["annotation_id"]] = f"superseded by {a['annotation_id']}"
         newest[a["image_id"]] = a
-    return list(newest.values()), superseded
+    return [newest[i] for i in sorted(newest)], superseded
 
 
 def annotation_samples(
