@@ -29,7 +29,6 @@ from phenocascade.data.datasets import split_ids
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import InfraError
 from phenocascade.infra.local import up
-from phenocascade.recipes import ensure_bootstrap
 from phenocascade.store.cassandra import connect, get_latest_output
 from phenocascade.streams.kafka import create_topics
 
@@ -77,6 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     up(settings, progress=console.print)
     create_topics(settings.kafka, topology)
     console.rule("2/5 bootstrap models")
+    # Imported here: torch is heavy, and the joiner and sink processes share this CLI.
+    from phenocascade.recipes import ensure_bootstrap
+
     versions = ensure_bootstrap(settings)
     console.print(f"champions: {versions}")
     console.rule("3/5 cascade")
