@@ -28,13 +28,13 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
 from harness import Cascade
-from phenocascade.recipes import ensure_bootstrap
 
 from phenocascade.config import get_settings, load_topology
 from phenocascade.domain import DecodedImage, Route, route
 from phenocascade.imaging import read_image
 from phenocascade.infra.local import status, up
 from phenocascade.models.base import load_stage
+from phenocascade.recipes import ensure_bootstrap
 from phenocascade.streams.events import to_epoch_ms
 
 RESULTS = Path(__file__).parent / "results"
