@@ -747,6 +747,16 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``new`` merged in, nested dictionaries key by key."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("bootstrap", "full"), default="bootstrap")
@@ -758,13 +768,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="quality,majority,baselines,pretrained,minority",
         help="comma-separated sections",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="update an existing models.json with these sections instead of replacing it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sections = args.only.split(",")
     started = time.perf_counter()
     PLOTS.mkdir(parents=True, exist_ok=True)
-    for old in PLOTS.rglob("*.png"):
-        old.unlink()
+    if not args.merge:
+        for old in PLOTS.rglob("*.png"):
+            old.unlink()
     with tempfile.TemporaryDirectory(prefix="phenocascade-bench-") as tmp:
         settings = Settings(artifacts=Path(tmp))
         bench = Bench(settings, args.size, args.quick)
@@ -779,6 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps[name]()
     _keep_pngs(PLOTS)
     result = _round(bench.out)
+    if args.merge and (RESULTS / "models.json").is_file():
+        # Sections run separately (e.g. the slow detectors later) add to the earlier file.
+        previous = json.loads((RESULTS / "models.json").read_text())
+        previous.pop("settings", None)
+        result = _deep_update(previous, result)
     result["settings"] = {
         "size": args.size,
         "quick": args.quick,
