@@ -7,19 +7,19 @@ with their kind and defaults.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from phenocascade.domain import DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.domain import DecodedImage, Sample, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.base import ArtifactMeta
+from phenocascade.models.backends._common import CalibratedStage, Loader
 from phenocascade.models.calibration import SCORE_CLIP, sigmoid
 from phenocascade.models.nets import build_classifier
 from phenocascade.models.preprocess import (
@@ -33,13 +33,10 @@ from phenocascade.models.preprocess import (
     to_chw,
     to_unit_rgb,
 )
-from phenocascade.models.thresholds import fallback_record
 from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
 
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 
-
-class ImageClassifier:
+class ImageClassifier(CalibratedStage):
     """A CNN with one sigmoid output per label, trained with (weighted) binary cross-entropy.
 
     Parameters
@@ -68,8 +65,6 @@ class ImageClassifier:
         Weight positives by ``n_negative / n_positive`` per label (clipped to ``[1, 50]``).
     """
 
-    kind: ClassVar[StageKind]
-    model_name: ClassVar[str]
     gate_label: str = "clear"
 
     def __init__(
@@ -111,25 +106,6 @@ class ImageClassifier:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "balance": self.balance,
-        }
-
-    # -- Stage attributes ----------------------------------------------------------------
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """Output labels, in order (known after ``fit`` or ``load``)."""
-        return tuple(self.classes_)
-
-    @property
-    def version(self) -> str:
-        """Artifact version; ``""`` until saved or loaded."""
-        return getattr(self, "version_", "")
-
-    @property
-    def thresholds(self) -> dict[str, LabelThresholds]:
-        """Routing thresholds per label."""
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds_.items()
         }
 
     # -- views -----------------------------------------------------------------------------
@@ -258,9 +234,7 @@ class ImageClassifier:
         self.history_ = result.train_loss
         self.val_history_ = result.val_loss
         self.best_epoch_ = result.best_epoch
-        self.temperature_ = {label: 1.0 for label in self.classes_}
-        fallback = fallback_record(0.99, 0.1).as_dict()
-        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        self._neutral_calibration()
         return self
 
     # -- inference -------------------------------------------------------------------------
@@ -312,46 +286,9 @@ class ImageClassifier:
             for row in probs
         ]
 
-    def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
-    ) -> None:
-        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
-        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
-        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
-
     # -- persistence -------------------------------------------------------------------------
-    def save(
-        self,
-        folder: Path,
-        *,
-        tier: str = "",
-        metrics: Mapping[str, Any] | None = None,
-        data_fingerprint: str = "",
-        parent_version: str = "",
-    ) -> ArtifactMeta:
-        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``."""
-        artifact.save_weights(folder, self.net_.state_dict())
-        meta = ArtifactMeta(
-            backend=self.model_name,
-            tier=tier,
-            version=folder.name,
-            kind=self.kind.value,
-            classes=list(self.classes_),
-            input_size=self.input_size,
-            normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            calibration={"temperature": dict(self.temperature_)},
-            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
-            metrics=dict(metrics or {}),
-            data_fingerprint=data_fingerprint,
-            code_version=artifact.code_version(),
-            created_at=artifact.utc_now(),
-            parent_version=parent_version,
-            config=self.get_config(),
-        )
-        meta.write(folder)
-        self.version_ = folder.name
-        self.meta_ = meta
-        return meta
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        return self.net_, self.input_size
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Self:
@@ -363,11 +300,7 @@ class ImageClassifier:
         net.load_state_dict(artifact.load_weights(folder, device="cpu"))
         stage.net_ = net.to(device).eval()
         stage.device_ = device
-        stage.classes_ = list(meta.classes)
-        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
-        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
-        stage.version_ = meta.version
-        stage.meta_ = meta
+        stage._adopt_meta(meta)
         return stage
 
     def __repr__(self) -> str:

@@ -11,26 +11,22 @@ image: far more signal per image) and applies the dataset's own rule to its dete
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-import numpy.typing as npt
+import torch
 
-from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._classifier import SCORE_CLIP
+from phenocascade.models.backends._common import CalibratedDetector, Loader
 from phenocascade.models.backends.torchvision_detector import TorchvisionDetector
-from phenocascade.models.base import ArtifactMeta, register_backend
-from phenocascade.models.calibration import calibrate_probability
-from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from phenocascade.models.thresholds import fallback_record
+from phenocascade.models.base import register_backend
+from phenocascade.models.calibration import SCORE_CLIP
 from phenocascade.models.training import ProgressCallback
-
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 
 # The inner detector's single class: any object, whatever the samples' box labels were.
 OBJECT_LABEL = "object"
@@ -69,7 +65,7 @@ def size_outliers(
 
 
 @register_backend("nucleus_outlier_detector")
-class NucleusOutlierDetector:
+class NucleusOutlierDetector(CalibratedDetector):
     """Object detector plus the relative-size rule; kind ``DETECTOR``, one output class.
 
     ``fit`` trains a :class:`TorchvisionDetector` on every box of the training samples,
@@ -129,24 +125,6 @@ class NucleusOutlierDetector:
 
     def _detector_config(self) -> dict[str, Any]:
         return dict(self.detector) if self.detector is not None else {"detections_per_image": 400}
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """The one output class (known after ``fit`` or ``load``)."""
-        return tuple(self.classes_)
-
-    @property
-    def version(self) -> str:
-        """Artifact version; ``""`` until saved or loaded."""
-        return getattr(self, "version_", "")
-
-    @property
-    def thresholds(self) -> dict[str, LabelThresholds]:
-        """Keep (``negative``) and confident (``positive``) box thresholds per class."""
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds_.items()
-        }
 
     @property
     def history_(self) -> list[float]:
@@ -219,9 +197,7 @@ class NucleusOutlierDetector:
             max_epochs=max_epochs,
             patience=patience,
         )
-        self.temperature_ = {label: 1.0 for label in self.classes_}
-        fallback = fallback_record(0.99, 0.1).as_dict()
-        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        self._neutral_calibration()
         return self
 
     def predict(
@@ -255,73 +231,27 @@ class NucleusOutlierDetector:
                 min_objects=self.min_objects,
                 count_score=self.count_score,
             ):
-                p = self.calibrated_score(label, boxes[i].score) if calibrated else boxes[i].score
-                if calibrated and p <= self.thresholds_[label]["negative"]:
+                p = self._box_score(label, boxes[i].score, calibrated)
+                if p is None:
                     continue
                 best = max(best, p)
                 kept.append(replace(boxes[i], label=label, score=p))
             outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
         return outputs
 
-    def calibrated_score(self, label: str, raw_score: float) -> float:
-        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
-        p = float(calibrate_probability(raw_score, self.temperature_[label]))
-        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
-
-    def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
-    ) -> None:
-        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
-        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
-        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
-
-    def save(
-        self,
-        folder: Path,
-        *,
-        tier: str = "",
-        metrics: Mapping[str, Any] | None = None,
-        data_fingerprint: str = "",
-        parent_version: str = "",
-    ) -> ArtifactMeta:
-        """Write the inner detector's ``weights.pt`` and ``metadata.json``."""
-        artifact.save_weights(folder, self.detector_.model_.state_dict())
-        meta = ArtifactMeta(
-            backend=self.model_name,
-            tier=tier,
-            version=folder.name,
-            kind=self.kind.value,
-            classes=list(self.classes_),
-            input_size=self.detector_.min_size,
-            normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            calibration={"temperature": dict(self.temperature_)},
-            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
-            metrics=dict(metrics or {}),
-            data_fingerprint=data_fingerprint,
-            code_version=artifact.code_version(),
-            created_at=artifact.utc_now(),
-            parent_version=parent_version,
-            config=self.get_config(),
-        )
-        meta.write(folder)
-        self.version_ = folder.name
-        self.meta_ = meta
-        return meta
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        return self.detector_.model_, self.detector_.min_size
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Self:
         """Rebuild from an artifact folder (weights read with ``weights_only=True``)."""
         meta = artifact.read_meta(folder, cls.model_name)
         stage = cls(**meta.config)
-        stage.classes_ = list(meta.classes)
         stage.detector_ = TorchvisionDetector.restore(
             stage._detector_config(),
             (OBJECT_LABEL,),
             artifact.load_weights(folder, device="cpu"),
             device,
         )
-        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
-        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
-        stage.version_ = meta.version
-        stage.meta_ = meta
+        stage._adopt_meta(meta)
         return stage

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -17,18 +16,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.domain import DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._classifier import SCORE_CLIP
-from phenocascade.models.base import ArtifactMeta, register_backend
-from phenocascade.models.calibration import calibrate_probability
+from phenocascade.models.backends._common import CalibratedDetector, Loader
+from phenocascade.models.base import register_backend
 from phenocascade.models.nets import build_fpn_backbone
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_chw, to_unit_rgb
-from phenocascade.models.thresholds import fallback_record
 from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
 
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 SCALE_MODES = ("short_side", "native")
 
 
@@ -58,7 +54,7 @@ class _ScaledTransform(GeneralizedRCNNTransform):
 
 
 @register_backend("torchvision_detector")
-class TorchvisionDetector:
+class TorchvisionDetector(CalibratedDetector):
     """Faster R-CNN (torchvision) with a ResNet-18 or MobileNetV2 FPN; kind ``DETECTOR``.
 
     Boxes are returned in original-image pixels, ``[x_min, y_min, x_max, y_max]`` with the
@@ -161,24 +157,6 @@ class TorchvisionDetector:
             "nms_iou": self.nms_iou,
             "freeze_backbone": self.freeze_backbone,
             "crop_size": self.crop_size,
-        }
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """Object classes, in order (known after ``fit`` or ``load``)."""
-        return tuple(self.classes_)
-
-    @property
-    def version(self) -> str:
-        """Artifact version; ``""`` until saved or loaded."""
-        return getattr(self, "version_", "")
-
-    @property
-    def thresholds(self) -> dict[str, LabelThresholds]:
-        """Keep (``negative``) and confident (``positive``) box thresholds per class."""
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds_.items()
         }
 
     def _build(self, n_classes: int, pretrained: str | None) -> FasterRCNN:
@@ -404,9 +382,7 @@ class TorchvisionDetector:
         self.history_ = result.train_loss
         self.val_history_ = result.val_loss
         self.best_epoch_ = result.best_epoch
-        self.temperature_ = {label: 1.0 for label in self.classes_}
-        fallback = fallback_record(0.99, 0.1).as_dict()
-        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        self._neutral_calibration()
         return self
 
     def predict(
@@ -446,73 +422,18 @@ class TorchvisionDetector:
         boxes = det["boxes"].cpu().double().numpy()
         labels = det["labels"].cpu().numpy()
         raw = det["scores"].cpu().double().numpy()
-        best = {c: SCORE_CLIP for c in self.classes_}
-        kept: list[Box] = []
-        for (x0, y0, x1, y1), label_index, score in zip(boxes, labels, raw, strict=True):
-            label = self.classes_[int(label_index) - 1]
-            if calibrated:
-                p = self.calibrated_score(label, score)
-            else:
-                p = min(max(float(score), SCORE_CLIP), 1.0 - SCORE_CLIP)
-            if calibrated and p <= self.thresholds_[label]["negative"]:
-                continue
-            best[label] = max(best[label], p)
-            kept.append(
-                Box(
-                    x_min=float(np.clip(x0, 0, img.width)),
-                    y_min=float(np.clip(y0, 0, img.height)),
-                    x_max=float(np.clip(x1, 0, img.width)),
-                    y_max=float(np.clip(y1, 0, img.height)),
-                    label=label,
-                    score=p,
-                )
-            )
-        return StageOutput(scores=best, boxes=tuple(kept))
-
-    def calibrated_score(self, label: str, raw_score: float) -> float:
-        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
-        p = float(calibrate_probability(raw_score, self.temperature_[label]))
-        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
-
-    def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
-    ) -> None:
-        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
-        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
-        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
-
-    def save(
-        self,
-        folder: Path,
-        *,
-        tier: str = "",
-        metrics: Mapping[str, Any] | None = None,
-        data_fingerprint: str = "",
-        parent_version: str = "",
-    ) -> ArtifactMeta:
-        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``."""
-        artifact.save_weights(folder, self.model_.state_dict())
-        meta = ArtifactMeta(
-            backend=self.model_name,
-            tier=tier,
-            version=folder.name,
-            kind=self.kind.value,
-            classes=list(self.classes_),
-            input_size=self.min_size,
-            normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            calibration={"temperature": dict(self.temperature_)},
-            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
-            metrics=dict(metrics or {}),
-            data_fingerprint=data_fingerprint,
-            code_version=artifact.code_version(),
-            created_at=artifact.utc_now(),
-            parent_version=parent_version,
-            config=self.get_config(),
+        # Label 0 is the background class, so class i of ``classes_`` is label i + 1.
+        return self._boxes_output(
+            img,
+            (
+                (x0, y0, x1, y1, self.classes_[int(label_index) - 1], score)
+                for (x0, y0, x1, y1), label_index, score in zip(boxes, labels, raw, strict=True)
+            ),
+            calibrated,
         )
-        meta.write(folder)
-        self.version_ = folder.name
-        self.meta_ = meta
-        return meta
+
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        return self.model_, self.min_size
 
     @classmethod
     def restore(
@@ -534,9 +455,7 @@ class TorchvisionDetector:
         model.load_state_dict(dict(state))
         stage.model_ = model.to(device).eval()
         stage.device_ = device
-        stage.temperature_ = {label: 1.0 for label in stage.classes_}
-        fallback = fallback_record(0.99, 0.1).as_dict()
-        stage.thresholds_ = {label: dict(fallback) for label in stage.classes_}
+        stage._neutral_calibration()
         return stage
 
     @classmethod
@@ -545,8 +464,5 @@ class TorchvisionDetector:
         meta = artifact.read_meta(folder, cls.model_name)
         state = artifact.load_weights(folder, device="cpu")
         stage = cls.restore(meta.config, meta.classes, state, device)
-        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
-        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
-        stage.version_ = meta.version
-        stage.meta_ = meta
+        stage._adopt_meta(meta)
         return stage

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -25,17 +25,13 @@ import torch.nn.functional as F  # noqa: N812
 import yaml
 from PIL import Image
 
-from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.domain import DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._classifier import SCORE_CLIP
-from phenocascade.models.base import ArtifactMeta, register_backend
-from phenocascade.models.calibration import calibrate_probability
+from phenocascade.models.backends._common import CalibratedDetector, Loader
+from phenocascade.models.base import register_backend
 from phenocascade.models.preprocess import to_chw, to_unit_rgb
-from phenocascade.models.thresholds import fallback_record
 from phenocascade.models.training import ProgressCallback, seed_everything
-
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 
 _INTEGRATIONS = (
     "clearml",
@@ -80,7 +76,7 @@ def _ultralytics_log_level(level: int) -> Iterator[None]:
 
 
 @register_backend("yolo")
-class YOLODetector:
+class YOLODetector(CalibratedDetector):
     """Ultralytics YOLO (v8/11 family) trained from scratch; kind ``DETECTOR``.
 
     Boxes are returned in original-image pixels, ``[x_min, y_min, x_max, y_max]`` with the
@@ -109,6 +105,8 @@ class YOLODetector:
     kind = StageKind.DETECTOR
     model_name = "yolo"
     gate_label = "clear"
+    # The network takes [0, 1] pixels as they are.
+    normalization = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
     def __init__(
         self,
@@ -142,24 +140,6 @@ class YOLODetector:
             "iou_nms": self.iou_nms,
             "detections_per_image": self.detections_per_image,
             "mosaic": self.mosaic,
-        }
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """Object classes, in order (known after ``fit`` or ``load``)."""
-        return tuple(self.classes_)
-
-    @property
-    def version(self) -> str:
-        """Artifact version; ``""`` until saved or loaded."""
-        return getattr(self, "version_", "")
-
-    @property
-    def thresholds(self) -> dict[str, LabelThresholds]:
-        """Keep (``negative``) and confident (``positive``) box thresholds per class."""
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds_.items()
         }
 
     def _build(self, n_classes: int) -> torch.nn.Module:
@@ -274,9 +254,7 @@ class YOLODetector:
         self.model_ = net.to(device).eval()
         self.device_ = device
         self.history_ = history
-        self.temperature_ = {label: 1.0 for label in self.classes_}
-        fallback = fallback_record(0.99, 0.1).as_dict()
-        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        self._neutral_calibration()
         return self
 
     def _train(
@@ -369,86 +347,27 @@ class YOLODetector:
     def _to_output(
         self, img: DecodedImage, det: npt.NDArray[np.float64], gain: float, calibrated: bool
     ) -> StageOutput:
-        best = {c: SCORE_CLIP for c in self.classes_}
-        kept: list[Box] = []
-        for x0, y0, x1, y1, score, cls in det[:, :6]:
-            label = self.classes_[int(cls)]
-            if calibrated:
-                p = self.calibrated_score(label, score)
-            else:
-                p = min(max(float(score), SCORE_CLIP), 1.0 - SCORE_CLIP)
-            if calibrated and p <= self.thresholds_[label]["negative"]:
-                continue
-            best[label] = max(best[label], p)
-            kept.append(
-                Box(
-                    x_min=float(np.clip(x0 / gain, 0, img.width)),
-                    y_min=float(np.clip(y0 / gain, 0, img.height)),
-                    x_max=float(np.clip(x1 / gain, 0, img.width)),
-                    y_max=float(np.clip(y1 / gain, 0, img.height)),
-                    label=label,
-                    score=p,
-                )
-            )
-        return StageOutput(scores=best, boxes=tuple(kept))
-
-    def calibrated_score(self, label: str, raw_score: float) -> float:
-        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
-        p = float(calibrate_probability(raw_score, self.temperature_[label]))
-        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
-
-    def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
-    ) -> None:
-        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
-        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
-        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
-
-    def save(
-        self,
-        folder: Path,
-        *,
-        tier: str = "",
-        metrics: Mapping[str, Any] | None = None,
-        data_fingerprint: str = "",
-        parent_version: str = "",
-    ) -> ArtifactMeta:
-        """Write ``weights.pt`` (state dict) and ``metadata.json``; version = ``folder.name``."""
-        artifact.save_weights(folder, self.model_.state_dict())
-        meta = ArtifactMeta(
-            backend=self.model_name,
-            tier=tier,
-            version=folder.name,
-            kind=self.kind.value,
-            classes=list(self.classes_),
-            input_size=self.imgsz,
-            normalization={"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
-            calibration={"temperature": dict(self.temperature_)},
-            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
-            metrics=dict(metrics or {}),
-            data_fingerprint=data_fingerprint,
-            code_version=artifact.code_version(),
-            created_at=artifact.utc_now(),
-            parent_version=parent_version,
-            config=self.get_config(),
+        # Rows are letterboxed (x_min, y_min, x_max, y_max, score, class); the gain undoes it.
+        return self._boxes_output(
+            img,
+            (
+                (x0 / gain, y0 / gain, x1 / gain, y1 / gain, self.classes_[int(cls)], score)
+                for x0, y0, x1, y1, score, cls in det[:, :6]
+            ),
+            calibrated,
         )
-        meta.write(folder)
-        self.version_ = folder.name
-        self.meta_ = meta
-        return meta
+
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        return self.model_, self.imgsz
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> Self:
         """Rebuild the network from its YAML and read ``weights.pt`` with ``weights_only=True``."""
         meta = artifact.read_meta(folder, cls.model_name)
         stage = cls(**meta.config)
-        stage.classes_ = list(meta.classes)
         net = stage._build(len(meta.classes))
         net.load_state_dict(artifact.load_weights(folder, device="cpu"))
         stage.model_ = net.to(device).eval()
         stage.device_ = device
-        stage.temperature_ = dict(meta.calibration.get("temperature", {}))
-        stage.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
-        stage.version_ = meta.version
-        stage.meta_ = meta
+        stage._adopt_meta(meta)
         return stage

@@ -1,0 +1,217 @@
+"""What every backend shares: calibration state, the Stage attributes and the artifact format.
+
+Not a registered backend itself: :class:`CalibratedStage` is the base of the image
+classifiers and :class:`CalibratedDetector` that of the box detectors. Both keep the
+learned calibration (``temperature_``, ``thresholds_``) and write and read it with the
+weights, so every artifact has the same ``weights.pt`` + ``metadata.json`` layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.models import artifact
+from phenocascade.models.base import ArtifactMeta
+from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability
+from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from phenocascade.models.thresholds import fallback_record
+
+Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
+
+
+class CalibratedStage(ABC):
+    """Calibration state, Stage attributes and artifact persistence of a backend.
+
+    A subclass sets ``kind`` and ``model_name``, implements :meth:`get_config` and
+    :meth:`_artifact_network`, and overrides ``normalization`` when its network does not
+    take ImageNet-normalised input.
+
+    Attributes
+    ----------
+    normalization : tuple of (mean, std)
+        Per-channel mean and standard deviation the network applies after scaling pixels
+        to ``[0, 1]``; stored in the artifact's metadata.
+    classes_ : list of str
+        Output labels in order (set by ``fit`` or ``load``).
+    temperature_ : dict
+        Calibration temperature per label.
+    thresholds_ : dict
+        Threshold record per label (see :meth:`ThresholdRecord.as_dict
+        <phenocascade.models.thresholds.ThresholdRecord.as_dict>`).
+    """
+
+    kind: ClassVar[StageKind]
+    model_name: ClassVar[str]
+    normalization: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
+
+    classes_: list[str]
+    temperature_: dict[str, float]
+    thresholds_: dict[str, dict[str, float]]
+    version_: str
+    meta_: ArtifactMeta
+
+    @abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """Return the constructor arguments (stored in the artifact)."""
+
+    @abstractmethod
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        """Return the network whose state dict is saved, and the input size to record."""
+
+    # -- Stage attributes ----------------------------------------------------------------
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Output labels (object classes for detectors), in order (known after fit or load)."""
+        return tuple(self.classes_)
+
+    @property
+    def version(self) -> str:
+        """Artifact version; ``""`` until saved or loaded."""
+        return getattr(self, "version_", "")
+
+    @property
+    def thresholds(self) -> dict[str, LabelThresholds]:
+        """Routing thresholds per label.
+
+        For detectors, ``negative`` is the keep threshold (boxes at or below it are
+        dropped) and ``positive`` the confident one.
+        """
+        return {
+            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
+            for label, t in self.thresholds_.items()
+        }
+
+    # -- calibration ---------------------------------------------------------------------
+    def _neutral_calibration(self) -> None:
+        """Temperature 1.0 and fallback thresholds (certify nothing) for every class."""
+        self.temperature_ = {label: 1.0 for label in self.classes_}
+        fallback = fallback_record(0.99, 0.1).as_dict()
+        self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
+        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
+        self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(
+        self,
+        folder: Path,
+        *,
+        tier: str = "",
+        metrics: Mapping[str, Any] | None = None,
+        data_fingerprint: str = "",
+        parent_version: str = "",
+    ) -> ArtifactMeta:
+        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``.
+
+        ``weights.pt`` holds the network's state dict (a composite's inner network).
+        """
+        network, input_size = self._artifact_network()
+        artifact.save_weights(folder, network.state_dict())
+        mean, std = self.normalization
+        meta = ArtifactMeta(
+            backend=self.model_name,
+            tier=tier,
+            version=folder.name,
+            kind=self.kind.value,
+            classes=list(self.classes_),
+            input_size=input_size,
+            normalization={"mean": list(mean), "std": list(std)},
+            calibration={"temperature": dict(self.temperature_)},
+            thresholds={k: dict(v) for k, v in self.thresholds_.items()},
+            metrics=dict(metrics or {}),
+            data_fingerprint=data_fingerprint,
+            code_version=artifact.code_version(),
+            created_at=artifact.utc_now(),
+            parent_version=parent_version,
+            config=self.get_config(),
+        )
+        meta.write(folder)
+        self.version_ = folder.name
+        self.meta_ = meta
+        return meta
+
+    def _adopt_meta(self, meta: ArtifactMeta) -> None:
+        """Take classes, calibration, thresholds and version from a loaded artifact."""
+        self.classes_ = list(meta.classes)
+        self.temperature_ = dict(meta.calibration.get("temperature", {}))
+        self.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
+        self.version_ = meta.version
+        self.meta_ = meta
+
+
+class CalibratedDetector(CalibratedStage):
+    """A :class:`CalibratedStage` whose outputs are boxes with a calibrated score each."""
+
+    def calibrated_score(self, label: str, raw_score: float) -> float:
+        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
+        p = float(calibrate_probability(raw_score, self.temperature_[label]))
+        return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
+
+    def _box_score(self, label: str, raw_score: float, calibrated: bool) -> float | None:
+        """Score to report for a raw box of ``label``, or ``None`` when the box is dropped.
+
+        ``calibrated=True`` maps the score through :meth:`calibrated_score` and drops the box
+        at or below the class's keep threshold (``negative``); ``False`` keeps every box,
+        its raw score clipped to ``[1e-6, 1 - 1e-6]``.
+        """
+        if not calibrated:
+            return min(max(float(raw_score), SCORE_CLIP), 1.0 - SCORE_CLIP)
+        p = self.calibrated_score(label, raw_score)
+        return None if p <= self.thresholds_[label]["negative"] else p
+
+    def _boxes_output(
+        self,
+        img: DecodedImage,
+        detections: Iterable[tuple[float, float, float, float, str, float]],
+        calibrated: bool,
+    ) -> StageOutput:
+        """Turn one image's raw detections into its :class:`StageOutput`.
+
+        Parameters
+        ----------
+        img : DecodedImage
+            The image, for clipping boxes to ``[0, width] x [0, height]``.
+        detections : iterable of (x_min, y_min, x_max, y_max, label, raw_score)
+            Boxes in original-image pixels, maxima exclusive.
+        calibrated : bool
+            See :meth:`_box_score`.
+
+        Returns
+        -------
+        StageOutput
+            The kept boxes, clipped to the image; each class scored by its best kept box
+            (``1e-6`` when it has none).
+        """
+        best = {c: SCORE_CLIP for c in self.classes_}
+        kept: list[Box] = []
+        for x0, y0, x1, y1, label, score in detections:
+            p = self._box_score(label, score, calibrated)
+            if p is None:
+                continue
+            best[label] = max(best[label], p)
+            kept.append(
+                Box(
+                    x_min=float(np.clip(x0, 0, img.width)),
+                    y_min=float(np.clip(y0, 0, img.height)),
+                    x_max=float(np.clip(x1, 0, img.width)),
+                    y_max=float(np.clip(y1, 0, img.height)),
+                    label=label,
+                    score=p,
+                )
+            )
+        return StageOutput(scores=best, boxes=tuple(kept))
