@@ -23,8 +23,7 @@ from phenocascade.config import Settings, Topology
 from phenocascade.errors import BadInputError, InfraError, SchemaError
 from phenocascade.store.annotations import add_task
 from phenocascade.store.cassandra import connect
-from phenocascade.streams import events
-from phenocascade.streams.kafka import group_consumer, plain_producer
+from phenocascade.streams.kafka import group_consumer, plain_producer, produce_dead_letter
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -98,24 +97,18 @@ class AnnotationSink:
 
     def _dead_letter(self, producer: Producer, msg: Message, exc: BadInputError) -> None:
         key = msg.key()
-        record = events.dead_letter(
-            topic=msg.topic() or "",
-            partition=msg.partition() or 0,
-            offset=msg.offset() or 0,
+        produce_dead_letter(
+            producer,
+            self.codec,
+            self.topology.dead_letter_topic,
+            msg,
             tier=SINK_NAME,
             error_kind=exc.kind,
-            message=str(exc),
-            payload=msg.value(),
+            reason=str(exc),
             image_id=key.decode("utf-8", "replace") if key else None,
-        )
-        producer.produce(
-            self.topology.dead_letter_topic,
-            key=key,
-            value=self.codec.encode("DeadLetter", record),
         )
         self.stats.dead_letters += 1
         SINK_DEAD.inc()
-        log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
 
     def process(self, session: Session, producer: Producer, msgs: list[Message]) -> None:
         """Write one batch of tasks; dead letters are flushed before this returns.

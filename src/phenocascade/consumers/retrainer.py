@@ -66,7 +66,7 @@ from phenocascade.store.lineage import (
     save_lineage,
 )
 from phenocascade.streams import events
-from phenocascade.streams.kafka import group_consumer, plain_producer
+from phenocascade.streams.kafka import group_consumer, plain_producer, produce_dead_letter
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
@@ -394,21 +394,17 @@ class Retrainer:
 
     def _dead_letter(self, msg: Message, exc: BadInputError) -> None:
         key = msg.key()
-        record = events.dead_letter(
-            topic=msg.topic() or "",
-            partition=msg.partition() or 0,
-            offset=msg.offset() or 0,
+        produce_dead_letter(
+            self.producer,
+            self.codec,
+            self.topology.dead_letter_topic,
+            msg,
             tier=RETRAINER_NAME,
             error_kind=exc.kind,
-            message=str(exc),
-            payload=msg.value(),
+            reason=str(exc),
             image_id=key.decode("utf-8", "replace") if key else None,
         )
-        self.producer.produce(
-            self.topology.dead_letter_topic, key=key, value=self.codec.encode("DeadLetter", record)
-        )
         self.stats.dead_letters += 1
-        log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
 
     def sync(self) -> int:
         """Store every annotation now in the topic (idempotent); return how many were read.

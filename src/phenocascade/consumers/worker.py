@@ -24,7 +24,7 @@ from phenocascade.errors import BadInputError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage
 from phenocascade.streams import events
-from phenocascade.streams.kafka import group_consumer, transactional_producer
+from phenocascade.streams.kafka import group_consumer, produce_dead_letter, transactional_producer
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -143,26 +143,18 @@ class TierWorker:
     def _dead_letter(
         self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None
     ) -> None:
-        record = events.dead_letter(
-            topic=msg.topic() or "",
-            partition=msg.partition() or 0,
-            offset=msg.offset() or 0,
+        produce_dead_letter(
+            producer,
+            self.codec,
+            self.topology.dead_letter_topic,
+            msg,
             tier=self.tier.name,
             error_kind=kind,
-            message=reason,
-            payload=msg.value(),
+            reason=reason,
             image_id=image_id,
-        )
-        producer.produce(
-            self.topology.dead_letter_topic,
-            key=msg.key(),
-            value=self.codec.encode("DeadLetter", record),
         )
         self.stats.dead_letters += 1
         DEAD.labels(self.tier.name, kind).inc()
-        log.warning(
-            "dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
-        )
 
     def _predict(
         self, stage: Stage, images: Sequence[DecodedImage]

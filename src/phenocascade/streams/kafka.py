@@ -6,11 +6,13 @@ import logging
 import socket
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from phenocascade.config import KafkaSettings, Topology
 from phenocascade.errors import InfraError
+from phenocascade.streams import events
+from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,32 @@ def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 3
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
     return created
+
+
+def produce_dead_letter(
+    producer: Producer,
+    codec: EventCodec,
+    topic: str,
+    msg: Message,
+    *,
+    tier: str,
+    error_kind: str,
+    reason: str,
+    image_id: str | None,
+) -> None:
+    """Produce a ``DeadLetter`` for ``msg`` (its origin, reason and payload) to ``topic``."""
+    record = events.dead_letter(
+        topic=msg.topic() or "",
+        partition=msg.partition() or 0,
+        offset=msg.offset() or 0,
+        tier=tier,
+        error_kind=error_kind,
+        message=reason,
+        payload=msg.value(),
+        image_id=image_id,
+    )
+    producer.produce(topic, key=msg.key(), value=codec.encode("DeadLetter", record))
+    log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
 
 
 def default_instance_id() -> str:
