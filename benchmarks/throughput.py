@@ -129,8 +129,12 @@ def main() -> None:
         finally:
             sampler.stop.set()
             cascade.stop()
-    latencies = np.array([to_epoch_ms(outputs[i]["produced_at"]) - submitted[i] for i in outputs])
-    pipeline = len(outputs) / elapsed
+    produced = {i: to_epoch_ms(o["produced_at"]) for i, o in outputs.items()}
+    latencies = np.array([produced[i] - submitted[i] for i in outputs])
+    # From the first submission to the last output, by the records' own clocks: the test
+    # harness polls the results topic every 2 s, which would otherwise add up to 2 s.
+    span_s = (max(produced.values()) - min(submitted.values())) / 1000
+    pipeline = len(outputs) / span_s
     result = {
         "in_process_img_s": round(in_proc, 2),
         "pipeline_img_s": round(pipeline, 2),
@@ -138,6 +142,7 @@ def main() -> None:
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
         "images": len(outputs),
+        "pipeline_wall_s": round(elapsed, 1),
         "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peak.items()},
         "stack_peak_rss_mb": round(sum(sampler.peak.values()), 1),
         "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]),

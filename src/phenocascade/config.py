@@ -116,6 +116,9 @@ class TierSpec(BaseModel):
     batch_size: int = 8
     max_wait_ms: int = 200
     device: Literal["cpu", "cuda"] = "cpu"
+    # Intra-op threads of this tier's model (None: torch's default, every core). When tiers
+    # share one machine, give each its share so they do not oversubscribe the cores.
+    threads: int | None = Field(default=None, ge=1)
     thresholds: ThresholdOverride | None = None
 
 

@@ -132,6 +132,15 @@ class Cascade:
     def dead_letters(self) -> list[dict[str, Any]]:
         return self.read(self.topology.dead_letter_topic, "DeadLetter")
 
+    def wait_for_dead_letters(self, ids: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
+        """Wait until every id has a dead letter (partitions are processed in no fixed order)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dead = self.dead_letters()
+            if set(ids) <= {d["image_id"] for d in dead} or time.monotonic() > deadline:
+                return dead
+            time.sleep(2.0)
+
     def wait_until_done(
         self, ids: Sequence[str], timeout_s: float, dead_ok: Sequence[str] = ()
     ) -> Counter[str]:

@@ -147,7 +147,7 @@ def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_worker_goes_on
     counts = cascade.wait_until_done(ok_ids, timeout_s=300)
     assert counts[ok_ids[0]] == 1, cascade.log_tail()
 
-    dead = cascade.dead_letters()
+    dead = cascade.wait_for_dead_letters([*expected, *schema_keys], timeout_s=300)
     by_id = {d["image_id"]: d for d in dead if d["image_id"]}
     for image_id, kind in expected.items():
         assert image_id in by_id, (image_id, dead)

@@ -22,7 +22,7 @@ from phenocascade.config import Settings, TierSpec, Topology
 from phenocascade.domain import DecodedImage, LabelThresholds, Route, StageKind, StageOutput, route
 from phenocascade.errors import BadInputError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
-from phenocascade.models.base import Stage, load_stage
+from phenocascade.models.base import Stage, load_stage, set_compute_threads
 from phenocascade.streams import events
 from phenocascade.streams.kafka import group_consumer, produce_dead_letter, transactional_producer
 from phenocascade.streams.serde import EventCodec
@@ -262,6 +262,8 @@ class TierWorker:
             What this run did.
         """
         kafka = self.settings.kafka
+        if self.tier.threads is not None:
+            set_compute_threads(self.tier.threads)
         self.stage = self._load(None)
         log.info("tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version)
         consumer = group_consumer(kafka, self.tier.group)

@@ -217,6 +217,17 @@ def set_champion(artifacts: Path, tier: str, version: str) -> None:
     os.replace(tmp, artifacts / tier / "CHAMPION")
 
 
+def set_compute_threads(threads: int) -> None:
+    """Set the intra-op threads every model of this process computes with.
+
+    torch is imported here, not at module level, so that processes without models (the
+    joiner, the CLI's Kafka commands) never load it.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def load_stage(
     artifacts: Path, tier: str, version: str | None = None, device: str = "cpu"
 ) -> Stage:

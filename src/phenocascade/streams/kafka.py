@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -113,7 +114,34 @@ def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 3
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
+    _wait_for_leaders(admin, created, timeout_s)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -> None:
+    """Wait until every partition of ``topics`` has a leader.
+
+    Without it the first client of a topic this process just created may see
+    ``NOT_LEADER_FOR_PARTITION``.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = set(topics)
+    while pending:
+        meta = admin.list_topics(timeout=timeout_s).topics
+        pending = {
+            t
+            for t in pending
+            if t not in meta
+            or meta[t].error is not None
+            or any(p.leader < 0 or p.error is not None for p in meta[t].partitions.values())
+        }
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise InfraError(
+                f"topics without a partition leader after {timeout_s:.0f} s: {sorted(pending)}"
+            )
+        time.sleep(0.2)
 
 
 def produce_dead_letter(

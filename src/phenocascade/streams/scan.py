@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from phenocascade.config import KafkaSettings
+
+
+def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tuple[int, int]:
+    """Return ``(low, high)`` of ``part``, retrying while the broker says a retriable error.
+
+    Right after a topic is created (or while a broker moves leadership) the broker answers
+    ``NOT_LEADER_FOR_PARTITION`` or ``LEADER_NOT_AVAILABLE`` for a moment; librdkafka marks
+    these retriable.
+    """
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                part, timeout=max(1.0, deadline - time.monotonic())
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not error.retriable() or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.25)
 
 
 def scan_topic(
@@ -29,13 +50,14 @@ def scan_topic(
         )
     )
     try:
+        deadline = time.monotonic() + timeout_s
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None:
             return
         remaining: dict[int, int] = {}
         assign = []
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            low, high = _watermarks(consumer, TopicPartition(topic, p), deadline)
             if high > low:
                 remaining[p] = high
                 assign.append(TopicPartition(topic, p, OFFSET_BEGINNING))
@@ -46,9 +68,13 @@ def scan_topic(
                 return
             part = msg.partition()
             assert part is not None
-            if msg.error():
-                # Partition EOF: under read_committed, control records can sit before the high mark.
-                remaining.pop(part, None)
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    # Under read_committed, control records can sit before the high mark.
+                    remaining.pop(part, None)
+                elif not error.retriable():
+                    raise KafkaException(error)
                 continue
             offset = msg.offset()
             assert offset is not None

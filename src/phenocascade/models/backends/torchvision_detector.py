@@ -101,6 +101,10 @@ class TorchvisionDetector(CalibratedDetector):
         Train on random ``crop_size`` squares of the resized images (boxes clipped; a box
         keeping under half its area is dropped) instead of whole images: a step costs
         less, so more steps fit a budget. ``None`` trains on whole images.
+    predict_batch_size : int, default 1
+        Images per forward pass at inference. torchvision pads a batch to its largest
+        image, so on a CPU (whose convolutions already use every core) one image at a
+        time bounds peak memory to one image's activations; raise it on a GPU.
     """
 
     kind = StageKind.DETECTOR
@@ -124,6 +128,7 @@ class TorchvisionDetector(CalibratedDetector):
         nms_iou: float = 0.5,
         freeze_backbone: bool = False,
         crop_size: int | None = None,
+        predict_batch_size: int = 1,
     ) -> None:
         self.backbone = backbone
         self.pretrained = pretrained
@@ -139,6 +144,7 @@ class TorchvisionDetector(CalibratedDetector):
         self.nms_iou = nms_iou
         self.freeze_backbone = freeze_backbone
         self.crop_size = crop_size
+        self.predict_batch_size = predict_batch_size
 
     def get_config(self) -> dict[str, Any]:
         """Return the constructor arguments (stored in the artifact)."""
@@ -157,6 +163,7 @@ class TorchvisionDetector(CalibratedDetector):
             "nms_iou": self.nms_iou,
             "freeze_backbone": self.freeze_backbone,
             "crop_size": self.crop_size,
+            "predict_batch_size": self.predict_batch_size,
         }
 
     def _build(self, n_classes: int, pretrained: str | None) -> FasterRCNN:
@@ -407,8 +414,8 @@ class TorchvisionDetector(CalibratedDetector):
         """
         outputs: list[StageOutput] = []
         self.model_.eval()
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
+        for start in range(0, len(images), self.predict_batch_size):
+            chunk = images[start : start + self.predict_batch_size]
             tensors = [to_chw(to_unit_rgb(img.pixels)).to(self.device_) for img in chunk]
             with torch.inference_mode():
                 detections = self.model_(tensors)
