@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    # Set before any sub-command module loads torch (libgomp reads it once, at load). A
+    # cascade runs one process per tier beside the brokers; OpenMP's default busy-wait
+    # between parallel regions burns the cores the others need. Measured on 2 cores, 60
+    # DSB images through the whole pipeline: 17.2 s busy-waiting, 7.3 s passive.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

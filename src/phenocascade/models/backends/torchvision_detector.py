@@ -100,7 +100,8 @@ class TorchvisionDetector(CalibratedDetector):
     crop_size : int or None, default None
         Train on random ``crop_size`` squares of the resized images (boxes clipped; a box
         keeping under half its area is dropped) instead of whole images: a step costs
-        less, so more steps fit a budget. ``None`` trains on whole images.
+        less, so more steps fit a budget. The validation loss (early stopping) is then
+        taken on one fixed crop per validation image. ``None`` uses whole images.
     predict_batch_size : int, default 1
         Images per forward pass at inference. torchvision pads a batch to its largest
         image, so on a CPU (whose convolutions already use every core) one image at a
@@ -340,7 +341,10 @@ class TorchvisionDetector(CalibratedDetector):
         self.classes_ = list(classes)
         model = self._build(len(self.classes_), self.pretrained).to(device)
         train_data = [self._prepare(s, load) for s in train]
-        val_data = [self._prepare(s, load) for s in val]
+        # With crops, validation uses one crop per image, drawn once: the early-stopping
+        # signal then costs what a training step does, not a full-resolution pass.
+        val_crops = torch.Generator().manual_seed(seed + 1)
+        val_data = [self._crop(*self._prepare(s, load), val_crops) for s in val]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
