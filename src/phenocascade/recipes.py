@@ -142,7 +142,7 @@ def _minority_recipe(
         return Recipe(
             name,
             config,
-            max_epochs=10,
+            max_epochs=16,
             patience=3,
             max_train=120,
             max_val_fit=40,
