@@ -72,7 +72,7 @@ from phenocascade.models.certify import calibrate_stage, match_boxes
 from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
 from phenocascade.models.thresholds import min_certifiable_count
-from phenocascade.recipes import recipe, tier_data, train_tier
+from phenocascade.recipes import Size, Tier, recipe, tier_data, train_tier
 
 log = logging.getLogger("benchmarks.models")
 RESULTS = Path(__file__).parent / "results"
@@ -116,8 +116,12 @@ class Replay:
             temps = np.array([self.temperature[c] if calibrated else 1.0 for c in self.classes])
             outs = []
             for img in images:
-                p = np.clip(sigmoid(self.logits[img.image_id] / temps), SCORE_CLIP, 1 - SCORE_CLIP)
-                outs.append(StageOutput(scores=dict(zip(self.classes, map(float, p), strict=True))))
+                probs = np.clip(
+                    sigmoid(self.logits[img.image_id] / temps), SCORE_CLIP, 1 - SCORE_CLIP
+                )
+                outs.append(
+                    StageOutput(scores=dict(zip(self.classes, map(float, probs), strict=True)))
+                )
             return outs
         outs = []
         for img in images:
@@ -320,7 +324,7 @@ class Bench:
     def __init__(
         self,
         settings: Settings,
-        size: str,
+        size: Size,
         quick: bool,
         previous: Mapping[str, Any] | None = None,
     ) -> None:
@@ -341,7 +345,7 @@ class Bench:
             self.data[name] = decode_set(build(), slopes=slopes)
         return self.data[name]
 
-    def train(self, tier: str, **kwargs: Any) -> Any:
+    def train(self, tier: Tier, **kwargs: Any) -> Any:
         """Train into the temporary artifacts folder and load the result."""
         folder = train_tier(
             tier,
@@ -403,7 +407,7 @@ class Bench:
         )
         self._routing("majority", stage, model, test)
 
-    def _routing(self, tier: str, stage: Any, model: Replay, test: Pass) -> None:
+    def _routing(self, tier: Tier, stage: Any, model: Replay, test: Pass) -> None:
         """Calibrated and fixed routing on test; and what certifying at 0.99 gives."""
         meta = stage.meta_
         cert = certification(meta.thresholds, meta.metrics.get("calibration", {}))
