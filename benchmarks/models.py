@@ -38,7 +38,6 @@ under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import shlex
@@ -327,8 +326,11 @@ class Bench:
         size: Size,
         quick: bool,
         previous: Mapping[str, Any] | None = None,
+        minority_rows: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        # Minority rows to run (empty: all of them).
+        self.minority_rows = set(minority_rows)
         # The models.json being merged into: sections run later compare with its rows.
         self.previous: Mapping[str, Any] = previous or {}
         self.size = size
@@ -567,11 +569,6 @@ class Bench:
     # -- minority ---------------------------------------------------------------------------
     def minority(self) -> None:
         """Detector rows: DSB, BCCD, 40-image variants and YOLO vs torchvision on BCCD."""
-        if "dataset" not in inspect.signature(train_tier).parameters:
-            note = "not available: train_tier has no dataset keyword yet"
-            for key in ("dsb", "bccd", "bccd_40img", "dsb_40img", "yolo_vs_torchvision"):
-                _set(self.out, f"minority.{key}", note)
-            return
         rows: list[tuple[str, dict[str, Any]]] = [
             ("dsb", {"dataset": "dsb"}),
             ("bccd", {"dataset": "bccd", "backend": "torchvision_detector"}),
@@ -580,13 +577,19 @@ class Bench:
             ("bccd_yolo", {"dataset": "bccd", "backend": "yolo"}),
         ]
         for name, kwargs in rows:
+            if self.minority_rows and name not in self.minority_rows:
+                continue
             try:
                 self._minority_row(name, kwargs)
             # One failed row must not lose the figures of the others.
             except Exception as exc:
                 log.exception("minority row %s failed", name)
                 _set(self.out, f"minority.{name}", f"failed: {type(exc).__name__}: {exc}")
-        tv, yolo = self.out["minority"].get("bccd"), self.out["minority"].pop("bccd_yolo", None)
+        mine = self.out.get("minority", {})
+        earlier = self.previous.get("minority", {})
+        # Rows not re-run here keep their figures from the merged file.
+        tv = mine.get("bccd", earlier.get("bccd"))
+        yolo = mine.pop("bccd_yolo", (earlier.get("yolo_vs_torchvision") or {}).get("yolo"))
         _set(
             self.out,
             "minority.yolo_vs_torchvision",
@@ -796,6 +799,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="update an existing models.json with these sections instead of replacing it",
     )
+    parser.add_argument(
+        "--minority-rows",
+        default="",
+        help="comma-separated minority rows to run (dsb, bccd, bccd_40img, dsb_40img, "
+        "bccd_yolo); default all. With --merge the other rows keep their figures.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sections = args.only.split(",")
@@ -810,7 +819,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = (
             json.loads(previous_file.read_text()) if args.merge and previous_file.is_file() else {}
         )
-        bench = Bench(settings, args.size, args.quick, previous)
+        bench = Bench(
+            settings,
+            args.size,
+            args.quick,
+            previous,
+            [r for r in args.minority_rows.split(",") if r],
+        )
         steps: dict[str, Callable[[], None]] = {
             "quality": bench.quality,
             "majority": bench.majority,
@@ -827,7 +842,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous.pop("settings", None)
         # A section re-run replaces its own subtree; routing rows are merged per tier.
         for key in result:
-            if key != "routing":
+            if key == "minority":
+                kept = previous.get("minority", {})
+                kept.pop("status", None)
+                for row in result["minority"]:
+                    kept.pop(row, None)
+            elif key != "routing":
                 previous.pop(key, None)
         result = _deep_update(previous, result)
     result["settings"] = {

@@ -151,7 +151,8 @@ def _minority_recipe(
     if name == "yolo":
         config = {"model_yaml": "yolov8n.yaml", "imgsz": 640 if full else 320}
     elif name == "torchvision_detector":
-        config = detector
+        # Few rare boxes per image: pick the epoch by val AP50, not by the detection loss.
+        config = {**detector, "early_stopping": "ap50"}
     else:
         config = {"pretrained": mobilenet} if mobilenet else {}
     if full:

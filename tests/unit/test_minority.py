@@ -45,7 +45,9 @@ def _predict(samples: list[Sample], shift: float, score: float = 0.9) -> list[St
 def test_perfect_boxes_score_ap50_and_recall_of_one() -> None:
     samples, images = _truths()
     outputs = _predict(samples, shift=0.0)
-    assert coco_ap50(outputs, samples, images, [LABEL]) == {LABEL: pytest.approx(1.0)}
+    assert coco_ap50(outputs, samples, [(i.height, i.width) for i in images], [LABEL]) == {
+        LABEL: pytest.approx(1.0)
+    }
     assert recall_at_fp_per_image(outputs, samples) == pytest.approx(1.0)
 
 
@@ -53,7 +55,9 @@ def test_boxes_missing_by_more_than_half_score_zero() -> None:
     samples, images = _truths()
     # Shifted by their own width: IoU 0 with every truth.
     outputs = _predict(samples, shift=45.0)
-    assert coco_ap50(outputs, samples, images, [LABEL])[LABEL] == pytest.approx(0.0)
+    assert coco_ap50(outputs, samples, [(i.height, i.width) for i in images], [LABEL])[
+        LABEL
+    ] == pytest.approx(0.0)
     assert recall_at_fp_per_image(outputs, samples) == 0.0
 
 
@@ -62,7 +66,7 @@ def test_false_positives_ranked_first_lower_ap50_but_not_recall_at_one_fp() -> N
     outputs = _predict(samples, shift=0.0, score=0.5)
     # One confident false box in the empty image outranks every true box.
     outputs[2] = StageOutput({LABEL: 0.99}, (Box(60, 60, 80, 80, LABEL, 0.99),))
-    ap = coco_ap50(outputs, samples, images, [LABEL])[LABEL]
+    ap = coco_ap50(outputs, samples, [(i.height, i.width) for i in images], [LABEL])[LABEL]
     assert ap is not None and 0.3 < ap < 0.9
     assert recall_at_fp_per_image(outputs, samples) == pytest.approx(1.0)
 

@@ -141,18 +141,33 @@ def classification_metrics(
 def coco_ap50(
     outputs: Sequence[StageOutput],
     samples: Sequence[Sample],
-    images: Sequence[DecodedImage],
+    sizes: Sequence[tuple[int, int]],
     classes: Sequence[str],
 ) -> dict[str, float | None]:
-    """AP at IoU 0.5 per class with pycocotools (101-point interpolation)."""
+    """AP at IoU 0.5 per class with pycocotools (101-point interpolation).
+
+    Parameters
+    ----------
+    outputs : sequence of StageOutput
+        Detections per image, in the pixels of ``sizes``.
+    samples : sequence of Sample
+        Ground-truth boxes per image, same order.
+    sizes : sequence of (int, int)
+        ``(height, width)`` of each image.
+    classes : sequence of str
+        Classes to report.
+
+    Returns
+    -------
+    dict
+        AP50 per class; ``None`` for a class without ground-truth boxes.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     cat = {c: i + 1 for i, c in enumerate(classes)}
     gt: dict[str, Any] = {
-        "images": [
-            {"id": i + 1, "width": img.width, "height": img.height} for i, img in enumerate(images)
-        ],
+        "images": [{"id": i + 1, "width": w, "height": h} for i, (h, w) in enumerate(sizes)],
         "categories": [{"id": k, "name": c} for c, k in cat.items()],
         "annotations": [],
     }
@@ -359,7 +374,9 @@ def evaluate_stage(
             )
             for o in stage.predict(images, calibrated=False)
         ]
-        per_class = coco_ap50(outputs, samples, images, stage.classes)
+        per_class = coco_ap50(
+            outputs, samples, [(img.height, img.width) for img in images], stage.classes
+        )
         present = [v for v in per_class.values() if v is not None]
         metrics["ap50"] = float(np.mean(present)) if present else None
         metrics["ap50_per_class"] = per_class

@@ -16,11 +16,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from phenocascade.domain import DecodedImage, Sample, StageKind, StageOutput
+from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
 from phenocascade.models.backends._common import CalibratedDetector, Loader
 from phenocascade.models.base import register_backend
+from phenocascade.models.evaluate import coco_ap50
 from phenocascade.models.nets import build_fpn_backbone
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_chw, to_unit_rgb
 from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
@@ -51,6 +52,11 @@ class _ScaledTransform(GeneralizedRCNNTransform):
             size = (max(1, round(h * factor)), max(1, round(w * factor)))
             image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
         return image, target
+
+
+def _box(xyxy: torch.Tensor, label: str, score: float = 1.0) -> Box:
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1, label=label, score=score)
 
 
 @register_backend("torchvision_detector")
@@ -102,6 +108,12 @@ class TorchvisionDetector(CalibratedDetector):
         keeping under half its area is dropped) instead of whole images: a step costs
         less, so more steps fit a budget. The validation loss (early stopping) is then
         taken on one fixed crop per validation image. ``None`` uses whole images.
+    early_stopping : {"loss", "ap50"}, default "loss"
+        What picks the best epoch on the validation split: the detection loss, or
+        ``1 - AP50`` (pycocotools, mean over the classes with validation boxes; one
+        inference pass over the validation images per epoch). The loss is a weak proxy
+        for AP: in a bootstrap BCCD run it was lowest after the first of six epochs, and
+        that restored model reached test AP50 0.10.
     predict_batch_size : int, default 1
         Images per forward pass at inference. torchvision pads a batch to its largest
         image, so on a CPU (whose convolutions already use every core) one image at a
@@ -129,8 +141,11 @@ class TorchvisionDetector(CalibratedDetector):
         nms_iou: float = 0.5,
         freeze_backbone: bool = False,
         crop_size: int | None = None,
+        early_stopping: str = "loss",
         predict_batch_size: int = 1,
     ) -> None:
+        if early_stopping not in ("loss", "ap50"):
+            raise ConfigError(f"early_stopping must be 'loss' or 'ap50', not {early_stopping!r}")
         self.backbone = backbone
         self.pretrained = pretrained
         self.min_size = min_size
@@ -145,6 +160,7 @@ class TorchvisionDetector(CalibratedDetector):
         self.nms_iou = nms_iou
         self.freeze_backbone = freeze_backbone
         self.crop_size = crop_size
+        self.early_stopping = early_stopping
         self.predict_batch_size = predict_batch_size
 
     def get_config(self) -> dict[str, Any]:
@@ -164,6 +180,7 @@ class TorchvisionDetector(CalibratedDetector):
             "nms_iou": self.nms_iou,
             "freeze_backbone": self.freeze_backbone,
             "crop_size": self.crop_size,
+            "early_stopping": self.early_stopping,
             "predict_batch_size": self.predict_batch_size,
         }
 
@@ -377,12 +394,52 @@ class TorchvisionDetector(CalibratedDetector):
                     total += float(losses([val_data[i] for i in idx])) * len(idx)
             return total / len(val_data)
 
+        def val_ap_loss() -> float:
+            # 1 - AP50 on the prepared (resized, cropped) val images, in their own pixels.
+            model.eval()
+            outputs, truths = [], []
+            with torch.inference_mode():
+                for i, (image, target) in enumerate(val_data):
+                    det = model([image.to(device)])[0]
+                    outputs.append(
+                        StageOutput(
+                            scores={},
+                            boxes=tuple(
+                                _box(xyxy, self.classes_[int(k) - 1], float(p))
+                                for xyxy, k, p in zip(
+                                    det["boxes"].cpu(),
+                                    det["labels"].cpu(),
+                                    det["scores"].cpu(),
+                                    strict=True,
+                                )
+                            ),
+                        )
+                    )
+                    truths.append(
+                        Sample(
+                            str(i),
+                            None,
+                            boxes=tuple(
+                                _box(xyxy, self.classes_[int(k) - 1])
+                                for xyxy, k in zip(target["boxes"], target["labels"], strict=True)
+                            ),
+                        )
+                    )
+            sizes = [(int(img.shape[1]), int(img.shape[2])) for img, _ in val_data]
+            ap = [
+                v
+                for v in coco_ap50(outputs, truths, sizes, self.classes_).values()
+                if v is not None
+            ]
+            # No val boxes at all: AP is undefined, so the loss decides.
+            return 1.0 - float(np.mean(ap)) if ap else val_loss()
+
         result = fit_loop(
             model,
             optimizer=optimizer,
             epoch_batches=epoch_batches,
             train_step=losses,
-            val_loss=val_loss,
+            val_loss=val_ap_loss if self.early_stopping == "ap50" else val_loss,
             max_epochs=max_epochs,
             patience=patience,
             progress=progress,
