@@ -749,7 +749,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines += [
         "",
         "A 0.99 certificate needs at least "
-        f"{g('routing.majority.calibrated.n_needed_at_0.99')} error-free validation decisions "
+        f"{(_get(result, 'routing.majority.calibrated') or {}).get('n_needed_at_0.99', 'n/a')} "
+        "error-free validation decisions "
         "on a side (delta 0.1); see `routing.<tier>.calibrated.val_*_available` in the JSON.",
         "",
         "## Single pass (no quality gate) vs cascade",
