@@ -295,13 +295,14 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
         (
             r
             for r in cascade.read(cascade.topology.tier("quality").result_topic, "TierResult")
-            if r["image_id"] in set(ids_2)
+            if r["image_id"] in set(ids_2) | set(ids_3)
         ),
         key=lambda r: to_epoch_ms(r["produced_at"]),
     )
     versions = [r["model_version"] for r in quality_results]
     assert set(versions) <= {weak, new}
     assert versions == sorted(versions, key=lambda v: v == new), versions
+    assert versions[0] == weak and versions[-1] == new, versions
     for image_id in all_ids:
         assert outputs[image_id]["model_versions"]["quality"] in {weak, new}
 

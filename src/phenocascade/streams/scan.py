@@ -10,13 +10,26 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from phenocascade.config import KafkaSettings
 
+# Answers a broker gives for a moment after a topic is created (its metadata can name the
+# leader before the partition is loaded there) or while leadership moves. librdkafka does
+# not always flag them retriable on a watermark query, so they are named here.
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
 
 def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tuple[int, int]:
     """Return ``(low, high)`` of ``part``, retrying while the broker says a retriable error.
 
     Right after a topic is created (or while a broker moves leadership) the broker answers
-    ``NOT_LEADER_FOR_PARTITION`` or ``LEADER_NOT_AVAILABLE`` for a moment; librdkafka marks
-    these retriable.
+    ``NOT_LEADER_FOR_PARTITION`` or ``LEADER_NOT_AVAILABLE`` for a moment.
     """
     while True:
         try:
@@ -26,7 +39,8 @@ def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tu
             return int(low), int(high)
         except KafkaException as exc:
             error = exc.args[0]
-            if not error.retriable() or time.monotonic() >= deadline:
+            transient = error.retriable() or error.code() in _TRANSIENT
+            if not transient or time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
 
@@ -73,7 +87,7 @@ def scan_topic(
                 if error.code() == KafkaError._PARTITION_EOF:
                     # Under read_committed, control records can sit before the high mark.
                     remaining.pop(part, None)
-                elif not error.retriable():
+                elif not (error.retriable() or error.code() in _TRANSIENT):
                     raise KafkaException(error)
                 continue
             offset = msg.offset()
