@@ -427,6 +427,7 @@ def write(
                 if tier in TIER_METRICS and tier not in mine:
                     mine[tier] = value
             if earlier.get("command") and earlier["command"] != command:
+                # What produced the tiers kept from earlier runs (the newest such command).
                 mine["earlier_command"] = earlier["command"]
     results["command"] = command
     details["command"] = command

@@ -17,6 +17,7 @@ import tifffile
 from harness import Cascade
 from PIL import Image
 
+from phenocascade.cli.cascade import build_report
 from phenocascade.cli.demo import sample_images
 from phenocascade.config import Settings
 from phenocascade.recipes import ensure_bootstrap
@@ -65,6 +66,11 @@ def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> Non
     for image_id in ids:
         rows = get_outputs(session=session, image_id=image_id)
         assert len(rows) == 1 and rows[0]["status"] == outputs[image_id]["status"]
+
+    # `phenocascade report --prefix`: this run's images, each in exactly one terminal state.
+    report = build_report(cascade.settings, cascade.topology, prefix=cascade.prefix + "real-")
+    assert report["submitted"] == 60 and report["balanced"], report
+    assert report["dead_lettered"] == 0, report
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -286,15 +286,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_report(settings: Settings, topology: Topology) -> dict[str, Any]:
+def build_report(settings: Settings, topology: Topology, prefix: str = "") -> dict[str, Any]:
     """Count submissions, outputs by status, annotation requests and dead letters.
 
     ``submitted`` counts distinct image ids on the submitted topic; outputs come from
     Cassandra (the newest output of each image); ``dead_lettered`` counts distinct
-    dead-lettered messages of the submitted topic, the only ones that end an image.
+    dead-lettered messages of the submitted topic, the only ones that end an image. With
+    ``prefix``, only image ids that start with it count (one run of ``submit --prefix``).
     """
     codec = EventCodec()
-    submitted = {k for k, _ in scan_topic(settings.kafka, topology.submitted_topic)}
+    mine = prefix.encode()
+    submitted = {
+        k
+        for k, _ in scan_topic(settings.kafka, topology.submitted_topic)
+        if k and k.startswith(mine)
+    }
     statuses = latest_status_by_image(session=connect(settings.cassandra))
     by_status = {s: 0 for s in ("analyzed", "unusable", "awaiting_annotation")}
     for image_id, status in statuses.items():
@@ -304,12 +310,15 @@ def build_report(settings: Settings, topology: Topology) -> dict[str, Any]:
     dead_kinds: dict[str, int] = {}
     for _, value in scan_topic(settings.kafka, topology.dead_letter_topic):
         _, record = codec.decode(value, expected="DeadLetter")
-        if record["origin_topic"] == topology.submitted_topic:
+        if record["origin_topic"] == topology.submitted_topic and (
+            record["image_id"] or ""
+        ).startswith(prefix):
             dead.add((record["origin_partition"], record["origin_offset"]))
             dead_kinds[record["error_kind"]] = dead_kinds.get(record["error_kind"], 0) + 1
     requests = {
         (k, codec.decode(v)[1]["tier"])
         for k, v in scan_topic(settings.kafka, topology.annotate_topic)
+        if k and k.startswith(mine)
     }
     report: dict[str, Any] = {
         "submitted": len(submitted),
@@ -325,7 +334,7 @@ def build_report(settings: Settings, topology: Topology) -> dict[str, Any]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the report."""
-    report = build_report(get_settings(), _topology(args))
+    report = build_report(get_settings(), _topology(args), prefix=args.prefix)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -380,3 +389,6 @@ def register(sub: Any) -> None:
 
     p = add("report", cmd_report, "count submissions, outputs and dead letters")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--prefix", default="", help="only images whose id starts with this (one submission run)"
+    )

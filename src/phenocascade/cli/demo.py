@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         render_output(settings, output, out_dir / f"{output['image_id']}.png")
     console.print(f"wrote {len(ordered)} overlays to {out_dir}")
     console.rule("5/5 report")
-    report = build_report(settings, topology)
+    report = build_report(settings, topology, prefix=f"{run_id}-")
     console.print_json(json.dumps(report))
     missing = len(ids) - len(ordered)
     if missing:
