@@ -357,6 +357,13 @@ def train_tier(
         The artifact folder ``<artifacts>/<tier>/<version>``.
     """
     plan = recipe(tier, size, backend=backend, dataset=dataset)
+    if plan.train_data == "dsb2018_nuclei" and extra_samples:
+        raise ConfigError(
+            f"{plan.backend} learns from every nucleus box, but expert annotations hold only "
+            "the rare boxes: training on them would teach it that the other nuclei are "
+            "background. Retrain the minority tier from annotations with a box detector "
+            "backend (torchvision_detector or yolo)."
+        )
     target = target_precision or (BOOTSTRAP_TARGET_PRECISION if size == "bootstrap" else 0.99)
     root = settings.datasets
     val_set = tier_data(tier, root, "val", seed=seed, dataset=dataset)

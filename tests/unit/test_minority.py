@@ -12,7 +12,7 @@ from phenocascade.errors import ConfigError
 from phenocascade.models.backends.nucleus_outlier import size_outliers
 from phenocascade.models.certify import keep_threshold_cap
 from phenocascade.models.evaluate import coco_ap50, recall_at_fp_per_image
-from phenocascade.recipes import recipe, tier_data
+from phenocascade.recipes import recipe, tier_data, train_tier
 
 LABEL = "large_nucleus"
 
@@ -133,3 +133,14 @@ def test_minority_data_of_both_datasets(root: Path) -> None:
     assert [d.file.endswith("BloodImage_00343.xml") for d in blood.dropped] == [True]
     with pytest.raises(ConfigError, match="unknown dataset"):
         tier_data("minority", root, "train", dataset="coco")
+
+
+def test_the_nucleus_composite_refuses_rare_box_annotations(tmp_path: Path) -> None:
+    annotated = Sample("a", None, boxes=(Box(1.0, 1.0, 9.0, 9.0, "large_nucleus"),))
+    with pytest.raises(ConfigError, match="every nucleus box"):
+        train_tier(
+            "minority",
+            settings=Settings(artifacts=tmp_path),
+            extra_samples=[annotated],
+            progress=False,
+        )
