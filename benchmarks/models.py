@@ -841,14 +841,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if previous:
         # Sections run separately (e.g. the slow detectors later) add to the earlier file.
         previous.pop("settings", None)
-        # A section re-run replaces its own subtree; routing rows are merged per tier.
+        # A section re-run replaces its own subtree: minority rows and routing tiers one by one.
         for key in result:
             if key == "minority":
                 kept = previous.get("minority", {})
                 kept.pop("status", None)
                 for row in result["minority"]:
                     kept.pop(row, None)
-            elif key != "routing":
+            elif key == "routing":
+                for tier in result["routing"]:
+                    previous.get("routing", {}).pop(tier, None)
+            else:
                 previous.pop(key, None)
         result = _deep_update(previous, result)
     result["settings"] = {
