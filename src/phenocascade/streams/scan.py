@@ -25,6 +25,10 @@ _TRANSIENT = frozenset(
 )
 
 
+def _transient(error: KafkaError) -> bool:
+    return bool(error.retriable()) or error.code() in _TRANSIENT
+
+
 def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tuple[int, int]:
     """Return ``(low, high)`` of ``part``, retrying while the broker says a retriable error.
 
@@ -38,9 +42,7 @@ def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tu
             )
             return int(low), int(high)
         except KafkaException as exc:
-            error = exc.args[0]
-            transient = error.retriable() or error.code() in _TRANSIENT
-            if not transient or time.monotonic() >= deadline:
+            if not _transient(exc.args[0]) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
 
@@ -87,7 +89,7 @@ def scan_topic(
                 if error.code() == KafkaError._PARTITION_EOF:
                     # Under read_committed, control records can sit before the high mark.
                     remaining.pop(part, None)
-                elif not (error.retriable() or error.code() in _TRANSIENT):
+                elif not _transient(error):
                     raise KafkaException(error)
                 continue
             offset = msg.offset()
