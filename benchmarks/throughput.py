@@ -9,7 +9,8 @@ Usage::
 
 Writes ``benchmarks/results/throughput.json`` with ``in_process_img_s``, ``pipeline_img_s``,
 ``ratio``, ``p50_ms``, ``p99_ms`` (submit-to-output latency in the pipeline), ``images``,
-``peak_rss_mb`` per process and ``command``.
+``peak_rss_mb`` per process, ``cpu_s`` (CPU seconds of the in-process run and of each
+pipeline process over the measured images) and ``command``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ class RssSampler(threading.Thread):
                 self.peak[name] = max(self.peak[name], rss / 2**20)
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """Return the CPU seconds (user + system, children included) each process has used."""
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            proc = psutil.Process(pid)
+            procs = [proc, *proc.children(recursive=True)]
+            used[name] = sum(sum(p.cpu_times()[:2]) for p in procs)
+        except psutil.Error:
+            continue
+    return used
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=120)
@@ -102,7 +116,10 @@ def main() -> None:
     paths = sorted((datasets / "dsb2018" / "images").glob("*.png"))[: args.images]
 
     in_process(paths[:batch], batch)  # warm-up: first-call allocations
+    this = psutil.Process()
+    cpu_start = sum(this.cpu_times()[:2])
     in_proc = in_process(paths, batch)
+    in_proc_cpu = sum(this.cpu_times()[:2]) - cpu_start
 
     import tempfile
 
@@ -116,10 +133,12 @@ def main() -> None:
             # warm-up batch so that model loading is not counted
             warm = cascade.submit(paths[:batch], prefix="warm-")
             cascade.wait_until_done(warm, timeout_s=600)
+            cpu_before = cpu_seconds(sampler.pids)
             start = time.perf_counter()
             ids = cascade.submit(paths, prefix="bench-")
             cascade.wait_until_done(ids, timeout_s=1800)
             elapsed = time.perf_counter() - start
+            cpu_after = cpu_seconds(sampler.pids)
             outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in set(ids)}
             submitted = {
                 r["image_id"]: to_epoch_ms(r["submitted_at"])
@@ -145,6 +164,15 @@ def main() -> None:
         "pipeline_wall_s": round(elapsed, 1),
         "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peak.items()},
         "stack_peak_rss_mb": round(sum(sampler.peak.values()), 1),
+        # CPU seconds spent on the measured images (the pipeline's from its first
+        # submission until the harness saw the last output, so it includes up to one 2 s
+        # poll of idle time).
+        "cpu_s": {
+            "in_process": round(in_proc_cpu, 1),
+            "pipeline": {
+                k: round(cpu_after[k] - cpu_before[k], 1) for k in cpu_after if k in cpu_before
+            },
+        },
         "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # Signs the annotation app's session cookies (PHENOCASCADE_UI_SECRET); when unset, the
     # app generates one and keeps it in ``home/ui_secret`` so sessions survive restarts.
     ui_secret: SecretStr | None = None
+    # Brute-force protection of the app's login: once this many logins for one user name, or
+    # from one client address, failed within the last ``ui_login_window_s`` seconds, further
+    # attempts get 429 (without a password check) until the oldest failure leaves the window.
+    ui_login_max_failures: int = Field(default=5, ge=1)
+    ui_login_window_s: float = Field(default=300.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
 

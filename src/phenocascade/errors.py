@@ -50,6 +50,22 @@ class AuthError(PhenocascadeError):
     kind = "unauthenticated"
 
 
+class TooManyAttemptsError(PhenocascadeError):
+    """Too many recent failed attempts (e.g. logins); refused without looking at them.
+
+    Attributes
+    ----------
+    retry_after_s : int
+        Whole seconds until an attempt is accepted again (at least 1).
+    """
+
+    kind = "too_many_attempts"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class PermissionDeniedError(PhenocascadeError):
     """Valid credentials, but the role may not do this."""
 

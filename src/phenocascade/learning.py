@@ -19,7 +19,6 @@ the comparison.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -29,38 +28,11 @@ from phenocascade.consumers.retrainer import Challenger, image_key
 from phenocascade.domain import Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.base import ArtifactMeta, load_stage
-from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.models.evaluate import evaluate_stage, summary_metrics
 from phenocascade.recipes import TIERS, Size, Tier, decode, subset, tier_data, train_tier
 
 # The metric that decides a promotion, per tier; all are rankings (higher is better).
 TIER_METRICS: dict[str, str] = {"quality": "auroc", "majority": "mean_ap", "minority": "ap50"}
-
-
-def summary_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """Return the scalar metrics of an :func:`~phenocascade.models.evaluate.evaluate_stage` report.
-
-    Returns
-    -------
-    dict of str to float
-        Classifiers and gates: ``auroc`` (macro over labels), ``mean_ap``, ``macro_f1``;
-        detectors: ``ap50`` (mean over classes that have boxes) and
-        ``recall_at_1fp_per_image``. Metrics that could not be computed are left out.
-    """
-    found: dict[str, Any] = {
-        "auroc": report.get("macro_auroc"),
-        "mean_ap": report.get("mean_ap"),
-        "macro_f1": report.get("macro_f1"),
-        "recall_at_1fp_per_image": report.get("recall_at_1fp_per_image"),
-    }
-    ap50 = report.get("ap50")
-    if isinstance(ap50, Mapping):
-        values = [v for v in ap50.values() if v is not None]
-        found["ap50"] = sum(values) / len(values) if values else None
-    return {
-        k: float(v)
-        for k, v in found.items()
-        if isinstance(v, int | float) and not math.isnan(float(v))
-    }
 
 
 @dataclass(frozen=True)
@@ -165,13 +137,16 @@ class RecipeTrainer:
     ) -> Challenger:
         """Train a challenger on the base data plus ``extra_samples``; never make it champion.
 
-        Its calibration and thresholds are fitted on the holdout, and its ``val_report``
+        The challenger is of the parent's backend, with that backend's recipe. Its
+        calibration and thresholds are fitted on the holdout, and its ``val_report``
         (hence the returned metrics) is computed on the holdout.
         """
         b = self.budget
+        parent = ArtifactMeta.read(self.settings.artifacts / tier / parent_version)
         folder = train_tier(
             self._tier(tier),
             settings=self.settings,
+            backend=parent.backend,
             size=b.size,
             seed=b.seed,
             device=self.device,

@@ -29,6 +29,7 @@ from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.artifact import new_version
+from phenocascade.models.backends.nucleus_outlier import NucleusOutlierDetector
 from phenocascade.models.base import champion_version, get_backend, load_stage, set_champion
 from phenocascade.models.certify import calibrate_stage
 from phenocascade.models.evaluate import evaluate_stage
@@ -274,6 +275,48 @@ def decode(samples: Sequence[Sample]) -> list[DecodedImage]:
     return [DecodedImage(s.image_id, load_pixels(s)) for s in samples]
 
 
+def _complete_rare_annotations(
+    artifacts: Path,
+    tier: Tier,
+    parent_version: str,
+    samples: Sequence[Sample],
+    *,
+    device: str,
+) -> tuple[tuple[Sample, ...], dict[str, int]]:
+    """Give rare-box annotations every nucleus, from the parent model's detections.
+
+    Returns the completed samples and ``{"expert": n, "pseudo": m}`` box counts.
+
+    Raises
+    ------
+    ConfigError
+        Without a parent version, or if the parent is not a nucleus composite.
+    """
+    if not parent_version:
+        raise ConfigError(
+            "the nucleus composite learns from every nucleus box, but expert annotations hold "
+            "only the rare ones: it needs the model they were made against (parent_version) "
+            "to label the image's other nuclei"
+        )
+    parent = load_stage(artifacts, tier, parent_version, device=device)
+    if not isinstance(parent, NucleusOutlierDetector):
+        raise ConfigError(
+            f"{tier} model {parent_version} is {type(parent).__name__}, not a nucleus "
+            "composite: it cannot label the other nuclei of rare-box annotations"
+        )
+    completed = parent.complete_annotations(samples, load=load_pixels)
+    expert = sum(len(s.boxes) for s in samples)
+    total = sum(len(s.boxes) for s in completed)
+    log.info(
+        "%d annotated images: %d expert boxes plus %d nuclei detected by %s",
+        len(samples),
+        expert,
+        total - expert,
+        parent_version,
+    )
+    return tuple(completed), {"expert": expert, "pseudo": total - expert}
+
+
 def train_tier(
     tier: Tier,
     *,
@@ -330,7 +373,11 @@ def train_tier(
         Replaces the tier's train split as base training data (still capped by
         ``max_train``); ``None`` uses the split.
     extra_samples : sequence of Sample, default ()
-        Added to the base training data uncapped, e.g. expert annotations.
+        Added to the base training data uncapped, e.g. expert annotations. For a recipe
+        with ``train_data="dsb2018_nuclei"`` these hold only the rare boxes; the
+        ``parent_version`` model adds each image's other nuclei (see
+        :meth:`~phenocascade.models.backends.nucleus_outlier.NucleusOutlierDetector.complete_annotations`),
+        and the metrics record ``annotation_boxes`` (``expert`` and ``pseudo`` counts).
     val_samples : sequence of Sample or None, default None
         Replaces the val split for early stopping, calibration, thresholds and the
         ``val_report``; the active-learning loop passes its fixed holdout here.
@@ -357,12 +404,10 @@ def train_tier(
         The artifact folder ``<artifacts>/<tier>/<version>``.
     """
     plan = recipe(tier, size, backend=backend, dataset=dataset)
+    annotated: dict[str, int] = {}
     if plan.train_data == "dsb2018_nuclei" and extra_samples:
-        raise ConfigError(
-            f"{plan.backend} learns from every nucleus box, but expert annotations hold only "
-            "the rare boxes: training on them would teach it that the other nuclei are "
-            "background. Retrain the minority tier from annotations with a box detector "
-            "backend (torchvision_detector or yolo)."
+        extra_samples, annotated = _complete_rare_annotations(
+            settings.artifacts, tier, parent_version, extra_samples, device=device
         )
     target = target_precision or (BOOTSTRAP_TARGET_PRECISION if size == "bootstrap" else 0.99)
     root = settings.datasets
@@ -421,6 +466,7 @@ def train_tier(
         "train_samples": len(train),
         "epochs_run": len(stage.val_history_) if hasattr(stage, "val_history_") else None,
         "calibration": calibration.metrics,
+        **({"annotation_boxes": annotated} if annotated else {}),
         **{k: v for k, v in report.items() if k not in ("model", "version", "kind")},
     }
     fingerprint = dataclasses.replace(train_set, samples=train).fingerprint()

@@ -5,26 +5,74 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cassandra.cluster import Session
 
 from phenocascade.cli.cascade import start_cascade, stop_cascade, submit_paths
-from phenocascade.config import Settings, load_topology
+from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.domain import ImageMeta
+from phenocascade.models.base import champion_version
+from phenocascade.recipes import ensure_bootstrap
+from phenocascade.store.cassandra import connect
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
 TEST_KEYSPACE = "phenocascade_test"
+
+
+@contextmanager
+def retraining_env(
+    infra: Settings, workdir: Path, tier: str, allowed_roots: Sequence[Path]
+) -> Iterator[tuple[Settings, Topology, Session]]:
+    """Settings, namespaced topics and a fresh keyspace for retraining ``tier`` in a test.
+
+    The tier's champion is copied into ``workdir/artifacts``, so promotions never touch the
+    shared artifacts folder; the keyspace is dropped afterwards.
+    """
+    ensure_bootstrap(infra)
+    champion = champion_version(infra.artifacts, tier)
+    assert champion is not None
+    artifacts = workdir / "artifacts"
+    shutil.copytree(infra.artifacts / tier / champion, artifacts / tier / champion)
+    (artifacts / tier / "CHAMPION").write_text(champion)
+    keyspace = f"phenocascade_it_{uuid.uuid4().hex[:8]}"
+    settings = infra.model_copy(
+        update={
+            "artifacts": artifacts,
+            "home": workdir / "home",
+            "allowed_roots": list(allowed_roots),
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": keyspace}),
+        }
+    )
+    topology = load_topology().namespaced(f"rt{uuid.uuid4().hex[:8]}-")
+    create_topics(settings.kafka, topology)
+    session = connect(settings.cassandra)
+    try:
+        yield settings, topology, session
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+
+def produce_annotations(settings: Settings, topic: str, records: Sequence[dict[str, Any]]) -> None:
+    """Produce ``Annotation`` events keyed by image id, as any labelling tool may."""
+    codec = EventCodec()
+    producer = plain_producer(settings.kafka)
+    for r in records:
+        producer.produce(topic, key=r["image_id"].encode(), value=codec.encode("Annotation", r))
+    assert producer.flush(30) == 0
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

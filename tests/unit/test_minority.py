@@ -9,7 +9,7 @@ from phenocascade.config import Settings
 from phenocascade.data import datasets
 from phenocascade.domain import Box, DecodedImage, Sample, StageOutput
 from phenocascade.errors import ConfigError
-from phenocascade.models.backends.nucleus_outlier import size_outliers
+from phenocascade.models.backends.nucleus_outlier import complete_objects, size_outliers
 from phenocascade.models.certify import keep_threshold_cap
 from phenocascade.models.evaluate import coco_ap50, recall_at_fp_per_image
 from phenocascade.recipes import recipe, tier_data, train_tier
@@ -135,12 +135,33 @@ def test_minority_data_of_both_datasets(root: Path) -> None:
         tier_data("minority", root, "train", dataset="coco")
 
 
-def test_the_nucleus_composite_refuses_rare_box_annotations(tmp_path: Path) -> None:
+def test_the_nucleus_composite_needs_its_parent_to_learn_from_rare_box_annotations(
+    tmp_path: Path,
+) -> None:
     annotated = Sample("a", None, boxes=(Box(1.0, 1.0, 9.0, 9.0, "large_nucleus"),))
-    with pytest.raises(ConfigError, match="every nucleus box"):
+    with pytest.raises(ConfigError, match="parent_version"):
         train_tier(
             "minority",
             settings=Settings(artifacts=tmp_path),
             extra_samples=[annotated],
             progress=False,
         )
+
+
+def test_rare_annotations_are_completed_with_confident_detections_elsewhere() -> None:
+    expert = [Box(10.0, 10.0, 50.0, 50.0, "large_nucleus", 1.0)]
+    detected = [
+        Box(12.0, 12.0, 48.0, 48.0, "object", 0.9),  # the expert's nucleus: expert wins
+        Box(20.0, 20.0, 30.0, 30.0, "object", 0.8),  # a fragment inside it
+        Box(45.0, 45.0, 65.0, 65.0, "object", 0.9),  # 25/400 of it under the expert box
+        Box(70.0, 70.0, 80.0, 80.0, "object", 0.6),  # another nucleus
+        Box(90.0, 90.0, 99.0, 99.0, "object", 0.4),  # not confident
+    ]
+    objects = complete_objects(expert, detected, min_score=0.5, max_overlap=0.5)
+    assert [(b.x_min, b.y_min, b.label, b.score) for b in objects] == [
+        (10.0, 10.0, "object", 1.0),
+        (45.0, 45.0, "object", 0.9),
+        (70.0, 70.0, "object", 0.6),
+    ]
+    # without expert boxes, the confident detections are the image's objects
+    assert len(complete_objects([], detected, min_score=0.5, max_overlap=0.5)) == 4

@@ -12,7 +12,7 @@ from phenocascade.consumers.retrainer import (
     newest_per_image,
 )
 from phenocascade.domain import Box
-from phenocascade.learning import summary_metrics
+from phenocascade.models.evaluate import summary_metrics
 
 
 def _ann(aid: str, image_id: str, uri: str | None, **kw: object) -> dict[str, object]:
@@ -115,6 +115,13 @@ def test_newest_annotation_of_an_image_wins() -> None:
 def test_summary_metrics_pick_the_tier_metrics_and_drop_missing_ones() -> None:
     classifier = {"macro_auroc": 0.9, "mean_ap": 0.8, "macro_f1": 0.7, "per_label": {}}
     assert summary_metrics(classifier) == {"auroc": 0.9, "mean_ap": 0.8, "macro_f1": 0.7}
-    detector = {"ap50": {"a": 0.5, "b": None, "c": 0.3}, "recall_at_1fp_per_image": None}
-    assert summary_metrics(detector) == {"ap50": 0.4}
-    assert summary_metrics({"ap50": {"a": None}, "macro_auroc": float("nan")}) == {}
+    # the keys of evaluate_stage's detector report
+    detector = {
+        "ap50": 0.4,
+        "ap50_per_class": {"a": 0.5, "b": None, "c": 0.3},
+        "recall_at_1fp": 0.25,
+    }
+    assert summary_metrics(detector) == {"ap50": 0.4, "recall_at_1fp": 0.25}
+    no_boxes = {"ap50": None, "ap50_per_class": {"a": None}, "recall_at_1fp": None}
+    assert summary_metrics(no_boxes) == {}
+    assert summary_metrics({"macro_auroc": float("nan")}) == {}

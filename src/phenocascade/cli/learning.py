@@ -43,6 +43,12 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seeded subset of the val split used as the fixed holdout (default: all of it)",
     )
+    parser.add_argument(
+        "--keep-rejected",
+        action="store_true",
+        help="keep the artifact folders of challengers that are not promoted (default: "
+        "deleted; their lineage records keep their metrics)",
+    )
 
 
 def _retrainer(args: argparse.Namespace, every: int | None) -> Any:
@@ -64,6 +70,7 @@ def _retrainer(args: argparse.Namespace, every: int | None) -> Any:
         trainer=RecipeTrainer(settings, budget=budget, device=args.device),
         every=every,
         tiers=args.tiers,
+        keep_rejected=args.keep_rejected,
     )
 
 
@@ -130,7 +137,8 @@ def register(sub: Any) -> None:
         description="Store every Annotation event in Cassandra; when a tier has EVERY new "
         "annotations, train a challenger on the tier's training data plus all its "
         "annotations, score it and the champion on the fixed holdout (the val split) and "
-        "promote it (CHAMPION + ModelPromoted on the models topic) if strictly better.",
+        "promote it (CHAMPION + ModelPromoted on the models topic) if strictly better. "
+        "On start, a champion the models topic does not announce is announced again.",
     )
     _add_budget(p)
     p.add_argument(

@@ -18,10 +18,16 @@ background thread, so annotations keep being stored meanwhile:
    plus those samples, re-fitting its calibration and thresholds, and scores it on the
    holdout; the champion is scored on the same holdout;
 3. the challenger is promoted only if its deciding metric is strictly better: it becomes
-   ``CHAMPION``, a ``ModelPromoted`` event (keyed by tier) goes to the compacted ``models``
-   topic, which tier workers read between batches, and
+   ``CHAMPION``, and a ``ModelPromoted`` event (keyed by tier) goes to the compacted
+   ``models`` topic, which tier workers read between batches;
 4. every attempt (promoted, rejected or failed) is recorded in the lineage tables
-   (:mod:`phenocascade.store.lineage`).
+   (:mod:`phenocascade.store.lineage`), and the artifact folder of a challenger that was
+   not promoted is deleted (unless ``keep_rejected``): its lineage record keeps its metrics.
+
+A promotion writes ``CHAMPION`` before its event is acknowledged, so a retrainer that dies
+in between leaves running workers on the old model. Each :meth:`Retrainer.run` therefore
+starts by :meth:`~Retrainer.reconcile`-ing: a champion the ``models`` topic does not
+announce is announced again.
 
 The loop knows nothing about models beyond the :class:`ChallengerTrainer` protocol; the
 command line wires in :class:`phenocascade.learning.RecipeTrainer`.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,12 +63,14 @@ from phenocascade.errors import (
 )
 from phenocascade.imaging import resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version, set_champion
+from phenocascade.models.evaluate import summary_metrics
 from phenocascade.store.annotations import annotations_by_tier, get_task, save_annotation
 from phenocascade.store.cassandra import connect
 from phenocascade.store.lineage import (
     FAILED,
     PROMOTED,
     REJECTED,
+    get_lineage,
     lineage_by_tier,
     save_lineage,
 )
@@ -153,6 +162,30 @@ class RetrainerStats:
     stored: int = 0
     dead_letters: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
+
+
+def promotion_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """Return the metrics a ``ModelPromoted`` event carries for a promoted attempt.
+
+    Parameters
+    ----------
+    record : Mapping
+        The attempt's lineage record (:meth:`Outcome.record`, or
+        :func:`~phenocascade.store.lineage.get_lineage`).
+
+    Returns
+    -------
+    dict of str to float
+        The challenger's holdout metrics, ``parent_<metric>`` (the champion's deciding
+        metric on the same holdout, NaN if unknown) and ``annotations`` (how many
+        annotations trained it).
+    """
+    metric = record["metric"]
+    return {
+        **record["metrics"],
+        f"parent_{metric}": record["parent_metrics"].get(metric, float("nan")),
+        "annotations": float(len(record["annotation_ids"])),
+    }
 
 
 def image_key(data: bytes) -> str:
@@ -289,6 +322,9 @@ class Retrainer:
         Consumer group id.
     batch_size : int, default 64
         Most messages handled per commit.
+    keep_rejected : bool, default False
+        Keep the artifact folder of a challenger that was rejected (or failed after it was
+        saved); by default it is deleted once its lineage record is written.
     """
 
     def __init__(
@@ -302,6 +338,7 @@ class Retrainer:
         session: Session | None = None,
         group: str = RETRAINER_GROUP,
         batch_size: int = 64,
+        keep_rejected: bool = False,
     ) -> None:
         if every is not None and every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
@@ -314,6 +351,7 @@ class Retrainer:
         }
         self.group = group
         self.batch_size = batch_size
+        self.keep_rejected = keep_rejected
         self.codec = EventCodec()
         self.stats = RetrainerStats()
         self._session = session
@@ -509,18 +547,22 @@ class Retrainer:
             len(samples),
             len(excluded),
         )
+        before = {p.name for p in (artifacts / spec.artifact).iterdir()}
+        created: Path | None = None
         try:
             challenger = self.trainer.train(
                 spec.artifact, extra_samples=samples, parent_version=parent
             )
             outcome.version = challenger.version
+            created = self._created_folder(spec.artifact, challenger.version, before)
             outcome.metrics = challenger.metrics
             outcome.parent_metrics = self.trainer.evaluate(spec.artifact, parent)
         except Exception as exc:  # any training failure is recorded, the loop goes on
             log.exception("tier %s: retraining failed", tier)
+            # A failure inside train() leaves no version: a pseudo one names the attempt.
             outcome.version = outcome.version or f"failed-{uuid.uuid4().hex[:12]}"
             outcome.reason = f"{type(exc).__name__}: {exc}"
-            return self._finish(outcome)
+            return self._finish(outcome, spec, created)
         new = challenger.metrics.get(metric, float("nan"))
         old = outcome.parent_metrics.get(metric, float("nan"))
         # NaN compares false, so a metric that could not be computed never promotes.
@@ -530,15 +572,36 @@ class Retrainer:
         else:
             outcome.decision = REJECTED
             outcome.reason = f"{metric} {new:.4f} is not above champion's {old:.4f} on the holdout"
-        return self._finish(outcome, spec)
+        return self._finish(outcome, spec, created)
 
-    def _finish(self, outcome: Outcome, spec: TierSpec | None = None) -> Outcome:
+    def _created_folder(self, artifact: str, version: str, before: set[str]) -> Path | None:
+        """Return the folder of ``version`` if the attempt created it, else ``None``.
+
+        Only such a folder may ever be deleted: a version named by the trainer that
+        already existed (the champion, an earlier model) or that is not a plain folder
+        name under ``<artifacts>/<artifact>/`` is never touched.
+        """
+        folder = self.settings.artifacts / artifact / version
+        if version in before or version in ("", ".", "..") or Path(version).name != version:
+            return None
+        return folder if folder.is_dir() and not folder.is_symlink() else None
+
+    def _finish(self, outcome: Outcome, spec: TierSpec, created: Path | None) -> Outcome:
         outcome.finished_at = datetime.now(tz=UTC)
-        if outcome.decision == PROMOTED:
-            assert spec is not None
+        promoted = outcome.decision == PROMOTED
+        if promoted:
             set_champion(self.settings.artifacts, spec.artifact, outcome.version)
-            self._publish(spec, outcome)
+        # Lineage before the event: if the event is lost, reconcile() finds its metrics.
         save_lineage(session=self.session, record=outcome.record())
+        if promoted:
+            self._publish(
+                spec.artifact,
+                outcome.version,
+                parent_version=outcome.parent_version,
+                metrics=promotion_metrics(outcome.record()),
+            )
+        elif created is not None and not self.keep_rejected:
+            self._discard(spec.artifact, created)
         with self._lock:
             self._considered[outcome.tier] = set(outcome.annotation_ids) | set(outcome.excluded)
         self.stats.outcomes.append(outcome)
@@ -552,31 +615,139 @@ class Retrainer:
         )
         return outcome
 
-    def _publish(self, spec: TierSpec, outcome: Outcome) -> None:
-        """Produce ``ModelPromoted`` (keyed by tier: the compacted topic keeps the latest)."""
-        metric = outcome.metric
-        metrics = {
-            **outcome.metrics,
-            f"parent_{metric}": outcome.parent_metrics.get(metric, float("nan")),
-            "annotations": float(len(outcome.annotation_ids)),
-        }
+    def _discard(self, artifact: str, folder: Path) -> None:
+        """Delete a challenger's artifact folder, unless it has become the champion."""
+        if champion_version(self.settings.artifacts, artifact) == folder.name:
+            log.warning("tier %s: %s is champion now; its folder is kept", artifact, folder.name)
+            return
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:
+            log.warning(
+                "tier %s: could not delete the artifact folder %s of a challenger that was not "
+                "promoted (%s); delete it by hand",
+                artifact,
+                folder,
+                exc,
+            )
+            return
+        log.info(
+            "tier %s: deleted %s (not promoted; its metrics stay in its lineage record, "
+            "keep_rejected / --keep-rejected keeps such folders)",
+            artifact,
+            folder,
+        )
+
+    def _publish(
+        self, artifact: str, version: str, *, parent_version: str, metrics: Mapping[str, float]
+    ) -> None:
+        """Produce ``ModelPromoted`` (keyed by tier: the compacted topic keeps the latest).
+
+        Raises
+        ------
+        InfraError
+            If Kafka did not acknowledge the event within 30 s.
+        """
         record = {
-            "tier": spec.artifact,
-            "version": outcome.version,
-            "parent_version": outcome.parent_version,
-            "metrics": metrics,
+            "tier": artifact,
+            "version": version,
+            "parent_version": parent_version,
+            "metrics": dict(metrics),
             "promoted_at": events.now_ms(),
         }
         self.producer.produce(
             self.topology.models_topic,
-            key=spec.artifact.encode(),
+            key=artifact.encode(),
             value=self.codec.encode("ModelPromoted", record),
         )
         if self.producer.flush(30):
             raise InfraError(
-                f"ModelPromoted for {spec.artifact}/{outcome.version} was not acknowledged by "
-                "Kafka within 30 s; the version is champion, workers load it on restart"
+                f"ModelPromoted for {artifact}/{version} was not acknowledged by Kafka within "
+                "30 s; the version is champion, workers load it on restart, and the next "
+                "retrainer start announces it again"
             )
+
+    # -- reconciling -----------------------------------------------------------------------
+    def _published(self) -> dict[str, str]:
+        """Return ``{tier artifact: version}`` of the newest ``ModelPromoted`` per tier."""
+        latest: dict[str, str] = {}
+        for key, value in scan_topic(self.settings.kafka, self.topology.models_topic):
+            if value is None:  # a tombstone: the tier's announcement was deleted
+                if key is not None:
+                    latest.pop(key.decode("utf-8", "replace"), None)
+                continue
+            try:
+                _, promoted = self.codec.decode(value, expected="ModelPromoted")
+            except PhenocascadeError as exc:
+                log.warning("reconcile skips an unreadable message on the models topic: %s", exc)
+                continue
+            latest[promoted["tier"]] = promoted["version"]
+        return latest
+
+    def reconcile(self) -> dict[str, str]:
+        """Announce every champion of this retrainer's tiers that the models topic does not.
+
+        A promotion sets ``CHAMPION`` and then publishes ``ModelPromoted``; a retrainer
+        that dies in between leaves running workers on the old model until they restart.
+        For each tier, the champion is compared with the newest ``ModelPromoted`` of the
+        tier: if they differ, ``ModelPromoted`` is published again for the champion
+        (``CHAMPION`` is the truth, also when it was set back by hand). A bootstrap
+        champion (no ``parent_version``) that nothing was ever published for is left
+        alone: workers load ``CHAMPION`` when they start.
+
+        The event's metrics are those of the version's lineage record
+        (:func:`promotion_metrics`), or, when the retrainer died before writing it, the
+        summary metrics in the artifact's metadata (``auroc``, ``ap50``, ...). A tier that
+        cannot be reconciled (no readable metadata, Kafka not acknowledging) is logged and
+        skipped; the next start tries again.
+
+        Returns
+        -------
+        dict of str to str
+            ``{tier artifact: version}`` of the announcements published.
+
+        Raises
+        ------
+        confluent_kafka.KafkaException
+            If the models topic cannot be read.
+        """
+        artifacts = self.settings.artifacts
+        published = self._published()
+        announced: dict[str, str] = {}
+        for artifact in sorted({spec.artifact for spec in self.specs.values()}):
+            champion = champion_version(artifacts, artifact)
+            if champion is None or published.get(artifact) == champion:
+                continue
+            try:
+                record = get_lineage(session=self.session, version=champion)
+                if record is not None:
+                    parent, metrics = record["parent_version"], promotion_metrics(record)
+                else:
+                    meta = ArtifactMeta.read(artifacts / artifact / champion)
+                    parent, metrics = meta.parent_version, summary_metrics(meta.metrics)
+                if artifact not in published and not parent:
+                    continue  # a bootstrap champion: workers load it when they start
+                log.warning(
+                    "tier %s: CHAMPION is %s but the newest ModelPromoted on %s names %s (a "
+                    "retrainer stopped between setting CHAMPION and announcing it, or CHAMPION "
+                    "was changed by hand); publishing ModelPromoted for %s, metrics from its %s",
+                    artifact,
+                    champion,
+                    self.topology.models_topic,
+                    published.get(artifact, "no version"),
+                    champion,
+                    "lineage record" if record is not None else "artifact metadata",
+                )
+                self._publish(artifact, champion, parent_version=parent, metrics=metrics)
+                announced[artifact] = champion
+            except PhenocascadeError as exc:
+                log.error(
+                    "tier %s: champion %s could not be announced (retried at the next start): %s",
+                    artifact,
+                    champion,
+                    exc,
+                )
+        return announced
 
     # -- the loop --------------------------------------------------------------------------
     def _retrain_due(self, tier: str) -> Outcome | None:
@@ -619,7 +790,13 @@ class Retrainer:
         -------
         RetrainerStats
             What this run did.
+
+        Notes
+        -----
+        Before consuming, :meth:`reconcile` announces any champion a previous retrainer
+        set but did not get announced.
         """
+        self.reconcile()
         consumer: Consumer = group_consumer(self.settings.kafka, self.group)
         consumer.subscribe([self.topology.annotations_topic])
         running: dict[str, Future[Outcome | None]] = {}

@@ -237,6 +237,14 @@ def recall_at_fp_per_image(
     return float(tp[ok].max() / n_truth) if ok.any() else 0.0
 
 
+def _legend(ax: Any) -> None:
+    """Label the curves, or say that there are none (a detector that found no box)."""
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no scored predictions", ha="center", va="center")
+
+
 def _plot_pr(
     arrays: Mapping[str, tuple[FloatArray, FloatArray]],
     path: Path,
@@ -250,7 +258,7 @@ def _plot_pr(
     ax.set(
         xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall"
     )
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -317,7 +325,7 @@ def _plot_coverage(arrays: Mapping[str, tuple[FloatArray, FloatArray]], path: Pa
         ylim=(0, 1.02),
         title="Coverage vs precision",
     )
-    ax.legend(fontsize=7)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -408,3 +416,27 @@ def evaluate_stage(
     _plot_coverage(arrays, out_dir / "coverage_precision.png")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def summary_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """Return the scalar metrics of an :func:`evaluate_stage` report.
+
+    Returns
+    -------
+    dict of str to float
+        Classifiers and gates: ``auroc`` (macro over labels), ``mean_ap``, ``macro_f1``;
+        detectors: ``ap50`` (mean over classes that have boxes) and ``recall_at_1fp`` (one
+        false positive per image). Metrics that could not be computed are left out.
+    """
+    found: dict[str, Any] = {
+        "auroc": report.get("macro_auroc"),
+        "mean_ap": report.get("mean_ap"),
+        "macro_f1": report.get("macro_f1"),
+        "ap50": report.get("ap50"),
+        "recall_at_1fp": report.get("recall_at_1fp"),
+    }
+    return {
+        k: float(v)
+        for k, v in found.items()
+        if isinstance(v, int | float) and not math.isnan(float(v))
+    }

@@ -22,7 +22,7 @@ from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.routers import annotations as labels
 from phenocascade.ui.routers import pages, tasks, users
 from phenocascade.ui.routers import session as login
-from phenocascade.ui.security import SessionCodec, load_secret
+from phenocascade.ui.security import LoginThrottle, SessionCodec, load_secret
 
 # Scripts and styles come only from /static: no inline code, so injected markup cannot run.
 SECURITY_HEADERS = {
@@ -64,6 +64,7 @@ def create_app(
             topology=flow,
             session=session or connect(conf.cassandra),
             cookies=SessionCodec(load_secret(conf)),
+            logins=LoginThrottle(conf.ui_login_max_failures, conf.ui_login_window_s),
             publisher=publisher,
             pixels=PixelCache(conf),
         )

@@ -22,6 +22,7 @@ from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.security import (
     CSRF_HEADER,
     SESSION_COOKIE,
+    LoginThrottle,
     Role,
     SessionCodec,
     SessionData,
@@ -40,6 +41,7 @@ class AppContext:
     topology: Topology
     session: Session
     cookies: SessionCodec
+    logins: LoginThrottle
     publisher: AnnotationPublisher
     pixels: PixelCache
 

@@ -1,7 +1,8 @@
 """Domain errors -> HTTP responses, in one place.
 
 API requests get ``{"error": <kind>, "detail": <message>}`` JSON; a page request (a
-``GET`` outside ``/api/``) without a login is redirected to ``/login`` instead.
+``GET`` outside ``/api/``) without a login is redirected to ``/login`` instead. A refusal for
+too many attempts (429) says in ``Retry-After`` how many seconds to wait.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from phenocascade.errors import (
     NotFoundError,
     PermissionDeniedError,
     PhenocascadeError,
+    TooManyAttemptsError,
     ValidationError,
 )
 
@@ -30,6 +32,7 @@ STATUS_BY_ERROR: tuple[tuple[type[PhenocascadeError], int], ...] = (
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
+    (TooManyAttemptsError, 429),
     (ValidationError, 422),
     (BadInputError, 422),
     (InfraError, 503),
@@ -52,6 +55,9 @@ def is_page_request(request: Request) -> bool:
 
 def _error_response(request: Request, exc: PhenocascadeError) -> Response:
     status = status_of(exc)
+    headers = (
+        {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyAttemptsError) else None
+    )
     if is_page_request(request):
         if status == 401:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -59,8 +65,10 @@ def _error_response(request: Request, exc: PhenocascadeError) -> Response:
         body = (
             f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{html.escape(str(exc))}</p>"
         )
-        return HTMLResponse(body, status_code=status)
-    return JSONResponse({"error": exc.kind, "detail": str(exc)}, status_code=status)
+        return HTMLResponse(body, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": exc.kind, "detail": str(exc)}, status_code=status, headers=headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -64,6 +64,51 @@ def size_outliers(
     return [i for i, a in enumerate(areas) if a > ratio * median]
 
 
+def complete_objects(
+    expert: Sequence[Box], detected: Sequence[Box], *, min_score: float, max_overlap: float
+) -> list[Box]:
+    """Return an image's object boxes: the expert's, plus confident detections elsewhere.
+
+    An expert who annotates the rare phenotype marks only the rare objects; training an
+    every-object detector on those alone would teach it that the image's other objects are
+    background. The image's other objects are taken from a trained detector instead
+    (pseudo-labels), and the expert's boxes are authoritative where they lie.
+
+    Parameters
+    ----------
+    expert : sequence of Box
+        The expert's boxes of the image (every rare object), in pixels.
+    detected : sequence of Box
+        Every object a trained detector found in the image, with raw scores.
+    min_score : float
+        Detections scoring below this are left out (not confident enough to train on).
+    max_overlap : float
+        A detection covering more than this fraction of its own area with an expert box
+        is the same object (or a fragment of it) and is left out.
+
+    Returns
+    -------
+    list of Box
+        The expert's boxes, then the kept detections, all labelled :data:`OBJECT_LABEL`.
+    """
+    objects = [replace(b, label=OBJECT_LABEL, score=1.0) for b in expert]
+    for d in detected:
+        if d.score < min_score:
+            continue
+        area = (d.x_max - d.x_min) * (d.y_max - d.y_min)
+        covered = max(
+            (
+                max(0.0, min(d.x_max, e.x_max) - max(d.x_min, e.x_min))
+                * max(0.0, min(d.y_max, e.y_max) - max(d.y_min, e.y_min))
+                for e in expert
+            ),
+            default=0.0,
+        )
+        if area > 0 and covered / area <= max_overlap:
+            objects.append(replace(d, label=OBJECT_LABEL))
+    return objects
+
+
 @register_backend("nucleus_outlier_detector")
 class NucleusOutlierDetector(CalibratedDetector):
     """Object detector plus the relative-size rule; kind ``DETECTOR``, one output class.
@@ -155,7 +200,8 @@ class NucleusOutlierDetector(CalibratedDetector):
         ----------
         train, val : sequence of Sample
             ``Sample.boxes`` are *all* objects (e.g. every nucleus), in pixels; their
-            labels are ignored. Not the rare boxes: the rule derives those.
+            labels are ignored. Not the rare boxes: the rule derives those (annotations
+            of rare boxes go through :meth:`complete_annotations` first).
         classes : sequence of str
             Exactly one class: the label given to outliers, e.g. ``("large_nucleus",)``.
         load : callable
@@ -238,6 +284,40 @@ class NucleusOutlierDetector(CalibratedDetector):
                 kept.append(replace(boxes[i], label=label, score=p))
             outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
         return outputs
+
+    def complete_annotations(
+        self, samples: Sequence[Sample], *, load: Loader, max_overlap: float = 0.5
+    ) -> list[Sample]:
+        """Turn rare-box annotations into every-object training samples for :meth:`fit`.
+
+        Each sample's boxes are the expert's rare boxes; this model's inner detector adds
+        the image's other objects (detections scoring ``>= count_score`` that do not
+        overlap an expert box, see :func:`complete_objects`). A challenger trained on the
+        result learns the objects the expert added (e.g. a large nucleus the champion
+        missed) without learning the unannotated ordinary objects as background.
+
+        Parameters
+        ----------
+        samples : sequence of Sample
+            Annotated images; ``boxes`` are every rare object of the image.
+        load : callable
+            ``Sample -> (H, W, C) uint8/uint16 pixels``.
+        max_overlap : float, default 0.5
+            See :func:`complete_objects`.
+
+        Returns
+        -------
+        list of Sample
+            The samples with every object as a box, labelled :data:`OBJECT_LABEL`.
+        """
+        completed = []
+        for s in samples:
+            found = self.detector_.predict([DecodedImage(s.image_id, load(s))], calibrated=False)
+            boxes = complete_objects(
+                s.boxes, found[0].boxes, min_score=self.count_score, max_overlap=max_overlap
+            )
+            completed.append(replace(s, boxes=tuple(boxes)))
+        return completed
 
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
         return self.detector_.model_, self.detector_.min_size

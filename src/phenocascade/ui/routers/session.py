@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from phenocascade.errors import AuthError
 from phenocascade.store.annotations import get_user
@@ -26,7 +26,8 @@ router = APIRouter(tags=["session"])
 class Credentials(BaseModel):
     """The login form."""
 
-    username: str
+    # No stored name is longer (check_username); the bound also caps the throttle's keys.
+    username: str = Field(max_length=64)
     password: str
     next: str = "/queue"
 
@@ -60,13 +61,31 @@ def login_page(ctx: Ctx, browser: BrowserSession) -> HTMLResponse:
     return response
 
 
+def client_address(request: Request) -> str:
+    """Return the address the request comes from (the proxy's, unless uvicorn trusts it)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 @router.post("/login")
-def login(credentials: Credentials, ctx: Ctx, response: Response) -> dict[str, Any]:
-    """Check the password and start a session with a fresh CSRF token."""
+def login(
+    credentials: Credentials, request: Request, ctx: Ctx, response: Response
+) -> dict[str, Any]:
+    """Check the password and start a session with a fresh CSRF token.
+
+    Raises
+    ------
+    TooManyAttemptsError
+        Before any password check, if the user name or the client address has too many
+        recent failed logins (see :class:`~phenocascade.ui.security.LoginThrottle`).
+    AuthError
+        If the user does not exist or the password is wrong.
+    """
+    attempt = ctx.logins.admit(username=credentials.username, client=client_address(request))
     stored = get_user(session=ctx.session, username=credentials.username)
     if not verify_password(credentials.password, stored["password_hash"] if stored else None):
         raise AuthError("wrong user name or password")
     assert stored is not None
+    ctx.logins.succeeded(attempt)
     set_session_cookie(response, ctx, new_session(stored["username"]))
     return {
         "username": stored["username"],

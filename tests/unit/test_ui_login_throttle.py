@@ -1,0 +1,260 @@
+"""Brute-force protection of the annotation app's login: the throttle, and the route using it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import bcrypt
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from pydantic import ValidationError as SettingsError
+
+from phenocascade.config import Settings
+from phenocascade.errors import TooManyAttemptsError
+from phenocascade.ui import security
+from phenocascade.ui.deps import AppContext, check_csrf
+from phenocascade.ui.errors import install_error_handlers
+from phenocascade.ui.routers import session as login_routes
+from phenocascade.ui.security import CSRF_HEADER, LoginThrottle, SessionCodec
+
+RIGHT = "right-password"
+WRONG = "wrong-password"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fail(
+    throttle: LoginThrottle, times: int, *, username: str = "ada", client: str = "10.0.0.1"
+) -> None:
+    for _ in range(times):
+        throttle.admit(username=username, client=client)
+
+
+# The throttle on its own.
+
+
+def test_the_sixth_attempt_within_the_window_is_refused_with_the_wait() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(max_failures=5, window_s=300, clock=clock)
+    fail(throttle, 5)
+    clock.now += 120
+    with pytest.raises(TooManyAttemptsError, match=r"for user 'ada'.*wait 180 s") as refused:
+        throttle.admit(username="ada", client="10.0.0.2")
+    assert refused.value.retry_after_s == 180
+
+
+def test_the_window_slides_one_failure_at_a_time() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(max_failures=3, window_s=100, clock=clock)
+    for step in (0, 40, 80):
+        clock.now = 1000.0 + step
+        throttle.admit(username="ada", client="10.0.0.1")
+    clock.now = 1099.5
+    with pytest.raises(TooManyAttemptsError) as refused:
+        throttle.admit(username="ada", client="10.0.0.1")
+    assert refused.value.retry_after_s == 1  # rounded up, never 0
+    clock.now = 1100.0  # the failure at 1000 leaves the window; those at 1040 and 1080 stay
+    throttle.admit(username="ada", client="10.0.0.1")
+    with pytest.raises(TooManyAttemptsError) as refused:
+        throttle.admit(username="ada", client="10.0.0.1")
+    assert refused.value.retry_after_s == 40
+
+
+def test_failures_from_one_address_block_it_for_every_user_name() -> None:
+    throttle = LoginThrottle(max_failures=5, window_s=300, clock=FakeClock())
+    for name in ("ada", "bob", "cy", "dee", "eve"):
+        throttle.admit(username=name, client="10.0.0.1")
+    with pytest.raises(TooManyAttemptsError, match=re.escape("from 10.0.0.1")):
+        throttle.admit(username="fred", client="10.0.0.1")
+    throttle.admit(username="fred", client="10.0.0.2")
+
+
+def test_a_success_clears_its_user_name_but_not_its_address() -> None:
+    throttle = LoginThrottle(max_failures=5, window_s=300, clock=FakeClock())
+    fail(throttle, 4, username="ada", client="10.0.0.1")
+    throttle.succeeded(throttle.admit(username="ada", client="10.0.0.2"))
+    fail(throttle, 4, username="ada", client="10.0.0.3")  # a fresh count for ada
+    throttle.admit(username="bob", client="10.0.0.1")  # 10.0.0.1's fifth failure
+    with pytest.raises(TooManyAttemptsError, match=re.escape("from 10.0.0.1")):
+        throttle.succeeded(throttle.admit(username="bob", client="10.0.0.1"))
+
+
+def test_successful_logins_from_one_address_never_block_it() -> None:
+    throttle = LoginThrottle(max_failures=5, window_s=300, clock=FakeClock())
+    for i in range(20):
+        throttle.succeeded(throttle.admit(username=f"user{i}", client="10.0.0.1"))
+    throttle.admit(username="ada", client="10.0.0.1")
+
+
+def test_expired_user_names_and_addresses_are_forgotten() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(max_failures=5, window_s=300, clock=clock)
+    for i in range(1000):
+        throttle.admit(username=f"guess{i}", client=f"10.0.{i // 256}.{i % 256}")
+    clock.now += 300
+    throttle.admit(username="ada", client="10.9.9.9")
+    # Memory is not observable through the API; the record itself must have shrunk.
+    assert set(throttle._failures) == {("user", "ada"), ("client", "10.9.9.9")}
+
+
+def admitted_in_parallel(throttle: LoginThrottle, threads: int) -> int:
+    start = threading.Barrier(threads)
+    admitted: list[str] = []
+
+    def guess(i: int) -> None:
+        start.wait()
+        try:
+            throttle.admit(username="ada", client=f"10.0.0.{i}")
+        except TooManyAttemptsError:
+            return
+        admitted.append(f"10.0.0.{i}")  # list.append is atomic
+
+    workers = [threading.Thread(target=guess, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return len(admitted)
+
+
+def test_parallel_attempts_cannot_slip_past_the_limit() -> None:
+    # Switch threads as often as possible, so that an unlocked check-then-count would race.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        counts = {
+            admitted_in_parallel(LoginThrottle(max_failures=5, window_s=300, clock=FakeClock()), 16)
+            for _ in range(100)
+        }
+    finally:
+        sys.setswitchinterval(interval)
+    assert counts == {5}
+
+
+def test_the_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHENOCASCADE_UI_LOGIN_MAX_FAILURES", "3")
+    monkeypatch.setenv("PHENOCASCADE_UI_LOGIN_WINDOW_S", "60")
+    settings = Settings()
+    assert (settings.ui_login_max_failures, settings.ui_login_window_s) == (3, 60.0)
+    monkeypatch.setenv("PHENOCASCADE_UI_LOGIN_MAX_FAILURES", "0")
+    with pytest.raises(SettingsError, match="ui_login_max_failures"):
+        Settings()
+
+
+# The login route, with the store replaced by a dict and passwords counted.
+
+
+class LoginApp:
+    """The session routes with a fake clock, a user table and a count of password checks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clock = FakeClock()
+        self.password_checks = 0
+        # Cost 4 keeps the test fast; verify_password reads the cost from the hash.
+        hashed = bcrypt.hashpw(RIGHT.encode(), bcrypt.gensalt(rounds=4)).decode()
+        users = {
+            name: {"username": name, "password_hash": hashed, "role": "annotator"}
+            for name in ("ada", "bob")
+        }
+
+        def get_user(*, session: object, username: str) -> dict[str, Any] | None:
+            return users.get(username)
+
+        def verify_password(password: str, password_hash: str | None) -> bool:
+            self.password_checks += 1
+            return security.verify_password(password, password_hash)
+
+        monkeypatch.setattr(login_routes, "get_user", get_user)
+        monkeypatch.setattr(login_routes, "verify_password", verify_password)
+        self.app = FastAPI(dependencies=[Depends(check_csrf)])
+        install_error_handlers(self.app)
+        self.app.include_router(login_routes.router)
+        # The login routes use only the cookies, the throttle and the (replaced) store.
+        self.app.state.ctx = AppContext(
+            settings=None,
+            topology=None,
+            session=None,
+            cookies=SessionCodec("test-secret"),
+            logins=LoginThrottle(max_failures=5, window_s=300, clock=self.clock),
+            publisher=None,
+            pixels=None,
+        )
+
+    def login(self, username: str, password: str, *, client: str = "10.0.0.1") -> httpx.Response:
+        """Open the login page in a fresh browser at ``client`` and submit the form."""
+
+        async def submit() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app, client=(client, 40000))
+            # https: the session cookie is Secure.
+            async with httpx.AsyncClient(
+                transport=transport, base_url="https://testserver"
+            ) as browser:
+                page = await browser.get("/login")
+                token = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+                assert token is not None
+                return await browser.post(
+                    "/login",
+                    json={"username": username, "password": password},
+                    headers={CSRF_HEADER: token.group(1)},
+                )
+
+        return asyncio.run(submit())
+
+
+@pytest.fixture
+def ui(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoginApp]:
+    yield LoginApp(monkeypatch)
+
+
+def test_after_five_wrong_passwords_even_the_right_one_gets_429(ui: LoginApp) -> None:
+    for _ in range(5):
+        assert ui.login("ada", WRONG).status_code == 401
+    ui.clock.now += 100
+    refused = ui.login("ada", RIGHT, client="10.0.0.2")
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "200"
+    assert refused.json()["error"] == "too_many_attempts"
+    assert "too many failed logins for user 'ada'" in refused.json()["detail"]
+    assert "set-cookie" not in refused.headers
+    assert ui.password_checks == 5  # the refused attempt cost no bcrypt check
+
+
+def test_once_the_window_passed_the_right_password_logs_in(ui: LoginApp) -> None:
+    for _ in range(5):
+        ui.login("ada", WRONG)
+    ui.clock.now += 299
+    assert ui.login("ada", RIGHT).status_code == 429
+    ui.clock.now += 1
+    accepted = ui.login("ada", RIGHT)
+    assert accepted.status_code == 200
+    assert accepted.json()["username"] == "ada"
+
+
+def test_a_successful_login_resets_the_user_names_failures(ui: LoginApp) -> None:
+    for _ in range(4):
+        assert ui.login("ada", WRONG, client="10.0.0.1").status_code == 401
+    assert ui.login("ada", RIGHT, client="10.0.0.1").status_code == 200
+    for _ in range(4):
+        assert ui.login("ada", WRONG, client="10.0.0.2").status_code == 401
+    assert ui.login("ada", RIGHT, client="10.0.0.2").status_code == 200
+
+
+def test_a_blocked_user_and_address_leave_others_alone(ui: LoginApp) -> None:
+    for _ in range(5):
+        ui.login("ada", WRONG, client="10.0.0.1")
+    assert ui.login("bob", RIGHT, client="10.0.0.2").status_code == 200
+    assert ui.login("bob", RIGHT, client="10.0.0.1").status_code == 429  # the address is blocked
