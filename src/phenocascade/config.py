@@ -124,6 +124,9 @@ class TierSpec(BaseModel):
     # Intra-op threads of this tier's model (None: torch's default, every core). When tiers
     # share one machine, give each its share so they do not oversubscribe the cores.
     threads: int | None = Field(default=None, ge=1)
+    # Worker processes `phenocascade run` starts for this tier, all in its consumer group
+    # (each takes a share of the input partitions, so at most that many do work).
+    replicas: int = Field(default=1, ge=1)
     thresholds: ThresholdOverride | None = None
 
 
@@ -173,6 +176,14 @@ class Topology(BaseModel):
         missing = sorted(used - known)
         if missing:
             raise ValueError(f"topics used but not declared under 'topics': {missing}")
+        partitions = {t.name: t.partitions for t in self.topics}
+        for tier in self.tiers:
+            if tier.replicas > partitions[tier.input]:
+                raise ValueError(
+                    f"tier {tier.name!r} has {tier.replicas} replicas but its input "
+                    f"{tier.input!r} has {partitions[tier.input]} partitions: the extra "
+                    "replicas would sit idle"
+                )
         return self
 
     def namespaced(self, prefix: str) -> Topology:

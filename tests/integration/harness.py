@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -20,7 +19,13 @@ from typing import Any
 import yaml
 from cassandra.cluster import Session
 
-from phenocascade.cli.cascade import start_cascade, stop_cascade, submit_paths
+from phenocascade.cli.cascade import (
+    cascade_commands,
+    start_cascade,
+    start_process,
+    stop_cascade,
+    submit_paths,
+)
 from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.domain import ImageMeta
 from phenocascade.models.base import champion_version
@@ -129,14 +134,8 @@ class Cascade:
         proc.wait()
 
     def restart(self, name: str) -> None:
-        cmd = ["worker", name] if name != "joiner" else ["joiner"]
-        with (self.logs / f"{name}.log").open("ab") as out:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "phenocascade", *cmd],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
+        args = cascade_commands(self.topology)[name]
+        self.procs[name] = start_process(name, args, self.logs, self.env)
 
     def stop(self) -> None:
         stop_cascade(self.procs)

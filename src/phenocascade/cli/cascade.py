@@ -88,24 +88,51 @@ def cmd_joiner(args: argparse.Namespace) -> int:
 def start_cascade(
     topology: Topology, log_dir: Path, env: Mapping[str, str] | None = None
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """Start every tier worker and the joiner as separate processes on this machine.
+    """Start every tier worker (``replicas`` per tier) and the joiner as processes here.
 
-    ``env`` replaces the child processes' environment (default: this process's).
+    ``env`` replaces the child processes' environment (default: this process's). The
+    processes are named as in :func:`cascade_commands`.
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    commands = {t.name: ["worker", t.name] for t in topology.tiers}
+    return {
+        name: start_process(name, cmd, log_dir, env)
+        for name, cmd in cascade_commands(topology).items()
+    }
+
+
+def cascade_commands(topology: Topology) -> dict[str, list[str]]:
+    """Return ``{process name: phenocascade arguments}`` of every process of the cascade.
+
+    A tier with ``replicas: n`` runs ``n`` workers named ``<tier>``, ``<tier>-2``, ...;
+    each has its own stable instance id (``<host>``, ``<host>-2``, ...), so a restarted
+    replica fences its own crashed predecessor's transactions.
+    """
+    commands: dict[str, list[str]] = {}
+    for tier in topology.tiers:
+        for i in range(1, tier.replicas + 1):
+            suffix = f"-{i}" if i > 1 else ""
+            commands[f"{tier.name}{suffix}"] = [
+                "worker",
+                tier.name,
+                "--instance",
+                f"{default_instance_id()}{suffix}",
+            ]
     commands["joiner"] = ["joiner"]
-    for name, cmd in commands.items():
-        # The child keeps its own copy of the descriptor; ours is closed at once.
-        with (log_dir / f"{name}.log").open("ab") as out:
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "phenocascade", *cmd],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None,
-            )
-    return procs
+    return commands
+
+
+def start_process(
+    name: str, args: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``phenocascade ARGS`` in the background, appending its output to ``<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # The child keeps its own copy of the descriptor; ours is closed at once.
+    with (log_dir / f"{name}.log").open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "phenocascade", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+        )
 
 
 def stop_cascade(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
