@@ -165,8 +165,10 @@ def route(
         Gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if confidently
         absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is confidently
         present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any kept box
-        scores between its class's keep and confident thresholds, else ``PASS``.
-        Tiers 2 and 3 never ``SKIP``.
+        scores between its class's keep and confident thresholds, or if a class without
+        a confident box has a keep threshold of ``0`` (nothing certifies that the detector
+        finds that class: an image with no box of it is not "none here" but unknown), else
+        ``PASS``. Tiers 2 and 3 never ``SKIP``.
     """
     if kind is StageKind.GATE:
         p = output.scores.get(gate_label)
@@ -187,6 +189,10 @@ def route(
     for box in output.boxes:
         t = thresholds.get(box.label)
         if t is None or box.score < t.positive:
+            return Route.ANNOTATE
+    for label, p in output.scores.items():
+        t = thresholds.get(label)
+        if t is None or (p < t.positive and t.negative <= 0.0):
             return Route.ANNOTATE
     return Route.PASS
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from phenocascade.domain import (
+    Box,
     DecodedImage,
     LabelThresholds,
     Route,
@@ -100,3 +101,57 @@ def test_unknown_mode_is_refused() -> None:
     stage, images, samples = _two_label_set()
     with pytest.raises(ValueError, match="threshold_mode"):
         calibrate_stage(stage, images, samples, threshold_mode="joint")  # type: ignore[arg-type]
+
+
+class FixedBoxes:
+    """A detector stand-in whose raw boxes are given per image id."""
+
+    kind = StageKind.DETECTOR
+    classes = ("x",)
+
+    def __init__(self, boxes: Mapping[str, Sequence[Box]]) -> None:
+        self.boxes = boxes
+
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
+        return [
+            StageOutput(scores={"x": 1e-6}, boxes=tuple(self.boxes[img.image_id])) for img in images
+        ]
+
+    def set_calibration(
+        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        self.stored = {label: dict(t) for label, t in thresholds.items()}
+
+
+@pytest.mark.parametrize(("proposed", "empty_route"), [(100, Route.PASS), (90, Route.ANNOTATE)])
+def test_true_boxes_never_proposed_count_as_missed(proposed: int, empty_route: Route) -> None:
+    # 100 images with one true box each; the detector proposes a matching box (scores
+    # 0.60-0.95) in the first `proposed` images and nothing in the rest, beside two false
+    # boxes (0.02-0.3) in every image. At 95 % the keep threshold may drop at most
+    # k = floor(101 * 0.05) = 5 true boxes: with 10 never proposed, the 5th lowest true
+    # score is 0, so the keep threshold is 0 and an image without a box is not declared
+    # free of the class.
+    rng = np.random.default_rng(0)
+    truth = Box(10.0, 10.0, 30.0, 30.0, "x")
+    samples = [Sample(f"im{i}", Path(f"im{i}.png"), boxes=(truth,)) for i in range(100)]
+    images = [DecodedImage(s.image_id, np.zeros((40, 40, 1), np.uint8)) for s in samples]
+    boxes = {
+        s.image_id: (
+            [Box(11.0, 10.0, 30.0, 31.0, "x", float(rng.uniform(0.6, 0.95)))]
+            if i < proposed
+            else []
+        )
+        # and two false boxes per image, scoring lower than every true one
+        + [Box(0.0, 0.0, 8.0, 8.0, "x", float(rng.uniform(0.02, 0.3))) for _ in range(2)]
+        for i, s in enumerate(samples)
+    }
+    stage = FixedBoxes(boxes)
+    result = calibrate_stage(stage, images, samples, target_precision=0.95, delta=0.1)
+    assert result.metrics["labels"]["x"]["unfound"] == 100 - proposed
+    negative = stage.stored["x"]["negative"]
+    assert (negative > 0.0) is (proposed == 100)
+    t = {"x": LabelThresholds(positive=stage.stored["x"]["positive"], negative=negative)}
+    empty = StageOutput(scores={"x": 1e-6})
+    assert route(StageKind.DETECTOR, empty, t) is empty_route

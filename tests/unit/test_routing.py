@@ -58,9 +58,23 @@ def test_detector_annotates_uncertain_boxes(score: float, t: LabelThresholds) ->
     assert r is (Route.PASS if score >= t.positive else Route.ANNOTATE)
 
 
-def test_detector_without_boxes_passes() -> None:
+def test_detector_without_boxes_passes_only_with_a_certified_keep_threshold() -> None:
     t = LabelThresholds(positive=0.9, negative=0.3)
-    assert route(StageKind.DETECTOR, StageOutput(scores={"x": 0.1}), {"x": t}) is Route.PASS
+    assert route(StageKind.DETECTOR, StageOutput(scores={"x": 1e-6}), {"x": t}) is Route.PASS
+    # keep threshold 0: nothing certifies that the detector finds x, so "no box" is unknown
+    uncertified = LabelThresholds(positive=0.9, negative=0.0)
+    assert (
+        route(StageKind.DETECTOR, StageOutput(scores={"x": 1e-6}), {"x": uncertified})
+        is Route.ANNOTATE
+    )
+    # a confident box decides the image whatever the keep threshold
+    box = Box(0, 0, 10, 10, "x", 0.95)
+    assert (
+        route(StageKind.DETECTOR, StageOutput(scores={"x": 0.95}, boxes=[box]), {"x": uncertified})
+        is Route.PASS
+    )
+    # a class without thresholds is never confident
+    assert route(StageKind.DETECTOR, StageOutput(scores={"y": 1e-6}), {"x": t}) is Route.ANNOTATE
 
 
 def test_gate_without_score_is_uncertain() -> None:

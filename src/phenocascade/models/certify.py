@@ -6,7 +6,10 @@ truth at IoU >= 0.5 (greedily by score, per class); a temperature per class is f
 the logits of the box scores against "matched", then the keep (``negative``) and
 confident (``positive``) thresholds are certified on those boxes, and the keep threshold
 is capped so that it drops at most ``1 - target_precision`` of the true boxes
-(:func:`keep_threshold_cap`).
+(:func:`keep_threshold_cap`). True boxes the detector never proposed count as dropped
+ones (score 0): when they alone exceed that share, the keep threshold is 0, every box is
+kept, and :func:`~phenocascade.domain.route` sends images without a confident box of the
+class to a person instead of declaring them free of it.
 
 Thresholds are certified per label, or (``threshold_mode="pooled"``, the default for
 multi-label classifiers) as one pair shared by all labels on their pooled decisions. A
@@ -111,21 +114,30 @@ def _label_pairs(
     classes: Sequence[str],
     outputs: Sequence[StageOutput],
     samples: Sequence[Sample],
-) -> dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]]:
-    """Per label, raw scores and 0/1 truths: images for classifiers, boxes for detectors."""
+) -> dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], int]]:
+    """Per label, raw scores, 0/1 truths and unfound truths.
+
+    Classifiers: one score per image, no unfound truths. Detectors: one score per box,
+    and the number of true boxes that no box of the label matched (never proposed).
+    """
     pairs: dict[str, tuple[list[float], list[int]]] = {c: ([], []) for c in classes}
+    unfound = dict.fromkeys(classes, 0)
     for out, sample in zip(outputs, samples, strict=True):
         if kind is StageKind.DETECTOR:
             hits = match_boxes(list(out.boxes), list(sample.boxes))
             for box, hit in zip(out.boxes, hits, strict=True):
                 pairs[box.label][0].append(box.score)
                 pairs[box.label][1].append(int(hit))
+            for c in classes:
+                truth = sum(1 for b in sample.boxes if b.label == c)
+                found = sum(int(h) for b, h in zip(out.boxes, hits, strict=True) if b.label == c)
+                unfound[c] += truth - found
         else:
             for c in classes:
                 pairs[c][0].append(out.scores[c])
                 pairs[c][1].append(int(c in sample.labels))
     return {
-        c: (np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.int64))
+        c: (np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.int64), unfound[c])
         for c, (s, y) in pairs.items()
     }
 
@@ -219,7 +231,11 @@ def calibrate_stage(
     calibrated: dict[str, npt.NDArray[np.float64]] = {}
     truths: dict[str, npt.NDArray[np.int64]] = {}
     per_label: dict[str, Any] = {}
-    for label, (scores, truth) in _label_pairs(stage.kind, stage.classes, raw, samples).items():
+    unfound: dict[str, int] = {}
+    for label, (scores, truth, missed) in _label_pairs(
+        stage.kind, stage.classes, raw, samples
+    ).items():
+        unfound[label] = missed
         t = fit_temperature(logit(scores), truth)
         temperature[label] = t
         calibrated[label] = np.clip(calibrate_probability(scores, t), SCORE_CLIP, 1.0 - SCORE_CLIP)
@@ -233,6 +249,8 @@ def calibrate_stage(
                 expected_calibration_error(calibrated[label], truth) if len(scores) else None
             ),
         }
+        if stage.kind is StageKind.DETECTOR:
+            per_label[label]["unfound"] = missed
     pooled_record: dict[str, float] | None = None
     if mode == "pooled":
         pooled = select_pooled_thresholds(
@@ -253,9 +271,12 @@ def calibrate_stage(
         }
     if stage.kind is StageKind.DETECTOR:
         for label, record in thresholds.items():
+            # A true box never proposed is missed whatever the threshold: it scores 0.
+            true_scores = np.concatenate(
+                [calibrated[label][truths[label] == 1], np.zeros(unfound[label])]
+            )
             negative = min(
-                record["negative"],
-                keep_threshold_cap(calibrated[label][truths[label] == 1], 1.0 - target_precision),
+                record["negative"], keep_threshold_cap(true_scores, 1.0 - target_precision)
             )
             thresholds[label] = threshold_record(
                 calibrated[label],
