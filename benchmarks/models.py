@@ -146,10 +146,7 @@ class Replay:
     ) -> None:
         """Store temperatures and thresholds (what :func:`calibrate_stage` fits)."""
         self.temperature = {c: float(temperature[c]) for c in self.classes}
-        self.thresholds = {
-            c: LabelThresholds(thresholds[c]["positive"], thresholds[c]["negative"])
-            for c in self.classes
-        }
+        self.thresholds = {c: LabelThresholds.from_record(thresholds[c]) for c in self.classes}
 
     def variant(self, *, fixed: bool) -> Replay:
         """Return a copy; with ``fixed=True`` it routes raw scores at the seed's thresholds."""

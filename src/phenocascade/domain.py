@@ -126,11 +126,24 @@ class LabelThresholds:
     """Two thresholds on one calibrated probability.
 
     ``p >= positive`` is a confident yes, ``p <= negative`` a confident no, anything
-    between is uncertain. For detectors, ``negative`` is the keep threshold of boxes.
+    between is uncertain. For detectors, ``negative`` is the keep threshold of boxes, and
+    ``finds_all`` says whether an image without a kept box is confidently free of the
+    class: ``False`` when the detector never proposes too many of the true objects for
+    that to be certified.
     """
 
     positive: float
     negative: float
+    finds_all: bool = True
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, float]) -> LabelThresholds:
+        """Build from a stored thresholds record (``finds_all`` defaults to ``True``)."""
+        return cls(
+            positive=record["positive"],
+            negative=record["negative"],
+            finds_all=bool(record.get("finds_all", True)),
+        )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.negative <= self.positive <= 1.0:
@@ -166,9 +179,9 @@ def route(
         absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is confidently
         present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any kept box
         scores between its class's keep and confident thresholds, or if a class without
-        a confident box has a keep threshold of ``0`` (nothing certifies that the detector
-        finds that class: an image with no box of it is not "none here" but unknown), else
-        ``PASS``. Tiers 2 and 3 never ``SKIP``.
+        a confident box is not certified to be found (``finds_all`` false: an image with
+        no box of it is not "none here" but unknown), else ``PASS``. Tiers 2 and 3 never
+        ``SKIP``.
     """
     if kind is StageKind.GATE:
         p = output.scores.get(gate_label)
@@ -192,7 +205,7 @@ def route(
             return Route.ANNOTATE
     for label, p in output.scores.items():
         t = thresholds.get(label)
-        if t is None or (p < t.positive and t.negative <= 0.0):
+        if t is None or (p < t.positive and not t.finds_all):
             return Route.ANNOTATE
     return Route.PASS
 

@@ -131,8 +131,8 @@ def test_true_boxes_never_proposed_count_as_missed(proposed: int, empty_route: R
     # 0.60-0.95) in the first `proposed` images and nothing in the rest, beside two false
     # boxes (0.02-0.3) in every image. At 95 % the keep threshold may drop at most
     # k = floor(101 * 0.05) = 5 true boxes: with 10 never proposed, the 5th lowest true
-    # score is 0, so the keep threshold is 0 and an image without a box is not declared
-    # free of the class.
+    # score is 0, so an image without a box is not declared free of the class; the keep
+    # threshold still bounds the misses among the 90 proposed boxes.
     rng = np.random.default_rng(0)
     truth = Box(10.0, 10.0, 30.0, 30.0, "x")
     samples = [Sample(f"im{i}", Path(f"im{i}.png"), boxes=(truth,)) for i in range(100)]
@@ -150,8 +150,12 @@ def test_true_boxes_never_proposed_count_as_missed(proposed: int, empty_route: R
     stage = FixedBoxes(boxes)
     result = calibrate_stage(stage, images, samples, target_precision=0.95, delta=0.1)
     assert result.metrics["labels"]["x"]["unfound"] == 100 - proposed
-    negative = stage.stored["x"]["negative"]
-    assert (negative > 0.0) is (proposed == 100)
-    t = {"x": LabelThresholds(positive=stage.stored["x"]["positive"], negative=negative)}
+    stored = stage.stored["x"]
+    assert stored["finds_all"] is (proposed == 100)
+    # Both drop the false boxes (0.02-0.3) and keep every proposed true one (>= 0.6).
+    true_scores = calibrate_probability(np.array([0.6]), result.temperature["x"])
+    false_scores = calibrate_probability(np.array([0.02]), result.temperature["x"])
+    assert false_scores[0] <= stored["negative"] < true_scores[0]
+    t = {"x": LabelThresholds.from_record(stored)}
     empty = StageOutput(scores={"x": 1e-6})
     assert route(StageKind.DETECTOR, empty, t) is empty_route

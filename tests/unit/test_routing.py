@@ -58,23 +58,26 @@ def test_detector_annotates_uncertain_boxes(score: float, t: LabelThresholds) ->
     assert r is (Route.PASS if score >= t.positive else Route.ANNOTATE)
 
 
-def test_detector_without_boxes_passes_only_with_a_certified_keep_threshold() -> None:
+def test_detector_without_boxes_passes_only_if_it_is_certified_to_find_the_class() -> None:
     t = LabelThresholds(positive=0.9, negative=0.3)
     assert route(StageKind.DETECTOR, StageOutput(scores={"x": 1e-6}), {"x": t}) is Route.PASS
-    # keep threshold 0: nothing certifies that the detector finds x, so "no box" is unknown
-    uncertified = LabelThresholds(positive=0.9, negative=0.0)
-    assert (
-        route(StageKind.DETECTOR, StageOutput(scores={"x": 1e-6}), {"x": uncertified})
-        is Route.ANNOTATE
+    # nothing certifies that the detector finds x, so "no box" is unknown
+    unsure = LabelThresholds(positive=0.9, negative=0.3, finds_all=False)
+    assert route(StageKind.DETECTOR, StageOutput(scores={"x": 1e-6}), {"x": unsure}) is (
+        Route.ANNOTATE
     )
-    # a confident box decides the image whatever the keep threshold
+    # a confident box decides the image all the same
     box = Box(0, 0, 10, 10, "x", 0.95)
-    assert (
-        route(StageKind.DETECTOR, StageOutput(scores={"x": 0.95}, boxes=[box]), {"x": uncertified})
-        is Route.PASS
-    )
+    output = StageOutput(scores={"x": 0.95}, boxes=[box])
+    assert route(StageKind.DETECTOR, output, {"x": unsure}) is Route.PASS
     # a class without thresholds is never confident
     assert route(StageKind.DETECTOR, StageOutput(scores={"y": 1e-6}), {"x": t}) is Route.ANNOTATE
+
+
+def test_stored_thresholds_without_finds_all_find_all() -> None:
+    assert LabelThresholds.from_record({"positive": 0.9, "negative": 0.2}).finds_all
+    record = {"positive": 0.9, "negative": 0.2, "finds_all": False}
+    assert not LabelThresholds.from_record(record).finds_all
 
 
 def test_gate_without_score_is_uncertain() -> None:

@@ -115,10 +115,7 @@ class ArtifactMeta:
 
     def label_thresholds(self) -> dict[str, LabelThresholds]:
         """Return the routing thresholds as :class:`LabelThresholds`."""
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds.items()
-        }
+        return {label: LabelThresholds.from_record(t) for label, t in self.thresholds.items()}
 
     def write(self, folder: Path) -> None:
         """Write ``metadata.json`` into ``folder``."""

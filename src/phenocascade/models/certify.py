@@ -7,9 +7,10 @@ the logits of the box scores against "matched", then the keep (``negative``) and
 confident (``positive``) thresholds are certified on those boxes, and the keep threshold
 is capped so that it drops at most ``1 - target_precision`` of the true boxes
 (:func:`keep_threshold_cap`). True boxes the detector never proposed count as dropped
-ones (score 0): when they alone exceed that share, the keep threshold is 0, every box is
-kept, and :func:`~phenocascade.domain.route` sends images without a confident box of the
-class to a person instead of declaring them free of it.
+ones (score 0). When they alone exceed that share, the class's ``finds_all`` is false
+(the cap then bounds the misses among proposed boxes only), and
+:func:`~phenocascade.domain.route` sends images without a confident box of the class to
+a person instead of declaring them free of it.
 
 Thresholds are certified per label, or (``threshold_mode="pooled"``, the default for
 multi-label classifiers) as one pair shared by all labels on their pooled decisions. A
@@ -271,13 +272,18 @@ def calibrate_stage(
         }
     if stage.kind is StageKind.DETECTOR:
         for label, record in thresholds.items():
-            # A true box never proposed is missed whatever the threshold: it scores 0.
-            true_scores = np.concatenate(
-                [calibrated[label][truths[label] == 1], np.zeros(unfound[label])]
+            # A true box never proposed is missed whatever the threshold: it scores 0. If
+            # those alone exceed the miss rate, "no kept box" cannot mean "none here"; the
+            # keep threshold then bounds only the misses among the proposed boxes.
+            proposed = calibrated[label][truths[label] == 1]
+            miss_rate = 1.0 - target_precision
+            cap = keep_threshold_cap(
+                np.concatenate([proposed, np.zeros(unfound[label])]), miss_rate
             )
-            negative = min(
-                record["negative"], keep_threshold_cap(true_scores, 1.0 - target_precision)
-            )
+            finds_all = cap > 0.0
+            if not finds_all:
+                cap = keep_threshold_cap(proposed, miss_rate)
+            negative = min(record["negative"], cap)
             thresholds[label] = threshold_record(
                 calibrated[label],
                 truths[label],
@@ -285,7 +291,7 @@ def calibrate_stage(
                 negative,
                 target_precision=target_precision,
                 delta=delta,
-            ).as_dict()
+            ).as_dict() | {"finds_all": finds_all}
     stage.set_calibration(temperature, thresholds)
     metrics = {
         "threshold_mode": mode,

@@ -87,10 +87,7 @@ class CalibratedStage(ABC):
         For detectors, ``negative`` is the keep threshold (boxes at or below it are
         dropped) and ``positive`` the confident one.
         """
-        return {
-            label: LabelThresholds(positive=t["positive"], negative=t["negative"])
-            for label, t in self.thresholds_.items()
-        }
+        return {label: LabelThresholds.from_record(t) for label, t in self.thresholds_.items()}
 
     # -- calibration ---------------------------------------------------------------------
     def _neutral_calibration(self) -> None:
