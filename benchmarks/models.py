@@ -415,7 +415,8 @@ class Bench:
         calibrated = routing(model, test)
         calibrated.update(cert)
         calibrated["thresholds"] = {
-            c: {"positive": t.positive, "negative": t.negative} for c, t in model.thresholds.items()
+            c: {"positive": t.positive, "negative": t.negative, "finds_all": t.finds_all}
+            for c, t in model.thresholds.items()
         }
         _set(self.out, f"routing.{tier}.calibrated", calibrated)
         _set(self.out, f"routing.{tier}.fixed", routing(model.variant(fixed=True), test))
@@ -444,6 +445,7 @@ class Bench:
                     "negative": t["negative"],
                     "n_pos": t["n_pos"],
                     "n_neg": t["n_neg"],
+                    **({"finds_all": t["finds_all"]} if "finds_all" in t else {}),
                 }
                 for c, t in calib.thresholds.items()
             }
