@@ -71,6 +71,12 @@ def retraining_env(
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
 
 
+def read_events(settings: Settings, topic: str, event: str) -> list[dict[str, Any]]:
+    """Decode every ``event`` record on ``topic`` (committed ones), in partition order."""
+    codec = EventCodec()
+    return [codec.decode(v, expected=event)[1] for _, v in scan_topic(settings.kafka, topic)]
+
+
 def produce_annotations(settings: Settings, topic: str, records: Sequence[dict[str, Any]]) -> None:
     """Produce ``Annotation`` events keyed by image id, as any labelling tool may."""
     codec = EventCodec()
@@ -168,10 +174,7 @@ class Cascade:
         producer.flush(30)
 
     def read(self, topic: str, event: str) -> list[dict[str, Any]]:
-        return [
-            self.codec.decode(v, expected=event)[1]
-            for _, v in scan_topic(self.settings.kafka, topic)
-        ]
+        return read_events(self.settings, topic, event)
 
     def outputs(self) -> list[dict[str, Any]]:
         return self.read(self.topology.joiner.results_topic, "ImageOutput")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from cassandra.cluster import Session
-from harness import produce_annotations, retraining_env
+from harness import produce_annotations, read_events, retraining_env
 
 from phenocascade.config import Settings, Topology
 from phenocascade.consumers.retrainer import HOLDOUT_REASON, PROMOTED, REJECTED, Retrainer
@@ -30,8 +30,6 @@ from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.recipes import tier_data
 from phenocascade.store.lineage import get_lineage
 from phenocascade.streams import events
-from phenocascade.streams.scan import scan_topic
-from phenocascade.streams.serde import EventCodec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,10 +116,8 @@ def test_rare_box_annotations_retrain_the_nucleus_composite(
     record = get_lineage(session=session, version=outcome.version)
     assert record is not None and record["decision"] == outcome.decision
     assert sorted(record["annotation_ids"]) == sorted(outcome.annotation_ids)
-    codec = EventCodec()
     published = [
-        codec.decode(v, expected="ModelPromoted")[1]["version"]
-        for _, v in scan_topic(settings.kafka, topology.models_topic)
+        r["version"] for r in read_events(settings, topology.models_topic, "ModelPromoted")
     ]
     expected = [outcome.version] if outcome.decision == PROMOTED else []
     assert published == expected

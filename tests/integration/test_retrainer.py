@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from cassandra.cluster import Session
-from harness import produce_annotations, retraining_env
+from harness import produce_annotations, read_events, retraining_env
 
 from phenocascade.config import Settings, Topology
 from phenocascade.consumers.retrainer import Challenger, Retrainer
@@ -181,11 +181,7 @@ def test_every_n_annotations_retrain_and_only_a_strictly_better_challenger_is_pr
     assert (settings.artifacts / "quality" / champion / "metadata.json").is_file()
     assert trainer.trained_on[-1] == sorted(a["image_id"] for a in [*first, *second])
 
-    codec = EventCodec()
-    models = [
-        codec.decode(v, expected="ModelPromoted")[1]
-        for _, v in scan_topic(settings.kafka, topology.models_topic)
-    ]
+    models = read_events(settings, topology.models_topic, "ModelPromoted")
     assert len(models) == 1
     assert models[0]["tier"] == "quality" and models[0]["version"] == promoted.version
     assert models[0]["parent_version"] == champion
@@ -273,11 +269,7 @@ def test_a_failed_attempt_deletes_the_challenger_it_saved_and_nothing_else(
 
 
 def _promoted(settings: Settings, topology: Topology) -> list[dict[str, Any]]:
-    codec = EventCodec()
-    return [
-        codec.decode(v, expected="ModelPromoted")[1]
-        for _, v in scan_topic(settings.kafka, topology.models_topic)
-    ]
+    return read_events(settings, topology.models_topic, "ModelPromoted")
 
 
 @pytest.mark.parametrize("lineage_saved", [False, True])

@@ -591,14 +591,15 @@ class Retrainer:
         promoted = outcome.decision == PROMOTED
         if promoted:
             set_champion(self.settings.artifacts, spec.artifact, outcome.version)
+        record = outcome.record()
         # Lineage before the event: if the event is lost, reconcile() finds its metrics.
-        save_lineage(session=self.session, record=outcome.record())
+        save_lineage(session=self.session, record=record)
         if promoted:
             self._publish(
                 spec.artifact,
                 outcome.version,
                 parent_version=outcome.parent_version,
-                metrics=promotion_metrics(outcome.record()),
+                metrics=promotion_metrics(record),
             )
         elif created is not None and not self.keep_rejected:
             self._discard(spec.artifact, created)

@@ -129,10 +129,10 @@ def _label_pairs(
             for box, hit in zip(out.boxes, hits, strict=True):
                 pairs[box.label][0].append(box.score)
                 pairs[box.label][1].append(int(hit))
-            for c in classes:
-                truth = sum(1 for b in sample.boxes if b.label == c)
-                found = sum(int(h) for b, h in zip(out.boxes, hits, strict=True) if b.label == c)
-                unfound[c] += truth - found
+                unfound[box.label] -= int(hit)
+            for truth in sample.boxes:
+                if truth.label in unfound:
+                    unfound[truth.label] += 1
         else:
             for c in classes:
                 pairs[c][0].append(out.scores[c])
