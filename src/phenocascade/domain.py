@@ -231,6 +231,9 @@ class Sample:
         Name of the synthetic degradation applied at load time, ``""`` for none.
     seed : int
         Seed of that degradation.
+    mask : pathlib.Path or None
+        Instance label image of the objects (one id per object, 0 = background), for
+        backends that learn object outlines; ``None`` when only boxes are known.
     """
 
     image_id: str
@@ -240,3 +243,4 @@ class Sample:
     group: str = ""
     degradation: str = ""
     seed: int = 0
+    mask: Path | None = None

@@ -29,7 +29,7 @@ from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.artifact import new_version
-from phenocascade.models.backends.nucleus_outlier import NucleusOutlierDetector
+from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import champion_version, get_backend, load_stage, set_champion
 from phenocascade.models.certify import calibrate_stage
 from phenocascade.models.evaluate import evaluate_stage
@@ -67,9 +67,10 @@ class Recipe:
     max_sources : int or None
         Quality tier only: training source images before degradation.
     train_data : str or None
-        ``"dsb2018_nuclei"``: train (and early-stop) on every DSB nucleus box instead of
-        the tier's own boxes, which still calibrate and evaluate (the
-        ``nucleus_outlier_detector`` backend); ``None``: the tier's own data.
+        ``"dsb2018_nuclei"``: train (and early-stop) on every DSB nucleus (box and
+        instance mask) instead of the tier's own boxes, which still calibrate and evaluate
+        (the ``nucleus_mask_outlier_detector`` and ``nucleus_outlier_detector`` backends);
+        ``None``: the tier's own data.
     ltt_starts : int
         Start points of the fixed-sequence threshold test (see
         :mod:`phenocascade.models.thresholds`).
@@ -101,8 +102,28 @@ def _minority_recipe(
     """Minority recipes per backend and dataset (see :func:`recipe`)."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    name = backend or ("nucleus_outlier_detector" if dataset == "dsb" else "torchvision_detector")
+    name = backend or (
+        "nucleus_mask_outlier_detector" if dataset == "dsb" else "torchvision_detector"
+    )
     full = size == "full"
+    if name == "nucleus_mask_outlier_detector":
+        if dataset != "dsb":
+            raise ConfigError(
+                f"{name} flags DSB 2018 size outliers among all nuclei; it has no BCCD "
+                "recipe, use torchvision_detector or yolo"
+            )
+        # Random 256 px crops of all 399 training images with their instance masks. 16
+        # epochs of 25 steps of 8 crops took 6 to 8.5 minutes on 2 CPU cores; early
+        # stopping reads one centre crop of each of 40 val images.
+        segmenter = {"pretrained": mobilenet, "steps_per_epoch": 100 if full else 25}
+        return Recipe(
+            name,
+            {"segmenter": segmenter},
+            max_epochs=40 if full else 16,
+            patience=6 if full else 4,
+            max_val_fit=None if full else 40,
+            train_data="dsb2018_nuclei",
+        )
     # Nuclei are 7-70 px wide (median 20) in images of 256-1388 px: resized to a 320 px
     # short side (512 px long side at most) the smallest shrink to a few pixels, so the
     # smallest anchor is 8 px on the stride-8 level. A frozen ImageNet body makes steps a
@@ -150,8 +171,14 @@ def _minority_recipe(
             train_data="dsb2018_nuclei",
         )
     if name == "yolo":
-        config = {"model_yaml": "yolov8n.yaml", "imgsz": 640 if full else 320}
-    elif name == "torchvision_detector":
+        # Built from its YAML with no pretrained weights: validation mAP stays at zero for
+        # the first ~6 epochs on BCCD, so fewer epochs or a short patience stop it before
+        # it has learned anything (session 2's 6-epoch recipe scored AP50 0.000).
+        config = {"model_yaml": "yolov8n.yaml", "imgsz": 640 if full else 416}
+        if full:
+            return Recipe(name, config, max_epochs=150, patience=30)
+        return Recipe(name, config, max_epochs=40, patience=12, max_train=100, max_val_fit=30)
+    if name == "torchvision_detector":
         # Few rare boxes per image: pick the epoch by val AP50, not by the detection loss.
         config = {**detector, "early_stopping": "ap50"}
     else:
@@ -173,8 +200,9 @@ def recipe(
     size : {"bootstrap", "full"}
         Recipe size.
     backend : str or None, default None
-        Minority tier only: the recipe of this backend (``"nucleus_outlier_detector"``,
-        ``"torchvision_detector"``, ``"yolo"``); ``None`` is the dataset's default.
+        Minority tier only: the recipe of this backend (``"nucleus_mask_outlier_detector"``,
+        ``"nucleus_outlier_detector"``, ``"torchvision_detector"``, ``"yolo"``); ``None``
+        is the dataset's default (the first for DSB, ``"torchvision_detector"`` for BCCD).
         Other tiers have one recipe each and ignore it.
     dataset : {"dsb", "bccd"}, default "dsb"
         Minority tier only: DSB 2018 large nuclei, or BCCD white cells and platelets.
@@ -299,7 +327,7 @@ def _complete_rare_annotations(
             "to label the image's other nuclei"
         )
     parent = load_stage(artifacts, tier, parent_version, device=device)
-    if not isinstance(parent, NucleusOutlierDetector):
+    if not isinstance(parent, SizeOutlierComposite):
         raise ConfigError(
             f"{tier} model {parent_version} is {type(parent).__name__}, not a nucleus "
             "composite: it cannot label the other nuclei of rare-box annotations"
@@ -376,7 +404,7 @@ def train_tier(
         Added to the base training data uncapped, e.g. expert annotations. For a recipe
         with ``train_data="dsb2018_nuclei"`` these hold only the rare boxes; the
         ``parent_version`` model adds each image's other nuclei (see
-        :meth:`~phenocascade.models.backends.nucleus_outlier.NucleusOutlierDetector.complete_annotations`),
+        :meth:`~phenocascade.models.backends.nucleus_outlier.SizeOutlierComposite.complete_annotations`),
         and the metrics record ``annotation_boxes`` (``expert`` and ``pseudo`` counts).
     val_samples : sequence of Sample or None, default None
         Replaces the val split for early stopping, calibration, thresholds and the

@@ -106,7 +106,9 @@ def test_rare_box_annotations_retrain_the_nucleus_composite(
     # The challenger is a nucleus composite trained on the base images plus the annotated
     # ones, each holding the expert's boxes and the champion's other confident nuclei.
     meta = ArtifactMeta.read(settings.artifacts / "minority" / outcome.version)
-    assert meta.backend == "nucleus_outlier_detector"
+    parent = ArtifactMeta.read(settings.artifacts / "minority" / champion)
+    assert meta.backend == parent.backend
+    assert meta.backend in ("nucleus_mask_outlier_detector", "nucleus_outlier_detector")
     assert meta.parent_version == champion
     assert meta.metrics["train_samples"] == BUDGET.max_train + len(used)
     boxes = meta.metrics["annotation_boxes"]

@@ -11,6 +11,7 @@ from phenocascade.data import importers
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import AnnotationError, ValidationError
+from phenocascade.models.segmentation import read_mask
 
 
 def _png(path: Path, width: int = 20, height: int = 16, mode: str = "L") -> Path:
@@ -277,6 +278,9 @@ def test_instance_masks_give_tight_half_open_boxes(tmp_path):
     _png(tmp_path / "img" / "a.png")
     got = importers.import_instance_masks(tmp_path / "masks", tmp_path / "img")
     assert got.samples[0].boxes == (Box(3, 2, 9, 5, "nucleus"), Box(19, 10, 20, 11, "nucleus"))
+    # The label image itself is kept for backends that learn outlines.
+    assert got.samples[0].mask == tmp_path / "masks" / "a.png"
+    assert (read_mask(got.samples[0]) == labels).all()
 
 
 def test_instance_mask_size_mismatch_and_missing_image(tmp_path):

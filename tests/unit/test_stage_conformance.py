@@ -31,6 +31,10 @@ FAST: dict[str, tuple[dict[str, Any], int]] = {
     "multilabel_cnn": ({"backbone": "small_cnn", "input_size": 32, "batch_size": 4}, 6),
     "torchvision_detector": ({"backbone": "resnet18", "min_size": SIZE, "max_size": SIZE}, 5),
     "yolo": ({"imgsz": 64, "batch_size": 4}, 6),
+    "nucleus_mask_outlier_detector": (
+        {"segmenter": {"crop_size": 32, "batch_size": 4, "steps_per_epoch": 4, "min_area": 4}},
+        5,
+    ),
     "nucleus_outlier_detector": (
         {"detector": {"backbone": "resnet18", "min_size": SIZE, "max_size": SIZE}},
         5,

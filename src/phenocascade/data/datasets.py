@@ -10,6 +10,7 @@ Box convention: ``[x_min, y_min, x_max, y_max]`` in pixels, half-open.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -174,8 +175,10 @@ def dsb2018_rare(root: Path, split: Split) -> LabelledSet:
 def dsb2018_nuclei(root: Path, split: Split) -> LabelledSet:
     """Load DSB 2018 with a box around every nucleus (``dsb2018/boxes.csv``).
 
-    28,986 expert-mask boxes over the 664 images (about 40 per image, up to 375); they
-    train the object detector of the ``nucleus_outlier_detector`` backend.
+    28,986 expert-mask boxes over the 664 images (about 40 per image, up to 375), and
+    each image's instance label image as ``Sample.mask``; they train the object detector
+    of the ``nucleus_outlier_detector`` backend and the segmenter of
+    ``nucleus_mask_outlier_detector``.
 
     Returns
     -------
@@ -183,12 +186,19 @@ def dsb2018_nuclei(root: Path, split: Split) -> LabelledSet:
         ``classes == ("nucleus",)``.
     """
     ids = split_ids(root, "dsb2018", split)
-    return import_csv_boxes(
+    boxes = import_csv_boxes(
         root / "dsb2018" / "boxes.csv",
         root / "dsb2018" / "images",
         label=DSB_NUCLEUS_CLASS,
         image_ids=ids,
         name=f"dsb2018_nuclei/{split}",
+    )
+    labels = root / "dsb2018" / "labels"
+    return dataclasses.replace(
+        boxes,
+        samples=tuple(
+            dataclasses.replace(s, mask=labels / f"{s.image_id}.png") for s in boxes.samples
+        ),
     )
 
 

@@ -21,6 +21,7 @@ top-left corner of the top-left pixel. Format conventions converted on import:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -676,6 +677,9 @@ def import_instance_masks(
 ) -> LabelledSet:
     """Import instance label images (``uint8``/``uint16``, 0 = background) as boxes.
 
+    Each sample also keeps its label image as ``Sample.mask``, for backends that learn
+    object outlines.
+
     Parameters
     ----------
     mask_dir : pathlib.Path
@@ -714,7 +718,7 @@ def import_instance_masks(
             )
         found = instance_boxes(pixels[:, :, 0])
         boxes = [_box(*b, label, size) for b in found.values()]
-        samples.append(_sample(path.stem, img_path, boxes))
+        samples.append(dataclasses.replace(_sample(path.stem, img_path, boxes), mask=path))
     return LabelledSet(name, (label,), tuple(samples))
 
 

@@ -232,3 +232,65 @@ def build_fpn_backbone(
         return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
         in_channels = [128, 256, 512]
     return BackboneWithFPN(body, return_layers, in_channels, out_channels=128)
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MobileNetUNet(nn.Module):
+    """A U-Net on the MobileNetV2 body: per-pixel class logits at the input's resolution.
+
+    The encoder's stages at strides 2, 4, 8, 16 and 32 feed a light decoder (one 3x3
+    convolution per level after upsampling and concatenating the skip), and the last level
+    sees the input pixels again, so one-pixel boundaries between touching objects survive.
+    Input sides need not be multiples of 32.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output channels (logits per pixel).
+    pretrained : str or None, default None
+        ImageNet weights of the encoder (see :func:`resolve_pretrained`).
+    """
+
+    _SPLITS = ((0, 2), (2, 4), (4, 7), (7, 14), (14, 18))
+
+    def __init__(self, num_classes: int, pretrained: str | None = None) -> None:
+        super().__init__()
+        features: nn.Sequential = _torchvision_net("mobilenet_v2", pretrained).features  # type: ignore[assignment]
+        self.stages = nn.ModuleList(features[a:b] for a, b in self._SPLITS)
+        # Channels of the stages above, deepest last: 16, 24, 32, 96, 320.
+        self.up = nn.ModuleList(
+            [
+                _conv_bn_relu(320 + 96, 64),
+                _conv_bn_relu(64 + 32, 48),
+                _conv_bn_relu(48 + 24, 32),
+                _conv_bn_relu(32 + 16, 32),
+            ]
+        )
+        self.head = nn.Sequential(_conv_bn_relu(32 + 3, 16), nn.Conv2d(16, num_classes, 1))
+
+    @staticmethod
+    def _merge(deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate(
+            deep, size=skip.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return torch.cat([up, skip], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(N, num_classes, H, W)`` logits for ``(N, 3, H, W)`` normalised images."""
+        skips = []
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+            skips.append(h)
+        h = skips[-1]
+        for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            h = block(self._merge(h, skip))
+        out: torch.Tensor = self.head(self._merge(h, x))
+        return out

@@ -2,10 +2,18 @@
 
 from phenocascade.models.backends import (
     multilabel_cnn,
+    nucleus_mask_outlier,
     nucleus_outlier,
     quality_cnn,
     torchvision_detector,
     yolo,
 )
 
-__all__ = ["multilabel_cnn", "nucleus_outlier", "quality_cnn", "torchvision_detector", "yolo"]
+__all__ = [
+    "multilabel_cnn",
+    "nucleus_mask_outlier",
+    "nucleus_outlier",
+    "quality_cnn",
+    "torchvision_detector",
+    "yolo",
+]

@@ -11,6 +11,7 @@ image: far more signal per image) and applies the dataset's own rule to its dete
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -109,8 +110,120 @@ def complete_objects(
     return objects
 
 
+class SizeOutlierComposite(CalibratedDetector):
+    """Size outliers, as one output class, of a model that finds every object.
+
+    What the nucleus composites share. A subclass trains its inner model in ``fit`` (after
+    :meth:`_check_classes`), and implements :meth:`_inner`, :meth:`_candidates` (each
+    image's outliers with raw scores) and :meth:`_objects` (every confident object of one
+    image, for :meth:`complete_annotations`).
+    """
+
+    kind = StageKind.DETECTOR
+    gate_label = "clear"
+
+    @abstractmethod
+    def _inner(self) -> Any:
+        """Return the trained inner model (it has ``history_`` and ``val_history_``)."""
+
+    @abstractmethod
+    def _candidates(self, images: Sequence[DecodedImage]) -> list[list[Box]]:
+        """Return each image's outlier candidates, with raw scores."""
+
+    @abstractmethod
+    def _objects(self, sample: Sample, load: Loader) -> list[Box]:
+        """Return the confident objects of one sample's image."""
+
+    @property
+    def history_(self) -> list[float]:
+        """Training loss per step of the inner model."""
+        history: list[float] = self._inner().history_
+        return history
+
+    @property
+    def val_history_(self) -> list[float]:
+        """Validation loss per epoch of the inner model."""
+        history: list[float] = self._inner().val_history_
+        return history
+
+    def _check_classes(self, classes: Sequence[str]) -> None:
+        """Refuse anything but one class (the outliers' label) and remember it."""
+        if len(classes) != 1:
+            raise ConfigError(
+                f"{self.model_name} labels size outliers with one class, got {list(classes)}"
+            )
+        self.classes_ = list(classes)
+
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
+        """Detect the size-outlier objects in a batch of images.
+
+        Parameters
+        ----------
+        images : sequence of DecodedImage
+            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
+        calibrated : bool, default True
+            ``True`` applies the fitted temperature and drops boxes at or below the keep
+            threshold (``negative``); ``False`` returns every outlier with its raw score.
+
+        Returns
+        -------
+        list of StageOutput
+            One per image; only outlier boxes, labelled ``classes[0]``, in original
+            pixels ``[x_min, y_min, x_max, y_max]``, clipped to the image.
+        """
+        label = self.classes_[0]
+        outputs = []
+        for candidates in self._candidates(images):
+            best = SCORE_CLIP
+            kept: list[Box] = []
+            for box in candidates:
+                p = self._box_score(label, box.score, calibrated)
+                if p is None:
+                    continue
+                best = max(best, p)
+                kept.append(replace(box, label=label, score=p))
+            outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
+        return outputs
+
+    def complete_annotations(
+        self, samples: Sequence[Sample], *, load: Loader, max_overlap: float = 0.5
+    ) -> list[Sample]:
+        """Turn rare-box annotations into every-object training samples for ``fit``.
+
+        Each sample's boxes are the expert's rare boxes; this model adds the image's other
+        confident objects that do not overlap an expert box (see :func:`complete_objects`).
+        A challenger trained on the result learns the objects the expert added (e.g. a
+        large nucleus the champion missed) without learning the unannotated ordinary
+        objects as background. The samples keep no instance mask: it would not hold the
+        added objects.
+
+        Parameters
+        ----------
+        samples : sequence of Sample
+            Annotated images; ``boxes`` are every rare object of the image.
+        load : callable
+            ``Sample -> (H, W, C) uint8/uint16 pixels``.
+        max_overlap : float, default 0.5
+            See :func:`complete_objects`.
+
+        Returns
+        -------
+        list of Sample
+            The samples with every object as a box, labelled :data:`OBJECT_LABEL`.
+        """
+        completed = []
+        for s in samples:
+            boxes = complete_objects(
+                s.boxes, self._objects(s, load), min_score=0.0, max_overlap=max_overlap
+            )
+            completed.append(replace(s, boxes=tuple(boxes), mask=None))
+        return completed
+
+
 @register_backend("nucleus_outlier_detector")
-class NucleusOutlierDetector(CalibratedDetector):
+class NucleusOutlierDetector(SizeOutlierComposite):
     """Object detector plus the relative-size rule; kind ``DETECTOR``, one output class.
 
     ``fit`` trains a :class:`TorchvisionDetector` on every box of the training samples,
@@ -142,9 +255,7 @@ class NucleusOutlierDetector(CalibratedDetector):
         Raw detector score from which a detection counts as an object for the median.
     """
 
-    kind = StageKind.DETECTOR
     model_name = "nucleus_outlier_detector"
-    gate_label = "clear"
 
     def __init__(
         self,
@@ -170,16 +281,6 @@ class NucleusOutlierDetector(CalibratedDetector):
 
     def _detector_config(self) -> dict[str, Any]:
         return dict(self.detector) if self.detector is not None else {"detections_per_image": 400}
-
-    @property
-    def history_(self) -> list[float]:
-        """Training loss per step of the inner detector."""
-        return self.detector_.history_
-
-    @property
-    def val_history_(self) -> list[float]:
-        """Validation loss per epoch of the inner detector."""
-        return self.detector_.val_history_
 
     def fit(
         self,
@@ -220,10 +321,7 @@ class NucleusOutlierDetector(CalibratedDetector):
         ConfigError
             If ``classes`` does not hold exactly one class.
         """
-        if len(classes) != 1:
-            raise ConfigError(
-                f"{self.model_name} labels size outliers with one class, got {list(classes)}"
-            )
+        self._check_classes(classes)
 
         def as_objects(samples: Sequence[Sample]) -> list[Sample]:
             return [
@@ -231,7 +329,6 @@ class NucleusOutlierDetector(CalibratedDetector):
                 for s in samples
             ]
 
-        self.classes_ = list(classes)
         self.detector_ = TorchvisionDetector(**self._detector_config()).fit(
             as_objects(train),
             as_objects(val),
@@ -246,78 +343,28 @@ class NucleusOutlierDetector(CalibratedDetector):
         self._neutral_calibration()
         return self
 
-    def predict(
-        self, images: Sequence[DecodedImage], *, calibrated: bool = True
-    ) -> list[StageOutput]:
-        """Detect the size-outlier objects in a batch of images.
+    def _inner(self) -> TorchvisionDetector:
+        return self.detector_
 
-        Parameters
-        ----------
-        images : sequence of DecodedImage
-            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
-        calibrated : bool, default True
-            ``True`` applies the fitted temperature and drops boxes at or below the keep
-            threshold (``negative``); ``False`` returns every outlier with its raw score.
-
-        Returns
-        -------
-        list of StageOutput
-            One per image; only outlier boxes, labelled ``classes[0]``, in original
-            pixels ``[x_min, y_min, x_max, y_max]``, clipped to the image.
-        """
-        label = self.classes_[0]
-        outputs = []
+    def _candidates(self, images: Sequence[DecodedImage]) -> list[list[Box]]:
+        candidates = []
         for objects in self.detector_.predict(images, calibrated=False):
             boxes = list(objects.boxes)
-            best = SCORE_CLIP
-            kept: list[Box] = []
-            for i in size_outliers(
+            outliers = size_outliers(
                 boxes,
                 ratio=self.ratio,
                 min_objects=self.min_objects,
                 count_score=self.count_score,
-            ):
-                p = self._box_score(label, boxes[i].score, calibrated)
-                if p is None:
-                    continue
-                best = max(best, p)
-                kept.append(replace(boxes[i], label=label, score=p))
-            outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
-        return outputs
-
-    def complete_annotations(
-        self, samples: Sequence[Sample], *, load: Loader, max_overlap: float = 0.5
-    ) -> list[Sample]:
-        """Turn rare-box annotations into every-object training samples for :meth:`fit`.
-
-        Each sample's boxes are the expert's rare boxes; this model's inner detector adds
-        the image's other objects (detections scoring ``>= count_score`` that do not
-        overlap an expert box, see :func:`complete_objects`). A challenger trained on the
-        result learns the objects the expert added (e.g. a large nucleus the champion
-        missed) without learning the unannotated ordinary objects as background.
-
-        Parameters
-        ----------
-        samples : sequence of Sample
-            Annotated images; ``boxes`` are every rare object of the image.
-        load : callable
-            ``Sample -> (H, W, C) uint8/uint16 pixels``.
-        max_overlap : float, default 0.5
-            See :func:`complete_objects`.
-
-        Returns
-        -------
-        list of Sample
-            The samples with every object as a box, labelled :data:`OBJECT_LABEL`.
-        """
-        completed = []
-        for s in samples:
-            found = self.detector_.predict([DecodedImage(s.image_id, load(s))], calibrated=False)
-            boxes = complete_objects(
-                s.boxes, found[0].boxes, min_score=self.count_score, max_overlap=max_overlap
             )
-            completed.append(replace(s, boxes=tuple(boxes)))
-        return completed
+            candidates.append([boxes[i] for i in outliers])
+        return candidates
+
+    def _objects(self, sample: Sample, load: Loader) -> list[Box]:
+        # Detections scoring at least count_score: the objects the median counts.
+        found = self.detector_.predict(
+            [DecodedImage(sample.image_id, load(sample))], calibrated=False
+        )
+        return [b for b in found[0].boxes if b.score >= self.count_score]
 
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
         return self.detector_.model_, self.detector_.min_size
