@@ -74,7 +74,7 @@ from phenocascade.models.certify import calibrate_stage, match_boxes
 from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
 from phenocascade.models.thresholds import min_certifiable_count
-from phenocascade.recipes import Size, Tier, recipe, tier_data, train_tier
+from phenocascade.recipes import Dataset, Size, Tier, recipe, tier_data, train_tier
 
 log = logging.getLogger("benchmarks.models")
 RESULTS = Path(__file__).parent / "results"
@@ -558,12 +558,8 @@ class Bench:
             stage = self.train(
                 "minority", dataset="bccd", backend="torchvision_detector", config_overrides=config
             )
-            test = self.dataset(
-                "minority_bccd_test", lambda: tier_data("minority", root, "test", dataset="bccd")
-            )
-            metrics = evaluate_stage(
-                replay(stage, test.images), test.images, test.samples, Path(tempfile.mkdtemp())
-            )
+            test, model = self._detector_test(stage, "bccd")
+            metrics = evaluate_stage(model, test.images, test.samples, Path(tempfile.mkdtemp()))
             rows["minority"] = {
                 "scratch": {
                     "ap50": metrics["ap50"],
@@ -622,17 +618,20 @@ class Bench:
             {"dataset": "bccd", "torchvision_detector": tv, "yolo": yolo},
         )
 
+    def _detector_test(self, stage: Any, dataset: Dataset) -> tuple[Pass, Replay]:
+        """Run a minority detector on ``dataset``'s test split (decoded once per run)."""
+        test = self.dataset(
+            f"minority_{dataset}_test",
+            lambda: tier_data("minority", self.settings.datasets, "test", dataset=dataset),
+        )
+        return test, replay(stage, test.images)
+
     def _minority_row(self, name: str, kwargs: dict[str, Any]) -> None:
-        root = self.settings.datasets
         dataset = kwargs["dataset"]
         with timed(f"minority.{name}.train", self.seconds):
             stage = self.train("minority", **kwargs)
         with timed(f"minority.{name}.test", self.seconds):
-            test = self.dataset(
-                f"minority_{dataset}_test",
-                lambda: tier_data("minority", root, "test", dataset=dataset),
-            )
-            model = replay(stage, test.images)
+            test, model = self._detector_test(stage, dataset)
         plots = PLOTS / f"minority_{name}" if name in ("dsb", "bccd") else Path(tempfile.mkdtemp())
         metrics = evaluate_stage(model, test.images, test.samples, plots)
         _set(

@@ -106,12 +106,12 @@ def _minority_recipe(
         "nucleus_mask_outlier_detector" if dataset == "dsb" else "torchvision_detector"
     )
     full = size == "full"
+    if name in ("nucleus_mask_outlier_detector", "nucleus_outlier_detector") and dataset != "dsb":
+        raise ConfigError(
+            f"{name} flags DSB 2018 size outliers among all nuclei; it has no BCCD "
+            "recipe, use torchvision_detector or yolo"
+        )
     if name == "nucleus_mask_outlier_detector":
-        if dataset != "dsb":
-            raise ConfigError(
-                f"{name} flags DSB 2018 size outliers among all nuclei; it has no BCCD "
-                "recipe, use torchvision_detector or yolo"
-            )
         # Random 256 px crops of all 399 training images with their instance masks. 16
         # epochs of 25 steps of 8 crops took 6 to 8.5 minutes on 2 CPU cores; early
         # stopping reads one centre crop of each of 40 val images.
@@ -138,11 +138,6 @@ def _minority_recipe(
         "lr": 1e-3,
     }
     if name == "nucleus_outlier_detector":
-        if dataset != "dsb":
-            raise ConfigError(
-                "nucleus_outlier_detector flags DSB 2018 size outliers among all nuclei; "
-                "it has no BCCD recipe, use torchvision_detector or yolo"
-            )
         # Every nucleus at its own pixel size (the two 1024 px val images that hold 70 of
         # the 110 val rare boxes lose their ~10 px nuclei at a 512 px long side), trained
         # on 256 px crops to bound the step cost; up to 375 nuclei per image, which rarely

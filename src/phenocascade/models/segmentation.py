@@ -12,7 +12,7 @@ area in pixels, which is exactly what a relative-size phenotype is defined on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self
 
 import cv2
@@ -24,16 +24,13 @@ import torch.nn.functional as F  # noqa: N812
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.nets import MobileNetUNet
-from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_unit_rgb
-from phenocascade.models.training import ProgressCallback, fit_loop, seed_everything
+from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit_rgb
+from phenocascade.models.training import Loader, ProgressCallback, fit_loop, seed_everything
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 # Target value of pixels that carry no label (outside an annotated object's ellipse).
 IGNORE = -1
 _KERNEL = np.ones((3, 3), np.uint8)
-
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
-MaskLoader = Callable[[Sample], npt.NDArray[np.integer[Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +266,7 @@ class NucleusSegmenter:
 
     def _batch(self, images: Sequence[npt.NDArray[np.float32]]) -> torch.Tensor:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device_)
+        return normalize(x, IMAGENET_MEAN, IMAGENET_STD).to(self.device_)
 
     def _loss(
         self, images: Sequence[npt.NDArray[np.float32]], targets: torch.Tensor
@@ -314,7 +309,7 @@ class NucleusSegmenter:
         ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]:
             out = []
             for s in samples:
-                image = to_unit_rgb(load(s)).astype(np.float32)
+                image = to_unit_rgb(load(s))
                 out.append((image, sample_targets(s, image.shape[:2])))
             return out
 
@@ -366,7 +361,7 @@ class NucleusSegmenter:
         self, pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
     ) -> npt.NDArray[np.float32]:
         """Return per-pixel class probabilities ``(3, H, W)`` of one whole image."""
-        image = to_unit_rgb(pixels).astype(np.float32)
+        image = to_unit_rgb(pixels)
         h, w = image.shape[:2]
         x = self._batch([image])
         x = F.pad(x, (0, -w % 32, 0, -h % 32), mode="replicate")

@@ -10,13 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from phenocascade.domain import Sample
+
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, float]], None]
+# Reads a training sample's pixels, (H, W, C) uint8 or uint16.
+Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from phenocascade.domain import DecodedImage, Sample, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._common import CalibratedStage, Loader
+from phenocascade.models.backends._common import CalibratedStage
 from phenocascade.models.calibration import SCORE_CLIP, sigmoid
 from phenocascade.models.nets import build_classifier
 from phenocascade.models.preprocess import (
@@ -33,7 +33,13 @@ from phenocascade.models.preprocess import (
     to_chw,
     to_unit_rgb,
 )
-from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
+from phenocascade.models.training import (
+    Loader,
+    ProgressCallback,
+    batched,
+    fit_loop,
+    seed_everything,
+)
 
 
 class ImageClassifier(CalibratedStage):

@@ -9,22 +9,19 @@ weights, so every artifact has the same ``weights.pt`` + ``metadata.json`` layou
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from phenocascade.domain import Box, DecodedImage, LabelThresholds, Sample, StageKind, StageOutput
+from phenocascade.domain import Box, DecodedImage, LabelThresholds, StageKind, StageOutput
 from phenocascade.models import artifact
 from phenocascade.models.base import ArtifactMeta
 from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from phenocascade.models.thresholds import fallback_record
-
-Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
 
 
 class CalibratedStage(ABC):

@@ -22,11 +22,10 @@ import torch
 
 from phenocascade.domain import Box, DecodedImage, Sample
 from phenocascade.models import artifact
-from phenocascade.models.backends._common import Loader
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import register_backend
 from phenocascade.models.segmentation import NucleusSegmenter
-from phenocascade.models.training import ProgressCallback
+from phenocascade.models.training import Loader, ProgressCallback
 
 
 def outlier_scores(
@@ -184,10 +183,14 @@ class NucleusMaskOutlierDetector(SizeOutlierComposite):
         return candidates
 
     def _objects(self, sample: Sample, load: Loader) -> list[Box]:
-        # Segmented objects with mean foreground probability of at least one half. The
-        # challenger learns them, as the expert's boxes, as the ellipses inscribed in
+        # The challenger learns these, as the expert's boxes, as the ellipses inscribed in
         # their boxes (annotations carry no outlines).
-        return [o.box for o in self.segmenter_.segment(load(sample)) if o.box.score >= 0.5]
+        return [o.box for o in self.segmenter_.segment(load(sample))]
+
+    @property
+    def _confident(self) -> float:
+        # Mean foreground probability of at least one half.
+        return 0.5
 
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
         return self.segmenter_.network_, self.segmenter_.crop_size

@@ -23,11 +23,11 @@ import torch
 from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._common import CalibratedDetector, Loader
+from phenocascade.models.backends._common import CalibratedDetector
 from phenocascade.models.backends.torchvision_detector import TorchvisionDetector
 from phenocascade.models.base import register_backend
 from phenocascade.models.calibration import SCORE_CLIP
-from phenocascade.models.training import ProgressCallback
+from phenocascade.models.training import Loader, ProgressCallback
 
 # The inner detector's single class: any object, whatever the samples' box labels were.
 OBJECT_LABEL = "object"
@@ -115,8 +115,9 @@ class SizeOutlierComposite(CalibratedDetector):
 
     What the nucleus composites share. A subclass trains its inner model in ``fit`` (after
     :meth:`_check_classes`), and implements :meth:`_inner`, :meth:`_candidates` (each
-    image's outliers with raw scores) and :meth:`_objects` (every confident object of one
-    image, for :meth:`complete_annotations`).
+    image's outliers with raw scores), :meth:`_objects` (every object of one image, with
+    its confidence as score) and :attr:`_confident` (the score from which an object is
+    taken as a pseudo-label by :meth:`complete_annotations`).
     """
 
     kind = StageKind.DETECTOR
@@ -132,7 +133,12 @@ class SizeOutlierComposite(CalibratedDetector):
 
     @abstractmethod
     def _objects(self, sample: Sample, load: Loader) -> list[Box]:
-        """Return the confident objects of one sample's image."""
+        """Return every object of one sample's image, its confidence as score."""
+
+    @property
+    @abstractmethod
+    def _confident(self) -> float:
+        """Return the score from which an object is confident enough to train on."""
 
     @property
     def history_(self) -> list[float]:
@@ -216,7 +222,7 @@ class SizeOutlierComposite(CalibratedDetector):
         completed = []
         for s in samples:
             boxes = complete_objects(
-                s.boxes, self._objects(s, load), min_score=0.0, max_overlap=max_overlap
+                s.boxes, self._objects(s, load), min_score=self._confident, max_overlap=max_overlap
             )
             completed.append(replace(s, boxes=tuple(boxes), mask=None))
         return completed
@@ -360,11 +366,15 @@ class NucleusOutlierDetector(SizeOutlierComposite):
         return candidates
 
     def _objects(self, sample: Sample, load: Loader) -> list[Box]:
-        # Detections scoring at least count_score: the objects the median counts.
         found = self.detector_.predict(
             [DecodedImage(sample.image_id, load(sample))], calibrated=False
         )
-        return [b for b in found[0].boxes if b.score >= self.count_score]
+        return list(found[0].boxes)
+
+    @property
+    def _confident(self) -> float:
+        # The detections the median counts.
+        return self.count_score
 
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
         return self.detector_.model_, self.detector_.min_size

@@ -19,12 +19,18 @@ from torchvision.ops import MultiScaleRoIAlign
 from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._common import CalibratedDetector, Loader
+from phenocascade.models.backends._common import CalibratedDetector
 from phenocascade.models.base import register_backend
 from phenocascade.models.evaluate import coco_ap50
 from phenocascade.models.nets import build_fpn_backbone
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_chw, to_unit_rgb
-from phenocascade.models.training import ProgressCallback, batched, fit_loop, seed_everything
+from phenocascade.models.training import (
+    Loader,
+    ProgressCallback,
+    batched,
+    fit_loop,
+    seed_everything,
+)
 
 SCALE_MODES = ("short_side", "native")
 

@@ -28,10 +28,10 @@ from PIL import Image
 from phenocascade.domain import DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
-from phenocascade.models.backends._common import CalibratedDetector, Loader
+from phenocascade.models.backends._common import CalibratedDetector
 from phenocascade.models.base import register_backend
 from phenocascade.models.preprocess import to_chw, to_unit_rgb
-from phenocascade.models.training import ProgressCallback, seed_everything
+from phenocascade.models.training import Loader, ProgressCallback, seed_everything
 
 _INTEGRATIONS = (
     "clearml",
