@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -46,8 +47,16 @@ def set_session_cookie(response: Response, ctx: Ctx, data: SessionData) -> None:
 
 
 def local_target(target: str) -> str:
-    """Return ``target`` if it is a path on this site, else ``/queue`` (no open redirect)."""
-    if target.startswith("/") and not target.startswith(("//", "/\\")):
+    r"""Return ``target`` if it is a path on this site, else ``/queue`` (no open redirect).
+
+    A local target is ``/`` alone or ``/`` followed by anything but ``/`` or ``\``, and
+    holds no control or whitespace character anywhere. Browsers drop tabs and line breaks
+    from a URL and read ``\`` as ``/``, so ``/\evil.example`` and ``/<TAB>/evil.example``
+    would both lead to another site.
+    """
+    if any(unicodedata.category(c) == "Cc" or c.isspace() for c in target):
+        return "/queue"
+    if target == "/" or (target.startswith("/") and target[1] not in "/\\"):
         return target
     return "/queue"
 
