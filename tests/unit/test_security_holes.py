@@ -1,14 +1,20 @@
-"""Regression tests of holes found in review (issue 12): open redirect after login."""
+"""Regression tests of holes found in review (issue 12): open redirect, UI secret race."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import stat
 import subprocess
+import threading
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
+from phenocascade.config import Settings
+from phenocascade.errors import ConfigError
+from phenocascade.ui import security
 from phenocascade.ui.routers.session import local_target
 
 # Targets a browser would follow to another site: it drops tabs and line breaks anywhere in a
@@ -83,3 +89,56 @@ const [script, replies] = [process.argv[1], JSON.parse(process.argv[2])];
 def test_login_js_never_leaves_the_site_whatever_the_server_answers() -> None:
     assert _run_login_js(FOREIGN_TARGETS) == ["/queue"] * len(FOREIGN_TARGETS)
     assert _run_login_js(LOCAL_TARGETS) == LOCAL_TARGETS
+
+
+# The UI secret: processes starting together must share one complete secret.
+
+
+def _settings(home: Path) -> Settings:
+    return Settings(home=home, ui_secret=None)
+
+
+def test_a_process_starting_while_another_writes_the_secret_gets_the_same_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen_by_other: list[str] = []
+    real_token = security.secrets.token_urlsafe
+
+    def token_while_another_process_starts(nbytes: int) -> str:
+        # The other process starts while this one is making its secret; the placeholder
+        # keeps the other's own call from starting a third.
+        if not seen_by_other:
+            seen_by_other.append("")
+            seen_by_other[0] = security.load_secret(_settings(tmp_path))
+        return real_token(nbytes)
+
+    monkeypatch.setattr(security.secrets, "token_urlsafe", token_while_another_process_starts)
+    mine = security.load_secret(_settings(tmp_path))
+    assert len(mine) >= 32
+    assert seen_by_other == [mine]
+    assert (tmp_path / "ui_secret").read_text() == mine
+    assert stat.S_IMODE((tmp_path / "ui_secret").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["ui_secret"]  # no temporary file left
+
+
+def test_threads_starting_together_share_one_secret(tmp_path: Path) -> None:
+    start = threading.Barrier(8)
+    got: list[str] = []
+
+    def load() -> None:
+        start.wait()
+        got.append(security.load_secret(_settings(tmp_path)))
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1 and got[0]
+    assert security.load_secret(_settings(tmp_path)) == got[0]  # kept across a restart
+
+
+def test_an_empty_secret_file_is_refused_not_used(tmp_path: Path) -> None:
+    (tmp_path / "ui_secret").write_text("")
+    with pytest.raises(ConfigError, match=r"ui_secret is empty.*delete it"):
+        security.load_secret(_settings(tmp_path))

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -32,7 +33,7 @@ import bcrypt
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from phenocascade.config import Settings
-from phenocascade.errors import TooManyAttemptsError, ValidationError
+from phenocascade.errors import ConfigError, TooManyAttemptsError, ValidationError
 
 SESSION_COOKIE = "phenocascade_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -142,20 +143,46 @@ def load_secret(settings: Settings) -> str:
 
     ``settings.ui_secret`` (env ``PHENOCASCADE_UI_SECRET``) wins; otherwise a random
     secret is generated once and kept, readable only by its owner, in
-    ``settings.home / "ui_secret"``, so that sessions survive a restart.
+    ``settings.home / "ui_secret"``, so that sessions survive a restart. Processes starting
+    together all get the secret of the first one to store it.
+
+    Raises
+    ------
+    ConfigError
+        If the stored secret is empty.
     """
     if settings.ui_secret is not None:
         return settings.ui_secret.get_secret_value()
     path: Path = settings.home / _SECRET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    secret = secrets.token_urlsafe(48)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
+    if not path.exists():
+        _store_first(path, secrets.token_urlsafe(48))
+    secret = path.read_text().strip()
+    if not secret:
+        raise ConfigError(
+            f"{path} is empty (left by an interrupted start); delete it and start again, "
+            "or set PHENOCASCADE_UI_SECRET"
+        )
     return secret
+
+
+def _store_first(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` (mode 0600) unless another process stored one first.
+
+    The secret is written whole to a private temporary file beside ``path`` and then
+    hard-linked to ``path``: a reader sees either no file or a complete one, never an empty
+    one, and the link fails for every writer but the first.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secret)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 class SessionCodec:
