@@ -1,7 +1,11 @@
-"""Regression tests of holes found in review (issue 12): open redirect, UI secret race."""
+"""Regression tests of holes found in review (issue 12).
+
+The open redirect after login, the UI secret race and server paths in error messages.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import stat
@@ -10,11 +14,15 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
 from phenocascade.config import Settings
-from phenocascade.errors import ConfigError
+from phenocascade.errors import ArtifactError, ConfigError, PathNotAllowedError
+from phenocascade.imaging import read_image
 from phenocascade.ui import security
+from phenocascade.ui.errors import install_error_handlers, public_message
 from phenocascade.ui.routers.session import local_target
 
 # Targets a browser would follow to another site: it drops tabs and line breaks anywhere in a
@@ -142,3 +150,66 @@ def test_an_empty_secret_file_is_refused_not_used(tmp_path: Path) -> None:
     (tmp_path / "ui_secret").write_text("")
     with pytest.raises(ConfigError, match=r"ui_secret is empty.*delete it"):
         security.load_secret(_settings(tmp_path))
+
+
+# Error messages: the browser gets no absolute path of the server.
+
+
+@pytest.mark.parametrize(
+    ("message", "public"),
+    [
+        ("/data/scans/a.tif is missing", "a.tif is missing"),
+        ("cannot read file:///data/scans/b%20c.tif", "cannot read b%20c.tif"),
+        ("roots ['/data/scans', '/srv/x/datasets/']", "roots ['scans', 'datasets']"),
+        ("PosixPath('/var/lib/pc/home/ui_secret')", "PosixPath('ui_secret')"),
+        ("log in at /login", "log in at /login"),
+        ("under var/artifacts/quality", "under var/artifacts/quality"),
+        ("Kafka at http://kafka:9092/a/b", "Kafka at http://kafka:9092/a/b"),
+    ],
+)
+def test_public_messages_keep_only_base_names(message: str, public: str) -> None:
+    assert public_message(message) == public
+
+
+def _error_app(exc: Exception) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    def fail() -> None:
+        raise exc
+
+    app.add_api_route("/api/fail", fail)
+    app.add_api_route("/page", fail)
+    return app
+
+
+def _get(app: FastAPI, path: str) -> httpx.Response:
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+            return await c.get(path)
+
+    return asyncio.run(get())
+
+
+def test_a_refused_image_path_reaches_the_browser_without_the_servers_folders(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "allowed-root"
+    root.mkdir()
+    with pytest.raises(PathNotAllowedError) as refused:
+        read_image(str(tmp_path / "elsewhere" / "scan.tif"), roots=[root], max_pixels=100)
+    assert str(tmp_path) in str(refused.value)  # the operator's log keeps the full paths
+    app = _error_app(refused.value)
+    api, page = _get(app, "/api/fail"), _get(app, "/page")
+    assert api.status_code == page.status_code == 422
+    for text in (api.json()["detail"], page.text):
+        assert str(tmp_path) not in text and "scan.tif" in text and "allowed-root" in text
+
+
+def test_a_server_error_hides_the_artifact_folder() -> None:
+    api = _get(
+        _error_app(ArtifactError("/srv/pc/var/artifacts/quality/v1 is missing")), "/api/fail"
+    )
+    assert api.status_code == 500
+    assert api.json() == {"error": "artifact", "detail": "v1 is missing"}

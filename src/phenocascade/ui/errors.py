@@ -2,12 +2,14 @@
 
 API requests get ``{"error": <kind>, "detail": <message>}`` JSON; a page request (a
 ``GET`` outside ``/api/``) without a login is redirected to ``/login`` instead. A refusal for
-too many attempts (429) says in ``Retry-After`` how many seconds to wait.
+too many attempts (429) says in ``Retry-After`` how many seconds to wait. Messages reach the
+browser without the server's absolute paths (:func:`public_message`).
 """
 
 from __future__ import annotations
 
 import html
+import re
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -41,10 +43,26 @@ STATUS_BY_ERROR: tuple[tuple[type[PhenocascadeError], int], ...] = (
 
 API_PREFIXES = ("/api/", "/admin/api/")
 
+# An absolute path of two or more segments, bare or as a file: URI. Not the tail of a relative
+# path or of a URL ("var/a/b", "http://host/a/b"): those follow a name character or ":".
+_SEGMENT = r"[^\s/'\"`<>,;()\[\]{}]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~:/-])(?:file:)?/+{_SEGMENT}(?:/+{_SEGMENT})+/?")
+
 
 def status_of(exc: PhenocascadeError) -> int:
     """Return the HTTP status of a domain error."""
     return next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
+
+
+def public_message(message: str) -> str:
+    """Return ``message`` with every absolute path of the server replaced by its base name.
+
+    Error messages name files for the operator's logs; the browser must not learn the
+    server's layout (allowed roots, home, datasets). ``/data/scans/a.tif`` and
+    ``file:///data/scans/a.tif`` become ``a.tif``; a one-segment path such as ``/login``, a
+    relative path and a URL are kept.
+    """
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
 def is_page_request(request: Request) -> bool:
@@ -55,6 +73,7 @@ def is_page_request(request: Request) -> bool:
 
 def _error_response(request: Request, exc: PhenocascadeError) -> Response:
     status = status_of(exc)
+    detail = public_message(str(exc))
     headers = (
         {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyAttemptsError) else None
     )
@@ -63,12 +82,10 @@ def _error_response(request: Request, exc: PhenocascadeError) -> Response:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
         body = (
-            f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{html.escape(str(exc))}</p>"
+            f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{html.escape(detail)}</p>"
         )
         return HTMLResponse(body, status_code=status, headers=headers)
-    return JSONResponse(
-        {"error": exc.kind, "detail": str(exc)}, status_code=status, headers=headers
-    )
+    return JSONResponse({"error": exc.kind, "detail": detail}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
