@@ -20,6 +20,7 @@ from phenocascade.errors import PhenocascadeError
 _COMMAND_MODULES = (
     "phenocascade.cli.infra",
     "phenocascade.cli.data",
+    "phenocascade.cli.plan",
     "phenocascade.cli.train",
     "phenocascade.cli.cascade",
     "phenocascade.cli.annotate",
