@@ -3,19 +3,32 @@
 Settings come from ``PHENOCASCADE_*`` environment variables (nested with ``__``), e.g.
 ``PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS`` or ``PHENOCASCADE_KAFKA__CLIENT={"security.protocol":
 "SSL"}``. Client settings (TLS, SASL) pass through unchanged to confluent-kafka and to the
-Cassandra driver.
+Cassandra driver. A path list (``PHENOCASCADE_ALLOWED_ROOTS``) is ``:``-separated, as ``PATH``
+is, or JSON. :func:`get_settings` turns a bad variable into a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from phenocascade.errors import ConfigError
 
@@ -62,7 +75,8 @@ class Settings(BaseSettings):
     datasets: Path = Path("../shared/datasets")
     artifacts: Path = Path("var/artifacts")
     topology: Path | None = None
-    allowed_roots: list[Path] = Field(default_factory=list)
+    # NoDecode: the validator below reads the variable, which need not be JSON.
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_inline_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     # Signs the annotation app's session cookies (PHENOCASCADE_UI_SECRET); when unset, the
@@ -79,6 +93,22 @@ class Settings(BaseSettings):
     def roots(self) -> list[Path]:
         """Return the resolved allowed roots; the datasets folder is always allowed."""
         return [p.resolve() for p in [*self.allowed_roots, self.datasets]]
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        """Read a ``:``-separated path list (as ``PATH``; empty entries skipped) or JSON."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(_PATH_LIST) from None
+        return [part for part in value.split(os.pathsep) if part]
+
+
+_PATH_LIST = "paths separated by ':' (as PATH) or a JSON list of paths"
 
 
 class TopicSpec(BaseModel):
@@ -269,5 +299,85 @@ def load_topology(path: Path | None = None) -> Topology:
 
 @functools.cache
 def get_settings() -> Settings:
-    """Return the process settings (read once from the environment)."""
-    return Settings()
+    """Return the process settings (read once from the environment).
+
+    Raises
+    ------
+    ConfigError
+        If a ``PHENOCASCADE_*`` variable is invalid: one line per variable, naming it, the
+        form expected and the value given (hidden for secrets and client settings).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_invalid_setting(e) for e in exc.errors())) from exc
+    except SettingsError as exc:
+        raise ConfigError(_undecodable_setting(str(exc))) from exc
+
+
+_ENV_PREFIX = "PHENOCASCADE_"
+# Forms for pydantic errors whose message does not say what is expected.
+_FORM_BY_ERROR = {"path_type": "a path"}
+# Variables whose values are not echoed: they hold passwords, or may (client settings).
+_HIDDEN = re.compile(r"SECRET|PASSWORD|CLIENT|^PHENOCASCADE_(KAFKA|CASSANDRA)$")
+
+
+def _shown(variable: str, value: Any) -> str:
+    """Return how an error message shows the value of ``variable``."""
+    if _HIDDEN.search(variable):
+        return "a value not shown here"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _invalid_setting(error: Any) -> str:
+    """Describe one pydantic validation error of :class:`Settings` as ``VARIABLE: ...``."""
+    names = [part for part in error["loc"] if isinstance(part, str)]  # no list indices
+    variable = _ENV_PREFIX + "__".join(names).upper()
+    message = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    form = _FORM_BY_ERROR.get(error["type"], message)
+    return f"{variable}: expected {form}, got {_shown(variable, error['input'])}"
+
+
+def _undecodable_setting(message: str) -> str:
+    """Describe pydantic-settings' "error parsing value for field ..." as ``VARIABLE: ...``.
+
+    It names only the top-level field; the variable is the one under it that should hold
+    JSON (a list, a dict or a nested model) and does not.
+    """
+    match = re.search(r'field "(\w+)"', message)
+    field = match.group(1) if match else ""
+    prefix = (_ENV_PREFIX + field).upper()
+    for variable, value in sorted(os.environ.items()):
+        variable = variable.upper()
+        if variable != prefix and not variable.startswith(prefix + "__"):
+            continue
+        path = variable.removeprefix(_ENV_PREFIX).lower().split("__")
+        form = _json_form(path)
+        if form is not None and not _is_json(value):
+            return f"{variable}: expected {form}, got {_shown(variable, value)}"
+    return f"{prefix}: expected JSON ({message})"
+
+
+def _json_form(path: list[str]) -> str | None:
+    """Return the JSON form the setting at ``path`` needs, or ``None`` if it is plain text."""
+    annotation: Any = Settings
+    for name in path:
+        fields = getattr(annotation, "model_fields", {})
+        if name not in fields:
+            return None
+        annotation = fields[name].annotation
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return 'a JSON list such as ["a", "b"]'
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return 'a JSON object such as {"key": "value"}'
+    return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
