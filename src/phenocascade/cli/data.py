@@ -1,34 +1,72 @@
-"""``phenocascade data import|fetch|tiers``: annotations in, public originals, tier rule."""
+"""``phenocascade data import|list|show|fetch|tiers``: stored datasets, originals, tier rule.
+
+``data import FORMAT ... --name NAME`` stores a versioned dataset under
+``<home>/datasets/NAME/`` (see :mod:`phenocascade.data.registry`); ``data list`` and
+``data show`` describe what is stored.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from phenocascade.config import get_settings
 from phenocascade.data import fetch as fetch_module
-from phenocascade.data import importers
+from phenocascade.data import importers, registry
 from phenocascade.data.datasets import assign_tiers, shared_label_frequencies
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.errors import ValidationError
+
+# As import_class_masks: every object of at least one pixel counts.
+_MIN_SIZE_DEFAULT = 1
+console = Console(width=max(120, shutil.get_terminal_size().columns))
+# Arguments of `data import` that configure the store rather than describe the source.
+_STORE_ARGS = frozenset(
+    {
+        "func",
+        "command",
+        "data_command",
+        "verbose",
+        "format",
+        "name",
+        "seed",
+        "split",
+        "group",
+        "out",
+    }
+)
 
 
 def register(subparsers: Any) -> None:
     """Add ``data`` and its sub-commands to the top-level parser's subparsers."""
     data = subparsers.add_parser(
         "data",
-        help="import annotations, fetch public datasets, show the tier assignment",
+        help="store annotated datasets, fetch public datasets, show the tier assignment",
         description=(
-            "Strict annotation importers (a malformed file is an error naming file and line), "
-            "the checksum-verifying fetcher of the public originals, and the label-frequency "
-            "rule that assigns labels to the majority or minority tier."
+            "Strict annotation importers (a malformed file is an error naming file and line) "
+            "that store versioned datasets, the checksum-verifying fetcher of the public "
+            "originals, and the label-frequency rule that assigns labels to the majority or "
+            "minority tier."
         ),
     )
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    imp = sub.add_parser("import", help="import annotations and print a summary")
+    imp = sub.add_parser(
+        "import",
+        help="import annotations and store them as a versioned dataset",
+        description=(
+            "Read annotations strictly, split them (seeded, grouped, stratified) and store "
+            "them as the next version of dataset NAME under <home>/datasets; an unchanged "
+            "re-import keeps the current version."
+        ),
+    )
     formats = imp.add_subparsers(dest="format", required=True)
 
     voc = formats.add_parser("voc", help="Pascal VOC XML folder")
@@ -75,9 +113,34 @@ def register(subparsers: Any) -> None:
     )
     _add_common(table, degenerate=True)
 
-    folders = formats.add_parser("folders", help="one sub-folder of images per class")
+    folders = formats.add_parser(
+        "folders", help="one sub-folder of images per class (labels exclude each other)"
+    )
     folders.add_argument("root", type=Path, help="folder of class folders")
     _add_common(folders, degenerate=False)
+
+    class_masks = formats.add_parser(
+        "class-masks", help="one folder of binary masks per class; objects = connected parts"
+    )
+    class_masks.add_argument("mask_root", type=Path, help="folder of <class>/ mask folders")
+    class_masks.add_argument("img_dir", type=Path, help="folder of the images (same stems)")
+    class_masks.add_argument("--classes", help="comma-separated classes (default: every folder)")
+    class_masks.add_argument(
+        "--min-size",
+        type=int,
+        default=_MIN_SIZE_DEFAULT,
+        help="drop objects smaller than this many pixels (default: %(default)s)",
+    )
+    _add_common(class_masks, degenerate=False)
+
+    listing = sub.add_parser("list", help="list the stored datasets")
+    listing.set_defaults(func=_list)
+
+    show = sub.add_parser("show", help="describe a stored dataset: labels, splits, images")
+    show.add_argument("name", help="the dataset's name")
+    show.add_argument("--version", type=int, help="a version (default: the current one)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=_show)
 
     get = sub.add_parser("fetch", help="download a public dataset, verifying its checksum")
     get.add_argument("name", help="dataset name in the manifest (dsb2018, bccd, bbbc006)")
@@ -106,6 +169,21 @@ def register(subparsers: Any) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool) -> None:
+    parser.add_argument("--name", required=True, help="dataset name (a-z 0-9 _ . -)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    parser.add_argument(
+        "--split",
+        default="0.6,0.2,0.2",
+        metavar="TRAIN,VAL,TEST",
+        help="image fractions of the splits (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME=L1,L2,...",
+        help="image labels that exclude each other (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="also write the summary as JSON here")
     if degenerate:
         parser.add_argument(
@@ -168,21 +246,167 @@ def _load(args: argparse.Namespace) -> LabelledSet:
         return importers.import_csv_boxes(
             args.csv_path, args.img_dir, label=args.label, drop_degenerate=args.drop_degenerate
         )
+    if fmt == "class-masks":
+        return importers.import_class_masks(
+            args.mask_root, args.img_dir, classes=_names(args.classes), min_size=args.min_size
+        )
     return importers.import_class_folders(args.root)
 
 
+def _implied_kinds(
+    args: argparse.Namespace, labelled: LabelledSet
+) -> dict[str, registry.LabelKind]:
+    """Return the kind of every class: image labels for folders and CSV columns, else objects.
+
+    A class of a box or mask format is an object class even where no box of it was found.
+    """
+    kind: registry.LabelKind = (
+        "image" if args.format == "folders" or (args.format == "csv" and args.column) else "object"
+    )
+    return {label: kind for label in labelled.classes}
+
+
+def _implied_groups(args: argparse.Namespace, labelled: LabelledSet) -> dict[str, list[str]]:
+    """Return the groups a format implies: one class per folder, one value per column."""
+    if args.format == "folders":
+        return {"class": list(labelled.classes)}
+    if args.format == "csv" and args.column:
+        # import_csv_labels names the label of value V in column C "C:V".
+        return {
+            col: [f"{col}:{v}" for v in values] for col, values in _columns(args.column).items()
+        }
+    return {}
+
+
+def _groups(specs: Sequence[str], implied: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    out = dict(implied)
+    for spec in specs:
+        name, sep, labels = spec.partition("=")
+        if not sep or not name or not _names(labels):
+            raise ValidationError(f"--group {spec!r}: expected NAME=L1,L2,...")
+        if name in out:
+            raise ValidationError(f"--group {spec!r}: a group {name!r} is already declared")
+        out[name] = _names(labels) or []
+    return out
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        train, val, test = (float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ValidationError(
+            f"--split {text!r}: expected three fractions TRAIN,VAL,TEST summing to 1, "
+            "e.g. 0.6,0.2,0.2"
+        ) from exc
+    return train, val, test
+
+
+def _source(args: argparse.Namespace) -> dict[str, object]:
+    """Return the format and its arguments, paths resolved, for the dataset's record."""
+    source: dict[str, object] = {"format": args.format}
+    for key, value in sorted(vars(args).items()):
+        if key not in _STORE_ARGS:
+            source[key] = str(value.resolve()) if isinstance(value, Path) else value
+    return source
+
+
+def _datasets_root() -> Path:
+    return get_settings().home / "datasets"
+
+
 def _import(args: argparse.Namespace) -> int:
-    summary = _load(args).summary()
-    print(f"{summary['images']} images, {summary['unlabelled_images']} without labels or boxes")
-    for cls in summary["classes"]:
-        print(
-            f"  {cls}: {summary['boxes_per_class'][cls]} boxes, "
-            f"present in {summary['images_per_label'][cls]} images"
-        )
-    for d in summary["dropped"]:
-        print(f"  dropped {d['reason']} {d['box']} of {d['label']!r} at {d['file']}:{d['line']}")
+    registry.check_name(args.name)
+    fractions = _fractions(args.split)
+    labelled = _load(args)
+    stored = registry.save_dataset(
+        _datasets_root(),
+        args.name,
+        labelled,
+        kinds=_implied_kinds(args, labelled),
+        groups=_groups(args.group, _implied_groups(args, labelled)),
+        seed=args.seed,
+        fractions=fractions,
+        source=_source(args),
+    )
+    summary = stored.summary()
+    counts = "/".join(str(summary["splits"][split]) for split in registry.SPLITS)
+    print(
+        f"stored dataset {stored.name} version {stored.version} "
+        f"(fingerprint {stored.fingerprint[:12]}\u2026): {summary['images']} images, "
+        f"train/val/test {counts}"
+    )
+    console.print(_label_table(summary["labels"]))
+    dropped = labelled.summary()["dropped"]
+    for d in dropped:
+        where = d["file"] if d["line"] is None else f"{d['file']}:{d['line']}"
+        print(f"  dropped {d['reason']} {d['box']} of {d['label']!r} at {where}")
     if args.out is not None:
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        args.out.write_text(json.dumps({**summary, "dropped": dropped}, indent=2) + "\n")
+    return 0
+
+
+def _label_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="labels (images with the label per split)")
+    for column in ("label", "kind", "group", "images", "objects", "% images", "% objects"):
+        table.add_column(
+            column, justify="left" if column in ("label", "kind", "group") else "right"
+        )
+    for split in registry.SPLITS:
+        table.add_column(split, justify="right")
+    for row in rows:
+        table.add_row(
+            row["label"],
+            row["kind"],
+            row["group"] or "-",
+            str(row["images"]),
+            str(row["objects"]),
+            f"{row['image_fraction']:.1%}",
+            f"{row['object_fraction']:.1%}",
+            *(str(row[split]) for split in registry.SPLITS),
+        )
+    return table
+
+
+def _list(args: argparse.Namespace) -> int:
+    root = _datasets_root()
+    stored = registry.list_datasets(root)
+    if not stored:
+        print(f"no datasets in {root}; store one with `phenocascade data import ... --name NAME`")
+        return 0
+    table = Table(title=f"datasets in {root}")
+    for column in ("name", "version", "images", "classes", "created"):
+        table.add_column(column)
+    for ds in stored:
+        table.add_row(
+            ds.name, str(ds.version), str(len(ds.samples)), ", ".join(ds.classes), ds.created
+        )
+    console.print(table)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    summary = registry.load_dataset(_datasets_root(), args.name, args.version).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    splits, sizes = summary["splits"], summary["image_sizes"]
+    print(
+        f"dataset {summary['name']} version {summary['version']} "
+        f"(fingerprint {summary['fingerprint'][:12]}\u2026), created {summary['created']}"
+    )
+    print(
+        f"images: {summary['images']} (train {splits['train']}, val {splits['val']}, "
+        f"test {splits['test']}; seed {summary['seed']})"
+    )
+    for axis in ("width", "height"):
+        spread = sizes[axis]
+        print(f"{axis}: min {spread['min']}, median {spread['median']:g}, max {spread['max']} px")
+    for key in ("bit_depths", "modalities"):
+        print(f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {n}" for k, n in summary[key].items()))
+    for group, labels in summary["groups"].items():
+        print(f"group {group}: {', '.join(labels)} (exclude each other)")
+    print("source: " + ", ".join(f"{k}={v}" for k, v in summary["source"].items()))
+    console.print(_label_table(summary["labels"]))
     return 0
 
 
