@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Histogram
 
 from phenocascade.config import Settings, TierSpec, Topology
@@ -24,7 +24,12 @@ from phenocascade.errors import BadInputError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads
 from phenocascade.streams import events
-from phenocascade.streams.kafka import group_consumer, produce_dead_letter, transactional_producer
+from phenocascade.streams.kafka import (
+    group_consumer,
+    plain_producer,
+    produce_dead_letter,
+    transactional_producer,
+)
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,9 @@ class TierWorker:
         )
         self.stats = WorkerStats()
         self.stage: Stage | None = None
+        # Dead-letters refused promotions; made on the first one. The batch producer cannot:
+        # it is transactional, and the models topic is read outside any transaction.
+        self._refusals: Producer | None = None
 
     # -- model -----------------------------------------------------------------------------
     def _thresholds(self, stage: Stage) -> dict[str, LabelThresholds]:
@@ -100,7 +108,13 @@ class TierWorker:
         return {label: t for label in stage.classes}
 
     def _poll_promotions(self, models: Consumer) -> None:
-        """Swap to a newly promoted model; called only between batches."""
+        """Swap to a newly promoted model; called only between batches.
+
+        A promotion whose artifact does not load (a version or tier name that is not a
+        plain artifact name, weights whose SHA-256 is not the recorded one, a missing or
+        broken artifact) is dead-lettered with the reason, and the current model keeps
+        serving.
+        """
         while True:
             msg = models.poll(0)
             if msg is None or msg.error():
@@ -114,10 +128,38 @@ class TierWorker:
                 self.stage is not None and promoted["version"] == self.stage.version
             ):
                 continue
-            self.stage = self._load(promoted["version"])
+            try:
+                self.stage = self._load(promoted["version"])
+            except Exception as exc:  # whatever the artifact's fault, this worker goes on
+                self._refuse_promotion(msg, exc)
+                continue
             self.stats.swaps.append(promoted["version"])
             SWAPS.labels(self.tier.name).inc()
             log.info("tier %s now serves model %s", self.tier.name, promoted["version"])
+
+    def _refuse_promotion(self, msg: Message, exc: Exception) -> None:
+        """Dead-letter a ``ModelPromoted`` whose artifact did not load, with the reason."""
+        kind = exc.kind if isinstance(exc, PhenocascadeError) else "artifact"
+        log.error(
+            "tier %s refuses a promoted model and keeps its own: %s",
+            self.tier.name,
+            exc,
+            exc_info=not isinstance(exc, PhenocascadeError),  # unexpected: keep its traceback
+        )
+        if self._refusals is None:
+            self._refusals = plain_producer(self.settings.kafka)
+        produce_dead_letter(
+            self._refusals,
+            self.codec,
+            self.topology.dead_letter_topic,
+            msg,
+            tier=self.tier.name,
+            error_kind=kind,
+            reason=f"refused promoted model: {type(exc).__name__}: {exc}",
+            image_id=None,
+        )
+        self._refusals.flush(10)  # rare, and run() knows nothing of this producer
+        DEAD.labels(self.tier.name, kind).inc()
 
     # -- input -----------------------------------------------------------------------------
     def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:

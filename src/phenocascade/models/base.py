@@ -8,14 +8,18 @@ tier workers know nothing else about models.
 Artifact layout (one folder per trained version)::
 
     <artifacts>/<tier>/<version>/weights.pt      # state dict, loaded with weights_only=True
-    <artifacts>/<tier>/<version>/metadata.json   # ArtifactMeta
+    <artifacts>/<tier>/<version>/metadata.json   # ArtifactMeta, with the weights' SHA-256
     <artifacts>/<tier>/CHAMPION                  # text: the version workers should serve
+
+Tier (artifact) names match :data:`NAME_PATTERN` and versions :data:`VERSION_PATTERN`; both
+are checked before they form a path, since versions arrive from the models topic.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +27,43 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from phenocascade.domain import DecodedImage, LabelThresholds, StageKind, StageOutput
 from phenocascade.errors import ArtifactError, ConfigError
+
+# A tier's artifact folder name: letters, digits, "_", "." and "-", not starting with ".".
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A version as models.artifact.new_version makes it: UTC time and 4 hex digits.
+VERSION_PATTERN = re.compile(r"[0-9]{8}T[0-9]{6}-[0-9a-f]{4}")
+
+
+def check_artifact_name(name: str) -> str:
+    """Return ``name`` if it is a tier's artifact folder name (:data:`NAME_PATTERN`).
+
+    Raises
+    ------
+    ArtifactError
+        Otherwise: it could name a folder outside the artifact store.
+    """
+    if not NAME_PATTERN.fullmatch(name):
+        raise ArtifactError(
+            f"artifact name {name!r} is invalid: use 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    """Return ``version`` if it has the form of :func:`~.artifact.new_version`'s versions.
+
+    Raises
+    ------
+    ArtifactError
+        Otherwise: it could name a folder outside the artifact store.
+    """
+    if not VERSION_PATTERN.fullmatch(version):
+        raise ArtifactError(
+            f"model version {version!r} is invalid: expected UTC time and 4 hex digits, "
+            "such as '20261128T101500-3fa2'"
+        )
+    return version
 
 
 @runtime_checkable
@@ -95,6 +136,9 @@ class ArtifactMeta:
         Version this one was retrained from, ``""`` for a bootstrap model.
     config : dict
         Backend constructor arguments.
+    weights_sha256 : dict
+        Hex SHA-256 of each weight file, by file name (``{"weights.pt": ...}``), checked
+        when the weights load; empty in artifacts written before it was recorded.
     """
 
     backend: str
@@ -112,6 +156,7 @@ class ArtifactMeta:
     created_at: str = ""
     parent_version: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: dict[str, str] = field(default_factory=dict)
 
     def label_thresholds(self) -> dict[str, LabelThresholds]:
         """Return the routing thresholds as :class:`LabelThresholds`."""
@@ -198,13 +243,27 @@ def _import_builtin_backends() -> None:
 
 
 def champion_version(artifacts: Path, tier: str) -> str | None:
-    """Return the champion version of ``tier``, or ``None`` if it has none."""
-    marker = artifacts / tier / "CHAMPION"
+    """Return the champion version of ``tier``, or ``None`` if it has none.
+
+    Raises
+    ------
+    ArtifactError
+        If ``tier`` is not a valid artifact name.
+    """
+    marker = artifacts / check_artifact_name(tier) / "CHAMPION"
     return marker.read_text().strip() if marker.is_file() else None
 
 
 def set_champion(artifacts: Path, tier: str, version: str) -> None:
-    """Atomically make ``version`` the champion of ``tier``."""
+    """Atomically make ``version`` the champion of ``tier``.
+
+    Raises
+    ------
+    ArtifactError
+        If ``tier`` or ``version`` is invalid, or there is no such artifact.
+    """
+    check_artifact_name(tier)
+    check_version(version)
     if not (artifacts / tier / version / "metadata.json").is_file():
         raise ArtifactError(
             f"cannot promote {tier}/{version}: no artifact at {artifacts / tier / version}"
@@ -244,7 +303,8 @@ def load_stage(
     Raises
     ------
     ArtifactError
-        If there is no such artifact.
+        If the tier name or the version (given or in ``CHAMPION``) is invalid, the
+        weights' SHA-256 is not the recorded one, or there is no such artifact.
     """
     version = version or champion_version(artifacts, tier)
     if version is None:
@@ -252,7 +312,7 @@ def load_stage(
             f"tier {tier!r} has no champion model under {artifacts}; "
             f"run `phenocascade train {tier}`"
         )
-    folder = artifacts / tier / version
+    folder = artifacts / check_artifact_name(tier) / check_version(version)
     meta = ArtifactMeta.read(folder)
     stage: Stage = get_backend(meta.backend).load(folder, device=device)
     return stage

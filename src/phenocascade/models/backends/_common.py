@@ -115,7 +115,7 @@ class CalibratedStage(ABC):
         ``weights.pt`` holds the network's state dict (a composite's inner network).
         """
         network, input_size = self._artifact_network()
-        artifact.save_weights(folder, network.state_dict())
+        weights_sha256 = artifact.save_weights(folder, network.state_dict())
         mean, std = self.normalization
         meta = ArtifactMeta(
             backend=self.model_name,
@@ -133,6 +133,7 @@ class CalibratedStage(ABC):
             created_at=artifact.utc_now(),
             parent_version=parent_version,
             config=self.get_config(),
+            weights_sha256=weights_sha256,
         )
         meta.write(folder)
         self.version_ = folder.name
