@@ -234,6 +234,10 @@ class Sample:
     mask : pathlib.Path or None
         Instance label image of the objects (one id per object, 0 = background), for
         backends that learn object outlines; ``None`` when only boxes are known.
+    page : int
+        Page of a multi-page TIFF at ``path`` that holds this sample's plane, from 0
+        (z-slices or time points of one field; the importers name such samples
+        ``<stem>@p<page>``); 0 for every single-plane image.
     """
 
     image_id: str
@@ -244,3 +248,4 @@ class Sample:
     degradation: str = ""
     seed: int = 0
     mask: Path | None = None
+    page: int = 0

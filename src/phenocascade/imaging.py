@@ -3,14 +3,20 @@
 Everything that can go wrong with an input image raises a
 :class:`~phenocascade.errors.BadInputError` subclass naming the input, so workers can
 dead-letter it and go on.
+
+A multi-page TIFF (the z-slices or time points of one field) is one image per page: the
+stream refuses it, and the dataset importers make each page a sample, decoded with
+``page=``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +35,12 @@ Pixels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# The widest pixel accepted: RGBA at 16 bits per sample (the alpha plane is dropped after
+# decoding). A page whose declared samples decode to more bytes per allowed pixel is a bomb.
+_MAX_BYTES_PER_PIXEL = 8
+# A multi-page stack may decode to at most this many full-size images; larger stacks are
+# refused even though only one page is decoded at a time.
+_MAX_STACK_IMAGES = 64
 
 
 def sniff_format(data: bytes) -> str:
@@ -82,7 +94,141 @@ def _normalise(arr: npt.NDArray[np.generic], what: str) -> Pixels:
     return np.ascontiguousarray(arr)
 
 
-def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels:
+@contextlib.contextmanager
+def _opened(source: bytes | Path) -> Iterator[tuple[IO[bytes], str]]:
+    """Yield a binary stream over ``source`` (bytes, or a file read lazily) and its format."""
+    if isinstance(source, bytes):
+        yield io.BytesIO(source), sniff_format(source)
+        return
+    try:
+        handle = source.open("rb")
+    except OSError as exc:
+        raise CorruptImageError(f"{source}: cannot read file ({exc.strerror})") from exc
+    with handle:
+        fmt = sniff_format(handle.read(8))
+        handle.seek(0)
+        yield handle, fmt
+
+
+def _check_tiff_size(plane: tifffile.TiffPage, pages: int, *, max_pixels: int, what: str) -> None:
+    """Refuse a page, or its stack, whose declared size is over the limits.
+
+    Every declared sample counts: planar samples, extra samples, volume depth and bit
+    depth, which the page's ``shape[:2]`` alone does not show.
+    """
+    width, height, depth = plane.imagewidth, plane.imagelength, plane.imagedepth
+    area = width * height * depth
+    size = f"{width}x{height}" + (f"x{depth}" if depth > 1 else "")
+    if area > max_pixels:
+        raise DecompressionBombError(
+            f"{what}: declared size {size} exceeds the limit of {max_pixels} pixels"
+        )
+    page_bytes = area * plane.samplesperpixel * -(-plane.bitspersample // 8)
+    budget = max_pixels * _MAX_BYTES_PER_PIXEL
+    if page_bytes > budget:
+        raise DecompressionBombError(
+            f"{what}: declared {size} px of {plane.samplesperpixel} samples at "
+            f"{plane.bitspersample} bits decode to {page_bytes} bytes, which exceeds the limit "
+            f"of {budget} bytes ({max_pixels} pixels of {_MAX_BYTES_PER_PIXEL} bytes)"
+        )
+    # Pages of a stack share one shape; each page is checked exactly when it is decoded.
+    if page_bytes * pages > budget * _MAX_STACK_IMAGES:
+        raise DecompressionBombError(
+            f"{what}: {pages} pages of {page_bytes} bytes exceed the limit of "
+            f"{budget * _MAX_STACK_IMAGES} bytes for a stack; split it into smaller files"
+        )
+
+
+def _decode_tiff(
+    stream: IO[bytes], *, max_pixels: int, what: str, page: int | None
+) -> npt.NDArray[np.generic]:
+    """Decode one page of a TIFF after checking its declared size."""
+    with tifffile.TiffFile(stream) as tif:
+        pages = len(tif.pages)
+        if page is None and pages > 1:
+            raise UnsupportedImageError(
+                f"{what}: multi-page TIFF ({pages} pages) where one plane per image is "
+                "expected; import the stack as a dataset (each page becomes a sample "
+                "<stem>@p<k>) or submit its pages as separate images"
+            )
+        index = page or 0
+        if not 0 <= index < pages:
+            raise UnsupportedImageError(
+                f"{what}: page {index} does not exist; the TIFF has {pages} page(s)"
+            )
+        plane = tif.pages.get(index).aspage()
+        _check_tiff_size(plane, pages, max_pixels=max_pixels, what=what)
+        if plane.imagedepth > 1:
+            raise UnsupportedImageError(
+                f"{what}: volumetric TIFF page (depth {plane.imagedepth}); submit 2-D planes"
+            )
+        arr: npt.NDArray[np.generic] = plane.asarray()
+        if plane.planarconfig == tifffile.PLANARCONFIG.SEPARATE and plane.samplesperpixel > 1:
+            arr = np.moveaxis(arr, 0, -1)  # (S, H, W) -> (H, W, S)
+    return arr
+
+
+def _decode_pil(stream: IO[bytes], *, max_pixels: int, what: str) -> npt.NDArray[np.generic]:
+    """Decode a PNG or JPEG after checking its declared size."""
+    with warnings.catch_warnings():
+        # Pillow only warns between its two limits; any such size is over ours anyway.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(stream)
+    with img:
+        if img.width * img.height > max_pixels:
+            raise DecompressionBombError(
+                f"{what}: declared size {img.width}x{img.height} exceeds the limit of "
+                f"{max_pixels} pixels"
+            )
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L"):
+            return np.asarray(img, dtype=np.uint16)
+        if img.mode == "I":
+            arr = np.asarray(img)
+            if arr.min() < 0 or arr.max() > 65535:
+                raise UnsupportedImageError(f"{what}: 32-bit integer image is not supported")
+            return arr.astype(np.uint16)
+        if img.mode in ("L", "RGB", "RGBA", "LA", "1"):
+            return np.asarray(img)
+        if img.mode in ("P", "CMYK", "YCbCr"):
+            return np.asarray(img.convert("RGB"))
+        raise UnsupportedImageError(f"{what}: image mode {img.mode} is not supported")
+
+
+def _decode(source: bytes | Path, *, max_pixels: int, what: str, page: int | None) -> Pixels:
+    """Decode ``source`` as :func:`decode_bytes` documents."""
+    with _opened(source) as (stream, fmt):
+        try:
+            if fmt == "tiff":
+                arr = _decode_tiff(stream, max_pixels=max_pixels, what=what, page=page)
+            elif page:
+                raise UnsupportedImageError(
+                    f"{what}: page {page} does not exist; a {fmt.upper()} image has one page"
+                )
+            else:
+                arr = _decode_pil(stream, max_pixels=max_pixels, what=what)
+        except (CorruptImageError, DecompressionBombError, UnsupportedImageError):
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecompressionBombError(
+                f"{what}: declared size exceeds the limit ({exc})"
+            ) from exc
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            tifffile.TiffFileError,
+        ) as exc:
+            raise CorruptImageError(
+                f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated"
+            ) from exc
+    return _normalise(arr, what)
+
+
+def decode_bytes(
+    data: bytes, *, max_pixels: int, what: str = "image", page: int | None = None
+) -> Pixels:
     """Decode image bytes.
 
     Parameters
@@ -90,10 +236,16 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
     data : bytes
         Encoded TIFF, PNG or JPEG.
     max_pixels : int
-        Largest accepted ``width * height``; larger declared sizes are refused before
-        any pixel is decoded (decompression bombs).
+        Largest accepted ``width * height`` of the decoded plane. Larger declared sizes
+        are refused before any pixel is decoded (decompression bombs), and so is a TIFF
+        page whose declared samples (channels, planar or extra samples, bit depth)
+        decode to more than ``8 * max_pixels`` bytes (RGBA at 16 bits), or a multi-page
+        TIFF whose page count times that size exceeds 64 such images.
     what : str, default "image"
         Name of the input for error messages.
+    page : int or None, default None
+        Page of a multi-page TIFF to decode, from 0. ``None`` expects a single-plane
+        image and refuses a multi-page TIFF; ``0`` is the only page of a PNG or JPEG.
 
     Returns
     -------
@@ -103,66 +255,67 @@ def decode_bytes(data: bytes, *, max_pixels: int, what: str = "image") -> Pixels
     Raises
     ------
     CorruptImageError, DecompressionBombError, UnsupportedImageError
-        With a message naming ``what``.
+        With a message naming ``what``; a multi-page TIFF without ``page``, or a
+        ``page`` that does not exist, is an :class:`UnsupportedImageError` naming the
+        page count.
     """
-    fmt = sniff_format(data)
-    try:
-        if fmt == "tiff":
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                if len(tif.pages) > 1:
-                    raise UnsupportedImageError(
-                        f"{what}: multi-page TIFF ({len(tif.pages)} pages); "
-                        "submit one plane per image"
-                    )
-                page = tif.pages.first
-                shape = page.shape
-                if int(np.prod(shape[:2])) > max_pixels:
-                    raise DecompressionBombError(
-                        f"{what}: declared size {shape} exceeds the limit of {max_pixels} pixels"
-                    )
-                arr = page.asarray()
-        else:
-            with warnings.catch_warnings():
-                # Pillow only warns between its two limits; any such size is over ours anyway.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-            with img:
-                if img.width * img.height > max_pixels:
-                    raise DecompressionBombError(
-                        f"{what}: declared size {img.width}x{img.height} exceeds the limit of "
-                        f"{max_pixels} pixels"
-                    )
-                img.load()
-                if img.mode in ("I;16", "I;16B", "I;16L"):
-                    arr = np.asarray(img, dtype=np.uint16)
-                elif img.mode == "I":
-                    arr = np.asarray(img)
-                    if arr.min() < 0 or arr.max() > 65535:
-                        raise UnsupportedImageError(
-                            f"{what}: 32-bit integer image is not supported"
-                        )
-                    arr = arr.astype(np.uint16)
-                elif img.mode in ("L", "RGB", "RGBA", "LA", "1"):
-                    arr = np.asarray(img)
-                elif img.mode in ("P", "CMYK", "YCbCr"):
-                    arr = np.asarray(img.convert("RGB"))
-                else:
-                    raise UnsupportedImageError(f"{what}: image mode {img.mode} is not supported")
-    except (DecompressionBombError, UnsupportedImageError):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecompressionBombError(f"{what}: declared size exceeds the limit ({exc})") from exc
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        tifffile.TiffFileError,
-    ) as exc:
-        raise CorruptImageError(
-            f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated"
-        ) from exc
-    return _normalise(arr, what)
+    return _decode(data, max_pixels=max_pixels, what=what, page=page)
+
+
+def decode_file(
+    path: Path, *, max_pixels: int, what: str | None = None, page: int | None = None
+) -> Pixels:
+    """Decode an image file, reading only the parts of a TIFF that ``page`` needs.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The image file (no root check; see :func:`read_image`).
+    max_pixels : int
+        As :func:`decode_bytes`.
+    what : str or None, default None
+        Name of the input for error messages; ``None`` uses ``path``.
+    page : int or None, default None
+        As :func:`decode_bytes`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, C)`` with ``C`` in {1, 3}, dtype ``uint8`` or ``uint16``.
+
+    Raises
+    ------
+    CorruptImageError, DecompressionBombError, UnsupportedImageError
+        As :func:`decode_bytes`; an unreadable file is a :class:`CorruptImageError`.
+    """
+    return _decode(path, max_pixels=max_pixels, what=what or str(path), page=page)
+
+
+def tiff_pages(data_or_path: bytes | Path) -> int:
+    """Return the number of pages of a TIFF, or 1 for a PNG or JPEG (one plane each).
+
+    Parameters
+    ----------
+    data_or_path : bytes or pathlib.Path
+        Encoded image bytes, or an image file (only its page directory is read).
+
+    Raises
+    ------
+    CorruptImageError
+        If the input is not an image, the file cannot be read, or the TIFF's page
+        directory is corrupt.
+    """
+    what = str(data_or_path) if isinstance(data_or_path, Path) else "image"
+    with _opened(data_or_path) as (stream, fmt):
+        if fmt != "tiff":
+            return 1
+        try:
+            with tifffile.TiffFile(stream) as tif:
+                return len(tif.pages)
+        except (OSError, ValueError, tifffile.TiffFileError) as exc:
+            raise CorruptImageError(
+                f"{what}: cannot read the TIFF page directory ({exc}); the file is corrupt"
+            ) from exc
 
 
 def resolve_under_roots(path: str | Path, roots: Sequence[Path]) -> Path:
@@ -188,8 +341,21 @@ def resolve_under_roots(path: str | Path, roots: Sequence[Path]) -> Path:
     )
 
 
-def read_image(path: str | Path, *, roots: Sequence[Path], max_pixels: int) -> Pixels:
+def read_image(
+    path: str | Path, *, roots: Sequence[Path], max_pixels: int, page: int | None = None
+) -> Pixels:
     """Read and decode an image file that must lie under ``roots``.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The file, or a ``file://`` URI.
+    roots : sequence of pathlib.Path
+        Folders the resolved path must lie under.
+    max_pixels : int
+        As :func:`decode_bytes`.
+    page : int or None, default None
+        As :func:`decode_bytes`: ``None`` refuses a multi-page TIFF.
 
     Raises
     ------
@@ -197,8 +363,4 @@ def read_image(path: str | Path, *, roots: Sequence[Path], max_pixels: int) -> P
         As :func:`resolve_under_roots` and :func:`decode_bytes`.
     """
     resolved = resolve_under_roots(path, roots)
-    try:
-        data = resolved.read_bytes()
-    except OSError as exc:
-        raise CorruptImageError(f"{resolved}: cannot read file ({exc.strerror})") from exc
-    return decode_bytes(data, max_pixels=max_pixels, what=str(resolved))
+    return decode_file(resolved, max_pixels=max_pixels, page=page)

@@ -1,14 +1,17 @@
+import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 from PIL import Image
 
 from phenocascade.data import importers
-from phenocascade.data.labelled import LabelledSet
+from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import AnnotationError, ValidationError
 from phenocascade.models.segmentation import read_mask
@@ -441,3 +444,245 @@ def test_to_coco_scores_perfect_predictions_at_ap_one(tmp_path, capsys):
     evaluator.summarize()
     assert evaluator.stats[1] == pytest.approx(1.0)  # AP50
     assert gt.dataset["images"][0] == {"id": 1, "file_name": "a", "width": 40, "height": 20}
+
+
+# -------------------------------------------------------------------- class masks
+
+
+def _mask(path: Path, mask: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def _stack(path: Path, pages: np.ndarray) -> Path:
+    """Write a multi-page grey TIFF, one page per leading index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as tw:
+        for page in pages:
+            tw.write(page, photometric="minisblack")
+    return path
+
+
+def test_class_masks_give_boxes_per_class_and_keep_negatives(tmp_path):
+    for stem in ("a", "b", "c"):
+        _png(tmp_path / "img" / f"{stem}.png")
+    cells = np.zeros((16, 20), np.uint8)
+    cells[2:5, 3:9] = 255  # 0/255
+    cells[10:16, 15:20] = 255  # touches the bottom-right corner
+    _mask(tmp_path / "masks" / "cell" / "a.png", cells)
+    dots = np.zeros((16, 20), np.uint8)
+    dots[7, 7] = 1  # 0/1
+    _mask(tmp_path / "masks" / "dot" / "a.png", dots)
+    _mask(tmp_path / "masks" / "dot" / "b.png", np.zeros((16, 20), np.uint8))
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+    assert got.classes == ("cell", "dot")
+    assert [s.image_id for s in got.samples] == ["a", "b", "c"]
+    a, b, c = got.samples
+    assert a.boxes == (
+        Box(3, 2, 9, 5, "cell"),
+        Box(15, 10, 20, 16, "cell"),
+        Box(7, 7, 8, 8, "dot"),
+    )
+    assert a.labels == {"cell", "dot"} and a.mask is None
+    assert b.boxes == () and c.boxes == () and not b.labels and not c.labels  # negatives
+    assert got.box_counts() == {"cell": 2, "dot": 1}
+    assert got.dropped == ()
+
+
+def test_class_masks_drop_small_components_with_a_report(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    mask = np.zeros((16, 20), np.uint8)
+    mask[1:4, 1:4] = 255  # 9 px
+    mask[10, 10:13] = 255  # 3 px
+    path = _mask(tmp_path / "masks" / "cell" / "a.png", mask)
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img", min_size=5)
+    assert got.samples[0].boxes == (Box(1, 1, 4, 4, "cell"),)
+    (dropped,) = got.dropped
+    assert dropped.file == str(path) and dropped.image_id == "a" and dropped.label == "cell"
+    assert dropped.box == (10.0, 10.0, 13.0, 11.0)
+    assert dropped.reason == "component of 3 px < min_size 5"
+
+
+def test_class_masks_join_diagonal_pixels(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    mask = np.zeros((16, 20), np.uint8)
+    mask[2, 2] = mask[3, 3] = mask[4, 4] = 255  # touching only at corners: one object
+    mask[2, 10] = 255  # a gap of one pixel: another object
+    mask[3, 12] = 255
+    _mask(tmp_path / "masks" / "cell" / "a.png", mask)
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+    assert got.samples[0].boxes == (
+        Box(2, 2, 5, 5, "cell"),
+        Box(10, 2, 11, 3, "cell"),
+        Box(12, 3, 13, 4, "cell"),
+    )
+
+
+def test_class_masks_uint16_label_image_gives_one_box_per_instance(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    labels = np.zeros((16, 20), np.uint16)
+    labels[2:6, 2:5] = 1
+    labels[2:6, 5:9] = 2  # touches instance 1: still its own object
+    labels[12, 1] = labels[12, 18] = 3  # one instance in two pieces
+    _mask(tmp_path / "masks" / "cell" / "a.png", labels)
+    binary = np.where(labels > 0, 65535, 0).astype(np.uint16)  # two values: foreground
+    _mask(tmp_path / "masks" / "blob" / "a.png", binary)
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img", min_size=2)
+    assert got.samples[0].boxes == (
+        Box(2, 2, 9, 6, "blob"),  # the touching instances are one component
+        Box(2, 2, 5, 6, "cell"),
+        Box(5, 2, 9, 6, "cell"),
+        Box(1, 12, 19, 13, "cell"),
+    )
+    assert [d.reason for d in got.dropped] == [
+        "component of 1 px < min_size 2",
+        "component of 1 px < min_size 2",
+    ]
+
+
+def test_class_masks_accept_grey_saved_as_rgb_and_refuse_colour(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    rgb = np.zeros((16, 20, 3), np.uint8)
+    rgb[4:6, 4:6] = 255
+    path = _mask(tmp_path / "masks" / "cell" / "a.png", rgb)
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+    assert got.samples[0].boxes == (Box(4, 4, 6, 6, "cell"),)
+    rgb[0, 0] = (255, 0, 0)
+    _mask(path, rgb)
+    with _raises_at(path, None, "must be grey"):
+        importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+
+
+def test_class_mask_without_its_image_names_the_file(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    orphan = _mask(tmp_path / "masks" / "cell" / "lost.png", np.zeros((16, 20), np.uint8))
+    with _raises_at(orphan, None, "no image 'lost'"):
+        importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+
+
+def test_class_mask_of_another_size_names_the_file(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    mask = _mask(tmp_path / "masks" / "cell" / "a.png", np.zeros((16, 21), np.uint8))
+    with _raises_at(mask, None, "mask is 21x16 but image a.png is 20x16"):
+        importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+
+
+def test_class_masks_unreadable_mask_and_class_folders(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _mask(tmp_path / "masks" / "cell" / "a.png", np.zeros((16, 20), np.uint8))
+    (tmp_path / "masks" / "dot").mkdir()
+    got = importers.import_class_masks(
+        tmp_path / "masks", tmp_path / "img", classes=["dot", "cell"]
+    )
+    assert got.classes == ("dot", "cell")
+    with _raises_at(tmp_path / "masks" / "dot", None, "folder of unknown class 'dot'"):
+        importers.import_class_masks(tmp_path / "masks", tmp_path / "img", classes=["cell"])
+    with _raises_at(tmp_path / "masks", None, r"no folder for classes \['rbc'\]"):
+        importers.import_class_masks(
+            tmp_path / "masks", tmp_path / "img", classes=["cell", "dot", "rbc"]
+        )
+    broken = tmp_path / "masks" / "dot" / "a.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with _raises_at(broken, None, "unreadable mask"):
+        importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+
+
+# ---------------------------------------------------------------- multi-page TIFF
+
+
+def _pages_16_bit(count: int = 3) -> np.ndarray:
+    """``count`` uint16 pages of 20x16 px whose values tell the pages apart."""
+    return np.stack([np.full((16, 20), 1000 * (k + 1), np.uint16) for k in range(count)])
+
+
+def test_multi_page_16_bit_tiff_gives_one_sample_per_page_matched_by_a_mask_stack(tmp_path):
+    image = _stack(tmp_path / "img" / "z.tif", _pages_16_bit())
+    _png(tmp_path / "img" / "flat.png")
+    masks = np.zeros((3, 16, 20), np.uint8)
+    masks[0, 1:3, 1:3] = 1  # page 0: one object
+    masks[2, 5:9, 10:12] = 1  # page 2: another; page 1 has none
+    _stack(tmp_path / "masks" / "cell" / "z.tif", masks)
+    got = importers.import_class_masks(tmp_path / "masks", tmp_path / "img")
+    assert [(s.image_id, s.page, s.group) for s in got.samples] == [
+        ("flat", 0, "flat"),
+        ("z@p0", 0, "z"),
+        ("z@p1", 1, "z"),
+        ("z@p2", 2, "z"),
+    ]
+    pages = got.samples[1:]
+    assert [s.boxes for s in pages] == [
+        (Box(1, 1, 3, 3, "cell"),),
+        (),
+        (Box(10, 5, 12, 9, "cell"),),
+    ]
+    for k, sample in enumerate(pages):
+        assert sample.path == image
+        pixels = load_pixels(sample)
+        assert pixels.dtype == np.uint16 and pixels.shape == (16, 20, 1)
+        assert (pixels == 1000 * (k + 1)).all()
+
+
+def test_instance_mask_stack_matches_page_by_page_and_counts_must_agree(tmp_path):
+    _stack(tmp_path / "img" / "z.tif", _pages_16_bit())
+    labels = np.zeros((3, 16, 20), np.uint16)
+    labels[1, 2:4, 3:6] = 7
+    mask = _stack(tmp_path / "masks" / "z.tif", labels)
+    got = importers.import_instance_masks(tmp_path / "masks", tmp_path / "img")
+    assert [s.boxes for s in got.samples] == [(), (Box(3, 2, 6, 4, "nucleus"),), ()]
+    assert [s.page for s in got.samples] == [0, 1, 2]
+    assert all(s.mask is None for s in got.samples)  # the segmenter reads single pages only
+    _stack(mask, labels[:2])
+    with _raises_at(mask, None, r"mask has 2 page\(s\) but image .*z.tif has 3"):
+        importers.import_instance_masks(tmp_path / "masks", tmp_path / "img")
+
+
+def test_yolo_labels_pages_of_a_stack_and_exports_the_page(tmp_path):
+    _stack(tmp_path / "img" / "z.tif", _pages_16_bit(2))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "z@p1.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    got = importers.import_yolo(tmp_path / "labels", tmp_path / "img", ["cell"])
+    assert [(s.image_id, s.page, len(s.boxes)) for s in got.samples] == [
+        ("z@p0", 0, 0),
+        ("z@p1", 1, 1),
+    ]
+    importers.export_yolo(got, tmp_path / "yolo", "train")
+    exported = tmp_path / "yolo" / "images" / "train" / "z@p1.tif"
+    assert not exported.is_symlink()  # the page itself, not the whole stack
+    assert (tifffile.imread(exported) == 2000).all()
+    assert importers.to_coco(got)["images"][1]["width"] == 20
+    (tmp_path / "labels" / "z.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    with _raises_at(tmp_path / "labels" / "z.txt", None, r"z.tif has 2 pages: name their"):
+        importers.import_yolo(tmp_path / "labels", tmp_path / "img", ["cell"])
+
+
+def test_class_folders_import_each_page(tmp_path):
+    _stack(tmp_path / "clear" / "z.tif", _pages_16_bit(2))
+    got = importers.import_class_folders(tmp_path)
+    assert [(s.image_id, s.page, s.group) for s in got.samples] == [
+        ("clear/z@p0", 0, "clear/z"),
+        ("clear/z@p1", 1, "clear/z"),
+    ]
+
+
+def test_formats_that_label_single_images_refuse_a_stack(tmp_path):
+    _stack(tmp_path / "img" / "a.tif", _pages_16_bit(2))
+    path = tmp_path / "labels.csv"
+    path.write_text("image_id,size\na,small\n")
+    with _raises_at(tmp_path / "img" / "a.tif", None, r"multi-page TIFF \(2 pages\)"):
+        importers.import_csv_labels(path, tmp_path / "img", {"size": ["small"]})
+
+
+def test_fingerprint_counts_the_page_only_when_it_is_not_zero(tmp_path):
+    def fingerprint(*samples: Sample) -> str:
+        return LabelledSet("s", ("cell",), samples).fingerprint()
+
+    flat = Sample("a", None, frozenset({"cell"}), (Box(1, 2, 3, 4, "cell"),), "a")
+    records = [["a", ["cell"], [[1, 2, 3, 4, "cell"]], "", 0]]  # the rule before pages
+    before_pages = hashlib.sha256(
+        json.dumps([["cell"], records], separators=(",", ":")).encode()
+    ).hexdigest()
+    assert fingerprint(flat) == before_pages  # sets without stacks keep their fingerprints
+    page_1 = dataclasses.replace(flat, page=1)
+    assert fingerprint(page_1) != fingerprint(flat)
+    assert fingerprint(page_1) != fingerprint(dataclasses.replace(flat, page=2))

@@ -16,10 +16,18 @@ top-left corner of the top-left pixel. Format conventions converted on import:
 - COCO: ``[x, y, width, height]`` -> ``[x, y, x + width, y + height]``.
 - YOLO: normalised ``cx cy w h`` -> pixels of the image.
 - Instance masks: the tight half-open box of each non-zero label value.
+- Class masks: the tight half-open box of each object of a class's mask.
+
+A multi-page TIFF (z-slices or time points of one field) in an image folder that an
+importer lists (YOLO, class folders, instance and class masks) becomes one sample per
+page, ``<stem>@p<k>`` with ``Sample.page == k`` (from 0), all pages in one ``group`` so
+that a split keeps a stack together; a mask stack matches its image stack page by page.
+Formats that label named single images (VOC, COCO, CSV) refuse a multi-page TIFF.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -27,11 +35,12 @@ import math
 import os
 import shutil
 import xml.parsers.expat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import tifffile
@@ -40,8 +49,13 @@ from PIL import Image
 
 from phenocascade.data.labelled import DroppedAnnotation, LabelledSet, load_pixels
 from phenocascade.domain import Box, Sample
-from phenocascade.errors import AnnotationError, PhenocascadeError, ValidationError
-from phenocascade.imaging import decode_bytes
+from phenocascade.errors import (
+    AnnotationError,
+    BadInputError,
+    PhenocascadeError,
+    ValidationError,
+)
+from phenocascade.imaging import Pixels, decode_file, tiff_pages
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ZERO_AREA = "zero-area box"
@@ -49,30 +63,104 @@ _ZERO_AREA = "zero-area box"
 _YOLO_TOLERANCE = 1e-4
 # COCO boxes are floats; allow float round-off at the image border.
 _COCO_TOLERANCE = 1e-6
+# Masks are checked against their image's size; this only keeps absurd headers out.
+_MASK_MAX_PIXELS = 2**31
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path, *, page: int | None = None) -> tuple[int, int]:
     """Return ``(width, height)`` from an image file's header, without decoding pixels.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The image file.
+    page : int or None, default None
+        Page of a multi-page TIFF, from 0. ``None`` expects a single-plane image and
+        refuses a multi-page TIFF, whose pages each need their own annotations.
 
     Raises
     ------
     AnnotationError
-        If the file is missing or its header cannot be read.
+        If the file is missing, its header cannot be read, the page does not exist, or
+        it is a multi-page TIFF and ``page`` is ``None``.
     """
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
-                shape = tif.pages.first.shape
-                return int(shape[1]), int(shape[0])
+                pages = len(tif.pages)
+                if page is None and pages > 1:
+                    raise AnnotationError(
+                        f"multi-page TIFF ({pages} pages) where this format labels single "
+                        "images; save each page as an image, or import it from a folder "
+                        "(YOLO, class folders, masks), which makes each page a sample",
+                        file=str(path),
+                    )
+                _check_page(page or 0, pages, file=str(path))
+                plane = tif.pages.get(page or 0).aspage()
+                return int(plane.imagewidth), int(plane.imagelength)
+        _check_page(page or 0, 1, file=str(path))
         with Image.open(path) as img:
             return int(img.width), int(img.height)
     except FileNotFoundError as exc:
         raise AnnotationError("image file does not exist", file=str(path)) from exc
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise AnnotationError(f"cannot read the image header ({exc})", file=str(path)) from exc
+
+
+def _check_page(page: int, pages: int, *, file: str) -> None:
+    """Refuse a page index outside a file's ``pages`` pages."""
+    if not 0 <= page < pages:
+        raise AnnotationError(
+            f"page {page} does not exist; the image has {pages} page(s)", file=file
+        )
+
+
+def image_pages(path: Path) -> int:
+    """Return how many planes an image file holds: its pages if a TIFF, else 1.
+
+    Raises
+    ------
+    AnnotationError
+        If the file cannot be read or is not an image.
+    """
+    try:
+        return tiff_pages(path)
+    except BadInputError as exc:
+        raise AnnotationError(f"unreadable image ({exc})", file=str(path)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Plane:
+    """One 2-D image of a folder: an image file, or one page of a multi-page TIFF.
+
+    ``image_id`` is ``<prefix><stem>``, or ``<prefix><stem>@p<page>`` for a page of a
+    stack of ``pages`` pages; ``group`` is ``<prefix><stem>`` for every page.
+    """
+
+    image_id: str
+    path: Path
+    page: int
+    pages: int
+    group: str
+
+
+def _planes(path: Path, prefix: str = "") -> list[_Plane]:
+    """Return the planes of an image file: itself, or each page of a multi-page TIFF."""
+    group = f"{prefix}{path.stem}"
+    pages = image_pages(path)
+    if pages == 1:
+        return [_Plane(group, path, 0, 1, group)]
+    return [_Plane(f"{group}@p{k}", path, k, pages, group) for k in range(pages)]
+
+
+def _single_image(img_dir: Path, stem: str, *, file: str, line: int | None) -> Path:
+    """Find the image of a format that labels whole images; refuse a multi-page TIFF."""
+    path = find_image(img_dir, stem, file=file, line=line)
+    image_size(path)  # reads the header: refuses a stack, whose pages need their own labels
+    return path
 
 
 def find_image(img_dir: Path, stem: str, *, file: str, line: int | None) -> Path:
@@ -207,6 +295,12 @@ def _sample(image_id: str, path: Path, boxes: Sequence[Box], labels: Iterable[st
         boxes=tuple(boxes),
         group=image_id,
     )
+
+
+def _plane_sample(plane: _Plane, boxes: Sequence[Box], labels: Iterable[str] = ()) -> Sample:
+    """Build the sample of one plane (see :func:`_sample`), with its page and group."""
+    sample = _sample(plane.image_id, plane.path, boxes, labels)
+    return dataclasses.replace(sample, page=plane.page, group=plane.group)
 
 
 # ------------------------------------------------------------------------------- VOC
@@ -556,7 +650,8 @@ def import_yolo(
     Parameters
     ----------
     labels_dir : pathlib.Path
-        Folder of label files; an image without one is a negative (no boxes).
+        Folder of label files; an image without one is a negative (no boxes). Page ``k``
+        of a multi-page TIFF ``<stem>.tif`` is the image ``<stem>@p<k>``.
     img_dir : pathlib.Path
         Folder of the images; every label file needs its image here.
     classes : sequence of str
@@ -573,69 +668,86 @@ def import_yolo(
         range, coordinates outside ``[0, 1]`` or the image, a zero-area box; or a label
         file without an image.
     """
-    images = {p.stem: p for p in image_files(img_dir)}
+    planes = {pl.image_id: pl for p in image_files(img_dir) for pl in _planes(p)}
     if not labels_dir.is_dir():
         raise AnnotationError("label folder does not exist", file=str(labels_dir))
     checker = _BoxChecker(drop_degenerate)
-    boxes: dict[str, list[Box]] = {stem: [] for stem in images}
+    boxes: dict[str, list[Box]] = {image_id: [] for image_id in planes}
     for path in sorted(labels_dir.glob("*.txt")):
-        file = str(path)
-        if path.stem not in images:
-            raise AnnotationError(f"no image {path.stem!r} in {img_dir}", file=file)
-        size = image_size(images[path.stem])
-        width, height = size
-        for line_no, raw in enumerate(path.read_text().splitlines(), start=1):
-            fields = raw.split()
-            if not fields:
-                continue
-            if len(fields) != 5:
-                raise AnnotationError(
-                    f"expected 'class cx cy w h', got {len(fields)} fields (polygons are not "
-                    "supported)",
-                    file=file,
-                    line=line_no,
-                )
-            try:
-                index = int(fields[0])
-            except ValueError:
-                index = -1
-            if not 0 <= index < len(classes):
-                raise AnnotationError(
-                    f"class index {fields[0]!r} is not in 0..{len(classes) - 1}",
-                    file=file,
-                    line=line_no,
-                )
-            cx, cy, w, h = (
-                _number(v, what=k, file=file, line=line_no)
-                for k, v in zip(("cx", "cy", "w", "h"), fields[1:], strict=True)
+        plane = planes.get(path.stem)
+        if plane is None:
+            stack = planes.get(f"{path.stem}@p0")
+            hint = (
+                f"; {stack.path.name} has {stack.pages} pages: name their label files "
+                f"{path.stem}@p<k>.txt"
+                if stack is not None
+                else ""
             )
-            if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
-                raise AnnotationError(
-                    f"normalised coordinates {fields[1:]} are outside [0, 1]",
-                    file=file,
-                    line=line_no,
-                )
-            written = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-            converted = (
-                written[0] * width,
-                written[1] * height,
-                written[2] * width,
-                written[3] * height,
-            )
-            label = classes[index]
-            if checker.check(
-                written,
-                converted,
-                size,
-                label=label,
-                image_id=path.stem,
+            raise AnnotationError(f"no image {path.stem!r} in {img_dir}{hint}", file=str(path))
+        boxes[plane.image_id] = _yolo_boxes(path, plane, classes, checker)
+    samples = tuple(_plane_sample(pl, boxes[image_id]) for image_id, pl in planes.items())
+    return LabelledSet(name, tuple(classes), samples, tuple(checker.dropped))
+
+
+def _yolo_boxes(
+    path: Path, plane: _Plane, classes: Sequence[str], checker: _BoxChecker
+) -> list[Box]:
+    """Return the kept boxes of one YOLO label file, in pixels of its image plane."""
+    file = str(path)
+    size = image_size(plane.path, page=plane.page)
+    width, height = size
+    boxes = []
+    for line_no, raw in enumerate(path.read_text().splitlines(), start=1):
+        fields = raw.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise AnnotationError(
+                f"expected 'class cx cy w h', got {len(fields)} fields (polygons are not "
+                "supported)",
                 file=file,
                 line=line_no,
-                tolerance=_YOLO_TOLERANCE * max(width, height),
-            ):
-                boxes[path.stem].append(_box(*converted, label, size))
-    samples = tuple(_sample(stem, images[stem], boxes[stem]) for stem in images)
-    return LabelledSet(name, tuple(classes), samples, tuple(checker.dropped))
+            )
+        try:
+            index = int(fields[0])
+        except ValueError:
+            index = -1
+        if not 0 <= index < len(classes):
+            raise AnnotationError(
+                f"class index {fields[0]!r} is not in 0..{len(classes) - 1}",
+                file=file,
+                line=line_no,
+            )
+        cx, cy, w, h = (
+            _number(v, what=k, file=file, line=line_no)
+            for k, v in zip(("cx", "cy", "w", "h"), fields[1:], strict=True)
+        )
+        if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+            raise AnnotationError(
+                f"normalised coordinates {fields[1:]} are outside [0, 1]",
+                file=file,
+                line=line_no,
+            )
+        written = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        converted = (
+            written[0] * width,
+            written[1] * height,
+            written[2] * width,
+            written[3] * height,
+        )
+        label = classes[index]
+        if checker.check(
+            written,
+            converted,
+            size,
+            label=label,
+            image_id=plane.image_id,
+            file=file,
+            line=line_no,
+            tolerance=_YOLO_TOLERANCE * max(width, height),
+        ):
+            boxes.append(_box(*converted, label, size))
+    return boxes
 
 
 # -------------------------------------------------------------------- instance masks
@@ -672,18 +784,52 @@ def instance_boxes(labels: npt.NDArray[np.integer[Any]]) -> dict[int, tuple[int,
     }
 
 
+def _mask_pages(mask: Path, img_dir: Path) -> Iterator[tuple[_Plane, Pixels]]:
+    """Yield each plane of a mask's image with the mask's decoded page of the same size.
+
+    The mask ``<stem>.<suffix>`` belongs to the image of that stem in ``img_dir``; a
+    multi-page mask matches a multi-page image page by page.
+    """
+    file = str(mask)
+    img_path = find_image(img_dir, mask.stem, file=file, line=None)
+    planes = _planes(img_path)
+    mask_pages = image_pages(mask)
+    if mask_pages != len(planes):
+        raise AnnotationError(
+            f"mask has {mask_pages} page(s) but image {img_path} has {len(planes)}; a mask "
+            "needs one page per page of its image",
+            file=file,
+        )
+    for plane in planes:
+        try:
+            pixels = decode_file(mask, max_pixels=_MASK_MAX_PIXELS, page=plane.page)
+        except PhenocascadeError as exc:
+            raise AnnotationError(f"unreadable mask ({exc})", file=file) from exc
+        size = image_size(img_path, page=plane.page)
+        if size != (pixels.shape[1], pixels.shape[0]):
+            where = f" page {plane.page}" if plane.pages > 1 else ""
+            raise AnnotationError(
+                f"mask{where} is {pixels.shape[1]}x{pixels.shape[0]} but image "
+                f"{img_path.name}{where} is {size[0]}x{size[1]}",
+                file=file,
+            )
+        yield plane, pixels
+
+
 def import_instance_masks(
     mask_dir: Path, img_dir: Path, label: str = "nucleus", *, name: str = "masks"
 ) -> LabelledSet:
     """Import instance label images (``uint8``/``uint16``, 0 = background) as boxes.
 
     Each sample also keeps its label image as ``Sample.mask``, for backends that learn
-    object outlines.
+    object outlines, except the pages of a multi-page mask: those keep their boxes only,
+    since :func:`phenocascade.models.segmentation.read_mask` reads single-page masks.
 
     Parameters
     ----------
     mask_dir : pathlib.Path
-        Folder of one single-channel label image per image, same stem as the image.
+        Folder of one single-channel label image per image, same stem as the image; a
+        multi-page TIFF mask labels a multi-page TIFF image page by page.
     img_dir : pathlib.Path
         Folder of the images.
     label : str, default "nucleus"
@@ -694,32 +840,193 @@ def import_instance_masks(
     Raises
     ------
     AnnotationError
-        If a mask is unreadable or not single-channel, its image is missing, or their
-        sizes differ.
+        If a mask is unreadable or not single-channel, its image is missing, their
+        sizes differ, or their page counts differ.
     """
     samples = []
     for path in image_files(mask_dir):
-        file = str(path)
-        try:
-            pixels = decode_bytes(path.read_bytes(), max_pixels=2**31, what=file)
-        except PhenocascadeError as exc:
-            raise AnnotationError(f"unreadable mask ({exc})", file=file) from exc
-        if pixels.shape[2] != 1:
-            raise AnnotationError(
-                f"a label image must have one channel, this one has {pixels.shape[2]}", file=file
-            )
-        img_path = find_image(img_dir, path.stem, file=file, line=None)
-        size = image_size(img_path)
-        if size != (pixels.shape[1], pixels.shape[0]):
-            raise AnnotationError(
-                f"mask is {pixels.shape[1]}x{pixels.shape[0]} but image {img_path.name} is "
-                f"{size[0]}x{size[1]}",
-                file=file,
-            )
-        found = instance_boxes(pixels[:, :, 0])
-        boxes = [_box(*b, label, size) for b in found.values()]
-        samples.append(dataclasses.replace(_sample(path.stem, img_path, boxes), mask=path))
+        for plane, pixels in _mask_pages(path, img_dir):
+            if pixels.shape[2] != 1:
+                raise AnnotationError(
+                    f"a label image must have one channel, this one has {pixels.shape[2]}",
+                    file=str(path),
+                )
+            size = (pixels.shape[1], pixels.shape[0])
+            boxes = [_box(*b, label, size) for b in instance_boxes(pixels[:, :, 0]).values()]
+            sample = _plane_sample(plane, boxes)
+            samples.append(sample if plane.pages > 1 else dataclasses.replace(sample, mask=path))
     return LabelledSet(name, (label,), tuple(samples))
+
+
+# ------------------------------------------------------------------------ class masks
+
+
+def _grey_plane(pixels: Pixels, *, file: str) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]:
+    """Return the one plane of a grey mask, or of a grey mask saved as RGB."""
+    grey = pixels[:, :, 0]
+    if pixels.shape[2] == 1 or (pixels == grey[:, :, None]).all():
+        return grey
+    raise AnnotationError(
+        "a mask must be grey (one channel, or RGB with three equal channels); this one has colours",
+        file=file,
+    )
+
+
+def mask_objects(
+    mask: npt.NDArray[np.integer[Any]],
+) -> list[tuple[str, tuple[int, int, int, int], int]]:
+    """Return the objects of a 2-D foreground or instance mask.
+
+    Objects are the 8-connected components of the non-zero pixels (pixels that touch
+    at a corner belong to one object). A ``uint16`` mask with more than two distinct
+    values (0 included) is an instance label image instead: each non-zero value is one
+    object, connected or not.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(H, W)`` ``uint8`` or ``uint16``, 0 = background.
+
+    Returns
+    -------
+    list of tuple
+        ``(name, (x_min, y_min, x_max, y_max), pixel_count)`` per object, boxes
+        half-open in pixels, in raster order of their first pixel (components) or by
+        value (instances); ``name`` is ``"component"`` or ``"instance <value>"``.
+    """
+    labels: npt.NDArray[np.integer[Any]]
+    if mask.dtype == np.uint16 and np.count_nonzero(np.bincount(mask.ravel())) > 2:
+        labels, kind = mask, "instance {}"
+    else:
+        _, found = cv2.connectedComponents(
+            (mask != 0).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+        )
+        labels, kind = np.asarray(found, dtype=np.int32), "component"
+    counts = np.bincount(labels.ravel())
+    return [
+        (kind.format(value), box, int(counts[value]))
+        for value, box in instance_boxes(labels).items()
+    ]
+
+
+def _mask_folders(mask_root: Path, classes: Sequence[str] | None) -> list[tuple[str, Path]]:
+    """Return ``(class, folder)`` pairs of ``mask_root``, in class order."""
+    if not mask_root.is_dir():
+        raise AnnotationError("mask folder does not exist", file=str(mask_root))
+    if classes is not None and len(set(classes)) != len(classes):
+        raise ValidationError(f"{mask_root}: classes={list(classes)} name a class twice")
+    found: dict[str, Path] = {}
+    for entry in sorted(mask_root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise AnnotationError(
+                "file outside a class folder; masks go in <mask_root>/<class>/<stem>.png",
+                file=str(entry),
+            )
+        if classes is not None and entry.name not in classes:
+            raise AnnotationError(
+                f"folder of unknown class {entry.name!r}; known classes are {list(classes)}",
+                file=str(entry),
+            )
+        found[entry.name] = entry
+    if classes is None:
+        if not found:
+            raise AnnotationError("mask folder holds no class folders", file=str(mask_root))
+        return list(found.items())
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise AnnotationError(
+            f"no folder for classes {missing}; make an empty folder for a class without objects",
+            file=str(mask_root),
+        )
+    return [(c, found[c]) for c in classes]
+
+
+def _folder_planes(img_dir: Path) -> dict[str, _Plane]:
+    """Return every plane of an image folder by image id; refuse ids that two files share."""
+    planes: dict[str, _Plane] = {}
+    for plane in (pl for p in image_files(img_dir) for pl in _planes(p)):
+        if plane.image_id in planes:
+            raise AnnotationError(
+                f"image {plane.image_id!r} is ambiguous: {planes[plane.image_id].path.name} "
+                f"and {plane.path.name}; rename one",
+                file=str(img_dir),
+            )
+        planes[plane.image_id] = plane
+    return planes
+
+
+def import_class_masks(
+    mask_root: Path,
+    img_dir: Path,
+    *,
+    classes: Sequence[str] | None = None,
+    min_size: int = 1,
+    name: str = "class-masks",
+) -> LabelledSet:
+    """Import one foreground mask per image and class, ``mask_root/<class>/<stem>.<ext>``.
+
+    A mask is a PNG or TIFF of its image's size, same stem as the image; binary (0/1 or
+    0/255) or any 8- or 16-bit mask, grey or grey saved as RGB: non-zero = foreground.
+    Its objects are the 8-connected components of the foreground (pixels that touch at a
+    corner join); a ``uint16`` mask with more than two distinct values (0 included) is
+    an instance label image instead, one object per non-zero value (see
+    :func:`mask_objects`). Each object becomes its tight half-open box
+    ``[x_min, y_min, x_max, y_max]`` in pixels.
+
+    Parameters
+    ----------
+    mask_root : pathlib.Path
+        One sub-folder per class (hidden entries ignored), each with at most one mask
+        per image; a multi-page TIFF mask labels a multi-page TIFF image page by page.
+    img_dir : pathlib.Path
+        Folder of the images. Every image becomes a sample; one with a mask in no class
+        folder is a negative (no boxes).
+    classes : sequence of str or None, default None
+        The class names in model order; each needs a folder and no other folder may
+        exist. ``None`` takes the folder names, sorted.
+    min_size : int, default 1
+        Objects of fewer pixels are dropped and reported in ``dropped``.
+    name : str, default "class-masks"
+        Name of the returned set.
+
+    Returns
+    -------
+    LabelledSet
+        One sample per image plane (``<stem>``, or ``<stem>@p<k>`` per page of a stack),
+        image labels = classes of its boxes; ``Sample.mask`` stays ``None``.
+
+    Raises
+    ------
+    AnnotationError
+        Naming the file: a mask without its image, of another size or page count than
+        its image, unreadable, or coloured; a file outside the class folders or a
+        non-image in one; an unknown or missing class folder; two images of one stem.
+    """
+    folders = _mask_folders(mask_root, classes)
+    planes = _folder_planes(img_dir)
+    boxes: dict[str, list[Box]] = {image_id: [] for image_id in planes}
+    dropped: list[DroppedAnnotation] = []
+    for label, folder in folders:
+        masks = image_files(folder)
+        stems = collections.Counter(m.stem for m in masks)
+        for mask in masks:
+            if stems[mask.stem] > 1:
+                raise AnnotationError(f"two masks for image {mask.stem!r}", file=str(mask))
+            for plane, pixels in _mask_pages(mask, img_dir):
+                size = (pixels.shape[1], pixels.shape[0])
+                for what, box, area in mask_objects(_grey_plane(pixels, file=str(mask))):
+                    if area >= min_size:
+                        boxes[plane.image_id].append(_box(*box, label, size))
+                        continue
+                    reason = f"{what} of {area} px < min_size {min_size}"
+                    written = (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+                    dropped.append(
+                        DroppedAnnotation(str(mask), None, plane.image_id, label, written, reason)
+                    )
+    samples = tuple(_plane_sample(pl, boxes[image_id]) for image_id, pl in planes.items())
+    return LabelledSet(name, tuple(c for c, _ in folders), samples, tuple(dropped))
 
 
 # ------------------------------------------------------------------------------- CSV
@@ -817,7 +1124,7 @@ def import_csv_boxes(
     wanted = list(paths) if image_ids is None else list(image_ids)
     samples = []
     for image_id in wanted:
-        path = paths.get(image_id) or find_image(img_dir, image_id, file=file, line=None)
+        path = paths.get(image_id) or _single_image(img_dir, image_id, file=file, line=None)
         samples.append(_sample(image_id, path, boxes.get(image_id, [])))
     return LabelledSet(name, (label,), tuple(samples), tuple(checker.dropped))
 
@@ -853,6 +1160,7 @@ def import_csv_labels(
     AnnotationError
         Naming file and line: a missing column, a value outside the allowed ones, a
         duplicate image, a missing image; or an image in ``image_ids`` without a row.
+        Naming the image: an unreadable header, or a multi-page TIFF.
     """
     file = str(csv_path)
     classes = tuple(f"{col}:{v}" for col, values in columns.items() for v in values)
@@ -871,7 +1179,7 @@ def import_csv_labels(
                     line=line,
                 )
             labels.add(f"{col}:{value}")
-        path = find_image(img_dir, image_id, file=file, line=line)
+        path = _single_image(img_dir, image_id, file=file, line=line)
         samples[image_id] = _sample(image_id, path, (), labels)
     wanted = list(samples) if image_ids is None else list(image_ids)
     missing = [i for i in wanted if i not in samples]
@@ -897,7 +1205,8 @@ def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
     Returns
     -------
     LabelledSet
-        ``image_id`` is ``"<class>/<stem>"``; labels are ``{class}``.
+        ``image_id`` is ``"<class>/<stem>"`` (``"<class>/<stem>@p<k>"`` per page of a
+        multi-page TIFF); labels are ``{class}``.
 
     Raises
     ------
@@ -918,7 +1227,11 @@ def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
         if not images:
             raise AnnotationError("class folder holds no images", file=str(entry))
         classes.append(entry.name)
-        samples.extend(_sample(f"{entry.name}/{p.stem}", p, (), {entry.name}) for p in images)
+        samples.extend(
+            _plane_sample(pl, (), {entry.name})
+            for p in images
+            for pl in _planes(p, f"{entry.name}/")
+        )
     return LabelledSet(name, tuple(classes), tuple(samples))
 
 
@@ -936,9 +1249,10 @@ def export_yolo(
     """Write a split in the Ultralytics YOLO layout and (re)write ``data.yaml``.
 
     Writes ``out_dir/images/<split_name>/<id><suffix>`` (a symlink to the original, or a
-    copy; samples with a degradation get a PNG (uint8) or TIFF (uint16) of their degraded
-    pixels) and ``out_dir/labels/<split_name>/<id>.txt`` with ``class cx cy w h`` lines,
-    normalised to ``[0, 1]``; an image without boxes gets an empty file (a negative).
+    copy; samples with a degradation, or a page of a multi-page TIFF, get a PNG (uint8)
+    or TIFF (uint16) of their pixels) and ``out_dir/labels/<split_name>/<id>.txt`` with
+    ``class cx cy w h`` lines, normalised to ``[0, 1]``; an image without boxes gets an
+    empty file (a negative).
     Both split folders are emptied first, so a re-export never leaves stale files.
 
     Parameters
@@ -983,7 +1297,7 @@ def export_yolo(
         if sample.path is None:
             raise ValidationError(f"sample {sample.image_id!r} has no path to export")
         stem = _safe_name(sample.image_id)
-        if sample.degradation:
+        if sample.degradation or image_pages(sample.path) > 1:
             pixels = load_pixels(sample)
             if pixels.dtype == np.uint8:
                 target = img_out / f"{stem}.png"
@@ -997,7 +1311,7 @@ def export_yolo(
                 shutil.copyfile(sample.path, target)
             else:
                 target.symlink_to(sample.path.resolve())
-        width, height = image_size(sample.path)
+        width, height = image_size(sample.path, page=sample.page)
         lines = []
         for b in sample.boxes:
             if b.label not in index:
@@ -1040,7 +1354,7 @@ def to_coco(labelled_set: LabelledSet) -> dict[str, Any]:
     for image_index, sample in enumerate(labelled_set.samples, start=1):
         if sample.path is None:
             raise ValidationError(f"sample {sample.image_id!r} has no path; COCO needs its size")
-        width, height = image_size(sample.path)
+        width, height = image_size(sample.path, page=sample.page)
         images.append(
             {"id": image_index, "file_name": sample.image_id, "width": width, "height": height}
         )

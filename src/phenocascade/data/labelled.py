@@ -15,13 +15,13 @@ from typing import Any
 from phenocascade.config import get_settings
 from phenocascade.data import degrade
 from phenocascade.domain import Sample
-from phenocascade.errors import CorruptImageError, ValidationError
-from phenocascade.imaging import Pixels, decode_bytes
+from phenocascade.errors import ValidationError
+from phenocascade.imaging import Pixels, decode_file
 
 
 @dataclass(frozen=True, slots=True)
 class DroppedAnnotation:
-    """One annotation an importer dropped on explicit request (``drop_degenerate=True``).
+    """One annotation an importer dropped on explicit request (``drop_degenerate``, ``min_size``).
 
     Attributes
     ----------
@@ -36,7 +36,7 @@ class DroppedAnnotation:
     box : tuple of float
         ``(x_min, y_min, x_max, y_max)`` as written in the file.
     reason : str
-        Why it was dropped, e.g. ``"zero-area box"``.
+        Why it was dropped, e.g. ``"zero-area box"`` or ``"component of 3 px < min_size 5"``.
     """
 
     file: str
@@ -75,8 +75,9 @@ class LabelledSet:
         """Return a SHA-256 hex digest that changes whenever the labelled content does.
 
         It covers the classes and, over samples sorted by ``image_id``, each image id,
-        its sorted labels, its boxes, its degradation and seed. File paths are left out,
-        so the same data in another folder has the same fingerprint.
+        its sorted labels, its boxes, its degradation and seed, and its page when not 0
+        (so sets without multi-page images keep their fingerprints). File paths are left
+        out, so the same data in another folder has the same fingerprint.
         """
         records = sorted(
             (
@@ -85,6 +86,7 @@ class LabelledSet:
                 [[*b.as_list(), b.label] for b in s.boxes],
                 s.degradation,
                 s.seed,
+                *([s.page] if s.page else []),
             )
             for s in self.samples
         )
@@ -128,13 +130,14 @@ class LabelledSet:
 
 
 def load_pixels(sample: Sample) -> Pixels:
-    """Read a sample's image and apply its degradation.
+    """Read a sample's image (its page ``sample.page``) and apply its degradation.
 
     Parameters
     ----------
     sample : Sample
-        A sample whose ``path`` is set; ``degradation``/``seed`` name a degradation of
-        :mod:`phenocascade.data.degrade` or ``""`` for none.
+        A sample whose ``path`` is set; ``page`` selects the page of a multi-page TIFF;
+        ``degradation``/``seed`` name a degradation of :mod:`phenocascade.data.degrade`
+        or ``""`` for none.
 
     Returns
     -------
@@ -151,11 +154,7 @@ def load_pixels(sample: Sample) -> Pixels:
     """
     if sample.path is None:
         raise ValidationError(f"sample {sample.image_id!r} has no path to read pixels from")
-    try:
-        data = sample.path.read_bytes()
-    except OSError as exc:
-        raise CorruptImageError(f"{sample.path}: cannot read file ({exc.strerror})") from exc
-    pixels = decode_bytes(data, max_pixels=get_settings().max_image_pixels, what=str(sample.path))
+    pixels = decode_file(sample.path, max_pixels=get_settings().max_image_pixels, page=sample.page)
     if sample.degradation:
         return degrade.apply(pixels, sample.degradation, sample.seed)
     return pixels
