@@ -115,10 +115,15 @@ class StageOutput:
         positive label (e.g. ``"clear"``); a detector scores, per class, its best box.
     boxes : Sequence[Box]
         Boxes kept at the stage's keep threshold (detectors only, else empty).
+    novel : bool
+        The image lies beyond what the stage was calibrated on (its novelty detector's
+        false-alarm threshold): its scores carry no guarantee, so :func:`route` sends it
+        to a person.
     """
 
     scores: Mapping[str, float]
     boxes: Sequence[Box] = field(default_factory=tuple)
+    novel: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +180,18 @@ def route(
     Returns
     -------
     Route
-        Gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if confidently
-        absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is confidently
-        present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any kept box
-        scores between its class's keep and confident thresholds, or if a class without
-        a confident box is not certified to be found (``finds_all`` false: an image with
-        no box of it is not "none here" but unknown), else ``PASS``. Tiers 2 and 3 never
-        ``SKIP``.
+        A novel image (``output.novel``: unlike the calibration data, so no certificate
+        covers its scores) is ``ANNOTATE`` for every kind, never ``PASS`` or ``SKIP``.
+        Otherwise, gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if
+        confidently absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is
+        confidently present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any
+        kept box scores between its class's keep and confident thresholds, or if a class
+        without a confident box is not certified to be found (``finds_all`` false: an
+        image with no box of it is not "none here" but unknown), else ``PASS``. Tiers 2
+        and 3 never ``SKIP``.
     """
+    if output.novel:
+        return Route.ANNOTATE
     if kind is StageKind.GATE:
         p = output.scores.get(gate_label)
         t = thresholds.get(gate_label)

@@ -321,7 +321,8 @@ def _complete_rare_annotations(
             "only the rare ones: it needs the model they were made against (parent_version) "
             "to label the image's other nuclei"
         )
-    parent = load_stage(artifacts, tier, parent_version, device=device)
+    # The backend itself: it labels training data, so no novelty guard.
+    parent = load_stage(artifacts, tier, parent_version, device=device, novelty=False)
     if not isinstance(parent, SizeOutlierComposite):
         raise ConfigError(
             f"{tier} model {parent_version} is {type(parent).__name__}, not a nucleus "

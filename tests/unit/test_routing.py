@@ -88,3 +88,28 @@ def test_gate_without_score_is_uncertain() -> None:
 def test_thresholds_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="negative <= positive"):
         LabelThresholds(positive=0.2, negative=0.8)
+
+
+@given(
+    kind=st.sampled_from(list(StageKind)),
+    scores=st.dictionaries(st.sampled_from(["clear", "a", "x"]), probs),
+    box_scores=st.lists(probs, max_size=3),
+    t=thresholds(),
+)
+def test_a_novel_image_goes_to_a_person_whatever_its_scores(
+    kind: StageKind, scores: dict[str, float], box_scores: list[float], t: LabelThresholds
+) -> None:
+    boxes = [Box(0, 0, 10, 10, "x", s) for s in box_scores]
+    table = {label: t for label in ("clear", "a", "x")}
+    novel = StageOutput(scores=scores, boxes=boxes, novel=True)
+    assert route(kind, novel, table) is Route.ANNOTATE
+
+
+def test_a_confidently_unusable_novel_image_is_not_skipped() -> None:
+    # The EM slices of issue 10: the gate was sure they were unusable and discarded them.
+    t = {"clear": LabelThresholds(positive=0.9, negative=0.4)}
+    unclear = StageOutput(scores={"clear": 0.01})
+    assert route(StageKind.GATE, unclear, t) is Route.SKIP
+    assert route(StageKind.GATE, StageOutput(scores={"clear": 0.01}, novel=True), t) is (
+        Route.ANNOTATE
+    )

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from phenocascade.domain import Route, StageKind, StageOutput
 from phenocascade.errors import SchemaError
 from phenocascade.streams import events
 from phenocascade.streams.serde import (
@@ -140,3 +141,54 @@ def test_fingerprint_differs_between_versions() -> None:
     assert schema_fingerprint(parse_schema(old, named_schemas={})) != schema_fingerprint(
         parse_schema(_with_new_field(old), named_schemas={})
     )
+
+
+# -- the reason field (added for novelty) against the packaged history ------------------
+def _novel_events() -> dict[str, dict]:
+    submitted = events.image_submitted("n-1", uri="/em/slice.tif", fmt="TIFF")
+    output = StageOutput(scores={"clear": 0.001}, novel=True)
+    common = {"tier": "quality", "output": output, "model_name": "m", "model_version": "v1"}
+    return {
+        "TierResult": events.tier_result(
+            submitted, kind=StageKind.GATE, route=Route.ANNOTATE, **common
+        ),
+        "AnnotationRequest": events.annotation_request(
+            submitted, b"submitted", classes=["clear"], **common
+        ),
+    }
+
+
+def test_a_novel_image_is_asked_first_with_its_reason() -> None:
+    request = _novel_events()["AnnotationRequest"]
+    assert request["reason"] == "novel"
+    # confident scores, yet served before any merely uncertain image
+    assert request["priority"] == 1.0
+    plain = events.annotation_request(
+        events.image_submitted("p-1", uri="/a.png"),
+        b"submitted",
+        tier="quality",
+        output=StageOutput(scores={"clear": 0.5}),
+        classes=["clear"],
+        model_name="m",
+        model_version="v1",
+    )
+    assert plain["reason"] is None
+
+
+@pytest.mark.parametrize("name", ["TierResult", "AnnotationRequest"])
+def test_reason_evolves_compatibly_both_ways(name: str, tmp_path: Path) -> None:
+    record = _novel_events()[name]
+    old = json.loads((default_schema_dir() / "history" / f"{name}.v1.avsc").read_text())
+    assert "reason" not in {f["name"] for f in old["fields"]}
+    # new reader, old writer: the reason reads as null
+    old_writer = EventCodec(_write_dir(tmp_path / "old", old, []))
+    without = {k: v for k, v in record.items() if k != "reason"}
+    _, back = EventCodec().decode(old_writer.encode(name, without))
+    assert back["reason"] is None and back["image_id"] == "n-1"
+    # old reader, new writer (the new schema deployed to the reader first)
+    old_reader = EventCodec(_write_dir(tmp_path / "old-reader", old, [_current(name)]))
+    _, back = old_reader.decode(EventCodec().encode(name, record))
+    assert "reason" not in back and back["image_id"] == "n-1"
+    # new to new keeps it
+    _, back = EventCodec().decode(EventCodec().encode(name, record))
+    assert back["reason"] == "novel"

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from phenocascade.domain import Box, DecodedImage, Sample, StageKind
-from phenocascade.models.base import Stage, backend_names, get_backend
+from phenocascade.domain import Box, DecodedImage, Route, Sample, StageKind, route
+from phenocascade.models.base import Embedder, Stage, backend_names, get_backend, load_stage
 from phenocascade.models.certify import calibrate_stage
+from phenocascade.models.novelty import NoveltyGuard
 
 SIZE = 48
 
@@ -175,3 +176,56 @@ def test_save_load_round_trip(
     assert loaded.version == "v1"
     assert loaded.thresholds == stage.thresholds
     assert loaded.predict([*images, *_test_images()]) == before
+
+
+def test_saved_stage_keeps_its_novelty_state_and_flags_a_foreign_image(
+    fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    _, stage, val, pixels = fitted
+    # Calibrated on its 12 training and validation images (alpha = 0.1: at least 9 needed).
+    train, _ = _synthetic(8, 0, _classes(type(stage))[0])
+    samples = [*train, *val]
+    images = [DecodedImage(s.image_id, pixels[s.image_id]) for s in samples]
+    result = calibrate_stage(
+        stage, images, samples, target_precision=0.9, delta=0.2, novelty_alpha=0.1
+    )
+    version = "20261130T120000-0a1b"
+    meta = stage.save(tmp_path / "test" / version, tier="test")
+    assert meta.calibration["novelty"] == result.novelty
+    assert result.novelty is not None and result.novelty["n"] == 12
+    assert result.novelty["features"] == "descriptor"
+
+    loaded = load_stage(tmp_path, "test", version)
+    assert isinstance(loaded, NoveltyGuard) and isinstance(loaded, Stage)
+    assert loaded.novelty is not None
+    saved_state, loaded_state = (
+        stage.novelty_.detector.to_state(),
+        loaded.novelty.detector.to_state(),
+    )
+    assert saved_state.keys() == loaded_state.keys()
+    for key, value in saved_state.items():
+        np.testing.assert_array_equal(loaded_state[key], value)
+
+    # An RGB field of saturated colour noise: nothing like the dark grey training images.
+    foreign = DecodedImage(
+        "foreign", np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    )
+    outputs = loaded.predict([foreign, *images[:2]])
+    assert [o.novel for o in outputs] == [True, False, False]
+    assert route(loaded.kind, outputs[0], loaded.thresholds, loaded.gate_label) is Route.ANNOTATE
+    # the guard changes nothing but the flag
+    assert [o.scores for o in outputs] == [o.scores for o in stage.predict([foreign, *images[:2]])]
+
+
+def test_embedded_features_have_one_width(
+    fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]],
+) -> None:
+    _, stage, _, _ = fitted
+    if not isinstance(stage, Embedder):
+        pytest.skip("this backend offers no embed(); novelty reads the image descriptor")
+    images = _test_images()
+    features = stage.embed(images)
+    assert features.dtype == np.float64 and features.ndim == 2 and len(features) == 3
+    assert np.isfinite(features).all()
+    np.testing.assert_allclose(stage.embed(images[1:2]), features[1:2], rtol=1e-5, atol=1e-6)
+    assert stage.embed([]).shape == (0, features.shape[1])

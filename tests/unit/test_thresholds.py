@@ -159,3 +159,38 @@ def test_pooled_precision_counts_errors_of_every_label() -> None:
 def test_pooled_inputs_must_name_the_same_labels() -> None:
     with pytest.raises(ValueError, match="differ"):
         select_pooled_thresholds({"a": [0.1]}, {"b": [0]})
+
+
+def test_an_indeterminate_band_remains_where_the_classes_mix() -> None:
+    # 1000 clear positives (0.9-1.0) and negatives (0.0-0.1) dilute the errors of 20 + 20
+    # mixed samples between 0.4 and 0.6: PASS certified over its whole selection reaches
+    # down into the negatives, SKIP up into the positives, and both claim the middle.
+    rng = np.random.default_rng(2)
+    middle = rng.uniform(0.4, 0.6, 40)
+    scores = np.r_[rng.uniform(0.9, 1.0, 1000), rng.uniform(0.0, 0.1, 1000), middle]
+    labels = np.r_[np.ones(1000), np.zeros(1000), np.ones(20), np.zeros(20)]
+    # (Certified alone, PASS reaches 0.098 and SKIP 0.903: once clamped to one threshold,
+    # every mixed score was decided.)
+    record = select_thresholds(scores, labels, target_precision=0.95, delta=0.1)
+    assert record.negative < record.positive
+    mixed = (middle >= middle[:20].min()) & (middle <= middle[20:].max())
+    # every score where the classes mix is left to a person; both sides decide only
+    # correctly on validation, and the clear blocks are all decided
+    assert np.all((middle[mixed] > record.negative) & (middle[mixed] < record.positive))
+    assert record.achieved_precision_pos == 1.0 and record.achieved_precision_neg == 1.0
+    assert record.n_pos >= 1000 and record.n_neg >= 1000
+    LabelThresholds(record.positive, record.negative)
+
+
+def test_a_ceded_side_too_small_to_be_certified_decides_nothing() -> None:
+    # The top score is a negative, then 50 positives, then 800 negatives. With two starts
+    # (0.9 at level 0.1 each: 22 and 38 decisions) the second PASS sequence steps over
+    # the top error and reaches into the negatives; SKIP, 50 errors in 851 decisions,
+    # covers everything. Both claim the top negative: above it nothing is left, fewer
+    # than the 38 decisions a certificate needs, so PASS decides nothing.
+    scores = np.linspace(1.0, 0.0, 851)
+    labels = np.r_[0, np.ones(50), np.zeros(800)]
+    record = select_thresholds(scores, labels, target_precision=0.9, delta=0.2, starts=2)
+    assert record.positive == 1.0 and record.n_pos == 0
+    assert record.negative == scores[51]  # SKIP ends below the lowest positive
+    assert record.n_neg == 800 and record.achieved_precision_neg == 1.0

@@ -9,6 +9,7 @@ Artifact layout (one folder per trained version)::
 
     <artifacts>/<tier>/<version>/weights.pt      # state dict, loaded with weights_only=True
     <artifacts>/<tier>/<version>/metadata.json   # ArtifactMeta, with the weights' SHA-256
+    <artifacts>/<tier>/<version>/novelty.npz     # shift detector (models.novelty), no pickle
     <artifacts>/<tier>/CHAMPION                  # text: the version workers should serve
 
 Tier (artifact) names match :data:`NAME_PATTERN` and versions :data:`VERSION_PATTERN`; both
@@ -24,6 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
 
 from phenocascade.domain import DecodedImage, LabelThresholds, StageKind, StageOutput
 from phenocascade.errors import ArtifactError, ConfigError
@@ -99,6 +103,19 @@ class Stage(Protocol):
         ...
 
 
+@runtime_checkable
+class Embedder(Protocol):
+    """Optional capability of a :class:`Stage`: the features its model sees in each image.
+
+    Novelty scoring (:mod:`phenocascade.models.novelty`) reads them; stages without it are
+    scored on a backend-agnostic image descriptor instead.
+    """
+
+    def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
+        """Return features of shape ``(len(images), d)``, ``float64``, ``d`` fixed per model."""
+        ...
+
+
 @dataclass
 class ArtifactMeta:
     """Metadata stored beside the weights; the artifact describes itself.
@@ -120,7 +137,8 @@ class ArtifactMeta:
     normalization : dict
         ``{"mean": [...], "std": [...]}`` applied after scaling to ``[0, 1]``.
     calibration : dict
-        Temperature per label, ``{"temperature": {label: T}}``.
+        Temperature per label, ``{"temperature": {label: T}}``, and, when a shift detector
+        was fitted (``novelty.npz``), ``"novelty": {"alpha", "threshold", "features", "n"}``.
     thresholds : dict
         Per label ``{"positive", "negative", "target_precision", "achieved_precision_pos",
         "achieved_precision_neg", "coverage"}``.
@@ -285,7 +303,12 @@ def set_compute_threads(threads: int) -> None:
 
 
 def load_stage(
-    artifacts: Path, tier: str, version: str | None = None, device: str = "cpu"
+    artifacts: Path,
+    tier: str,
+    version: str | None = None,
+    device: str = "cpu",
+    *,
+    novelty: bool = True,
 ) -> Stage:
     """Load a trained stage.
 
@@ -299,6 +322,10 @@ def load_stage(
         Version to load; ``None`` loads the champion.
     device : str, default "cpu"
         ``"cpu"`` or ``"cuda"``.
+    novelty : bool, default True
+        Wrap the stage in a :class:`~phenocascade.models.novelty.NoveltyGuard`, which marks
+        images unlike its calibration data ``novel`` (so they go to a person); ``False``
+        returns the backend itself.
 
     Raises
     ------
@@ -315,4 +342,9 @@ def load_stage(
     folder = artifacts / check_artifact_name(tier) / check_version(version)
     meta = ArtifactMeta.read(folder)
     stage: Stage = get_backend(meta.backend).load(folder, device=device)
-    return stage
+    if not novelty:
+        return stage
+    # Imported here: novelty needs torch (through preprocess), this module must not.
+    from phenocascade.models.novelty import NoveltyGuard
+
+    return NoveltyGuard.around(stage, folder)

@@ -21,10 +21,15 @@ decisions at 95 % precision, delta 0.1), while the pooled decisions do.
 The temperatures and the thresholds are fitted on the same validation data: a
 temperature is a monotone map per label, so it leaves that label's ranking unchanged,
 but in pooled mode it does shift labels against each other.
+
+Certificates hold only for images like the validation data, so the same images also fit
+the stage's shift detector (:mod:`phenocascade.models.novelty`): an image beyond it is
+routed to a person whatever its scores.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,11 +46,14 @@ from phenocascade.models.calibration import (
     fit_temperature,
     logit,
 )
+from phenocascade.models.novelty import DEFAULT_ALPHA, NoveltyHolder, StageNovelty
 from phenocascade.models.thresholds import (
     select_pooled_thresholds,
     select_thresholds,
     threshold_record,
 )
+
+log = logging.getLogger(__name__)
 
 ThresholdMode = Literal["per_label", "pooled"]
 
@@ -103,11 +111,15 @@ class Calibration:
         ``ThresholdRecord.as_dict()`` with the pooled ``n`` and achieved precisions, or
         ``None`` per label) and ``labels``: per label ``n``, ``positives``,
         ``ece_before``, ``ece_after``.
+    novelty : dict or None
+        :meth:`StageNovelty.summary <phenocascade.models.novelty.StageNovelty.summary>` of
+        the fitted shift detector, ``None`` when none was fitted.
     """
 
     temperature: dict[str, float]
     thresholds: dict[str, dict[str, float]]
     metrics: dict[str, Any]
+    novelty: dict[str, Any] | None = None
 
 
 def _label_pairs(
@@ -195,8 +207,9 @@ def calibrate_stage(
     delta: float = 0.1,
     threshold_mode: ThresholdMode | None = None,
     starts: int = 1,
+    novelty_alpha: float | None = DEFAULT_ALPHA,
 ) -> Calibration:
-    """Fit temperatures and certify thresholds of a trained backend on validation data.
+    """Fit temperatures, certify thresholds and fit the shift detector on validation data.
 
     Parameters
     ----------
@@ -218,6 +231,9 @@ def calibrate_stage(
     starts : int, default 1
         Start points of the fixed-sequence test (see
         :mod:`phenocascade.models.thresholds`).
+    novelty_alpha : float or None, default 0.02
+        False-alarm rate of the shift detector, fitted when the stage has ``set_novelty``
+        (:class:`~phenocascade.models.novelty.NoveltyHolder`); ``None`` fits none.
 
     Returns
     -------
@@ -293,6 +309,7 @@ def calibrate_stage(
                 delta=delta,
             ).as_dict() | {"finds_all": finds_all}
     stage.set_calibration(temperature, thresholds)
+    novelty = _fit_novelty(stage, images, novelty_alpha)
     metrics = {
         "threshold_mode": mode,
         "starts": starts,
@@ -301,4 +318,25 @@ def calibrate_stage(
         "pooled": pooled_record,
         "labels": per_label,
     }
-    return Calibration(temperature=temperature, thresholds=thresholds, metrics=metrics)
+    return Calibration(
+        temperature=temperature, thresholds=thresholds, metrics=metrics, novelty=novelty
+    )
+
+
+def _fit_novelty(
+    stage: Any, images: Sequence[DecodedImage], alpha: float | None
+) -> dict[str, Any] | None:
+    """Fit the stage's shift detector on ``images`` and store it; return its summary.
+
+    Skipped (``None``) for ``alpha=None``, for stand-ins that cannot hold one, and for
+    fewer than 3 images, too few to fit.
+    """
+    holder = stage if isinstance(stage, NoveltyHolder) else None
+    if alpha is None or holder is None:
+        return None
+    if len(images) < 3:
+        log.warning("%d validation images: too few to fit a shift detector", len(images))
+        return None
+    novelty = StageNovelty.fit(stage, images, alpha=alpha)
+    holder.set_novelty(novelty)
+    return novelty.summary()

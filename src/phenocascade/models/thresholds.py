@@ -20,6 +20,14 @@ unlabelled scores only, never on the truths. The SKIP rule ``p <= t`` is handled
 way with the roles of the classes swapped. When nothing can be certified the thresholds
 fall back to ``positive = 1.0`` and ``negative = 0.0``: every decision goes to a human.
 
+Each side's precision is over its whole selection, so many easy decisions can carry a
+few wrong ones near the boundary: when the classes are well separated on most samples,
+the certified PASS rule reaches below the certified SKIP rule, and both claim the scores
+between them. Those contested scores go to a person instead (:func:`_cede_overlap`): PASS
+keeps only scores above every validation negative among them, SKIP only scores below
+every validation positive among them. Both are still rules their own sequences certified,
+and an indeterminate band remains wherever the validation classes mix.
+
 A single sequence ends at its first failure, so one confident error near the top of the
 ranking (one mislabelled image) can stop it before it ever reaches a useful coverage.
 With ``starts = m`` the sequence is run from ``m`` start points, each at level
@@ -255,15 +263,55 @@ def select_thresholds(
     order = np.argsort(p, kind="stable")
     n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta, starts)
     negative = float(p[order][n_neg - 1]) if n_neg else 0.0
-    if negative > positive:
-        # Both sides certified yet overlapping: only possible when they share tied
-        # scores; keep the SKIP side below PASS so LabelThresholds stays ordered.
-        negative = positive
+    if n_pos and n_neg and negative >= positive:
+        least = min_certifiable_count(target_precision, delta / starts, errors=starts - 1)
+        positive, negative = _cede_overlap(p, y, positive, negative, least)
     # A certified side whose score is exactly 1.0 (0.0) would read as "decides nothing"
     # in threshold_record; scores are clipped away from 0 and 1, so this cannot happen.
     return threshold_record(
         p, y, positive, negative, target_precision=target_precision, delta=delta
     )
+
+
+def _cede_overlap(
+    p: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int64],
+    positive: float,
+    negative: float,
+    least: int,
+) -> tuple[float, float]:
+    """Give the scores claimed by both certified rules, ``[positive, negative]``, to a person.
+
+    PASS moves up to the lowest score above every negative in the overlap, SKIP down to
+    the highest score below every positive in it, so ``negative < positive`` after. A
+    moved rule selects a subset of the top (bottom) of the ranking its fixed sequence
+    certified; it is certified itself if it still selects at least ``least`` samples,
+    the largest start of those sequences (with ``starts`` start points, ``starts - 1``
+    errors at level ``delta / starts``). Otherwise that side decides nothing.
+
+    Parameters
+    ----------
+    p, y : numpy.ndarray
+        Shape ``(n,)``: calibrated validation scores and 0/1 truths.
+    positive, negative : float
+        The certified thresholds, ``negative >= positive``.
+    least : int
+        Smallest selection a moved rule may keep.
+
+    Returns
+    -------
+    tuple of float
+        ``(positive, negative)`` with ``negative < positive``.
+    """
+    contested = (p >= positive) & (p <= negative)
+    negatives, positives = p[contested & (y == 0)], p[contested & (y == 1)]
+    if negatives.size:
+        above = p[p > negatives.max()]
+        positive = float(above.min()) if above.size >= least else 1.0
+    if positives.size:
+        below = p[p < positives.min()]
+        negative = float(below.max()) if below.size >= least else 0.0
+    return positive, negative
 
 
 @dataclass(frozen=True)

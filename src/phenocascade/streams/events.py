@@ -10,6 +10,7 @@ from typing import Any
 from phenocascade.domain import Box, ImageMeta, OutputStatus, Route, StageKind, StageOutput
 
 _FORMATS = {"tif": "TIFF", "tiff": "TIFF", "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
+NOVEL = "novel"
 
 
 def now_ms() -> int:
@@ -80,7 +81,10 @@ def tier_result(
     model_name: str,
     model_version: str,
 ) -> dict[str, Any]:
-    """Return the ``TierResult`` of one tier for one submitted image."""
+    """Return the ``TierResult`` of one tier for one submitted image.
+
+    Its ``reason`` is :func:`route_reason` of ``output``.
+    """
     return {
         "image_id": submitted["image_id"],
         "tier": tier,
@@ -93,11 +97,26 @@ def tier_result(
         "study": submitted["metadata"]["study"],
         "uri": submitted["uri"],
         "produced_at": now_ms(),
+        "reason": route_reason(output),
     }
 
 
+def route_reason(output: StageOutput) -> str | None:
+    """Return ``"novel"`` if the tier found the image unlike its calibration data, else ``None``.
+
+    A novel image goes to a person whatever its scores (:func:`~phenocascade.domain.route`).
+    """
+    return NOVEL if output.novel else None
+
+
 def uncertainty(output: StageOutput) -> float:
-    """Return a priority in ``[0, 1]``: 1 minus twice the least sure score's distance to 0.5."""
+    """Return a priority in ``[0, 1]``: 1 minus twice the least sure score's distance to 0.5.
+
+    A novel image gets 1.0: its scores may look confident but carry no guarantee, and a
+    new scanner or stain should reach an expert on its first images.
+    """
+    if output.novel:
+        return 1.0
     probs = [*output.scores.values(), *(b.score for b in output.boxes)]
     if not probs:
         return 0.0
@@ -114,7 +133,10 @@ def annotation_request(
     model_name: str,
     model_version: str,
 ) -> dict[str, Any]:
-    """Return an ``AnnotationRequest`` carrying the prediction that caused it."""
+    """Return an ``AnnotationRequest`` carrying the prediction that caused it.
+
+    Its ``reason`` is :func:`route_reason` of ``output``.
+    """
     return {
         "image_id": submitted["image_id"],
         "tier": tier,
@@ -129,6 +151,7 @@ def annotation_request(
         "inline": submitted["inline"],
         "submitted": submitted_bytes,
         "created_at": now_ms(),
+        "reason": route_reason(output),
     }
 
 

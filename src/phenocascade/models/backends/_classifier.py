@@ -263,8 +263,29 @@ class ImageClassifier(CalibratedStage):
         if not per_image:
             return np.zeros((0, len(self.classes_)))
         logits = self._logits(self.net_, torch.cat(per_image), self.device_).double().numpy()
-        bounds = np.cumsum([0, *(len(v) for v in per_image)])
-        return np.stack([logits[a:b].mean(0) for a, b in itertools.pairwise(bounds)])
+        return _mean_per_image(logits, [len(v) for v in per_image])
+
+    def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
+        """Global-average-pooled backbone features, shape ``(len(images), d)``, ``float64``.
+
+        ``d`` is the input width of the network's last linear layer (64 for
+        ``small_cnn``, 512 for ``resnet18``, 1280 for ``mobilenet_v2``). With
+        ``view="crops"`` an image's features are the mean over its grid crops.
+        """
+        head = [m for m in self.net_.modules() if isinstance(m, torch.nn.Linear)][-1]
+        per_image = [self._eval_views(img.pixels) for img in images]
+        if not per_image:
+            return np.zeros((0, head.in_features))
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(
+            lambda _module, args: captured.append(args[0].detach().float().cpu())
+        )
+        try:
+            self._logits(self.net_, torch.cat(per_image), self.device_)
+        finally:
+            hook.remove()
+        features = torch.cat(captured).double().numpy()
+        return _mean_per_image(features, [len(v) for v in per_image])
 
     def predict(
         self, images: Sequence[DecodedImage], *, calibrated: bool = True
@@ -312,3 +333,11 @@ class ImageClassifier(CalibratedStage):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def _mean_per_image(
+    rows: npt.NDArray[np.float64], counts: Sequence[int]
+) -> npt.NDArray[np.float64]:
+    """Average consecutive runs of ``counts`` rows (an image's views): ``(len(counts), d)``."""
+    bounds = np.cumsum([0, *counts])
+    return np.stack([rows[a:b].mean(0) for a, b in itertools.pairwise(bounds)])

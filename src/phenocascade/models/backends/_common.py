@@ -2,8 +2,9 @@
 
 Not a registered backend itself: :class:`CalibratedStage` is the base of the image
 classifiers and :class:`CalibratedDetector` that of the box detectors. Both keep the
-learned calibration (``temperature_``, ``thresholds_``) and write and read it with the
-weights, so every artifact has the same ``weights.pt`` + ``metadata.json`` layout.
+learned calibration (``temperature_``, ``thresholds_``, ``novelty_``) and write it with the
+weights, so every artifact has the same ``weights.pt`` + ``metadata.json`` (+
+``novelty.npz``) layout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from phenocascade.domain import Box, DecodedImage, LabelThresholds, StageKind, S
 from phenocascade.models import artifact
 from phenocascade.models.base import ArtifactMeta
 from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability
+from phenocascade.models.novelty import StageNovelty
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from phenocascade.models.thresholds import fallback_record
 
@@ -43,6 +45,10 @@ class CalibratedStage(ABC):
     thresholds_ : dict
         Threshold record per label (see :meth:`ThresholdRecord.as_dict
         <phenocascade.models.thresholds.ThresholdRecord.as_dict>`).
+    novelty_ : StageNovelty or None
+        Shift detector fitted on the validation images, saved as ``novelty.npz``; ``None``
+        until :meth:`set_novelty` (a loaded artifact's is read by
+        :func:`~phenocascade.models.base.load_stage`).
     """
 
     kind: ClassVar[StageKind]
@@ -55,6 +61,7 @@ class CalibratedStage(ABC):
     classes_: list[str]
     temperature_: dict[str, float]
     thresholds_: dict[str, dict[str, float]]
+    novelty_: StageNovelty | None = None
     version_: str
     meta_: ArtifactMeta
 
@@ -92,6 +99,7 @@ class CalibratedStage(ABC):
         self.temperature_ = {label: 1.0 for label in self.classes_}
         fallback = fallback_record(0.99, 0.1).as_dict()
         self.thresholds_ = {label: dict(fallback) for label in self.classes_}
+        self.novelty_ = None
 
     def set_calibration(
         self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
@@ -99,6 +107,10 @@ class CalibratedStage(ABC):
         """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
         self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
         self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
+
+    def set_novelty(self, novelty: StageNovelty) -> None:
+        """Store the shift detector fitted on the validation images (see :mod:`..certify`)."""
+        self.novelty_ = novelty
 
     # -- persistence -------------------------------------------------------------------------
     def save(
@@ -110,12 +122,17 @@ class CalibratedStage(ABC):
         data_fingerprint: str = "",
         parent_version: str = "",
     ) -> ArtifactMeta:
-        """Write ``weights.pt`` and ``metadata.json``; the version is ``folder.name``.
+        """Write the weights, the metadata and the novelty state; the version is ``folder.name``.
 
-        ``weights.pt`` holds the network's state dict (a composite's inner network).
+        ``weights.pt`` holds the network's state dict (a composite's inner network);
+        ``novelty.npz`` the shift detector, when one was fitted, summarised in the
+        metadata's ``calibration["novelty"]``.
         """
         network, input_size = self._artifact_network()
         weights_sha256 = artifact.save_weights(folder, network.state_dict())
+        calibration: dict[str, Any] = {"temperature": dict(self.temperature_)}
+        if self.novelty_ is not None:
+            calibration["novelty"] = self.novelty_.save(folder)
         mean, std = self.normalization
         meta = ArtifactMeta(
             backend=self.model_name,
@@ -125,7 +142,7 @@ class CalibratedStage(ABC):
             classes=list(self.classes_),
             input_size=input_size,
             normalization={"mean": list(mean), "std": list(std)},
-            calibration={"temperature": dict(self.temperature_)},
+            calibration=calibration,
             thresholds={k: dict(v) for k, v in self.thresholds_.items()},
             metrics=dict(metrics or {}),
             data_fingerprint=data_fingerprint,
