@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "phenocascade.cli.data",
     "phenocascade.cli.plan",
     "phenocascade.cli.train",
+    "phenocascade.cli.sweep",
     "phenocascade.cli.cascade",
     "phenocascade.cli.annotate",
     "phenocascade.cli.demo",

@@ -29,6 +29,10 @@ in between leaves running workers on the old model. Each :meth:`Retrainer.run` t
 starts by :meth:`~Retrainer.reconcile`-ing: a champion the ``models`` topic does not
 announce is announced again.
 
+The promotion rule (:func:`decide`) and what a decision does (:func:`apply_decision`:
+``CHAMPION``, lineage, ``ModelPromoted``) are public, so that ``phenocascade sweep`` puts
+its best trial through the same champion/challenger promotion.
+
 The loop knows nothing about models beyond the :class:`ChallengerTrainer` protocol; the
 command line wires in :class:`phenocascade.learning.RecipeTrainer`.
 """
@@ -186,6 +190,140 @@ def promotion_metrics(record: Mapping[str, Any]) -> dict[str, float]:
         f"parent_{metric}": record["parent_metrics"].get(metric, float("nan")),
         "annotations": float(len(record["annotation_ids"])),
     }
+
+
+def decide(
+    *,
+    metric: str,
+    metrics: Mapping[str, float],
+    parent_metrics: Mapping[str, float],
+    parent_version: str,
+) -> tuple[str, str]:
+    """Return the champion/challenger decision on a trained model, and its reason.
+
+    Parameters
+    ----------
+    metric : str
+        The deciding metric (higher is better).
+    metrics, parent_metrics : Mapping of str to float
+        The model's and the champion's metrics on the same holdout.
+    parent_version : str
+        The champion's version; ``""`` when the tier has none.
+
+    Returns
+    -------
+    decision : {"promoted", "rejected"}
+        Promoted when the tier has no champion, or when ``metric`` is strictly above the
+        champion's; a metric that is missing or NaN never beats a champion.
+    reason : str
+        One line saying why, with both figures.
+    """
+    new = metrics.get(metric, float("nan"))
+    old = parent_metrics.get(metric, float("nan"))
+    if not parent_version:
+        # Nothing to compare with: the first model routes only what its certificate
+        # allows, and everything else still goes to experts.
+        return PROMOTED, f"first model of the tier (cold start); {metric} {new:.4f} on the holdout"
+    # NaN compares false, so a metric that could not be computed never promotes.
+    if new > old:
+        return PROMOTED, f"{metric} {new:.4f} > champion's {old:.4f} on the holdout"
+    return REJECTED, f"{metric} {new:.4f} is not above champion's {old:.4f} on the holdout"
+
+
+@dataclass(frozen=True)
+class Announcer:
+    """Where decisions are recorded and promotions announced.
+
+    Attributes
+    ----------
+    session : cassandra.cluster.Session
+        Holds the lineage tables (:mod:`phenocascade.store.lineage`).
+    producer : confluent_kafka.Producer
+        Produces ``ModelPromoted`` events.
+    models_topic : str
+        The compacted topic tier workers read promotions from.
+    codec : EventCodec
+        Encodes the events.
+    """
+
+    session: Session
+    producer: Producer
+    models_topic: str
+    codec: EventCodec
+
+    def publish(
+        self, artifact: str, version: str, *, parent_version: str, metrics: Mapping[str, float]
+    ) -> None:
+        """Produce ``ModelPromoted`` (keyed by tier: the compacted topic keeps the latest).
+
+        Raises
+        ------
+        InfraError
+            If Kafka did not acknowledge the event within 30 s.
+        """
+        record = {
+            "tier": artifact,
+            "version": version,
+            "parent_version": parent_version,
+            "metrics": dict(metrics),
+            "promoted_at": events.now_ms(),
+        }
+        self.producer.produce(
+            self.models_topic,
+            key=artifact.encode(),
+            value=self.codec.encode("ModelPromoted", record),
+        )
+        if self.producer.flush(30):
+            raise InfraError(
+                f"ModelPromoted for {artifact}/{version} was not acknowledged by Kafka within "
+                "30 s; the version is champion, workers load it on restart, and the next "
+                "retrainer start announces it again"
+            )
+
+
+def apply_decision(
+    outcome: Outcome, *, artifacts: Path, artifact: str, announcer: Announcer | None
+) -> None:
+    """Make a decided attempt take effect: ``CHAMPION``, its lineage, ``ModelPromoted``.
+
+    A promoted version becomes ``CHAMPION`` of ``artifact`` first. Then the attempt's
+    record (any decision) is saved to the lineage tables and, for a promotion,
+    ``ModelPromoted`` is published. Lineage goes before the event: if the event is lost,
+    :meth:`Retrainer.reconcile` finds its metrics.
+
+    Parameters
+    ----------
+    outcome : Outcome
+        The attempt, with its ``decision`` (see :func:`decide`) and ``finished_at`` set.
+    artifacts : pathlib.Path
+        The artifacts folder the workers serve from.
+    artifact : str
+        The tier's artifact name (``TierSpec.artifact``).
+    announcer : Announcer or None
+        ``None`` (offline: ``phenocascade sweep --no-publish``) only sets ``CHAMPION``;
+        workers load it when they start, and the next retrainer start announces it.
+
+    Raises
+    ------
+    ArtifactError
+        If a promoted version has no artifact.
+    InfraError
+        If Kafka did not acknowledge ``ModelPromoted`` (``CHAMPION`` is already set).
+    """
+    promoted = outcome.decision == PROMOTED
+    if promoted:
+        set_champion(artifacts, artifact, outcome.version)
+    if announcer is None:
+        return
+    record = outcome.record()
+    save_lineage(session=announcer.session, record=record)
+    if promoted:
+        announcer.publish(
+            artifact,
+            outcome.version,
+            parent_version=outcome.parent_version,
+            metrics=promotion_metrics(record),
+        )
 
 
 def image_key(data: bytes) -> str:
@@ -563,15 +701,12 @@ class Retrainer:
             outcome.version = outcome.version or f"failed-{uuid.uuid4().hex[:12]}"
             outcome.reason = f"{type(exc).__name__}: {exc}"
             return self._finish(outcome, spec, created)
-        new = challenger.metrics.get(metric, float("nan"))
-        old = outcome.parent_metrics.get(metric, float("nan"))
-        # NaN compares false, so a metric that could not be computed never promotes.
-        if new > old:
-            outcome.decision = PROMOTED
-            outcome.reason = f"{metric} {new:.4f} > champion's {old:.4f} on the holdout"
-        else:
-            outcome.decision = REJECTED
-            outcome.reason = f"{metric} {new:.4f} is not above champion's {old:.4f} on the holdout"
+        outcome.decision, outcome.reason = decide(
+            metric=metric,
+            metrics=challenger.metrics,
+            parent_metrics=outcome.parent_metrics,
+            parent_version=parent,
+        )
         return self._finish(outcome, spec, created)
 
     def _created_folder(self, artifact: str, version: str, before: set[str]) -> Path | None:
@@ -586,22 +721,18 @@ class Retrainer:
             return None
         return folder if folder.is_dir() and not folder.is_symlink() else None
 
+    def _announcer(self) -> Announcer:
+        return Announcer(self.session, self.producer, self.topology.models_topic, self.codec)
+
     def _finish(self, outcome: Outcome, spec: TierSpec, created: Path | None) -> Outcome:
         outcome.finished_at = datetime.now(tz=UTC)
-        promoted = outcome.decision == PROMOTED
-        if promoted:
-            set_champion(self.settings.artifacts, spec.artifact, outcome.version)
-        record = outcome.record()
-        # Lineage before the event: if the event is lost, reconcile() finds its metrics.
-        save_lineage(session=self.session, record=record)
-        if promoted:
-            self._publish(
-                spec.artifact,
-                outcome.version,
-                parent_version=outcome.parent_version,
-                metrics=promotion_metrics(record),
-            )
-        elif created is not None and not self.keep_rejected:
+        apply_decision(
+            outcome,
+            artifacts=self.settings.artifacts,
+            artifact=spec.artifact,
+            announcer=self._announcer(),
+        )
+        if outcome.decision != PROMOTED and created is not None and not self.keep_rejected:
             self._discard(spec.artifact, created)
         with self._lock:
             self._considered[outcome.tier] = set(outcome.annotation_ids) | set(outcome.excluded)
@@ -638,35 +769,6 @@ class Retrainer:
             artifact,
             folder,
         )
-
-    def _publish(
-        self, artifact: str, version: str, *, parent_version: str, metrics: Mapping[str, float]
-    ) -> None:
-        """Produce ``ModelPromoted`` (keyed by tier: the compacted topic keeps the latest).
-
-        Raises
-        ------
-        InfraError
-            If Kafka did not acknowledge the event within 30 s.
-        """
-        record = {
-            "tier": artifact,
-            "version": version,
-            "parent_version": parent_version,
-            "metrics": dict(metrics),
-            "promoted_at": events.now_ms(),
-        }
-        self.producer.produce(
-            self.topology.models_topic,
-            key=artifact.encode(),
-            value=self.codec.encode("ModelPromoted", record),
-        )
-        if self.producer.flush(30):
-            raise InfraError(
-                f"ModelPromoted for {artifact}/{version} was not acknowledged by Kafka within "
-                "30 s; the version is champion, workers load it on restart, and the next "
-                "retrainer start announces it again"
-            )
 
     # -- reconciling -----------------------------------------------------------------------
     def _published(self) -> dict[str, str]:
@@ -739,7 +841,9 @@ class Retrainer:
                     champion,
                     "lineage record" if record is not None else "artifact metadata",
                 )
-                self._publish(artifact, champion, parent_version=parent, metrics=metrics)
+                self._announcer().publish(
+                    artifact, champion, parent_version=parent, metrics=metrics
+                )
                 announced[artifact] = champion
             except PhenocascadeError as exc:
                 log.error(

@@ -418,6 +418,15 @@ def evaluate_stage(
     return metrics
 
 
+# The summary metric that ranks models of each kind of stage (higher is better): it decides
+# promotions (the retrainer) and model selection (sweeps). All are rankings.
+KIND_METRICS: dict[StageKind, str] = {
+    StageKind.GATE: "auroc",
+    StageKind.CLASSIFIER: "mean_ap",
+    StageKind.DETECTOR: "ap50",
+}
+
+
 def summary_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """Return the scalar metrics of an :func:`evaluate_stage` report.
 

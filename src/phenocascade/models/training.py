@@ -1,11 +1,18 @@
-"""The training loop shared by the torch backends: seeding, progress, early stopping."""
+"""The training loop shared by the torch backends: seeding, progress, early stopping.
+
+An epoch hook (:func:`epoch_hook`) sees every validation figure of every :func:`fit_loop`
+run in its context, without any backend passing it along: a hyperparameter sweep reports
+the curve to its pruner and aborts a trial that falls behind by raising from the hook.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +29,43 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[dict[str, float]], None]
 # Reads a training sample's pixels, (H, W, C) uint8 or uint16.
 Loader = Callable[[Sample], npt.NDArray[np.uint8] | npt.NDArray[np.uint16]]
+# Called after each epoch's validation with (zero-based epoch, validation loss).
+EpochHook = Callable[[int, float], None]
+_EPOCH_HOOK: ContextVar[EpochHook | None] = ContextVar("phenocascade_epoch_hook", default=None)
+
+
+@contextlib.contextmanager
+def epoch_hook(hook: EpochHook) -> Iterator[None]:
+    """Call ``hook(epoch, val_loss)`` after each validation of every fit in this context.
+
+    The figure is a validation loss (lower is better): the one :func:`fit_loop` early-stops
+    on, or what a backend with its own loop reports (:func:`report_epoch`). An exception
+    raised by the hook aborts the fit and propagates to the caller of ``fit``: nothing is
+    restored or saved. Contexts nest (the innermost hook is called) and are local to the
+    thread or task that entered them.
+
+    Parameters
+    ----------
+    hook : callable
+        ``(epoch, val_loss) -> None``.
+    """
+    token = _EPOCH_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _EPOCH_HOOK.reset(token)
+
+
+def report_epoch(epoch: int, val_loss: float) -> None:
+    """Pass an epoch's validation loss to the hook of the enclosing :func:`epoch_hook`.
+
+    :func:`fit_loop` calls it after each validation; a backend with its own training loop
+    (Ultralytics') calls it from that loop's end-of-epoch callback. Nothing happens outside
+    an :func:`epoch_hook` context.
+    """
+    hook = _EPOCH_HOOK.get()
+    if hook is not None:
+        hook(epoch, val_loss)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -92,6 +136,11 @@ def fit_loop(
     -------
     FitResult
         Loss histories and the kept epoch.
+
+    Notes
+    -----
+    After each validation the hook of the enclosing :func:`epoch_hook` context, if any,
+    receives the epoch and its validation loss (:func:`report_epoch`).
     """
     result = FitResult()
     best = float("inf")
@@ -148,6 +197,7 @@ def fit_loop(
                 )
             elif callable(progress):
                 progress(info)
+            report_epoch(epoch, current)
             if stale >= patience:
                 break
     finally:

@@ -31,7 +31,12 @@ from phenocascade.models import artifact
 from phenocascade.models.backends._common import CalibratedDetector
 from phenocascade.models.base import register_backend
 from phenocascade.models.preprocess import to_chw, to_unit_rgb
-from phenocascade.models.training import Loader, ProgressCallback, seed_everything
+from phenocascade.models.training import (
+    Loader,
+    ProgressCallback,
+    report_epoch,
+    seed_everything,
+)
 
 _INTEGRATIONS = (
     "clearml",
@@ -211,6 +216,11 @@ class YOLODetector(CalibratedDetector):
         Self
             With ``model_``, ``classes_``, ``history_`` (training loss per step),
             ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+
+        Notes
+        -----
+        After each validation, ``1 - AP50`` on ``val`` (Ultralytics' mAP50) goes to the
+        hook of an enclosing :func:`phenocascade.models.training.epoch_hook`.
         """
         if not train or not val:
             raise ConfigError("fit needs at least one training and one validation sample")
@@ -231,6 +241,13 @@ class YOLODetector(CalibratedDetector):
                     }
                 )
 
+        def on_fit_epoch_end(trainer: Any) -> None:
+            # 1 - AP50, the figure torchvision_detector's early_stopping="ap50" reports, so
+            # a sweep's pruner compares the two detectors' curves on one scale.
+            ap50 = (trainer.metrics or {}).get("metrics/mAP50(B)")
+            if ap50 is not None:
+                report_epoch(int(trainer.epoch), 1.0 - float(ap50))
+
         with tempfile.TemporaryDirectory(prefix="phenocascade-yolo-") as tmp:
             root = Path(tmp)
             self._export(train, load, root / "data", "train")
@@ -247,6 +264,7 @@ class YOLODetector(CalibratedDetector):
                 model = ultralytics.YOLO(self.model_yaml, task="detect")
                 model.add_callback("on_train_batch_end", on_batch_end)
                 model.add_callback("on_train_epoch_end", on_epoch_end)
+                model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
                 self._train(model, root, max_epochs, patience, device, seed, progress is True)
             # After train() the wrapper holds the best checkpoint's model (unfused).
             net = self._build(len(self.classes_))
