@@ -24,6 +24,8 @@ _COMMAND_MODULES = (
     "phenocascade.cli.train",
     "phenocascade.cli.sweep",
     "phenocascade.cli.cascade",
+    "phenocascade.cli.watch",
+    "phenocascade.cli.export",
     "phenocascade.cli.annotate",
     "phenocascade.cli.demo",
     "phenocascade.cli.learning",

@@ -18,11 +18,15 @@ from phenocascade.streams.serde import EventCodec
 log = logging.getLogger(__name__)
 
 
-def transactional_producer(kafka: KafkaSettings, transactional_id: str) -> Producer:
+def transactional_producer(
+    kafka: KafkaSettings, transactional_id: str, *, init_timeout_s: float | None = 30.0
+) -> Producer:
     """Return a producer ready for transactions (``init_transactions`` already called).
 
     A stable ``transactional_id`` per worker instance lets a restarted worker fence its
-    crashed predecessor and abort its open transaction at once.
+    crashed predecessor and abort its open transaction at once. With ``init_timeout_s=None``
+    the caller calls ``init_transactions`` itself, and may retry it on the same producer
+    while the broker is away.
     """
     producer = Producer(
         kafka.config(
@@ -35,7 +39,8 @@ def transactional_producer(kafka: KafkaSettings, transactional_id: str) -> Produ
             }
         )
     )
-    producer.init_transactions(30)
+    if init_timeout_s is not None:
+        producer.init_transactions(init_timeout_s)
     return producer
 
 

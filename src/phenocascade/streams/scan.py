@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from phenocascade.config import KafkaSettings
+from phenocascade.errors import InfraError
 
 # Answers a broker gives for a moment after a topic is created (its metadata can name the
 # leader before the partition is loaded there) or while leadership moves. librdkafka does
@@ -48,12 +49,21 @@ def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tu
 
 
 def scan_topic(
-    kafka: KafkaSettings, topic: str, timeout_s: float = 30.0
+    kafka: KafkaSettings,
+    topic: str,
+    timeout_s: float = 30.0,
+    *,
+    start: Mapping[int, int] | None = None,
+    must_finish: bool = False,
 ) -> Iterator[tuple[bytes | None, bytes | None]]:
     """Yield ``(key, value)`` of every committed message now in ``topic``.
 
     It uses a throw-away consumer group that commits nothing, and stops at each
-    partition's end as it was when the scan started.
+    partition's end as it was when the scan started. ``start`` maps a partition to the
+    offset to read it from (default: its beginning), so a caller that remembers where it
+    stopped reads only the tail. A poll that waits ``timeout_s`` for nothing ends the
+    scan early; with ``must_finish`` it raises :class:`~phenocascade.errors.InfraError`
+    instead, for callers that must not mistake a slow broker for an absent message.
     """
     consumer = Consumer(
         kafka.config(
@@ -74,13 +84,20 @@ def scan_topic(
         assign = []
         for p in meta.partitions:
             low, high = _watermarks(consumer, TopicPartition(topic, p), deadline)
-            if high > low:
+            first = max(low, (start or {}).get(p, low))
+            if high > first:
                 remaining[p] = high
-                assign.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+                begin = OFFSET_BEGINNING if first == low else first
+                assign.append(TopicPartition(topic, p, begin))
         consumer.assign(assign)
         while remaining:
             msg = consumer.poll(timeout_s)
             if msg is None:
+                if must_finish:
+                    raise InfraError(
+                        f"{topic}: partitions {sorted(remaining)} not read to their end "
+                        f"in {timeout_s:.0f} s"
+                    )
                 return
             part = msg.partition()
             assert part is not None
