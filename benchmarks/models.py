@@ -15,6 +15,12 @@ under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
   "clear" on BBBC006's real defocus and on the synthetically degraded DSB/BCCD test images;
   ``quality.classical_auroc_*``: the same for CellProfiler's power log-log slope.
 - ``majority.macro_f1`` (F1 at 0.5 averaged over labels), ``majority.ap_per_label``.
+- ``majority.groups.<group>.{macro_f1,classical_macro_f1}``: one label per group, the
+  classifier's argmax of the calibrated scores within the group, beside the CellProfiler-
+  style baseline of ``classical_majority.py`` (Otsu, components, median area and count
+  through the dataset's cut-offs) on the same test images in the same run;
+  ``.per_modality.<kind>`` splits both by ``dsb2018/images.csv`` ``kind``;
+  ``majority.groups_val``: the same on the val split, which chose the recipe's views.
 - ``minority.<dataset>.ap50`` (pycocotools, IoU 0.5, mean over classes),
   ``minority.<dataset>.recall_at_1fp`` (recall at one false positive per image);
   ``*_40img`` rows are trained on 40 training images; ``minority.yolo_vs_torchvision``
@@ -41,9 +47,12 @@ under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +64,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
+import classical_majority
 from phenocascade.config import Settings
 from phenocascade.data.datasets import bbbc006, dsb2018_majority, quality_set
 from phenocascade.data.labelled import LabelledSet, load_pixels
@@ -407,6 +418,14 @@ class Bench:
             "majority.ap_per_label",
             {c: v["ap"] for c, v in metrics["per_label"].items()},
         )
+        kind_of = _dsb_kinds(root)
+        with timed("majority.groups", self.seconds):
+            _set(self.out, "majority.groups", _groups(model, test, kind_of))
+        # The val split chose the recipe's views; its figures sit beside, never tuned on test.
+        with timed("majority.groups_val", self.seconds):
+            val = self.dataset("majority_val", lambda: dsb2018_majority(root, "val"))
+            on_val = replay(stage, val.images)
+            _set(self.out, "majority.groups_val", _groups(on_val, val, kind_of))
         self._routing("majority", stage, model, test)
 
     def _routing(self, tier: Tier, stage: Any, model: Replay, test: Pass) -> None:
@@ -670,6 +689,94 @@ def _macro_f1(outs: Sequence[StageOutput], samples: Sequence[Sample]) -> float |
     return float(np.mean(f1s))
 
 
+def _group_macro_f1(pred: Sequence[str], truth: Sequence[str], values: Sequence[str]) -> float:
+    """Mean over a group's values of the one-vs-rest F1 (0 for a value never seen)."""
+    f1s = []
+    for v in values:
+        hits = sum(p == v and t == v for p, t in zip(pred, truth, strict=True))
+        denom = sum(p == v for p in pred) + sum(t == v for t in truth)
+        f1s.append(2.0 * hits / denom if denom else 0.0)
+    return float(np.mean(f1s))
+
+
+def group_f1s(
+    outs: Sequence[StageOutput],
+    classical: Sequence[Mapping[str, str]],
+    samples: Sequence[Sample],
+    kinds: Sequence[str],
+) -> dict[str, Any]:
+    """Macro-F1 of each ``group:value`` label group, model and baseline, overall and per kind.
+
+    The model's label in a group is the argmax of its (calibrated) scores among that
+    group's labels; ``classical`` holds the baseline's ``{group: "group:value"}`` per image.
+    """
+    groups: dict[str, list[str]] = {}
+    for c in outs[0].scores:
+        groups.setdefault(c.partition(":")[0], []).append(c)
+    result: dict[str, Any] = {}
+    for group, values in groups.items():
+        pred = [values[int(np.argmax([o.scores[c] for c in values]))] for o in outs]
+        truth = [next(c for c in values if c in s.labels) for s in samples]
+        base = [c[group] for c in classical]
+        per_kind = {}
+        for kind in sorted(set(kinds)):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            per_kind[kind] = {
+                "n": len(idx),
+                "macro_f1": _group_macro_f1(
+                    [pred[i] for i in idx], [truth[i] for i in idx], values
+                ),
+                "classical_macro_f1": _group_macro_f1(
+                    [base[i] for i in idx], [truth[i] for i in idx], values
+                ),
+            }
+        result[group] = {
+            "macro_f1": _group_macro_f1(pred, truth, values),
+            "classical_macro_f1": _group_macro_f1(base, truth, values),
+            "per_modality": per_kind,
+        }
+    return result
+
+
+def _groups(model: Replay, data: Pass, kind_of: Mapping[str, str]) -> dict[str, Any]:
+    """Run the classical baseline on ``data`` and score it beside ``model`` per group."""
+    classical = [
+        classical_majority.group_labels(classical_majority.find_objects(img.pixels))
+        for img in data.images
+    ]
+    kinds = [kind_of[s.image_id] for s in data.samples]
+    return group_f1s(model.predict(data.images), classical, data.samples, kinds)
+
+
+def _dsb_kinds(root: Path) -> dict[str, str]:
+    """``image_id -> kind`` (modality) from ``dsb2018/images.csv``."""
+    with (root / "dsb2018" / "images.csv").open(newline="") as fh:
+        return {row["image_id"]: row["kind"] for row in csv.DictReader(fh)}
+
+
+def _provenance(command: str) -> dict[str, Any]:
+    """Say what measured a section: command, commit (``+dirty``: local edits), host threads."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    return {
+        "command": command,
+        "commit": commit + ("+dirty" if dirty else ""),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def _count(routes: Sequence[Route]) -> dict[str, int]:
     return {r.value: sum(x is r for x in routes) for r in Route}
 
@@ -723,6 +830,21 @@ def markdown(result: Mapping[str, Any]) -> str:
     ]
     for label, ap in (_get(result, "majority.ap_per_label") or {}).items():
         lines.append(f"| {label} | {_fmt(ap)} |")
+    lines += [
+        "",
+        "One label per group (argmax of the calibrated scores) against the classical",
+        "baseline (Otsu, components, median area and count, the dataset's cut-offs):",
+        "",
+        "| group | modality | images | macro-F1 | classical macro-F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for group, v in (_get(result, "majority.groups") or {}).items():
+        rows = [("all", {**v, "n": sum(m["n"] for m in v["per_modality"].values())})]
+        for kind, m in [*rows, *v["per_modality"].items()]:
+            lines.append(
+                f"| {group} | {kind} | {m['n']} | {_fmt(m['macro_f1'])} | "
+                f"{_fmt(m['classical_macro_f1'])} |"
+            )
     lines += [
         "",
         "## Minority detector",
@@ -889,6 +1011,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     earlier = result.get("command") if args.merge else None
     result["command"] = f"{earlier} && {command}" if earlier and earlier != command else command
     result["seconds"] = round(time.perf_counter() - started, 1)
+    # With --merge the file holds sections of several runs: each names its own.
+    for name in sections:
+        _set(result, f"runs.{name}", _provenance(command))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "models.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (RESULTS / "models.md").write_text(markdown(result))

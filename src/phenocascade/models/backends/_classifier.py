@@ -41,6 +41,8 @@ from phenocascade.models.training import (
     seed_everything,
 )
 
+View = Literal["resize", "crops", "mixed"]
+
 
 class ImageClassifier(CalibratedStage):
     """A CNN with one sigmoid output per label, trained with (weighted) binary cross-entropy.
@@ -51,14 +53,20 @@ class ImageClassifier(CalibratedStage):
         ``"small_cnn"``, ``"resnet18"``, ``"resnet50"`` or ``"mobilenet_v2"``.
     input_size : int
         Side of the square network input in pixels.
-    view : {"resize", "crops"}
+    view : {"resize", "crops", "mixed"}
         ``"resize"`` squeezes the whole image to ``input_size`` (for whole-field labels);
         ``"crops"`` cuts ``input_size`` crops at native resolution and averages their logits
-        (for texture such as focus, which resizing would destroy).
+        (for texture such as focus, which resizing would destroy); ``"mixed"`` gives one
+        network both: the labels of ``crop_groups`` are trained on and read from native
+        crops (mean logit over the grid), every other label from the resized whole field.
+    crop_groups : sequence of str
+        ``view="mixed"`` only: label groups (the text before ``:`` in ``group:value``)
+        read from native-resolution crops, e.g. an absolute size, which resizing hides.
     crops_per_image : int
-        Random training crops cached per image (``view="crops"``).
+        Random training crops cached per image (``view="crops"`` or ``"mixed"``).
     grid_per_side : int
-        Inference crops per axis (``view="crops"``); up to ``grid_per_side**2`` crops.
+        Inference crops per axis (``view="crops"`` or ``"mixed"``); up to
+        ``grid_per_side**2`` crops.
     pretrained : str or None
         See :func:`phenocascade.models.nets.resolve_pretrained`.
     batch_size : int
@@ -78,7 +86,8 @@ class ImageClassifier(CalibratedStage):
         *,
         backbone: str,
         input_size: int,
-        view: Literal["resize", "crops"],
+        view: View,
+        crop_groups: Sequence[str] = (),
         crops_per_image: int = 4,
         grid_per_side: int = 3,
         pretrained: str | None = None,
@@ -90,6 +99,7 @@ class ImageClassifier(CalibratedStage):
         self.backbone = backbone
         self.input_size = input_size
         self.view = view
+        self.crop_groups = tuple(crop_groups)
         self.crops_per_image = crops_per_image
         self.grid_per_side = grid_per_side
         self.pretrained = pretrained
@@ -105,6 +115,7 @@ class ImageClassifier(CalibratedStage):
             "backbone": self.backbone,
             "input_size": self.input_size,
             "view": self.view,
+            "crop_groups": list(self.crop_groups),
             "crops_per_image": self.crops_per_image,
             "grid_per_side": self.grid_per_side,
             "pretrained": self.pretrained,
@@ -119,13 +130,32 @@ class ImageClassifier(CalibratedStage):
         image = to_chw(to_unit_rgb(pixels))
         if self.view == "resize":
             return resize_square(image, self.input_size)[None]
-        return random_crops(image, self.input_size, self.crops_per_image, rng)
+        crops = random_crops(image, self.input_size, self.crops_per_image, rng)
+        return crops if self.view == "crops" else self._field_then(image, crops)
 
     def _eval_views(self, pixels: npt.NDArray[Any]) -> torch.Tensor:
         image = to_chw(to_unit_rgb(pixels))
         if self.view == "resize":
             return resize_square(image, self.input_size)[None]
-        return grid_crops(image, self.input_size, self.grid_per_side)
+        crops = grid_crops(image, self.input_size, self.grid_per_side)
+        return crops if self.view == "crops" else self._field_then(image, crops)
+
+    def _field_then(self, image: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """Return the ``"mixed"`` views: the resized field first, then the crops."""
+        return torch.cat([resize_square(image, self.input_size)[None], crops])
+
+    def _crop_labels(self) -> npt.NDArray[np.bool_]:
+        """Which of ``classes_`` are read from crops; all for ``"crops"``, none for ``"resize"``."""
+        if self.view != "mixed":
+            return np.full(len(self.classes_), self.view == "crops")
+        return np.array([c.partition(":")[0] in self.crop_groups for c in self.classes_])
+
+    def _view_mask(self, n_views: int) -> torch.Tensor:
+        """``(n_views, n_classes)`` loss weights: 1 where a view is trained on a label."""
+        if self.view != "mixed":
+            return torch.ones(n_views, len(self.classes_))
+        from_crops = torch.from_numpy(self._crop_labels())
+        return torch.cat([(~from_crops)[None], from_crops.expand(n_views - 1, -1)]).float()
 
     def _encode(self, samples: Sequence[Sample]) -> torch.Tensor:
         target = torch.zeros(len(samples), len(self.classes_))
@@ -185,23 +215,32 @@ class ImageClassifier(CalibratedStage):
         generator = seed_everything(seed)
         rng = np.random.default_rng(seed)
         self.classes_ = list(classes)
+        if self.view == "mixed" and not self._crop_labels().any():
+            raise ConfigError(
+                f"view='mixed' reads crop_groups {list(self.crop_groups)} from crops, but no "
+                f"class of {self.classes_} is in them; name a group such as 'nucleus_size'"
+            )
         net = build_classifier(self.backbone, len(self.classes_), self.pretrained).to(device)
 
-        def views(samples: Sequence[Sample], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            xs, ys = [], []
+        def views(
+            samples: Sequence[Sample], training: bool
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            xs, ys, masks = [], [], []
             targets = self._encode(samples)
             for sample, target in zip(samples, targets, strict=True):
                 pixels = load(sample)
                 v = self._train_views(pixels, rng) if training else self._eval_views(pixels)
                 xs.append(v)
                 ys.append(target.expand(len(v), -1))
-            return torch.cat(xs), torch.cat(ys)
+                masks.append(self._view_mask(len(v)))
+            return torch.cat(xs), torch.cat(ys), torch.cat(masks)
 
-        x_train, y_train = views(train, True)
-        x_val, y_val = views(val, False)
-        positives = y_train.sum(0)
+        x_train, y_train, m_train = views(train, True)
+        x_val, y_val, m_val = views(val, False)
+        positives = (y_train * m_train).sum(0)
+        negatives = ((1.0 - y_train) * m_train).sum(0)
         if self.balance:
-            pos_weight = ((len(y_train) - positives) / positives.clamp(min=1)).clamp(1.0, 50.0)
+            pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, 50.0)
         else:
             pos_weight = torch.ones(len(self.classes_))
         pos_weight = pos_weight.to(device)
@@ -214,13 +253,18 @@ class ImageClassifier(CalibratedStage):
             batch = augment_batch(x_train[idx], generator)
             logits = net(normalize(batch.to(device), IMAGENET_MEAN, IMAGENET_STD))
             return F.binary_cross_entropy_with_logits(
-                logits, y_train[idx].to(device), pos_weight=pos_weight
+                logits,
+                y_train[idx].to(device),
+                weight=m_train[idx].to(device),
+                pos_weight=pos_weight,
             )
 
         def val_loss() -> float:
             logits = self._logits(net, x_val, device)
             return float(
-                F.binary_cross_entropy_with_logits(logits, y_val, pos_weight=pos_weight.cpu())
+                F.binary_cross_entropy_with_logits(
+                    logits, y_val, weight=m_val, pos_weight=pos_weight.cpu()
+                )
             )
 
         result = fit_loop(
@@ -257,20 +301,23 @@ class ImageClassifier(CalibratedStage):
     def decision_logits(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
         """Uncalibrated logits, shape ``(len(images), len(classes))``, ``float64``.
 
-        With ``view="crops"`` an image's logit is the mean over its grid crops.
+        With ``view="crops"`` an image's logit is the mean over its grid crops; with
+        ``view="mixed"`` a label of ``crop_groups`` takes that mean and every other label
+        the logit of the resized field.
         """
         per_image = [self._eval_views(img.pixels) for img in images]
         if not per_image:
             return np.zeros((0, len(self.classes_)))
         logits = self._logits(self.net_, torch.cat(per_image), self.device_).double().numpy()
-        return _mean_per_image(logits, [len(v) for v in per_image])
+        return pool_views(logits, [len(v) for v in per_image], self.view, self._crop_labels())
 
     def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
         """Global-average-pooled backbone features, shape ``(len(images), d)``, ``float64``.
 
         ``d`` is the input width of the network's last linear layer (64 for
         ``small_cnn``, 512 for ``resnet18``, 1280 for ``mobilenet_v2``). With
-        ``view="crops"`` an image's features are the mean over its grid crops.
+        ``view="crops"`` an image's features are the mean over its grid crops; with
+        ``view="mixed"`` the mean of the field's features and that crop mean.
         """
         head = [m for m in self.net_.modules() if isinstance(m, torch.nn.Linear)][-1]
         per_image = [self._eval_views(img.pixels) for img in images]
@@ -285,7 +332,12 @@ class ImageClassifier(CalibratedStage):
         finally:
             hook.remove()
         features = torch.cat(captured).double().numpy()
-        return _mean_per_image(features, [len(v) for v in per_image])
+        counts = [len(v) for v in per_image]
+        if self.view != "mixed":
+            return _mean_per_image(features, counts)
+        field = features[np.cumsum([0, *counts[:-1]])]
+        crops = pool_views(features, counts, "mixed", np.ones(features.shape[1], dtype=bool))
+        return (field + crops) / 2.0
 
     def predict(
         self, images: Sequence[DecodedImage], *, calibrated: bool = True
@@ -333,6 +385,44 @@ class ImageClassifier(CalibratedStage):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def pool_views(
+    rows: npt.NDArray[np.float64],
+    counts: Sequence[int],
+    view: View,
+    from_crops: npt.NDArray[np.bool_],
+) -> npt.NDArray[np.float64]:
+    """Pool each image's view rows into one row.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray
+        ``(sum(counts), d)``, ``float64``: the rows of every image's views, image after
+        image, in the order of :meth:`ImageClassifier._eval_views`.
+    counts : sequence of int
+        Views per image; under ``"mixed"`` the first is the resized field and at least one
+        crop follows.
+    view : {"resize", "crops", "mixed"}
+        How the views were cut.
+    from_crops : numpy.ndarray
+        ``(d,)`` bool; under ``"mixed"``, the columns taken from the mean over the crops
+        (the others come from the field row). Ignored otherwise.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(counts), d)``, ``float64``: ``"resize"`` and ``"crops"`` average all of an
+        image's rows (one row under ``"resize"``).
+    """
+    if view != "mixed":
+        return _mean_per_image(rows, counts)
+    bounds = np.cumsum([0, *counts])
+    pooled = [
+        np.where(from_crops, rows[a + 1 : b].mean(0), rows[a])
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return np.stack(pooled)
 
 
 def _mean_per_image(

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
 
 from phenocascade.domain import StageKind
-from phenocascade.models.backends._classifier import ImageClassifier
+from phenocascade.models.backends._classifier import ImageClassifier, View
 from phenocascade.models.base import register_backend
 
 
 @register_backend("multilabel_cnn")
 class MultiLabelCNN(ImageClassifier):
-    """Multi-label classifier on the whole resized field of view; kind ``CLASSIFIER``.
+    """Multi-label classifier on the resized field of view and/or native crops; kind ``CLASSIFIER``.
 
     Each label has its own sigmoid output, trained with binary cross-entropy whose
     positives are weighted by ``n_negative / n_positive`` so rare labels still count.
@@ -27,7 +27,8 @@ class MultiLabelCNN(ImageClassifier):
         *,
         backbone: str = "resnet18",
         input_size: int = 224,
-        view: Literal["resize", "crops"] = "resize",
+        view: View = "resize",
+        crop_groups: Sequence[str] = (),
         crops_per_image: int = 4,
         grid_per_side: int = 3,
         pretrained: str | None = None,
@@ -40,6 +41,7 @@ class MultiLabelCNN(ImageClassifier):
             backbone=backbone,
             input_size=input_size,
             view=view,
+            crop_groups=crop_groups,
             crops_per_image=crops_per_image,
             grid_per_side=grid_per_side,
             pretrained=pretrained,
