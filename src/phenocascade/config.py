@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import typing
@@ -32,6 +33,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from phenocascade.errors import ConfigError
 
+# The Python logger every confluent-kafka client logs through (not straight to stderr).
+LIBRDKAFKA_LOGGER = "librdkafka"
+
 
 class KafkaSettings(BaseModel):
     """How to reach Kafka.
@@ -45,8 +49,17 @@ class KafkaSettings(BaseModel):
     client: dict[str, str] = Field(default_factory=dict)
 
     def config(self, **extra: Any) -> dict[str, Any]:
-        """Return a confluent-kafka config with the pass-through settings applied."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.client, **extra}
+        """Return a confluent-kafka config with the pass-through settings applied.
+
+        The client logs through the ``librdkafka`` Python logger, so the command line
+        decides where its retries and warnings go (``phenocascade.cli.logs``).
+        """
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
+            **self.client,
+            **extra,
+        }
 
 
 class CassandraSettings(BaseModel):
@@ -87,6 +100,13 @@ class Settings(BaseSettings):
     # attempts get 429 (without a password check) until the oldest failure leaves the window.
     ui_login_max_failures: int = Field(default=5, ge=1)
     ui_login_window_s: float = Field(default=300.0, gt=0)
+    # Prometheus metrics: a process serves /metrics on this port unless its --metrics-port
+    # says otherwise; `phenocascade run` serves on it and gives each of its processes its
+    # own port above it (docs/architecture.md, "Metrics and status"). 0: no metrics.
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # Where the metrics listen: 127.0.0.1 serves this machine only; 0.0.0.0 lets another
+    # machine's Prometheus scrape them.
+    metrics_host: str = "127.0.0.1"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
 

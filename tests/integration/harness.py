@@ -26,6 +26,7 @@ from phenocascade.cli.cascade import (
     stop_cascade,
     submit_paths,
 )
+from phenocascade.cli.metrics import child_metrics_ports, with_metrics_ports
 from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.domain import ImageMeta
 from phenocascade.models.base import champion_version
@@ -107,9 +108,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class Cascade:
-    """Start, kill, restart and observe a namespaced cascade."""
+    """Start, kill, restart and observe a namespaced cascade.
 
-    def __init__(self, base: Settings, workdir: Path) -> None:
+    With ``metrics_port``, its processes serve their metrics on the ports above it, as
+    ``phenocascade run``'s do (:attr:`metrics_ports`); 0: none.
+    """
+
+    def __init__(self, base: Settings, workdir: Path, *, metrics_port: int = 0) -> None:
+        self.metrics_port = metrics_port
         prefix = f"it{uuid.uuid4().hex[:8]}-"
         self.prefix = prefix
         self.topology = load_topology().namespaced(prefix)
@@ -132,7 +138,14 @@ class Cascade:
         create_topics(self.settings.kafka, self.topology)
 
     def start(self) -> None:
-        self.procs = start_cascade(self.topology, self.logs, env=self.env)
+        self.procs = start_cascade(
+            self.topology, self.logs, env=self.env, metrics_port=self.metrics_port
+        )
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """The metrics port of each process (0: it serves none)."""
+        return child_metrics_ports(list(cascade_commands(self.topology)), self.metrics_port)
 
     def kill9(self, name: str) -> None:
         proc = self.procs[name]
@@ -140,7 +153,7 @@ class Cascade:
         proc.wait()
 
     def restart(self, name: str) -> None:
-        args = cascade_commands(self.topology)[name]
+        args = with_metrics_ports(cascade_commands(self.topology), self.metrics_port)[name]
         self.procs[name] = start_process(name, args, self.logs, self.env)
 
     def stop(self) -> None:

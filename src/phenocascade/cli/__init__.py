@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from phenocascade.cli.logs import configure_logging, default_log_dir
 from phenocascade.errors import PhenocascadeError
 
 # Sub-command modules, each exposing ``register(subparsers) -> None``.
@@ -29,13 +29,19 @@ _COMMAND_MODULES = (
     "phenocascade.cli.annotate",
     "phenocascade.cli.demo",
     "phenocascade.cli.learning",
+    "phenocascade.cli.status",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(prog="phenocascade", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="more on the console: phenocascade's DEBUG records and the drivers' INFO ones",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         try:
@@ -57,10 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose, default_log_dir())
     try:
         rc: int = args.func(args)
     except PhenocascadeError as exc:

@@ -15,6 +15,7 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
+from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Topology, get_settings, load_topology
 from phenocascade.consumers.annotation_sink import SINK_GROUP, AnnotationSink
 from phenocascade.errors import ConflictError, NotFoundError, ValidationError
@@ -44,6 +45,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
     settings = get_settings()
     topology = _topology(args)
     create_topics(settings.kafka, topology)
+    start_metrics(args, settings, {args.group: [topology.annotate_topic]})
     sink = AnnotationSink(settings=settings, topology=topology, group=args.group)
     stats = sink.run(stop, until_caught_up=args.until_caught_up)
     log.info("annotation sink stopped: %s", stats)
@@ -53,6 +55,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the annotation app."""
     settings = get_settings()
+    start_metrics(args, settings)
     app = create_app(settings, _topology(args))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.ssl_certfile:
         log.warning(
@@ -121,6 +124,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stop once every partition is read to its end",
     )
+    add_metrics_port(p)
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("ui", help="serve the browser annotation app")
@@ -129,6 +133,7 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default=None, help="private key of --ssl-certfile")
+    add_metrics_port(p)
     p.set_defaults(func=cmd_ui)
 
     users = sub.add_parser("users", help="manage annotation app users")

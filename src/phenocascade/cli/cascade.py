@@ -23,6 +23,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from phenocascade.cli.metrics import (
+    add_metrics_port,
+    child_metrics_ports,
+    metrics_port,
+    start_metrics,
+    with_metrics_ports,
+)
 from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
@@ -65,13 +72,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run one tier worker until SIGTERM/SIGINT."""
     settings = get_settings()
     topology = _topology(args)
+    tier = topology.tier(args.tier)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    start_metrics(args, settings, {tier.group: [tier.input]})
     worker = TierWorker(
         settings=settings,
         topology=topology,
-        tier=topology.tier(args.tier),
+        tier=tier,
         instance=args.instance or default_instance_id(),
     )
     stats = worker.run(stop, max_images=args.max_images)
@@ -81,22 +90,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_joiner(args: argparse.Namespace) -> int:
     """Run the joiner until SIGTERM/SIGINT."""
-    run_joiner(get_settings(), _topology(args))
+    settings = get_settings()
+    topology = _topology(args)
+    inputs = [t.result_topic for t in topology.tiers]
+    start_metrics(args, settings, {topology.joiner.app_id: inputs})
+    run_joiner(settings, topology)
     return 0
 
 
 def start_cascade(
-    topology: Topology, log_dir: Path, env: Mapping[str, str] | None = None
+    topology: Topology,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    metrics_port: int = 0,
 ) -> dict[str, subprocess.Popen[bytes]]:
     """Start every tier worker (``replicas`` per tier) and the joiner as processes here.
 
     ``env`` replaces the child processes' environment (default: this process's). The
-    processes are named as in :func:`cascade_commands`.
+    processes are named as in :func:`cascade_commands`, and serve their metrics on the
+    ports above ``metrics_port`` as ``phenocascade run``'s do (0: none).
     """
-    return {
-        name: start_process(name, cmd, log_dir, env)
-        for name, cmd in cascade_commands(topology).items()
-    }
+    commands = with_metrics_ports(cascade_commands(topology), metrics_port)
+    return {name: start_process(name, cmd, log_dir, env) for name, cmd in commands.items()}
 
 
 def cascade_commands(topology: Topology) -> dict[str, list[str]]:
@@ -154,8 +170,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = get_settings()
     topology = _topology(args)
     create_topics(settings.kafka, topology)
-    procs = start_cascade(topology, settings.home / "logs")
+    base = metrics_port(args, settings)
+    procs = start_cascade(topology, settings.home / "logs", metrics_port=base)
     console.print(f"cascade running: {', '.join(f'{n} (pid {p.pid})' for n, p in procs.items())}")
+    if start_metrics(args, settings) is not None:
+        ports = child_metrics_ports(list(procs), base)
+        listed = ", ".join(f"{n} :{port}" for n, port in {"run": base, **ports}.items())
+        console.print(f"metrics (http://{settings.metrics_host}:PORT/metrics): {listed}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -391,9 +412,10 @@ def register(sub: Any) -> None:
     p.add_argument("tier")
     p.add_argument("--instance", help="stable instance id (default: host name)")
     p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    add_metrics_port(p)
 
-    add("joiner", cmd_joiner, "run the joiner (faust)")
-    add("run", cmd_run, "run the whole cascade on this machine")
+    add_metrics_port(add("joiner", cmd_joiner, "run the joiner (faust)"))
+    add_metrics_port(add("run", cmd_run, "run the whole cascade on this machine"))
 
     p = add("submit", cmd_submit, "submit image files or folders")
     p.add_argument("paths", nargs="+")

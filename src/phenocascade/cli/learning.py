@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Topology, get_settings, load_topology
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ def _retrainer(args: argparse.Namespace, every: int | None) -> Any:
 def cmd_retrainer(args: argparse.Namespace) -> int:
     """Run the retraining consumer until SIGTERM/SIGINT."""
     retrainer = _retrainer(args, args.every)
+    start_metrics(
+        args, retrainer.settings, {retrainer.group: [retrainer.topology.annotations_topic]}
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -153,6 +157,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stop once the topic is read to its end and no retraining is running or due",
     )
+    add_metrics_port(p)
     p.set_defaults(func=cmd_retrainer)
 
     p = sub.add_parser(

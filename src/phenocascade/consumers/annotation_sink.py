@@ -20,7 +20,9 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from prometheus_client import Counter
 
 from phenocascade.config import Settings, Topology
+from phenocascade.consumers import SINK_GROUP
 from phenocascade.errors import BadInputError, InfraError, SchemaError
+from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.annotations import add_task
 from phenocascade.store.cassandra import connect
 from phenocascade.streams.kafka import group_consumer, plain_producer, produce_dead_letter
@@ -28,11 +30,9 @@ from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
 
-SINK_GROUP = "phenocascade-annotation-sink"
 SINK_NAME = "annotation_sink"
 
 TASKS = Counter("phenocascade_annotation_tasks_total", "Annotation requests sunk", ["created"])
-SINK_DEAD = Counter("phenocascade_annotation_sink_dead_letters_total", "Requests dead-lettered")
 
 
 @dataclass
@@ -108,7 +108,7 @@ class AnnotationSink:
             image_id=key.decode("utf-8", "replace") if key else None,
         )
         self.stats.dead_letters += 1
-        SINK_DEAD.inc()
+        DEAD_LETTERS.labels(SINK_NAME, exc.kind).inc()
 
     def process(self, session: Session, producer: Producer, msgs: list[Message]) -> None:
         """Write one batch of tasks; dead letters are flushed before this returns.

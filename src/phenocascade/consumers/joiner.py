@@ -12,18 +12,45 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import faust
 from faust.types.auth import CredentialsT
+from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import empty_state, merge
 from phenocascade.errors import PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
+from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
+
+RESULTS_IN = Counter(
+    "phenocascade_joiner_results_in_total", "Tier results the joiner read, by tier", ["tier"]
+)
+OUTPUTS = Counter("phenocascade_outputs_total", "Image outputs emitted, by status", ["status"])
+END_TO_END = Histogram(
+    "phenocascade_end_to_end_seconds",
+    "From an image's submission (submitted_at) to its output, by status",
+    ["status"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+
+
+def observe_output(result: Mapping[str, Any], output: Mapping[str, Any]) -> None:
+    """Count an emitted output and its end-to-end latency (when its result carries one).
+
+    ``result`` is the ``TierResult`` that completed the image; its ``submitted_at`` is the
+    image's submission time (``None`` from writers older than the field).
+    """
+    OUTPUTS.labels(output["status"]).inc()
+    if result.get("submitted_at") is not None:
+        seconds = time.time() - to_epoch_ms(result["submitted_at"]) / 1000
+        END_TO_END.labels(output["status"]).observe(max(0.0, seconds))
 
 
 def _credentials(kafka: KafkaSettings) -> CredentialsT | None:
@@ -89,6 +116,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             except PhenocascadeError as exc:
                 log.warning("joiner skipped an unreadable tier result (key %r): %s", key, exc)
                 continue
+            RESULTS_IN.labels(result["tier"]).inc()
             image_id = result["image_id"]
             state = table.get(image_id) or empty_state()
             new_state, output = merge(topology, state, result)
@@ -104,6 +132,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                     ),
                 )
                 await results.send(key=image_id.encode(), value=codec.encode("ImageOutput", output))
+                observe_output(result, output)
             table[image_id] = new_state
 
     return app

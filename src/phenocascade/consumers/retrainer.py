@@ -56,6 +56,7 @@ from confluent_kafka import Consumer, Message, Producer
 from prometheus_client import Counter
 
 from phenocascade.config import Settings, TierSpec, Topology
+from phenocascade.consumers import RETRAINER_GROUP
 from phenocascade.consumers.annotation_sink import AnnotationSink
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import (
@@ -68,6 +69,7 @@ from phenocascade.errors import (
 from phenocascade.imaging import resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version, set_champion
 from phenocascade.models.evaluate import summary_metrics
+from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.annotations import annotations_by_tier, get_task, save_annotation
 from phenocascade.store.cassandra import connect
 from phenocascade.store.lineage import (
@@ -85,7 +87,6 @@ from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
 
-RETRAINER_GROUP = "phenocascade-retrainer"
 RETRAINER_NAME = "retrainer"
 HOLDOUT_REASON = "image is in the tier's fixed holdout"
 
@@ -581,6 +582,7 @@ class Retrainer:
             image_id=key.decode("utf-8", "replace") if key else None,
         )
         self.stats.dead_letters += 1
+        DEAD_LETTERS.labels(RETRAINER_NAME, exc.kind).inc()
 
     def sync(self) -> int:
         """Store every annotation now in the topic (idempotent); return how many were read.

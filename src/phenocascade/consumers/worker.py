@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, Info
 
 from phenocascade.config import Settings, TierSpec, Topology
 from phenocascade.domain import DecodedImage, LabelThresholds, Route, StageKind, StageOutput, route
 from phenocascade.errors import BadInputError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads
+from phenocascade.observability import DEAD_LETTERS
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
     group_consumer,
@@ -34,10 +35,65 @@ from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
 
-IMAGES = Counter("phenocascade_images_total", "Images scored, by tier and route", ["tier", "route"])
-DEAD = Counter("phenocascade_dead_letters_total", "Messages dead-lettered", ["tier", "kind"])
+# Batch counts are added once the batch's transaction commits, so a batch redone after an
+# abort counts once, as its outputs do.
+IMAGES_IN = Counter(
+    "phenocascade_tier_images_in_total", "Messages a tier took from its input topic", ["tier"]
+)
+IMAGES_OUT = Counter(
+    "phenocascade_tier_images_out_total", "Images a tier scored, by route", ["tier", "route"]
+)
+LABEL_DECISIONS = Counter(
+    "phenocascade_tier_label_decisions_total",
+    "Scores per label: at or above its positive threshold (present), at or below its negative "
+    "one (absent), or between (uncertain)",
+    ["tier", "label", "decision"],
+)
 BATCH_SECONDS = Histogram("phenocascade_batch_seconds", "Wall time of one batch", ["tier"])
 SWAPS = Counter("phenocascade_model_swaps_total", "Hot-swaps to a promoted model", ["tier"])
+MODEL = Info("phenocascade_model", "The model each tier serves: name and version", ["tier"])
+
+
+@dataclass
+class _BatchTally:
+    """One batch's counts, added to the metrics by :meth:`publish` after its commit."""
+
+    tier: str
+    taken: int
+    routes: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
+    labels: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def scored(
+        self, decision: Route, output: StageOutput, thresholds: dict[str, LabelThresholds]
+    ) -> None:
+        """Count one scored image: its route and the decision on each of its labels."""
+        self.routes[decision.value] = self.routes.get(decision.value, 0) + 1
+        for label, p in output.scores.items():
+            key = (label, label_decision(p, thresholds.get(label)))
+            self.labels[key] = self.labels.get(key, 0) + 1
+
+    def publish(self) -> None:
+        """Add the counts to the process's metrics."""
+        IMAGES_IN.labels(self.tier).inc(self.taken)
+        for r, n in self.routes.items():
+            IMAGES_OUT.labels(self.tier, r).inc(n)
+        for kind, n in self.dead.items():
+            DEAD_LETTERS.labels(self.tier, kind).inc(n)
+        for (label, decision), n in self.labels.items():
+            LABEL_DECISIONS.labels(self.tier, label, decision).inc(n)
+
+
+def label_decision(p: float, thresholds: LabelThresholds | None) -> str:
+    """Return ``"present"``, ``"absent"`` or ``"uncertain"`` for one label's score ``p``.
+
+    A label without thresholds is never confident.
+    """
+    if thresholds is not None and p >= thresholds.positive:
+        return "present"
+    if thresholds is not None and p <= thresholds.negative:
+        return "absent"
+    return "uncertain"
 
 
 @dataclass
@@ -135,6 +191,7 @@ class TierWorker:
                 continue
             self.stats.swaps.append(promoted["version"])
             SWAPS.labels(self.tier.name).inc()
+            self._show_model()
             log.info("tier %s now serves model %s", self.tier.name, promoted["version"])
 
     def _refuse_promotion(self, msg: Message, exc: Exception) -> None:
@@ -159,7 +216,13 @@ class TierWorker:
             image_id=None,
         )
         self._refusals.flush(10)  # rare, and run() knows nothing of this producer
-        DEAD.labels(self.tier.name, kind).inc()
+        DEAD_LETTERS.labels(self.tier.name, kind).inc()
+
+    def _show_model(self) -> None:
+        """Export the model now served (``phenocascade_model_info``)."""
+        stage = self.stage
+        if stage is not None:
+            MODEL.labels(self.tier.name).info({"name": stage.model_name, "version": stage.version})
 
     # -- input -----------------------------------------------------------------------------
     def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:
@@ -196,7 +259,6 @@ class TierWorker:
             image_id=image_id,
         )
         self.stats.dead_letters += 1
-        DEAD.labels(self.tier.name, kind).inc()
 
     def _predict(
         self, stage: Stage, images: Sequence[DecodedImage]
@@ -223,6 +285,7 @@ class TierWorker:
         assert stage is not None
         thresholds = self._thresholds(stage)
         producer.begin_transaction()
+        tally = _BatchTally(self.tier.name, len(msgs))
         good: list[tuple[Message, dict[str, Any], DecodedImage]] = []
         for msg in msgs:
             raw_key = msg.key()
@@ -233,6 +296,7 @@ class TierWorker:
                 good.append((msg, submitted, self._pixels(submitted)))
             except BadInputError as exc:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
+                tally.dead[exc.kind] = tally.dead.get(exc.kind, 0) + 1
         outputs = self._predict(stage, [g[2] for g in good])
         for (msg, submitted, _), output in zip(good, outputs, strict=True):
             if isinstance(output, Exception):
@@ -243,6 +307,7 @@ class TierWorker:
                     f"{type(output).__name__}: {output}",
                     submitted["image_id"],
                 )
+                tally.dead["model_error"] = tally.dead.get("model_error", 0) + 1
                 continue
             decision = route(stage.kind, output, thresholds, stage.gate_label)
             key = submitted["image_id"].encode()
@@ -277,11 +342,12 @@ class TierWorker:
                     value=self.codec.encode("AnnotationRequest", request),
                 )
             self.stats.routes[decision.value] = self.stats.routes.get(decision.value, 0) + 1
-            IMAGES.labels(self.tier.name, decision.value).inc()
+            tally.scored(decision, output, thresholds)
         producer.send_offsets_to_transaction(
             consumer.position(consumer.assignment()), consumer.consumer_group_metadata()
         )
         producer.commit_transaction()
+        tally.publish()
         self.stats.batches += 1
         self.stats.images += len(msgs)
 
@@ -308,6 +374,7 @@ class TierWorker:
             set_compute_threads(self.tier.threads)
         self.stage = self._load(None)
         log.info("tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version)
+        self._show_model()
         consumer = group_consumer(kafka, self.tier.group)
         producer = transactional_producer(kafka, f"{self.tier.group}-{self.instance}")
         models = group_consumer(

@@ -33,9 +33,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cassandra.cluster import Session
-from cassandra.query import PreparedStatement
 
 from phenocascade.errors import ConflictError
+from phenocascade.store.cql import prepare, qualified
 
 TASK_OPEN = "open"
 TASK_CLAIMED = "claimed"
@@ -48,7 +48,7 @@ _PARTITIONS_BUCKET = "all"
 
 _TABLES = (
     """
-    CREATE TABLE IF NOT EXISTS annotation_tasks (
+    CREATE TABLE IF NOT EXISTS {ks}.annotation_tasks (
         image_id text,
         tier text,
         status text,
@@ -73,7 +73,7 @@ _TABLES = (
     )
     """,
     """
-    CREATE TABLE IF NOT EXISTS annotation_queue (
+    CREATE TABLE IF NOT EXISTS {ks}.annotation_queue (
         tier text,
         study text,
         priority double,
@@ -86,7 +86,7 @@ _TABLES = (
     ) WITH CLUSTERING ORDER BY (priority DESC, created_at ASC, image_id ASC)
     """,
     """
-    CREATE TABLE IF NOT EXISTS annotation_queue_partitions (
+    CREATE TABLE IF NOT EXISTS {ks}.annotation_queue_partitions (
         bucket text,
         tier text,
         study text,
@@ -94,7 +94,7 @@ _TABLES = (
     )
     """,
     """
-    CREATE TABLE IF NOT EXISTS annotations_by_tier (
+    CREATE TABLE IF NOT EXISTS {ks}.annotations_by_tier (
         tier text,
         created_at timestamp,
         annotation_id text,
@@ -108,7 +108,7 @@ _TABLES = (
     ) WITH CLUSTERING ORDER BY (created_at ASC, annotation_id ASC)
     """,
     """
-    CREATE TABLE IF NOT EXISTS annotations_by_image (
+    CREATE TABLE IF NOT EXISTS {ks}.annotations_by_image (
         image_id text,
         tier text,
         created_at timestamp,
@@ -122,7 +122,7 @@ _TABLES = (
     )
     """,
     """
-    CREATE TABLE IF NOT EXISTS annotation_ids (
+    CREATE TABLE IF NOT EXISTS {ks}.annotation_ids (
         annotation_id text PRIMARY KEY,
         tier text,
         image_id text,
@@ -130,7 +130,7 @@ _TABLES = (
     )
     """,
     """
-    CREATE TABLE IF NOT EXISTS users (
+    CREATE TABLE IF NOT EXISTS {ks}.users (
         username text PRIMARY KEY,
         password_hash text,
         role text,
@@ -143,17 +143,7 @@ _TABLES = (
 def create_tables(session: Session) -> None:
     """Create this module's tables in the session's keyspace (idempotent)."""
     for ddl in _TABLES:
-        session.execute(ddl)
-
-
-_PREPARED: dict[tuple[int, str], PreparedStatement] = {}
-
-
-def _prepare(session: Session, cql: str) -> PreparedStatement:
-    key = (id(session), cql)
-    if key not in _PREPARED:
-        _PREPARED[key] = session.prepare(cql)
-    return _PREPARED[key]
+        session.execute(qualified(session, ddl))
 
 
 def _utc(value: datetime | int | None) -> datetime | None:
@@ -201,9 +191,9 @@ def _row_to_task(row: Any) -> dict[str, Any]:
 
 def _write_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
     session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO annotation_queue (tier, study, priority, created_at, image_id, "
+            "INSERT INTO {ks}.annotation_queue (tier, study, priority, created_at, image_id, "
             "claimed_by, claim_expires_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         ),
         (
@@ -218,9 +208,9 @@ def _write_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
         ),
     )
     session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO annotation_queue_partitions (bucket, tier, study) VALUES (?, ?, ?)",
+            "INSERT INTO {ks}.annotation_queue_partitions (bucket, tier, study) VALUES (?, ?, ?)",
         ),
         (_PARTITIONS_BUCKET, task["tier"], task["study"]),
     )
@@ -264,10 +254,10 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
         "created_at": _utc(request["created_at"]),
     }
     result = session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO annotation_tasks (image_id, tier, status, revision, priority, scores, "
-            "boxes, classes, model_name, model_version, study, uri, inline, submitted, "
+            "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, priority, "
+            "scores, boxes, classes, model_name, model_version, study, uri, inline, submitted, "
             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
         ),
         (
@@ -310,9 +300,9 @@ def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | 
         passed is claimable again (see :func:`is_claimable`).
     """
     row = session.execute(
-        _prepare(
+        prepare(
             session,
-            "SELECT * FROM annotation_tasks WHERE image_id = ? AND tier = ?",
+            "SELECT * FROM {ks}.annotation_tasks WHERE image_id = ? AND tier = ?",
         ),
         (image_id, tier),
     ).one()
@@ -371,9 +361,9 @@ def list_open_tasks(
     partitions = [
         (r.tier, r.study)
         for r in session.execute(
-            _prepare(
+            prepare(
                 session,
-                "SELECT tier, study FROM annotation_queue_partitions WHERE bucket = ?",
+                "SELECT tier, study FROM {ks}.annotation_queue_partitions WHERE bucket = ?",
             ),
             (_PARTITIONS_BUCKET,),
         )
@@ -381,15 +371,15 @@ def list_open_tasks(
     ]
     select = (
         "SELECT tier, study, priority, created_at, image_id, claimed_by, claim_expires_at, "
-        "model_version FROM annotation_queue WHERE tier = ? AND study = ?"
+        "model_version FROM {ks}.annotation_queue WHERE tier = ? AND study = ?"
     )
 
     def entries(part: tuple[str, str]) -> Iterator[dict[str, Any]]:
         if min_priority is None:
-            rows = session.execute(_prepare(session, select), part)
+            rows = session.execute(prepare(session, select), part)
         else:
             rows = session.execute(
-                _prepare(session, select + " AND priority >= ?"), (*part, min_priority)
+                prepare(session, select + " AND priority >= ?"), (*part, min_priority)
             )
         for r in rows:
             yield {
@@ -446,9 +436,9 @@ def claim_task(
     _check_claimable(task, user=user, now=at)
     expires = at + timedelta(seconds=claim_s)
     result = session.execute(
-        _prepare(
+        prepare(
             session,
-            "UPDATE annotation_tasks SET status = ?, claimed_by = ?, claim_expires_at = ?, "
+            "UPDATE {ks}.annotation_tasks SET status = ?, claimed_by = ?, claim_expires_at = ?, "
             "revision = ? WHERE image_id = ? AND tier = ? IF revision = ?",
         ),
         (TASK_CLAIMED, user, expires, task["revision"] + 1, image_id, tier, task["revision"]),
@@ -509,9 +499,9 @@ def complete_task(
         return None
     _check_claimable(task, user=user, now=at)
     result = session.execute(
-        _prepare(
+        prepare(
             session,
-            "UPDATE annotation_tasks SET status = ?, completed_by = ?, completed_at = ?, "
+            "UPDATE {ks}.annotation_tasks SET status = ?, completed_by = ?, completed_at = ?, "
             "annotation_id = ?, revision = ? WHERE image_id = ? AND tier = ? IF revision = ?",
         ),
         (
@@ -530,9 +520,9 @@ def complete_task(
             f"task {tier}/{image_id} changed while {user} completed it; reload the queue"
         )
     session.execute(
-        _prepare(
+        prepare(
             session,
-            "DELETE FROM annotation_queue WHERE tier = ? AND study = ? AND priority = ? "
+            "DELETE FROM {ks}.annotation_queue WHERE tier = ? AND study = ? AND priority = ? "
             "AND created_at = ? AND image_id = ?",
         ),
         (tier, task["study"], task["priority"], task["created_at"], image_id),
@@ -572,9 +562,9 @@ def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> bool:
     tier, image_id = annotation["tier"], annotation["image_id"]
     created = _utc(annotation["created_at"])
     claim = session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO annotation_ids (annotation_id, tier, image_id, created_at) "
+            "INSERT INTO {ks}.annotation_ids (annotation_id, tier, image_id, created_at) "
             "VALUES (?, ?, ?, ?) IF NOT EXISTS",
         ),
         (annotation["annotation_id"], tier, image_id, created),
@@ -587,10 +577,10 @@ def save_annotation(*, session: Session, annotation: Mapping[str, Any]) -> bool:
     labels = list(annotation["labels"])
     for table in ("annotations_by_tier", "annotations_by_image"):
         session.execute(
-            _prepare(
+            prepare(
                 session,
-                f"INSERT INTO {table} (tier, created_at, annotation_id, image_id, annotator, "
-                "labels, boxes, uri, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO {{ks}}.{table} (tier, created_at, annotation_id, image_id, "
+                "annotator, labels, boxes, uri, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ),
             (
                 tier,
@@ -646,12 +636,12 @@ def annotations_by_tier(
     list of dict
         ``Annotation``-shaped records; ``created_at`` is an aware UTC datetime.
     """
-    cql = "SELECT * FROM annotations_by_tier WHERE tier = ?"
+    cql = "SELECT * FROM {ks}.annotations_by_tier WHERE tier = ?"
     params: list[Any] = [tier]
     if since is not None:
         cql += " AND created_at > ?"
         params.append(since)
-    rows = session.execute(_prepare(session, cql), params)
+    rows = session.execute(prepare(session, cql), params)
     found = (_row_to_annotation(r) for r in rows)
     return list(found if limit is None else itertools.islice(found, limit))
 
@@ -659,9 +649,9 @@ def annotations_by_tier(
 def recent_annotations(*, session: Session, tier: str, limit: int = 100) -> list[dict[str, Any]]:
     """Return the ``limit`` newest annotations of ``tier``, newest first (review)."""
     rows = session.execute(
-        _prepare(
+        prepare(
             session,
-            "SELECT * FROM annotations_by_tier WHERE tier = ? "
+            "SELECT * FROM {ks}.annotations_by_tier WHERE tier = ? "
             "ORDER BY created_at DESC, annotation_id DESC LIMIT ?",
         ),
         (tier, limit),
@@ -672,7 +662,7 @@ def recent_annotations(*, session: Session, tier: str, limit: int = 100) -> list
 def annotations_for_image(*, session: Session, image_id: str) -> list[dict[str, Any]]:
     """Return every annotation of ``image_id`` (all tiers), by tier then oldest first."""
     rows = session.execute(
-        _prepare(session, "SELECT * FROM annotations_by_image WHERE image_id = ?"), (image_id,)
+        prepare(session, "SELECT * FROM {ks}.annotations_by_image WHERE image_id = ?"), (image_id,)
     )
     return [_row_to_annotation(r) for r in rows]
 
@@ -696,10 +686,10 @@ def add_user(*, session: Session, username: str, password_hash: str, role: str) 
         ``True`` if the user was created, ``False`` if the name already existed.
     """
     result = session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO users (username, password_hash, role, created_at) VALUES (?, ?, ?, ?) "
-            "IF NOT EXISTS",
+            "INSERT INTO {ks}.users (username, password_hash, role, created_at) "
+            "VALUES (?, ?, ?, ?) IF NOT EXISTS",
         ),
         (username, password_hash, role, datetime.now(tz=UTC)),
     )
@@ -709,7 +699,7 @@ def add_user(*, session: Session, username: str, password_hash: str, role: str) 
 def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
     """Return ``{username, password_hash, role, created_at}``, or ``None`` if unknown."""
     row = session.execute(
-        _prepare(session, "SELECT * FROM users WHERE username = ?"), (username,)
+        prepare(session, "SELECT * FROM {ks}.users WHERE username = ?"), (username,)
     ).one()
     if row is None:
         return None
@@ -723,7 +713,7 @@ def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
 
 def list_users(*, session: Session) -> list[dict[str, Any]]:
     """Return ``{username, role, created_at}`` of every user, sorted by name."""
-    rows = session.execute("SELECT username, role, created_at FROM users")
+    rows = session.execute(qualified(session, "SELECT username, role, created_at FROM {ks}.users"))
     return sorted(
         ({"username": r.username, "role": r.role, "created_at": _utc(r.created_at)} for r in rows),
         key=lambda u: u["username"],
@@ -733,6 +723,6 @@ def list_users(*, session: Session) -> list[dict[str, Any]]:
 def delete_user(*, session: Session, username: str) -> bool:
     """Delete a user; return ``False`` if there was none."""
     result = session.execute(
-        _prepare(session, "DELETE FROM users WHERE username = ? IF EXISTS"), (username,)
+        prepare(session, "DELETE FROM {ks}.users WHERE username = ? IF EXISTS"), (username,)
     )
     return bool(result.was_applied)

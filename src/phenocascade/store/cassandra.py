@@ -27,16 +27,16 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
 
 from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
 from phenocascade.store import lineage
 from phenocascade.store.annotations import create_tables
+from phenocascade.store.cql import bind_keyspace, check_keyspace, prepare, qualified
 
 _TABLES = (
     """
-    CREATE TABLE IF NOT EXISTS outputs_by_image (
+    CREATE TABLE IF NOT EXISTS {ks}.outputs_by_image (
         image_id text,
         versions_key text,
         status text,
@@ -51,7 +51,7 @@ _TABLES = (
     )
     """,
     """
-    CREATE TABLE IF NOT EXISTS outputs_by_study (
+    CREATE TABLE IF NOT EXISTS {ks}.outputs_by_study (
         study text,
         image_id text,
         versions_key text,
@@ -71,13 +71,18 @@ def versions_key(model_versions: Mapping[str, str]) -> str:
 def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Session:
     """Connect to Cassandra and (by default) create the keyspace and tables.
 
-    TLS and authentication settings pass through to cassandra-driver.
+    TLS and authentication settings pass through to cassandra-driver. The session has no
+    keyspace set (no ``USE``); store statements name ``settings.keyspace`` themselves
+    (:mod:`phenocascade.store.cql`).
 
     Raises
     ------
     InfraError
         If no host answers.
+    ConfigError
+        If the keyspace is not a plain CQL name.
     """
+    keyspace = check_keyspace(settings.keyspace)
     auth = (
         PlainTextAuthProvider(settings.username, settings.password)
         if settings.username is not None
@@ -111,26 +116,16 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         ) from exc
     if create_schema:
         session.execute(
-            f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} WITH replication = "
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
             f"{{'class': 'SimpleStrategy', 'replication_factor': {settings.replication_factor}}}"
         )
-    session.set_keyspace(settings.keyspace)
+    bind_keyspace(session, keyspace)
     if create_schema:
         for ddl in _TABLES:
-            session.execute(ddl)
+            session.execute(qualified(session, ddl))
         create_tables(session)
         lineage.create_tables(session)
     return session
-
-
-_PREPARED: dict[tuple[int, str], PreparedStatement] = {}
-
-
-def _prepare(session: Session, cql: str) -> PreparedStatement:
-    key = (id(session), cql)
-    if key not in _PREPARED:
-        _PREPARED[key] = session.prepare(cql)
-    return _PREPARED[key]
 
 
 def _timestamp(value: datetime | int) -> datetime:
@@ -144,10 +139,11 @@ def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
     key = versions_key(output["model_versions"])
     produced = _timestamp(output["produced_at"])
     session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO outputs_by_image (image_id, versions_key, status, study, uri, labels, "
-            "boxes, routes, model_versions, produced_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO {ks}.outputs_by_image (image_id, versions_key, status, study, uri, "
+            "labels, boxes, routes, model_versions, produced_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ),
         (
             output["image_id"],
@@ -163,10 +159,10 @@ def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
         ),
     )
     session.execute(
-        _prepare(
+        prepare(
             session,
-            "INSERT INTO outputs_by_study (study, image_id, versions_key, status, produced_at) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO {ks}.outputs_by_study (study, image_id, versions_key, status, "
+            "produced_at) VALUES (?, ?, ?, ?, ?)",
         ),
         (output["study"], output["image_id"], key, output["status"], produced),
     )
@@ -189,7 +185,7 @@ def _row_to_output(row: Any) -> dict[str, Any]:
 def get_outputs(*, session: Session, image_id: str) -> list[dict[str, Any]]:
     """Return every output of ``image_id`` (one per set of model versions), oldest first."""
     rows = session.execute(
-        _prepare(session, "SELECT * FROM outputs_by_image WHERE image_id = ?"), (image_id,)
+        prepare(session, "SELECT * FROM {ks}.outputs_by_image WHERE image_id = ?"), (image_id,)
     )
     return sorted((_row_to_output(r) for r in rows), key=lambda o: o["produced_at"])
 
@@ -203,7 +199,7 @@ def get_latest_output(*, session: Session, image_id: str) -> dict[str, Any] | No
 def outputs_by_study(*, session: Session, study: str) -> list[dict[str, Any]]:
     """Return ``{image_id, versions_key, status, produced_at}`` for every output of ``study``."""
     rows = session.execute(
-        _prepare(session, "SELECT * FROM outputs_by_study WHERE study = ?"), (study,)
+        prepare(session, "SELECT * FROM {ks}.outputs_by_study WHERE study = ?"), (study,)
     )
     return [
         {
@@ -219,7 +215,8 @@ def outputs_by_study(*, session: Session, study: str) -> list[dict[str, Any]]:
 def latest_status_by_image(*, session: Session) -> dict[str, str]:
     """Return the status of each image's newest output (a full scan: for reports)."""
     latest: dict[str, tuple[datetime, str]] = {}
-    for r in session.execute("SELECT image_id, status, produced_at FROM outputs_by_image"):
+    scan = qualified(session, "SELECT image_id, status, produced_at FROM {ks}.outputs_by_image")
+    for r in session.execute(scan):
         seen = latest.get(r.image_id)
         if seen is None or r.produced_at > seen[0]:
             latest[r.image_id] = (r.produced_at, r.status)

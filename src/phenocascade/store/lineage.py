@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cassandra.cluster import Session
-from cassandra.query import PreparedStatement
+
+from phenocascade.store.cql import prepare, qualified
 
 PROMOTED = "promoted"
 REJECTED = "rejected"
@@ -47,13 +48,13 @@ _COLUMNS = """
 
 _TABLES = (
     f"""
-    CREATE TABLE IF NOT EXISTS model_lineage (
+    CREATE TABLE IF NOT EXISTS {{ks}}.model_lineage (
         {_COLUMNS}
         PRIMARY KEY ((version))
     )
     """,
     f"""
-    CREATE TABLE IF NOT EXISTS model_lineage_by_tier (
+    CREATE TABLE IF NOT EXISTS {{ks}}.model_lineage_by_tier (
         {_COLUMNS}
         PRIMARY KEY ((tier), finished_at, version)
     ) WITH CLUSTERING ORDER BY (finished_at DESC, version ASC)
@@ -80,17 +81,7 @@ _FIELDS = (
 def create_tables(session: Session) -> None:
     """Create this module's tables in the session's keyspace (idempotent)."""
     for ddl in _TABLES:
-        session.execute(ddl)
-
-
-_PREPARED: dict[tuple[int, str], PreparedStatement] = {}
-
-
-def _prepare(session: Session, cql: str) -> PreparedStatement:
-    key = (id(session), cql)
-    if key not in _PREPARED:
-        _PREPARED[key] = session.prepare(cql)
-    return _PREPARED[key]
+        session.execute(qualified(session, ddl))
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -141,7 +132,7 @@ def save_lineage(*, session: Session, record: Mapping[str, Any]) -> None:
     marks = ", ".join("?" for _ in _FIELDS)
     for table in ("model_lineage", "model_lineage_by_tier"):
         session.execute(
-            _prepare(session, f"INSERT INTO {table} ({names}) VALUES ({marks})"), values
+            prepare(session, f"INSERT INTO {{ks}}.{table} ({names}) VALUES ({marks})"), values
         )
 
 
@@ -166,7 +157,7 @@ def _row_to_record(row: Any) -> dict[str, Any]:
 def get_lineage(*, session: Session, version: str) -> dict[str, Any] | None:
     """Return the lineage record of ``version`` (keys as in :func:`save_lineage`), or ``None``."""
     row = session.execute(
-        _prepare(session, "SELECT * FROM model_lineage WHERE version = ?"), (version,)
+        prepare(session, "SELECT * FROM {ks}.model_lineage WHERE version = ?"), (version,)
     ).one()
     return None if row is None else _row_to_record(row)
 
@@ -185,9 +176,9 @@ def lineage_by_tier(
     limit : int or None, default None
         Most records returned.
     """
-    cql = "SELECT * FROM model_lineage_by_tier WHERE tier = ?"
+    cql = "SELECT * FROM {ks}.model_lineage_by_tier WHERE tier = ?"
     params: tuple[Any, ...] = (tier,)
     if limit is not None:
         cql += " LIMIT ?"
         params = (tier, limit)
-    return [_row_to_record(r) for r in session.execute(_prepare(session, cql), params)]
+    return [_row_to_record(r) for r in session.execute(prepare(session, cql), params)]

@@ -98,6 +98,7 @@ def tier_result(
         "uri": submitted["uri"],
         "produced_at": now_ms(),
         "reason": route_reason(output),
+        "submitted_at": submitted["submitted_at"],
     }
 
 

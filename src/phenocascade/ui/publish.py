@@ -7,11 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
+from prometheus_client import Counter
 
 from phenocascade.config import KafkaSettings, Topology
 from phenocascade.errors import InfraError
 from phenocascade.streams.kafka import plain_producer
 from phenocascade.streams.serde import EventCodec
+
+PUBLISHED = Counter(
+    "phenocascade_ui_annotations_total",
+    "Annotations the app published, by tier and whether the image re-entered the cascade",
+    ["tier", "reentry"],
+)
 
 
 class AnnotationPublisher:
@@ -75,6 +82,7 @@ class AnnotationPublisher:
                 f"Kafka did not acknowledge the annotation of {annotation['image_id']} "
                 f"({failures or f'{remaining} pending'}); the task stays open, save again"
             )
+        PUBLISHED.labels(annotation["tier"], str(reentry is not None).lower()).inc()
 
     def close(self) -> None:
         """Deliver what is still queued."""

@@ -1,0 +1,138 @@
+"""Consumer lag: a group's committed offsets against its topics' ends (no torch here).
+
+Lag is measured from outside the consumer, through the admin API, so one reader serves a
+worker reporting its own group and ``phenocascade status`` reporting every group alike.
+The end of a partition is its last stable offset (``read_committed``): records of an open
+transaction are not yet lag. A group that has committed nothing on a partition starts
+from its beginning (``auto.offset.reset=earliest`` everywhere in phenocascade), so all of
+it counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    IsolationLevel,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from phenocascade.config import KafkaSettings
+from phenocascade.errors import InfraError
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """Where one consumer group stands on one partition.
+
+    Attributes
+    ----------
+    topic, partition : str, int
+        The partition.
+    committed : int or None
+        The group's committed offset (the next message it will read), ``None`` if none.
+    start, end : int
+        The partition's first offset and its last stable offset.
+    """
+
+    topic: str
+    partition: int
+    committed: int | None
+    start: int
+    end: int
+
+    @property
+    def lag(self) -> int:
+        """Messages the group has still to commit: ``end - committed`` (or ``- start``)."""
+        done = self.start if self.committed is None else max(self.committed, self.start)
+        return max(0, self.end - done)
+
+
+class LagReader:
+    """Measure consumer groups' lag with one admin client.
+
+    Parameters
+    ----------
+    kafka : KafkaSettings
+        How to reach Kafka.
+    timeout_s : float, default 10.0
+        How long each admin request may take.
+    """
+
+    def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+        self.kafka = kafka
+        self.timeout_s = timeout_s
+        self._admin = AdminClient(kafka.config())
+
+    def partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
+        """Return every partition of ``topics`` (a topic that does not exist has none)."""
+        meta = self._admin.list_topics(timeout=self.timeout_s).topics
+        return [
+            TopicPartition(t, p)
+            for t in topics
+            if t in meta and meta[t].error is None
+            for p in sorted(meta[t].partitions)
+        ]
+
+    def _offsets(self, parts: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        futures = self._admin.list_offsets(
+            {tp: spec for tp in parts},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=self.timeout_s,
+        )
+        return {(tp.topic, tp.partition): int(f.result().offset) for tp, f in futures.items()}
+
+    def _committed(self, group: str, parts: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        request = [ConsumerGroupTopicPartitions(group, parts)]
+        futures = self._admin.list_consumer_group_offsets(request, request_timeout=self.timeout_s)
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in futures[group].result().topic_partitions
+            if tp.offset >= 0
+        }
+
+    def lag(self, group: str, topics: Sequence[str]) -> list[PartitionLag]:
+        """Return where ``group`` stands on every partition of ``topics``.
+
+        Raises
+        ------
+        InfraError
+            If Kafka does not answer.
+        """
+        try:
+            parts = self.partitions(topics)
+            if not parts:
+                return []
+            starts = self._offsets(parts, OffsetSpec.earliest())
+            ends = self._offsets(parts, OffsetSpec.latest())
+            committed = self._committed(group, parts)
+            self._admin.poll(0)  # hands queued client log lines to the librdkafka logger
+        except KafkaException as exc:
+            raise InfraError(
+                f"cannot read the offsets of group {group} at {self.kafka.bootstrap_servers} "
+                f"({exc}); is Kafka up (`phenocascade infra status`)?"
+            ) from exc
+        return [
+            PartitionLag(
+                tp.topic,
+                tp.partition,
+                committed.get((tp.topic, tp.partition)),
+                starts[(tp.topic, tp.partition)],
+                ends[(tp.topic, tp.partition)],
+            )
+            for tp in parts
+        ]
+
+    def measure(self, group: str, topics: Sequence[str]) -> dict[tuple[str, int], tuple[int, int]]:
+        """Return ``{(topic, partition): (committed offset or -1, lag)}`` of ``group``.
+
+        The shape :func:`phenocascade.observability.watch_lag` expects.
+        """
+        return {
+            (p.topic, p.partition): (-1 if p.committed is None else p.committed, p.lag)
+            for p in self.lag(group, topics)
+        }
