@@ -67,8 +67,9 @@ from phenocascade.data.datasets import (
 from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.infra.local import up
-from phenocascade.learning import TIER_METRICS, Budget, RecipeTrainer
+from phenocascade.learning import Budget, RecipeTrainer
 from phenocascade.models.base import load_stage
+from phenocascade.recipes import TIERS
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.scan import scan_topic
@@ -194,7 +195,7 @@ def train_on_annotations(
     if excluded:
         raise RuntimeError(f"{run}: annotations left out unexpectedly: {excluded}")
     challenger = trainer.train(plan.tier, extra_samples=samples, parent_version="")
-    return challenger.version, challenger.metrics[TIER_METRICS[plan.tier]]
+    return challenger.version, challenger.metrics[trainer.metric(plan.tier)]
 
 
 def pick(
@@ -303,7 +304,7 @@ def summarise(raw: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
 
 def plot(results: dict[str, Any], details: dict[str, Any], path: Path) -> None:
     """One panel per tier: metric vs labels, mean +- std over seeds, and the 95 % target."""
-    tiers = [t for t in results if t in TIER_METRICS]
+    tiers = [t for t in results if t in TIERS]
     fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4))
     for ax, tier in zip(np.atleast_1d(axes), tiers, strict=True):
         for strategy, colour in zip(STRATEGIES, ("C0", "C1"), strict=True):
@@ -388,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             results[plan.tier] = summarise(raw, args.seeds)
             details[plan.tier] = {
-                "metric": TIER_METRICS[plan.tier],
+                "metric": RecipeTrainer(settings).metric(plan.tier),
                 "pool": len(plan.pool),
                 "holdout": len(plan.holdout),
                 "initial_labels": plan.initial,
@@ -424,7 +425,7 @@ def write(
             path = args.out / name
             earlier = json.loads(path.read_text()) if path.is_file() else {}
             for tier, value in earlier.items():
-                if tier in TIER_METRICS and tier not in mine:
+                if tier in TIERS and tier not in mine:
                     mine[tier] = value
             if earlier.get("command") and earlier["command"] != command:
                 # What produced the tiers kept from earlier runs (the newest such command).

@@ -26,7 +26,7 @@ under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
   ``*_40img`` rows are trained on 40 training images; ``minority.yolo_vs_torchvision``
   holds both backends on BCCD.
 - ``routing.<tier>.<variant>.{precision,coverage}``: image-level automatic decisions
-  through :func:`phenocascade.domain.route`. ``calibrated`` uses the temperatures and
+  through :func:`phenocascade.domain.route`. ``calibrated`` uses the calibrators and
   certified thresholds of the artifact; ``fixed`` uses the raw (uncalibrated) scores with
   the seed's hand-set thresholds: gate PASS at ``>= 0.85`` and SKIP at ``<= 0.4``;
   classifier labels present at ``>= 0.85`` and absent at ``<= 0.4``; detector boxes kept
@@ -80,7 +80,7 @@ from phenocascade.domain import (
     route,
 )
 from phenocascade.models.base import load_stage
-from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability, sigmoid
+from phenocascade.models.calibration import SCORE_CLIP, Calibrator, Temperature, logit, sigmoid
 from phenocascade.models.certify import calibrate_stage, match_boxes
 from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
@@ -111,14 +111,14 @@ class Replay:
     model_name: str
     version: str
     gate_label: str
-    temperature: dict[str, float]
+    calibrators: dict[str, Calibrator]
     thresholds: dict[str, LabelThresholds]
     logits: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     boxes: dict[str, StageOutput] = field(default_factory=dict)
 
     def calibrated_score(self, label: str, raw_score: float) -> float:
-        """Raw box score through this variant's temperature, clipped like the backends."""
-        p = float(calibrate_probability(raw_score, self.temperature[label]))
+        """Raw box score through this variant's calibrator, clipped like the backends."""
+        p = float(self.calibrators[label](logit(raw_score)))
         return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
 
     def predict(
@@ -126,12 +126,14 @@ class Replay:
     ) -> list[StageOutput]:
         """Return the outputs the real backend would give under this variant."""
         if self.kind is not StageKind.DETECTOR:
-            temps = np.array([self.temperature[c] if calibrated else 1.0 for c in self.classes])
             outs = []
             for img in images:
-                probs = np.clip(
-                    sigmoid(self.logits[img.image_id] / temps), SCORE_CLIP, 1 - SCORE_CLIP
-                )
+                row = self.logits[img.image_id]
+                probs = sigmoid(row)
+                if calibrated:
+                    pairs = zip(self.classes, row, strict=True)
+                    probs = np.array([self.calibrators[c](z) for c, z in pairs])
+                probs = np.clip(probs, SCORE_CLIP, 1 - SCORE_CLIP)
                 outs.append(
                     StageOutput(scores=dict(zip(self.classes, map(float, probs), strict=True)))
                 )
@@ -154,10 +156,10 @@ class Replay:
         return outs
 
     def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+        self, calibrators: Mapping[str, Calibrator], thresholds: Mapping[str, Mapping[str, float]]
     ) -> None:
-        """Store temperatures and thresholds (what :func:`calibrate_stage` fits)."""
-        self.temperature = {c: float(temperature[c]) for c in self.classes}
+        """Store calibrators and thresholds (what :func:`calibrate_stage` fits)."""
+        self.calibrators = {c: calibrators[c] for c in self.classes}
         self.thresholds = {c: LabelThresholds.from_record(thresholds[c]) for c in self.classes}
 
     def variant(self, *, fixed: bool) -> Replay:
@@ -167,7 +169,7 @@ class Replay:
         pair = LabelThresholds(positive=FIXED_POSITIVE, negative=FIXED_NEGATIVE)
         return replace(
             self,
-            temperature=dict.fromkeys(self.classes, 1.0),
+            calibrators=dict.fromkeys(self.classes, Temperature(1.0)),
             thresholds=dict.fromkeys(self.classes, pair),
         )
 
@@ -207,7 +209,7 @@ def replay(stage: Any, images: Sequence[DecodedImage]) -> Replay:
         model_name=stage.model_name,
         version=stage.version,
         gate_label=stage.gate_label,
-        temperature=dict(stage.temperature_),
+        calibrators=dict(stage.calibrators_),
         thresholds=dict(stage.thresholds),
         logits=logits,
         boxes=boxes,
@@ -457,7 +459,7 @@ class Bench:
                 starts=plan.ltt_starts,
             )
             # The certified pair now applies to the test outputs of the same model.
-            at_strict = replace(model, temperature=strict.temperature, thresholds=strict.thresholds)
+            at_strict = replace(model, calibrators=strict.calibrators, thresholds=strict.thresholds)
             result = routing(at_strict, test)
             result["certified"] = {
                 c: {

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
 
+    @property
+    def dataset_store(self) -> Path:
+        """Folder of the stored datasets (``phenocascade data import ... --name``)."""
+        return self.home / "datasets"
+
     def roots(self) -> list[Path]:
         """Return the resolved allowed roots; the datasets folder is always allowed."""
         return [p.resolve() for p in [*self.allowed_roots, self.datasets]]
@@ -178,6 +183,14 @@ class TierSpec(BaseModel):
     # (each takes a share of the input partitions, so at most that many do work).
     replicas: int = Field(default=1, ge=1)
     thresholds: ThresholdOverride | None = None
+    # The labels this tier decides, in the order its models index them. A tier without a
+    # model yet (cold start) asks experts exactly these; `phenocascade plan` fills them in.
+    labels: list[str] | None = None
+    # The stored dataset (`phenocascade data import ... --name NAME`) this tier's models are
+    # trained, certified and evaluated on; None for the bundled recipes.
+    dataset: str | None = None
+    # Backend constructor arguments that replace the recipe's (e.g. {"input_size": 224}).
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class JoinerSpec(BaseModel):

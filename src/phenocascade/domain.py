@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+# The model version a tier records while it has no model yet (cold start): every image it
+# receives goes to annotation.
+NO_MODEL_VERSION = "none"
+
 
 class Route(enum.StrEnum):
     """Where a tier sends an image."""

@@ -114,6 +114,10 @@ class ArtifactError(PhenocascadeError):
     kind = "artifact"
 
 
+class NoChampionError(ArtifactError):
+    """A tier has no champion model yet (cold start): not a failure of any artifact."""
+
+
 class AnnotationError(ValidationError):
     """An annotation or dataset file is malformed; nothing from it was imported.
 

@@ -3,12 +3,17 @@ real AnnotationRequest events, produced as the tier workers produce them."""
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from cassandra.cluster import Session
 from harness import TEST_KEYSPACE
 
@@ -96,3 +101,81 @@ class AnnotationWorld:
             return sink.run(stop, until_caught_up=True)
         finally:
             timer.cancel()
+
+
+class ExpertClient:
+    """An expert using the annotation app's HTTP API, as the browser's pages do.
+
+    Logs in with the login page's CSRF token, then reads the queue page's token for the
+    state-changing requests (``X-CSRF-Token``), exactly like ``common.js``. The session
+    cookie is ``Secure``, which a browser sends to a loopback server but an HTTP client
+    library does not, so it is carried by hand.
+    """
+
+    def __init__(self, client: Any, username: str, password: str) -> None:
+        self.client = client
+        self.cookie = ""
+        token = self._csrf(self._send("GET", "/login").text)
+        response = self._send(
+            "POST",
+            "/login",
+            json={"username": username, "password": password},
+            headers={"X-CSRF-Token": token},
+        )
+        assert response.status_code == 200, response.text
+        self.token = self._csrf(self._send("GET", "/queue").text)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", {}))
+        if self.cookie:
+            headers["Cookie"] = self.cookie
+        response = self.client.request(method, url, headers=headers, **kwargs)
+        self.client.cookies.clear()
+        for header in response.headers.get_list("set-cookie"):
+            self.cookie = header.split(";", 1)[0]
+        return response
+
+    @staticmethod
+    def _csrf(html: str) -> str:
+        match = re.search(r'<meta name="csrf-token" content="([^"]+)">', html)
+        assert match is not None, html[:500]
+        return match.group(1)
+
+    def tasks(self, tier: str, study: str) -> list[dict[str, Any]]:
+        response = self._send("GET", "/api/tasks", params={"tier": tier, "study": study})
+        assert response.status_code == 200, response.text
+        tasks: list[dict[str, Any]] = response.json()["tasks"]
+        return tasks
+
+    def annotate(
+        self, tier: str, image_id: str, labels: Sequence[str], boxes: Sequence[dict[str, Any]] = ()
+    ) -> dict[str, Any]:
+        response = self._send(
+            "POST",
+            "/api/annotations",
+            json={"image_id": image_id, "tier": tier, "labels": list(labels), "boxes": list(boxes)},
+            headers={"X-CSRF-Token": self.token},
+        )
+        assert response.status_code == 201, response.text
+        saved: dict[str, Any] = response.json()
+        return saved
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port; yield its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

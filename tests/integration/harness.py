@@ -114,11 +114,18 @@ class Cascade:
     ``phenocascade run``'s do (:attr:`metrics_ports`); 0: none.
     """
 
-    def __init__(self, base: Settings, workdir: Path, *, metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        base: Settings,
+        workdir: Path,
+        topology: Topology | None = None,
+        *,
+        metrics_port: int = 0,
+    ) -> None:
         self.metrics_port = metrics_port
         prefix = f"it{uuid.uuid4().hex[:8]}-"
         self.prefix = prefix
-        self.topology = load_topology().namespaced(prefix)
+        self.topology = (topology or load_topology()).namespaced(prefix)
         workdir.mkdir(parents=True, exist_ok=True)
         topo_file = workdir / "topology.yaml"
         topo_file.write_text(yaml.safe_dump(self.topology.model_dump()))

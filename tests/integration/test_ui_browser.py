@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -18,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
-from annotating import AnnotationWorld
+from annotating import AnnotationWorld, serve
 from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
@@ -76,12 +72,6 @@ def _voc_boxes(xml: Path, label: str) -> list[Box]:
     return boxes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def seeded(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     world = AnnotationWorld(infra)
@@ -132,26 +122,8 @@ def seeded(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )
     settings = world.settings.model_copy(update={"home": tmp_path_factory.mktemp("ui-home")})
     app = create_app(settings, world.topology, session=world.session)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
-        time.sleep(0.1)
-    yield Seeded(
-        world,
-        gate,
-        gate_submitted,
-        classifier,
-        detector,
-        spare,
-        annotator,
-        f"http://127.0.0.1:{port}",
-    )
-    server.should_exit = True
-    thread.join(30)
+    with serve(app) as base_url:
+        yield Seeded(world, gate, gate_submitted, classifier, detector, spare, annotator, base_url)
     world.session.cluster.shutdown()
 
 

@@ -18,8 +18,19 @@ from phenocascade.domain import (
     StageOutput,
     route,
 )
-from phenocascade.models.calibration import calibrate_probability
-from phenocascade.models.certify import calibrate_stage, default_threshold_mode
+from phenocascade.models.calibration import (
+    Calibrator,
+    Temperature,
+    expected_calibration_error,
+    logit,
+    sigmoid,
+)
+from phenocascade.models.certify import (
+    calibrate_stage,
+    certify_outputs,
+    default_threshold_mode,
+    group_folds,
+)
 
 
 class FixedScores:
@@ -36,9 +47,9 @@ class FixedScores:
         return [StageOutput(scores=dict(self.raw[img.image_id])) for img in images]
 
     def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+        self, calibrators: Mapping[str, Calibrator], thresholds: Mapping[str, Mapping[str, float]]
     ) -> None:
-        self.temperature = dict(temperature)
+        self.calibrators = dict(calibrators)
         self.stored = {label: dict(t) for label, t in thresholds.items()}
 
 
@@ -84,6 +95,12 @@ def test_pooled_mode_lets_a_classifier_pass_images_per_label_mode_cannot() -> No
     }
     assert pooled.metrics["labels"]["a"]["n"] == 60
     assert pooled.metrics["labels"]["a"]["positives"] == 30
+    assert pooled.certification == {
+        "method": "ltt-binomial",
+        "n": 60,
+        "cross_fit": 0,
+        "calibration_folds": 5,
+    }
     # With the shared pair every validation image is decided on both labels: PASS.
     thresholds = {
         label: LabelThresholds(positive=t["positive"], negative=t["negative"])
@@ -91,7 +108,7 @@ def test_pooled_mode_lets_a_classifier_pass_images_per_label_mode_cannot() -> No
     }
     for img in images:
         scores = {
-            label: float(calibrate_probability(p, pooled.temperature[label]))
+            label: float(pooled.calibrators[label](logit(p))[()])
             for label, p in stage.raw[img.image_id].items()
         }
         assert route(StageKind.CLASSIFIER, StageOutput(scores), thresholds) is Route.PASS
@@ -120,7 +137,7 @@ class FixedBoxes:
         ]
 
     def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+        self, calibrators: Mapping[str, Calibrator], thresholds: Mapping[str, Mapping[str, float]]
     ) -> None:
         self.stored = {label: dict(t) for label, t in thresholds.items()}
 
@@ -153,9 +170,83 @@ def test_true_boxes_never_proposed_count_as_missed(proposed: int, empty_route: R
     stored = stage.stored["x"]
     assert stored["finds_all"] is (proposed == 100)
     # Both drop the false boxes (0.02-0.3) and keep every proposed true one (>= 0.6).
-    true_scores = calibrate_probability(np.array([0.6]), result.temperature["x"])
-    false_scores = calibrate_probability(np.array([0.02]), result.temperature["x"])
+    true_scores = result.calibrators["x"](logit(np.array([0.6])))
+    false_scores = result.calibrators["x"](logit(np.array([0.02])))
     assert false_scores[0] <= stored["negative"] < true_scores[0]
     t = {"x": LabelThresholds.from_record(stored)}
     empty = StageOutput(scores={"x": 1e-6})
     assert route(StageKind.DETECTOR, empty, t) is empty_route
+
+
+def _shifted_detector(
+    n_images: int, seed: int
+) -> tuple[FixedBoxes, list[DecodedImage], list[Sample], np.ndarray, np.ndarray]:
+    """Four boxes per image on a grid; box ``j`` is a true object with probability
+    ``sigmoid(z_j)``, but the detector reports ``sigmoid(z_j + 2.5)``: every score too high.
+
+    Also returns every box's raw score and whether it is a true object.
+    """
+    rng = np.random.default_rng(seed)
+    samples, boxes, scores, hits = [], {}, [], []
+    cells = [(20.0 * j, 0.0, 20.0 * j + 15.0, 15.0) for j in range(4)]
+    for i in range(n_images):
+        z = rng.normal(0.0, 2.0, 4)
+        hit = rng.random(4) < sigmoid(z)
+        raw = sigmoid(z + 2.5)
+        boxes[f"im{i}"] = [Box(*c, "x", float(p)) for c, p in zip(cells, raw, strict=True)]
+        truth = tuple(Box(*c, "x") for c, h in zip(cells, hit, strict=True) if h)
+        samples.append(Sample(f"im{i}", Path(f"im{i}.png"), boxes=truth))
+        scores.extend(raw)
+        hits.extend(hit.astype(int))
+    images = [DecodedImage(s.image_id, np.zeros((20, 80, 1), np.uint8)) for s in samples]
+    return FixedBoxes(boxes), images, samples, np.array(scores), np.array(hits)
+
+
+def test_a_detector_scoring_too_high_gets_an_offset() -> None:
+    stage, images, samples, scores, hits = _shifted_detector(300, 1)
+    result = calibrate_stage(stage, images, samples, target_precision=0.95, delta=0.1)
+    label = result.metrics["labels"]["x"]
+    assert label["calibrator"] in ("platt", "isotonic")
+    assert label["cv_log_loss"][label["calibrator"]] < label["cv_log_loss"]["temperature"]
+    # Before: scores far too high; after, also on held-out folds, within a few hundredths.
+    assert label["ece_before"] > 0.15
+    assert label["ece_after_cv"] < 0.06 and label["ece_after"] < 0.06
+    # A temperature alone cannot remove the shift.
+    temperature = Temperature.fit(logit(scores), hits)
+    assert expected_calibration_error(temperature(logit(scores)), hits) > 2 * label["ece_after"]
+
+
+def test_p_value_and_folds_are_recorded() -> None:
+    stage, images, samples = _two_label_set()
+    result = calibrate_stage(stage, images, samples, p_value="hoeffding-bentkus")
+    assert result.certification["method"] == "ltt-hoeffding-bentkus"
+    raw = stage.predict(images, calibrated=False)
+    folds = np.arange(60) % 3
+    crossed = certify_outputs(stage, raw, samples, folds, cross_fit=3)
+    assert crossed.certification == {
+        "method": "ltt-binomial",
+        "n": 60,
+        "cross_fit": 3,
+        "calibration_folds": 3,
+    }
+    assert crossed.novelty is None
+
+
+def test_group_folds_keep_groups_together_and_balance_them() -> None:
+    samples = [
+        Sample(f"im{i}", Path(f"im{i}.png"), group=f"src{i // 3}" if i < 30 else "")
+        for i in range(40)
+    ]
+    folds = group_folds(samples, 4, seed=0)
+    for start in range(0, 30, 3):
+        assert len(set(folds[start : start + 3])) == 1  # three copies of one source
+    # 10 sources and 10 ungrouped images: 20 groups, 5 per fold.
+    groups_per_fold = [
+        len({(s.group or s.image_id) for s, f in zip(samples, folds, strict=True) if f == k})
+        for k in range(4)
+    ]
+    assert groups_per_fold == [5, 5, 5, 5]
+    np.testing.assert_array_equal(group_folds(samples, 4, seed=0), folds)
+    assert not np.array_equal(group_folds(samples, 4, seed=1), folds)
+    with pytest.raises(ValueError, match="folds"):
+        group_folds(samples, 0)

@@ -116,31 +116,6 @@ def test_load_pixels_applies_the_degradation_deterministically(root):
     np.testing.assert_array_equal(degraded, datasets.load_pixels(copy))
 
 
-def test_tiers_on_the_shared_training_counts(root):
-    freq = datasets.shared_label_frequencies(root, "train")
-    counts, n_images, _ = freq["dsb2018"]
-    assert n_images == 399 and counts["large_nucleus"] == 58
-    tiers = datasets.assign_tiers(counts, n_images)
-    assert tiers["minority"] == ["large_nucleus"]
-    assert tiers["majority"] == list(datasets.DSB_MAJORITY_CLASSES)
-    counts, n_images, dropped = freq["bccd"]
-    assert n_images == 205 and len(dropped) == 1
-    assert datasets.assign_tiers(counts, n_images) == {
-        "majority": ["RBC", "WBC", "Platelets"],
-        "minority": [],
-    }
-
-
-def test_assign_tiers_boundary_and_validation():
-    assert datasets.assign_tiers({"a": 15, "b": 16}, 100) == {"majority": ["b"], "minority": ["a"]}
-    with pytest.raises(ValidationError, match=r"outside 0\.\.10"):
-        datasets.assign_tiers({"a": 11}, 10)
-    with pytest.raises(ValidationError, match="n_images"):
-        datasets.assign_tiers({}, 0)
-    with pytest.raises(ValidationError, match="minority_max_fraction"):
-        datasets.assign_tiers({"a": 1}, 10, minority_max_fraction=1.0)
-
-
 def test_unknown_split_is_refused(root):
     with pytest.raises(ValidationError, match="unknown split 'dev'"):
         datasets.dsb2018_majority(root, "dev")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ loss, well-formed predictions, and save/load round trips through ``weights_only=
 from __future__ import annotations
 
 import builtins
+import json
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import torch
 
 from phenocascade.domain import Box, DecodedImage, Route, Sample, StageKind, route
 from phenocascade.models.base import Embedder, Stage, backend_names, get_backend, load_stage
+from phenocascade.models.calibration import Temperature
 from phenocascade.models.certify import calibrate_stage
 from phenocascade.models.novelty import NoveltyGuard
 
@@ -175,6 +177,28 @@ def test_save_load_round_trip(
     assert calls and all(c.get("weights_only") is True for c in calls)
     assert loaded.version == "v1"
     assert loaded.thresholds == stage.thresholds
+    assert loaded.predict([*images, *_test_images()]) == before
+
+
+def test_an_artifact_with_temperatures_only_still_loads(
+    fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    # Artifacts written before calibrators were chosen per label store a temperature per
+    # label, ``calibration["temperature"]``; they must load and score as before.
+    name, stage, val, pixels = fitted
+    images = [DecodedImage(s.image_id, pixels[s.image_id]) for s in val]
+    calibrate_stage(stage, images, val, target_precision=0.9, delta=0.2)
+    stage.set_calibration(dict.fromkeys(stage.classes, Temperature(1.7)), stage.thresholds_)
+    before = stage.predict([*images, *_test_images()])
+    stage.save(tmp_path / "v1", tier="test")
+    path = tmp_path / "v1" / "metadata.json"
+    meta = json.loads(path.read_text())
+    record = {"method": "temperature", "temperature": 1.7}
+    assert meta["calibration"]["calibrators"] == {label: record for label in stage.classes}
+    meta["calibration"] = {"temperature": dict.fromkeys(stage.classes, 1.7)}
+    path.write_text(json.dumps(meta))
+    loaded = get_backend(name).load(tmp_path / "v1")
+    assert loaded.calibrators_ == stage.calibrators_
     assert loaded.predict([*images, *_test_images()]) == before
 
 

@@ -7,12 +7,16 @@ import pytest
 
 from phenocascade.domain import LabelThresholds
 from phenocascade.models.thresholds import (
+    PValue,
     binomial_cdf,
+    hoeffding_bentkus_p_value,
     min_certifiable_count,
     precision_p_value,
     select_pooled_thresholds,
     select_thresholds,
 )
+
+P_VALUES: tuple[PValue, ...] = ("binomial", "hoeffding-bentkus")
 
 
 def _exact_cdf(k: int, n: int, p: float) -> float:
@@ -74,19 +78,103 @@ def test_sequence_stops_at_the_first_failed_test() -> None:
     assert record.achieved_precision_pos >= 0.9
 
 
-def test_guarantee_holds_in_simulation() -> None:
-    # Scores uniform on [0, 1] and P(y=1 | s) = s, so precision(s >= t) = (1 + t) / 2:
-    # a 0.9 target is met exactly by thresholds t >= 0.8.
-    rng = np.random.default_rng(1)
-    violations = 0
-    trials = 100
+def _violations(select: object, trials: int, seed: int) -> tuple[int, int]:
+    """Repetitions whose certified PASS / SKIP rule misses a 0.9 precision target.
+
+    Scores are uniform on [0, 1] with P(y=1 | s) = s, so PASS at ``s >= t`` has precision
+    (1 + t) / 2 (the target is met from t = 0.8 up) and SKIP at ``s <= t`` has precision
+    1 - t / 2 (met up to t = 0.2).
+    """
+    rng = np.random.default_rng(seed)
+    bad_pass = bad_skip = 0
     for _ in range(trials):
         s = rng.random(400)
         y = (rng.random(400) < s).astype(int)
-        record = select_thresholds(s, y, target_precision=0.9, delta=0.1)
-        if record.n_pos and record.positive < 0.8:
-            violations += 1
-    assert violations / trials <= 0.15
+        positive, negative = select(s, y)  # type: ignore[operator]
+        bad_pass += positive < 0.8
+        bad_skip += negative > 0.2
+    return bad_pass, bad_skip
+
+
+# Violations allowed in 200 repetitions: a valid rule fails each with probability at most
+# delta = 0.1, so more than this (34) happens with probability below 0.001 even at 0.1.
+TRIALS = 200
+ALLOWED = next(c for c in range(TRIALS) if 1 - _exact_cdf(c, TRIALS, 0.1) < 1e-3)
+
+
+@pytest.mark.parametrize("p_value", P_VALUES)
+def test_guarantee_holds_in_simulation(p_value: PValue) -> None:
+    def certified(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        record = select_thresholds(s, y, target_precision=0.9, delta=0.1, p_value=p_value)
+        return record.positive, record.negative
+
+    bad_pass, bad_skip = _violations(certified, TRIALS, seed=1)
+    assert bad_pass <= ALLOWED and bad_skip <= ALLOWED
+
+
+def test_the_simulation_catches_a_rule_without_a_guarantee() -> None:
+    # The largest selection whose observed precision reaches the target: no correction for
+    # sampling noise, so it overshoots about half the time. The check above can fail.
+    def naive(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        order = np.argsort(-s)
+        precision = np.cumsum(y[order]) / np.arange(1, len(s) + 1)
+        ok = np.flatnonzero(precision >= 0.9)
+        return float(s[order][ok.max()]) if ok.size else 1.0, 0.0
+
+    bad_pass, _ = _violations(naive, TRIALS, seed=1)
+    assert bad_pass > 2 * ALLOWED
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 0.99, 0.995])
+@pytest.mark.parametrize("delta", [0.01, 0.05, 0.1, 0.2])
+def test_error_free_minimum_is_the_closed_form(target: float, delta: float) -> None:
+    # Zero errors in n decisions: the p-value is target**n for both tests (the Hoeffding
+    # term equals the binomial tail there), so n = ceil(log(delta) / log(target)).
+    n = math.ceil(math.log(delta) / math.log(target))
+    assert target**n <= delta < target ** (n - 1)
+    for p_value in P_VALUES:
+        assert min_certifiable_count(target, delta, p_value=p_value) == n
+
+
+def test_the_figures_of_the_docs() -> None:
+    # 230 error-free decisions at 0.99 / 0.1 (the quality gate's val split had 220
+    # positives); one error needs 388 with the binomial tail, 488 with Hoeffding-Bentkus.
+    assert min_certifiable_count(0.99, 0.1) == 230
+    assert min_certifiable_count(0.99, 0.1, errors=1) == 388
+    assert min_certifiable_count(0.99, 0.1, errors=1, p_value="hoeffding-bentkus") == 488
+    # The Bentkus term alone, e * 0.99**n <= 0.1, would need 329.
+    assert math.ceil(math.log(0.1 / math.e) / math.log(0.99)) == 329
+
+
+def test_hoeffding_bentkus_hand_value() -> None:
+    # 2 errors in 100 decisions at 0.95: Hoeffding exp(-100 KL(0.02 || 0.05)) = 0.254,
+    # Bentkus e * P(Bin(100, 0.05) <= 2) = 0.322; the p-value is the smaller.
+    kl = 0.02 * math.log(0.02 / 0.05) + 0.98 * math.log(0.98 / 0.95)
+    hoeffding = math.exp(-100 * kl)
+    bentkus = math.e * _exact_cdf(2, 100, 0.05)
+    assert hoeffding < bentkus
+    assert hoeffding_bentkus_p_value(2, 100, 0.95) == pytest.approx(hoeffding, rel=1e-12)
+    # At or above the allowed error rate the Hoeffding term is 1 and Bentkus decides.
+    assert hoeffding_bentkus_p_value(6, 100, 0.95) == pytest.approx(
+        min(1.0, math.e * _exact_cdf(6, 100, 0.05)), rel=1e-9
+    )
+    assert hoeffding_bentkus_p_value(0, 0, 0.95) == 1.0
+
+
+def test_the_binomial_tail_is_never_above_hoeffding_bentkus() -> None:
+    for target in (0.9, 0.95, 0.99):
+        for n in (20, 100, 230, 400):
+            for k in range(0, 12):
+                binomial = precision_p_value(k, n, target)
+                bentkus = precision_p_value(k, n, target, "hoeffding-bentkus")
+                assert binomial <= bentkus * (1 + 1e-12)
+                if k == 0:
+                    assert binomial == pytest.approx(bentkus, rel=1e-12)
+
+
+def test_unknown_p_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="p_value"):
+        precision_p_value(0, 10, 0.9, "hoeffding")  # type: ignore[arg-type]
 
 
 def test_mismatched_shapes_are_refused() -> None:

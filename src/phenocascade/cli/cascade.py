@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from phenocascade.cli.metrics import (
     start_metrics,
     with_metrics_ports,
 )
+from phenocascade.cli.supervise import Supervisor
 from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
@@ -165,16 +167,36 @@ def stop_cascade(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 3
             proc.wait()
 
 
+def learning_commands(every: int) -> dict[str, list[str]]:
+    """Return the processes of the annotation loop: the task sink, the app, the retrainer."""
+    return {"sink": ["sink"], "ui": ["ui"], "retrainer": ["retrainer", "--every", str(every)]}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the whole cascade on this machine until SIGTERM/SIGINT."""
+    """Run the whole cascade on this machine until SIGTERM/SIGINT, restarting the dead.
+
+    A process that exits is restarted with backoff (see
+    :class:`~phenocascade.cli.supervise.Supervisor`) while the others keep running.
+    """
     settings = get_settings()
     topology = _topology(args)
     create_topics(settings.kafka, topology)
+    env = dict(os.environ)
+    if args.topology:
+        # The children read the same topology as this command.
+        env["PHENOCASCADE_TOPOLOGY"] = str(Path(args.topology).resolve())
+    commands = cascade_commands(topology)
+    if args.learning:
+        commands.update(learning_commands(args.every))
     base = metrics_port(args, settings)
-    procs = start_cascade(topology, settings.home / "logs", metrics_port=base)
-    console.print(f"cascade running: {', '.join(f'{n} (pid {p.pid})' for n, p in procs.items())}")
+    commands = with_metrics_ports(commands, base)
+    log_dir = settings.home / "logs"
+    supervisor = Supervisor(commands, lambda name, cmd: start_process(name, cmd, log_dir, env))
+    supervisor.start(time.monotonic())
+    running = ", ".join(f"{n} (pid {p.pid})" for n, p in supervisor.processes.items())
+    console.print(f"cascade running: {running}; logs in {log_dir}")
     if start_metrics(args, settings) is not None:
-        ports = child_metrics_ports(list(procs), base)
+        ports = child_metrics_ports(list(commands), base)
         listed = ", ".join(f"{n} :{port}" for n, port in {"run": base, **ports}.items())
         console.print(f"metrics (http://{settings.metrics_host}:PORT/metrics): {listed}")
     stop = threading.Event()
@@ -182,12 +204,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
-            dead = [n for n, p in procs.items() if p.poll() is not None]
-            if dead:
-                console.print(f"[red]process(es) exited: {dead}; see {settings.home / 'logs'}")
-                return 1
+            for name in supervisor.poll(time.monotonic()):
+                console.print(
+                    f"[yellow]restarted {name} (restart {supervisor.restarts[name]}); "
+                    f"see {log_dir / (name + '.log')}"
+                )
     finally:
-        stop_cascade(procs)
+        stop_cascade(supervisor.processes)
     return 0
 
 
@@ -269,9 +292,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # -- results, render, report ---------------------------------------------------------------
 def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
-    """Return a rich table of outputs: id, status, top labels, boxes, routes, versions."""
+    """Return a rich table of outputs: id, status, labels, boxes and each tier's route.
+
+    Labels are those of every classifier tier (p >= 0.5), boxes those of every detector.
+    """
     table = Table(title=f"{len(outputs)} image outputs")
-    for col in ("image", "status", "majority labels (p>=0.5)", "minority boxes", "routes"):
+    for col in ("image", "status", "labels (p>=0.5)", "boxes", "routes"):
         table.add_column(col)
     for o in outputs:
         labels = ", ".join(
@@ -415,7 +441,19 @@ def register(sub: Any) -> None:
     add_metrics_port(p)
 
     add_metrics_port(add("joiner", cmd_joiner, "run the joiner (faust)"))
-    add_metrics_port(add("run", cmd_run, "run the whole cascade on this machine"))
+    p = add("run", cmd_run, "run the whole cascade on this machine (restarts what dies)")
+    add_metrics_port(p)
+    p.add_argument(
+        "--learning",
+        action="store_true",
+        help="also run the annotation loop: task sink, annotation app and retrainer",
+    )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=20,
+        help="with --learning: retrain a tier per this many new annotations (default: 20)",
+    )
 
     p = add("submit", cmd_submit, "submit image files or folders")
     p.add_argument("paths", nargs="+")

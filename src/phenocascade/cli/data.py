@@ -20,7 +20,6 @@ from rich.table import Table
 from phenocascade.config import get_settings
 from phenocascade.data import fetch as fetch_module
 from phenocascade.data import importers, registry
-from phenocascade.data.datasets import assign_tiers, shared_label_frequencies
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.errors import ValidationError
 
@@ -48,12 +47,11 @@ def register(subparsers: Any) -> None:
     """Add ``data`` and its sub-commands to the top-level parser's subparsers."""
     data = subparsers.add_parser(
         "data",
-        help="store annotated datasets, fetch public datasets, show the tier assignment",
+        help="store annotated datasets, list and show them, fetch public datasets",
         description=(
             "Strict annotation importers (a malformed file is an error naming file and line) "
-            "that store versioned datasets, the checksum-verifying fetcher of the public "
-            "originals, and the label-frequency rule that assigns labels to the majority or "
-            "minority tier."
+            "that store versioned datasets, and the checksum-verifying fetcher of the public "
+            "originals. `phenocascade plan NAME` turns a stored dataset into tiers."
         ),
     )
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -152,20 +150,6 @@ def register(subparsers: Any) -> None:
     )
     get.set_defaults(func=_fetch)
 
-    tiers = sub.add_parser(
-        "tiers", help="assign the shared datasets' labels to the majority or minority tier"
-    )
-    tiers.add_argument(
-        "--split", default="train", choices=("train", "val", "test"), help="split to count"
-    )
-    tiers.add_argument(
-        "--minority-max-fraction",
-        type=float,
-        default=0.15,
-        help="a label in at most this fraction of images is minority (default: %(default)s)",
-    )
-    tiers.add_argument("--json", action="store_true", help="print JSON")
-    tiers.set_defaults(func=_tiers)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool) -> None:
@@ -311,7 +295,7 @@ def _source(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _datasets_root() -> Path:
-    return get_settings().home / "datasets"
+    return get_settings().dataset_store
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -413,33 +397,4 @@ def _show(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     for path in fetch_module.fetch(args.name, args.dest, allow_unverified=args.allow_unverified):
         print(path)
-    return 0
-
-
-def _tiers(args: argparse.Namespace) -> int:
-    report = {}
-    for dataset, (counts, n_images, dropped) in shared_label_frequencies(
-        get_settings().datasets, args.split
-    ).items():
-        report[dataset] = {
-            "split": args.split,
-            "images": n_images,
-            "fractions": {label: round(c / n_images, 4) for label, c in counts.items()},
-            "tiers": assign_tiers(
-                counts, n_images, minority_max_fraction=args.minority_max_fraction
-            ),
-            "dropped_boxes": [f"{d.file}:{d.line} {d.label} {d.reason}" for d in dropped],
-        }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for dataset, entry in report.items():
-        print(f"{dataset} ({entry['split']}, {entry['images']} images):")
-        for tier in ("majority", "minority"):
-            labels = ", ".join(
-                f"{label} {entry['fractions'][label]:.1%}" for label in entry["tiers"][tier]
-            )
-            print(f"  {tier}: {labels or '-'}")
-        for line in entry["dropped_boxes"]:
-            print(f"  (dropped {line})")
     return 0

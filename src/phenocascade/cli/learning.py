@@ -65,10 +65,11 @@ def _retrainer(args: argparse.Namespace, every: int | None) -> Any:
         config=dict(args.config),
         max_holdout=args.holdout,
     )
+    topology = _topology(args)
     return Retrainer(
         settings=settings,
-        topology=_topology(args),
-        trainer=RecipeTrainer(settings, budget=budget, device=args.device),
+        topology=topology,
+        trainer=RecipeTrainer(settings, budget=budget, device=args.device, topology=topology),
         every=every,
         tiers=args.tiers,
         keep_rejected=args.keep_rejected,

@@ -78,6 +78,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--size", choices=("bootstrap", "full"), default="bootstrap")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     run.add_argument("--max-train", type=int, default=None, help="cap on training samples")
+    run.add_argument("--max-epochs", type=int, default=None, help="cap on every trial's epochs")
     run.add_argument(
         "--no-publish",
         action="store_true",
@@ -147,6 +148,7 @@ def _run(args: argparse.Namespace, tier: str) -> int:
         size=args.size,
         device=args.device,
         max_train=args.max_train,
+        max_epochs=args.max_epochs,
         on_trial=lambda trial, best: console.print(_trial_line(trial, best)),
     )
     if result.best is None:

@@ -60,14 +60,13 @@ from phenocascade.consumers import RETRAINER_GROUP
 from phenocascade.consumers.annotation_sink import AnnotationSink
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import (
-    ArtifactError,
     BadInputError,
     ConfigError,
     InfraError,
     PhenocascadeError,
 )
 from phenocascade.imaging import resolve_under_roots
-from phenocascade.models.base import ArtifactMeta, champion_version, set_champion
+from phenocascade.models.base import ArtifactMeta, champion_version, set_champion, tier_classes
 from phenocascade.models.evaluate import summary_metrics
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.annotations import annotations_by_tier, get_task, save_annotation
@@ -631,9 +630,13 @@ class Retrainer:
         Raises
         ------
         ConfigError
-            If ``tier`` is not one this retrainer may retrain.
-        ArtifactError
-            If the tier has no champion to challenge.
+            If ``tier`` is not one this retrainer may retrain, or has neither a champion
+            nor ``labels`` in the topology.
+
+        Notes
+        -----
+        A tier without a champion (cold start) trains its first model from the
+        annotations and promotes it without a comparison.
         """
         spec = self.specs.get(tier)
         if spec is None:
@@ -642,13 +645,11 @@ class Retrainer:
             )
         started = datetime.now(tz=UTC)
         artifacts = self.settings.artifacts
-        parent = champion_version(artifacts, spec.artifact)
-        if parent is None:
-            raise ArtifactError(
-                f"tier {tier!r} has no champion under {artifacts}; train one first "
-                f"(phenocascade train {spec.artifact})"
-            )
-        classes = ArtifactMeta.read(artifacts / spec.artifact / parent).classes
+        parent = champion_version(artifacts, spec.artifact) or ""
+        if parent:
+            classes = ArtifactMeta.read(artifacts / spec.artifact / parent).classes
+        else:
+            classes = tier_classes(spec)[1]
         metric = self.trainer.metric(spec.artifact)
         stored = annotations_by_tier(session=self.session, tier=tier)
         newest, excluded = newest_per_image(stored)
@@ -681,12 +682,13 @@ class Retrainer:
             finished_at=started,
         )
         log.info(
-            "tier %s: training a challenger to %s on %d annotations (%d left out)",
+            "tier %s: training %s on %d annotations (%d left out)",
             tier,
-            parent,
+            f"a challenger to {parent}" if parent else "its first model (cold start)",
             len(samples),
             len(excluded),
         )
+        (artifacts / spec.artifact).mkdir(parents=True, exist_ok=True)
         before = {p.name for p in (artifacts / spec.artifact).iterdir()}
         created: Path | None = None
         try:
@@ -696,7 +698,8 @@ class Retrainer:
             outcome.version = challenger.version
             created = self._created_folder(spec.artifact, challenger.version, before)
             outcome.metrics = challenger.metrics
-            outcome.parent_metrics = self.trainer.evaluate(spec.artifact, parent)
+            if parent:
+                outcome.parent_metrics = self.trainer.evaluate(spec.artifact, parent)
         except Exception as exc:  # any training failure is recorded, the loop goes on
             log.exception("tier %s: retraining failed", tier)
             # A failure inside train() leaves no version: a pseudo one names the attempt.

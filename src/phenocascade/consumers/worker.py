@@ -19,10 +19,18 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Produ
 from prometheus_client import Counter, Histogram, Info
 
 from phenocascade.config import Settings, TierSpec, Topology
-from phenocascade.domain import DecodedImage, LabelThresholds, Route, StageKind, StageOutput, route
-from phenocascade.errors import BadInputError, PhenocascadeError
+from phenocascade.domain import (
+    NO_MODEL_VERSION,
+    DecodedImage,
+    LabelThresholds,
+    Route,
+    StageKind,
+    StageOutput,
+    route,
+)
+from phenocascade.errors import BadInputError, NoChampionError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
-from phenocascade.models.base import Stage, load_stage, set_compute_threads
+from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
@@ -221,8 +229,11 @@ class TierWorker:
     def _show_model(self) -> None:
         """Export the model now served (``phenocascade_model_info``)."""
         stage = self.stage
-        if stage is not None:
-            MODEL.labels(self.tier.name).info({"name": stage.model_name, "version": stage.version})
+        MODEL.labels(self.tier.name).info(
+            {"name": stage.model_name, "version": stage.version}
+            if stage is not None
+            else {"name": self.tier.backend, "version": NO_MODEL_VERSION}
+        )
 
     # -- input -----------------------------------------------------------------------------
     def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:
@@ -278,12 +289,33 @@ class TierWorker:
                 results.append(exc)
         return results
 
+    def _score(
+        self, images: Sequence[DecodedImage]
+    ) -> tuple[list[StageOutput | Exception], list[Route], StageKind, str, str, list[str]]:
+        """Score and route images with the current model, or ask experts if there is none.
+
+        Returns the outputs (or the exception of each failed image), the routes, and the
+        kind, model name, model version and classes to record.
+        """
+        stage = self.stage
+        if stage is None:
+            kind, classes = tier_classes(self.tier)
+            empty: list[StageOutput | Exception] = [StageOutput(scores={}) for _ in images]
+            routes = [Route.ANNOTATE] * len(images)
+            return empty, routes, kind, self.tier.backend, NO_MODEL_VERSION, classes
+        thresholds = self._thresholds(stage)
+        outputs = self._predict(stage, images)
+        routes = [
+            Route.ANNOTATE
+            if isinstance(o, Exception)
+            else route(stage.kind, o, thresholds, stage.gate_label)
+            for o in outputs
+        ]
+        return outputs, routes, stage.kind, stage.model_name, stage.version, list(stage.classes)
+
     # -- one batch -------------------------------------------------------------------------
     def process_batch(self, consumer: Consumer, producer: Any, msgs: Sequence[Message]) -> None:
         """Decode, score, route and produce one batch inside one transaction."""
-        stage = self.stage
-        assert stage is not None
-        thresholds = self._thresholds(stage)
         producer.begin_transaction()
         tally = _BatchTally(self.tier.name, len(msgs))
         good: list[tuple[Message, dict[str, Any], DecodedImage]] = []
@@ -297,8 +329,9 @@ class TierWorker:
             except BadInputError as exc:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
                 tally.dead[exc.kind] = tally.dead.get(exc.kind, 0) + 1
-        outputs = self._predict(stage, [g[2] for g in good])
-        for (msg, submitted, _), output in zip(good, outputs, strict=True):
+        outputs, decisions, kind, model_name, version, classes = self._score([g[2] for g in good])
+        thresholds = self._thresholds(self.stage) if self.stage is not None else {}
+        for (msg, submitted, _), output, decision in zip(good, outputs, decisions, strict=True):
             if isinstance(output, Exception):
                 self._dead_letter(
                     producer,
@@ -309,21 +342,20 @@ class TierWorker:
                 )
                 tally.dead["model_error"] = tally.dead.get("model_error", 0) + 1
                 continue
-            decision = route(stage.kind, output, thresholds, stage.gate_label)
             key = submitted["image_id"].encode()
             result = events.tier_result(
                 submitted,
                 tier=self.tier.name,
-                kind=stage.kind,
+                kind=kind,
                 route=decision,
                 output=output,
-                model_name=stage.model_name,
-                model_version=stage.version,
+                model_name=model_name,
+                model_version=version,
             )
             producer.produce(
                 self.tier.result_topic, key=key, value=self.codec.encode("TierResult", result)
             )
-            if stage.kind is StageKind.GATE and decision is not Route.ANNOTATE:
+            if kind is StageKind.GATE and decision is not Route.ANNOTATE:
                 target = self.tier.routes["pass" if decision is Route.PASS else "skip"]
                 producer.produce(target, key=key, value=msg.value())
             if decision is Route.ANNOTATE:
@@ -332,9 +364,9 @@ class TierWorker:
                     msg.value() or b"",
                     tier=self.tier.name,
                     output=output,
-                    classes=stage.classes,
-                    model_name=stage.model_name,
-                    model_version=stage.version,
+                    classes=classes,
+                    model_name=model_name,
+                    model_version=version,
                 )
                 producer.produce(
                     self.topology.annotate_topic,
@@ -372,8 +404,17 @@ class TierWorker:
         kafka = self.settings.kafka
         if self.tier.threads is not None:
             set_compute_threads(self.tier.threads)
-        self.stage = self._load(None)
-        log.info("tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version)
+        try:
+            self.stage = self._load(None)
+            log.info(
+                "tier %s serving %s %s", self.tier.name, self.stage.model_name, self.stage.version
+            )
+        except NoChampionError:
+            tier_classes(self.tier)  # refuses a tier whose experts could not be asked anything
+            log.info(
+                "tier %s has no model yet: every image goes to annotation until one is promoted",
+                self.tier.name,
+            )
         self._show_model()
         consumer = group_consumer(kafka, self.tier.group)
         producer = transactional_producer(kafka, f"{self.tier.group}-{self.instance}")

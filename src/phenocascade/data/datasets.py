@@ -1,4 +1,4 @@
-"""Loaders of the shared real datasets, and the label-frequency tier rule.
+"""Loaders of the shared real datasets (the bundled recipes' data).
 
 ``root`` is the datasets folder (``Settings().datasets``); each loader reads its own
 sub-folder (``dsb2018/``, ``bccd/``, ``bbbc006_focus/``, see that folder's README). All
@@ -11,9 +11,8 @@ Box convention: ``[x_min, y_min, x_max, y_max]`` in pixels, half-open.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,13 @@ from phenocascade.data.importers import (
     import_voc,
     read_csv_rows,
 )
-from phenocascade.data.labelled import DroppedAnnotation, LabelledSet, load_pixels
+from phenocascade.data.labelled import (
+    QUALITY_LABEL,
+    DroppedAnnotation,
+    LabelledSet,
+    load_pixels,
+    quality_examples,
+)
 from phenocascade.domain import Sample
 from phenocascade.errors import AnnotationError, ValidationError
 
@@ -42,7 +47,6 @@ __all__ = [
     "DroppedAnnotation",
     "LabelledSet",
     "Split",
-    "assign_tiers",
     "bbbc006",
     "bccd",
     "dsb2018_majority",
@@ -50,7 +54,6 @@ __all__ = [
     "dsb2018_rare",
     "load_pixels",
     "quality_set",
-    "shared_label_frequencies",
     "split_ids",
 ]
 
@@ -67,7 +70,7 @@ DSB_MAJORITY_CLASSES: tuple[str, ...] = tuple(
 DSB_RARE_CLASS = "large_nucleus"
 DSB_NUCLEUS_CLASS = "nucleus"
 BCCD_CLASSES: tuple[str, ...] = ("RBC", "WBC", "Platelets")
-QUALITY_CLASS = "clear"
+QUALITY_CLASS = QUALITY_LABEL
 
 # BBBC006 field names carry well and site, e.g. "..._a01_s1_w1..." and "...__a01__s1__w1_10".
 _BBBC006_FIELD = re.compile(r"_+([a-p]\d\d)_+(s\d)_+w1")
@@ -242,12 +245,6 @@ def bccd(
     )
 
 
-def _stable_seed(*parts: object) -> int:
-    """Derive a seed from values, stable across processes (unlike ``hash``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
 def quality_set(
     root: Path,
     split: Split,
@@ -307,22 +304,8 @@ def quality_set(
     if max_sources is not None and max_sources < len(sources):
         chosen = np.random.default_rng(seed).choice(len(sources), max_sources, replace=False)
         sources = [sources[i] for i in sorted(chosen)]
-    samples = []
-    for source_id, path in sources:
-        samples.append(Sample(source_id, path, labels=frozenset({QUALITY_CLASS}), group=source_id))
-        rng = np.random.default_rng(_stable_seed(seed, source_id))
-        for k in rng.choice(len(SEVERE), per_image, replace=False):
-            spec = SEVERE[int(k)]
-            samples.append(
-                Sample(
-                    f"{source_id}~{spec}",
-                    path,
-                    group=source_id,
-                    degradation=spec,
-                    seed=_stable_seed(seed, source_id, spec),
-                )
-            )
-    return LabelledSet(f"quality/{split}", (QUALITY_CLASS,), tuple(samples))
+    clear = [Sample(source_id, path, group=source_id) for source_id, path in sources]
+    return quality_examples(clear, name=f"quality/{split}", seed=seed, per_image=per_image)
 
 
 def bbbc006(root: Path) -> LabelledSet:
@@ -349,81 +332,3 @@ def bbbc006(root: Path) -> LabelledSet:
             group = f"{match[1]}_{match[2]}" if match else path.stem
             samples.append(Sample(path.stem, path, labels=labels, group=group))
     return LabelledSet("bbbc006_focus", (QUALITY_CLASS,), tuple(samples))
-
-
-def assign_tiers(
-    label_counts: Mapping[str, int],
-    n_images: int,
-    *,
-    minority_max_fraction: float = 0.15,
-) -> dict[str, list[str]]:
-    """Assign each label to the majority classifier or the minority detector tier.
-
-    A label present in at most ``minority_max_fraction`` of the images is *minority*
-    (too rare for an image-level classifier to learn well; a box detector handles it);
-    every other label is *majority*. Decide on training-split counts only.
-
-    Parameters
-    ----------
-    label_counts : mapping of str to int
-        Number of images in which each label is present.
-    n_images : int
-        Number of images counted.
-    minority_max_fraction : float, default 0.15
-        Largest image fraction of a minority label, in ``(0, 1)``.
-
-    Returns
-    -------
-    dict
-        ``{"majority": [...], "minority": [...]}``, labels in input order.
-
-    Raises
-    ------
-    ValidationError
-        If ``n_images < 1``, the fraction is outside ``(0, 1)``, or a count is outside
-        ``0..n_images``.
-
-    Examples
-    --------
-    On the DSB 2018 train split (399 images) the large-nucleus phenotype is present in
-    58 images (14.5 %), below 15 %, so it is minority; each size or density tertile is
-    present in about a third of the images, so majority.
-
-    >>> assign_tiers({"nucleus_size:small": 137, "large_nucleus": 58}, 399)
-    {'majority': ['nucleus_size:small'], 'minority': ['large_nucleus']}
-    """
-    if n_images < 1:
-        raise ValidationError(f"n_images must be at least 1, got {n_images}")
-    if not 0.0 < minority_max_fraction < 1.0:
-        raise ValidationError(
-            f"minority_max_fraction must be in (0, 1), got {minority_max_fraction}"
-        )
-    tiers: dict[str, list[str]] = {"majority": [], "minority": []}
-    for label, count in label_counts.items():
-        if not 0 <= count <= n_images:
-            raise ValidationError(f"count {count} of {label!r} is outside 0..{n_images}")
-        tier = "minority" if count / n_images <= minority_max_fraction else "majority"
-        tiers[tier].append(label)
-    return tiers
-
-
-def shared_label_frequencies(
-    root: Path, split: Split = "train"
-) -> dict[str, tuple[dict[str, int], int, tuple[DroppedAnnotation, ...]]]:
-    """Count, per shared dataset, the images holding each label in one split.
-
-    Returns
-    -------
-    dict
-        ``{"dsb2018": (counts, n_images, ()), "bccd": (counts, n_images, dropped)}``;
-        DSB counts cover the six majority labels and ``large_nucleus``; BCCD counts cover
-        ``RBC``, ``WBC`` and ``Platelets`` (its two zero-area boxes dropped and listed).
-    """
-    majority = dsb2018_majority(root, split)
-    rare = dsb2018_rare(root, split)
-    dsb_counts = {**majority.label_counts(), **rare.label_counts()}
-    blood = bccd(root, split, classes=BCCD_CLASSES, drop_degenerate=True)
-    return {
-        "dsb2018": (dsb_counts, len(majority), ()),
-        "bccd": (blood.label_counts(), len(blood), blood.dropped),
-    }

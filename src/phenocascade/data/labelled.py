@@ -7,16 +7,23 @@ Box convention: ``[x_min, y_min, x_max, y_max]`` in pixels, ``x_max``/``y_max`` 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from phenocascade.config import get_settings
 from phenocascade.data import degrade
 from phenocascade.domain import Sample
 from phenocascade.errors import ValidationError
 from phenocascade.imaging import Pixels, decode_file
+
+# The positive label of every quality gate: the image is usable.
+QUALITY_LABEL = "clear"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +165,62 @@ def load_pixels(sample: Sample) -> Pixels:
     if sample.degradation:
         return degrade.apply(pixels, sample.degradation, sample.seed)
     return pixels
+
+
+def stable_seed(*parts: object) -> int:
+    """Derive a seed from values, stable across processes (unlike ``hash``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def quality_examples(
+    sources: Sequence[Sample], *, name: str, seed: int = 0, per_image: int = 2
+) -> LabelledSet:
+    """Build a quality-gate set from clear images: each, plus severely degraded copies.
+
+    Each source gives one sample labelled ``{"clear"}`` and ``per_image`` unclear copies
+    (labels empty), each with a different kind drawn from
+    :data:`phenocascade.data.degrade.SEVERE`, applied by :func:`load_pixels`. Source and
+    copies share ``group`` (the source's group, else its id), so a split never separates
+    them. Copies are named ``"<source id>~<degradation>"``.
+
+    Parameters
+    ----------
+    sources : sequence of Sample
+        Clear images; their labels and boxes are ignored.
+    name : str
+        Name of the returned set.
+    seed : int, default 0
+        Seeds the kinds drawn and each copy's degradation seed.
+    per_image : int, default 2
+        Degraded copies per source, ``0..len(SEVERE)``.
+
+    Returns
+    -------
+    LabelledSet
+        ``classes == ("clear",)``.
+    """
+    samples = []
+    for source in sources:
+        group = source.group or source.image_id
+        samples.append(
+            dataclasses.replace(
+                source, labels=frozenset({QUALITY_LABEL}), boxes=(), group=group, mask=None
+            )
+        )
+        rng = np.random.default_rng(stable_seed(seed, source.image_id))
+        for k in rng.choice(len(degrade.SEVERE), per_image, replace=False):
+            spec = degrade.SEVERE[int(k)]
+            samples.append(
+                dataclasses.replace(
+                    source,
+                    image_id=f"{source.image_id}~{spec}",
+                    labels=frozenset(),
+                    boxes=(),
+                    group=group,
+                    degradation=spec,
+                    seed=stable_seed(seed, source.image_id, spec),
+                    mask=None,
+                )
+            )
+    return LabelledSet(name, (QUALITY_LABEL,), tuple(samples))

@@ -66,8 +66,6 @@ _PIL_MODES: dict[str, tuple[int, str]] = {
     "I;16B": (1, "uint16"),
     "I;16L": (1, "uint16"),
 }
-# Multi-page TIFF support adds ``Sample.page``; until then every sample is page 0.
-_SAMPLE_HAS_PAGE = "page" in {f.name for f in dataclasses.fields(Sample)}
 
 
 @dataclass(frozen=True)
@@ -746,7 +744,7 @@ def _image_infos(samples: Sequence[Sample]) -> dict[str, ImageInfo]:
             raise ValidationError(
                 f"sample {s.image_id!r} has no path; a stored dataset reads images by path"
             )
-        key = (s.path, getattr(s, "page", 0))
+        key = (s.path, s.page)
         if key not in cache:
             cache[key] = image_info(s.path, page=key[1])
         out[s.image_id] = cache[key]
@@ -760,7 +758,7 @@ def _sample_record(stored: StoredDataset, sample: Sample) -> dict[str, Any]:
     return {
         "image_id": sample.image_id,
         "path": None if sample.path is None else str(sample.path),
-        "page": getattr(sample, "page", 0),
+        "page": sample.page,
         "labels": sorted(sample.labels),
         # Floats throughout, so that a loaded manifest hashes as the stored one did.
         "boxes": [
@@ -862,7 +860,6 @@ def _sample_from(record: Mapping[str, Any]) -> Sample:
         "degradation": str(record["degradation"]),
         "seed": int(record["seed"]),
         "mask": None if record["mask"] is None else Path(record["mask"]),
+        "page": int(record.get("page", 0)),
     }
-    if _SAMPLE_HAS_PAGE:
-        fields["page"] = int(record.get("page", 0))
     return Sample(**fields)

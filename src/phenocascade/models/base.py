@@ -29,8 +29,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from phenocascade.config import TierSpec
 from phenocascade.domain import DecodedImage, LabelThresholds, StageKind, StageOutput
-from phenocascade.errors import ArtifactError, ConfigError
+from phenocascade.errors import ArtifactError, ConfigError, NoChampionError
 
 # A tier's artifact folder name: letters, digits, "_", "." and "-", not starting with ".".
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -137,8 +138,10 @@ class ArtifactMeta:
     normalization : dict
         ``{"mean": [...], "std": [...]}`` applied after scaling to ``[0, 1]``.
     calibration : dict
-        Temperature per label, ``{"temperature": {label: T}}``, and, when a shift detector
-        was fitted (``novelty.npz``), ``"novelty": {"alpha", "threshold", "features", "n"}``.
+        Calibrator per label, ``{"calibrators": {label: record}}`` (see
+        :func:`~phenocascade.models.calibration.calibrator_from_dict`; older artifacts:
+        ``{"temperature": {label: T}}``), and, when a shift detector was fitted
+        (``novelty.npz``), ``"novelty": {"alpha", "threshold", "features", "n"}``.
     thresholds : dict
         Per label ``{"positive", "negative", "target_precision", "achieved_precision_pos",
         "achieved_precision_neg", "coverage"}``.
@@ -260,6 +263,31 @@ def _import_builtin_backends() -> None:
     from phenocascade.models import backends  # noqa: F401
 
 
+def tier_classes(spec: TierSpec) -> tuple[StageKind, list[str]]:
+    """Return what a tier predicts and its labels, from its topology entry alone.
+
+    A tier without a model yet (cold start) routes every image to annotation and asks
+    experts these labels; its first model learns them. A gate's label is its backend's
+    ``gate_label``.
+
+    Raises
+    ------
+    ConfigError
+        If the backend is unknown, or a classifier or detector tier lists no ``labels``.
+    """
+    backend = get_backend(spec.backend)
+    kind: StageKind = backend.kind
+    if kind is StageKind.GATE:
+        return kind, [str(backend.gate_label)]
+    if not spec.labels:
+        raise ConfigError(
+            f"tier {spec.name!r} has no model yet and its topology entry lists no `labels`: "
+            f"train it (phenocascade train {spec.name}) or list the labels experts should "
+            "be asked"
+        )
+    return kind, list(spec.labels)
+
+
 def champion_version(artifacts: Path, tier: str) -> str | None:
     """Return the champion version of ``tier``, or ``None`` if it has none.
 
@@ -329,13 +357,15 @@ def load_stage(
 
     Raises
     ------
+    NoChampionError
+        If ``version`` is ``None`` and the tier has no champion yet.
     ArtifactError
         If the tier name or the version (given or in ``CHAMPION``) is invalid, the
         weights' SHA-256 is not the recorded one, or there is no such artifact.
     """
     version = version or champion_version(artifacts, tier)
     if version is None:
-        raise ArtifactError(
+        raise NoChampionError(
             f"tier {tier!r} has no champion model under {artifacts}; "
             f"run `phenocascade train {tier}`"
         )

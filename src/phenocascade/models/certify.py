@@ -1,11 +1,26 @@
-"""Calibrate a trained stage on validation data and certify its routing thresholds.
+"""Calibrate a trained stage and certify its routing thresholds.
 
-Classifiers and gates: a temperature per label on the raw logits, then Learn-then-Test
-thresholds on the calibrated scores. Detectors: each raw box is matched to the ground
-truth at IoU >= 0.5 (greedily by score, per class); a temperature per class is fitted on
-the logits of the box scores against "matched", then the keep (``negative``) and
-confident (``positive``) thresholds are certified on those boxes, and the keep threshold
-is capped so that it drops at most ``1 - target_precision`` of the true boxes
+Per label (per class for detectors) a calibrator maps raw scores to probabilities: a
+temperature, Platt's slope and offset, or an isotonic fit, whichever has the lowest
+out-of-fold log-loss (:func:`~phenocascade.models.calibration.select_calibrator`). PASS
+and SKIP thresholds are then certified by Learn-then-Test
+(:mod:`phenocascade.models.thresholds`) on *out-of-fold* calibrated scores: every score
+that enters the certificate was calibrated by a map fitted without its image's fold, so
+the deployed thresholds are never fitted on the images that certify them. The deployed
+calibrator is the chosen method fitted on every sample.
+
+The samples come from one of two places:
+
+* :func:`calibrate_stage`: the validation split scored by the trained stage, cut into
+  :data:`CALIBRATION_FOLDS` grouped folds for the calibrators;
+* :func:`certify_outputs` given out-of-fold model outputs (cross-fitting): every image of
+  train and val scored by a model trained without its fold, the same folds cross-fitting
+  the calibrators (``phenocascade.recipes.core.fit_and_save`` with ``cross_fit=K``).
+
+Detectors: each raw box is matched to the ground truth at IoU >= 0.5 (greedily by score,
+per class) and calibrated against "matched"; the keep (``negative``) and confident
+(``positive``) thresholds are certified on those boxes, and the keep threshold is capped
+so that it drops at most ``1 - target_precision`` of the true boxes
 (:func:`keep_threshold_cap`). True boxes the detector never proposed count as dropped
 ones (score 0). When they alone exceed that share, the class's ``finds_all`` is false
 (the cap then bounds the misses among proposed boxes only), and
@@ -18,21 +33,17 @@ classifier only PASSes an image when every label is decided; with a few dozen va
 positives per label no label alone reaches the count a certificate needs (45 error-free
 decisions at 95 % precision, delta 0.1), while the pooled decisions do.
 
-The temperatures and the thresholds are fitted on the same validation data: a
-temperature is a monotone map per label, so it leaves that label's ranking unchanged,
-but in pooled mode it does shift labels against each other.
-
-Certificates hold only for images like the validation data, so the same images also fit
-the stage's shift detector (:mod:`phenocascade.models.novelty`): an image beyond it is
-routed to a person whatever its scores.
+Certificates hold only for images like the calibration data, so the validation images
+also fit the stage's shift detector (:mod:`phenocascade.models.novelty`): an image beyond
+it is routed to a person whatever its scores.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -41,13 +52,14 @@ import numpy.typing as npt
 from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.models.calibration import (
     SCORE_CLIP,
-    calibrate_probability,
+    Calibrator,
     expected_calibration_error,
-    fit_temperature,
     logit,
+    select_calibrator,
 )
 from phenocascade.models.novelty import DEFAULT_ALPHA, NoveltyHolder, StageNovelty
 from phenocascade.models.thresholds import (
+    PValue,
     select_pooled_thresholds,
     select_thresholds,
     threshold_record,
@@ -56,6 +68,8 @@ from phenocascade.models.thresholds import (
 log = logging.getLogger(__name__)
 
 ThresholdMode = Literal["per_label", "pooled"]
+# Grouped folds of the validation images over which calibrators are cross-fitted.
+CALIBRATION_FOLDS = 5
 
 
 def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -96,30 +110,68 @@ def match_boxes(
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted temperatures and certified thresholds of one stage.
+    """Fitted calibrators and certified thresholds of one stage.
 
     Attributes
     ----------
-    temperature : dict
-        ``{label: T}``.
+    calibrators : dict
+        ``{label: Calibrator}``, each fitted on every sample.
     thresholds : dict
-        ``{label: ThresholdRecord.as_dict()}``.
+        ``{label: ThresholdRecord.as_dict()}``, certified on the out-of-fold scores.
     metrics : dict
-        Validation summary, stored as the artifact's ``metrics["calibration"]``:
-        ``threshold_mode`` (``"per_label"`` or ``"pooled"``), ``starts``,
-        ``target_precision``, ``delta``, ``pooled`` (the shared pair's
-        ``ThresholdRecord.as_dict()`` with the pooled ``n`` and achieved precisions, or
-        ``None`` per label) and ``labels``: per label ``n``, ``positives``,
-        ``ece_before``, ``ece_after``.
+        Summary stored as the artifact's ``metrics["calibration"]``: ``threshold_mode``
+        (``"per_label"`` or ``"pooled"``), ``starts``, ``target_precision``, ``delta``,
+        ``pooled`` (the shared pair's ``ThresholdRecord.as_dict()`` with the pooled ``n``
+        and achieved precisions, or ``None`` per label) and ``labels``: per label ``n``,
+        ``positives``, ``calibrator`` (the method chosen), ``cv_log_loss`` (out-of-fold
+        log-loss of each method tried), ``ece_before`` (raw scores), ``ece_after`` (the
+        chosen calibrator on the samples it was fitted on) and ``ece_after_cv`` (its
+        out-of-fold scores, the ones certified); detectors add ``unfound``.
+    certification : dict
+        Stored as the artifact's ``metrics["certification"]``: ``method``
+        (``"ltt-binomial"`` or ``"ltt-hoeffding-bentkus"``), ``n`` (samples the
+        certificate spent), ``cross_fit`` (model folds, 0 for the validation split
+        alone) and ``calibration_folds``.
     novelty : dict or None
         :meth:`StageNovelty.summary <phenocascade.models.novelty.StageNovelty.summary>` of
         the fitted shift detector, ``None`` when none was fitted.
     """
 
-    temperature: dict[str, float]
+    calibrators: dict[str, Calibrator]
     thresholds: dict[str, dict[str, float]]
     metrics: dict[str, Any]
+    certification: dict[str, Any]
     novelty: dict[str, Any] | None = None
+
+
+def group_folds(samples: Sequence[Sample], folds: int, *, seed: int = 0) -> npt.NDArray[np.int64]:
+    """Deal the samples into ``folds`` folds, the samples of one group together.
+
+    A sample's group is ``Sample.group``, else its ``image_id``. Groups are shuffled with
+    ``seed`` and dealt in turn, so fold sizes (in groups) differ by at most one.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(len(samples),)``, ``int64``: each sample's fold in ``range(folds)``.
+    """
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    keys = [s.group or s.image_id for s in samples]
+    groups = sorted(set(keys))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    fold_of = {groups[g]: turn % folds for turn, g in enumerate(order)}
+    return np.array([fold_of[k] for k in keys], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _LabelData:
+    """One label's raw scores, 0/1 truths, the image each came from, and unfound truths."""
+
+    scores: npt.NDArray[np.float64]
+    truths: npt.NDArray[np.int64]
+    image: npt.NDArray[np.int64]
+    unfound: int
 
 
 def _label_pairs(
@@ -127,31 +179,41 @@ def _label_pairs(
     classes: Sequence[str],
     outputs: Sequence[StageOutput],
     samples: Sequence[Sample],
-) -> dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], int]]:
-    """Per label, raw scores, 0/1 truths and unfound truths.
+) -> dict[str, _LabelData]:
+    """Per label, raw scores, truths, image indices and unfound truths.
 
     Classifiers: one score per image, no unfound truths. Detectors: one score per box,
     and the number of true boxes that no box of the label matched (never proposed).
     """
-    pairs: dict[str, tuple[list[float], list[int]]] = {c: ([], []) for c in classes}
+    scores: dict[str, list[float]] = {c: [] for c in classes}
+    truths: dict[str, list[int]] = {c: [] for c in classes}
+    image: dict[str, list[int]] = {c: [] for c in classes}
     unfound = dict.fromkeys(classes, 0)
-    for out, sample in zip(outputs, samples, strict=True):
+    for index, (out, sample) in enumerate(zip(outputs, samples, strict=True)):
         if kind is StageKind.DETECTOR:
             hits = match_boxes(list(out.boxes), list(sample.boxes))
-            for box, hit in zip(out.boxes, hits, strict=True):
-                pairs[box.label][0].append(box.score)
-                pairs[box.label][1].append(int(hit))
-                unfound[box.label] -= int(hit)
+            entries = [
+                (box.label, box.score, int(hit)) for box, hit in zip(out.boxes, hits, strict=True)
+            ]
             for truth in sample.boxes:
                 if truth.label in unfound:
                     unfound[truth.label] += 1
         else:
-            for c in classes:
-                pairs[c][0].append(out.scores[c])
-                pairs[c][1].append(int(c in sample.labels))
+            entries = [(c, out.scores[c], int(c in sample.labels)) for c in classes]
+        for label, score, truth_value in entries:
+            scores[label].append(score)
+            truths[label].append(truth_value)
+            image[label].append(index)
+            if kind is StageKind.DETECTOR:
+                unfound[label] -= truth_value
     return {
-        c: (np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.int64), unfound[c])
-        for c, (s, y) in pairs.items()
+        c: _LabelData(
+            np.asarray(scores[c], dtype=np.float64),
+            np.asarray(truths[c], dtype=np.int64),
+            np.asarray(image[c], dtype=np.int64),
+            unfound[c],
+        )
+        for c in classes
     }
 
 
@@ -207,9 +269,11 @@ def calibrate_stage(
     delta: float = 0.1,
     threshold_mode: ThresholdMode | None = None,
     starts: int = 1,
+    p_value: PValue = "binomial",
     novelty_alpha: float | None = DEFAULT_ALPHA,
+    seed: int = 0,
 ) -> Calibration:
-    """Fit temperatures, certify thresholds and fit the shift detector on validation data.
+    """Fit calibrators, certify thresholds and fit the shift detector on validation data.
 
     Parameters
     ----------
@@ -231,99 +295,215 @@ def calibrate_stage(
     starts : int, default 1
         Start points of the fixed-sequence test (see
         :mod:`phenocascade.models.thresholds`).
+    p_value : {"binomial", "hoeffding-bentkus"}, default "binomial"
+        The test of each threshold candidate.
     novelty_alpha : float or None, default 0.02
         False-alarm rate of the shift detector, fitted when the stage has ``set_novelty``
         (:class:`~phenocascade.models.novelty.NoveltyHolder`); ``None`` fits none.
+    seed : int, default 0
+        Seeds the calibrators' folds (:func:`group_folds`).
 
     Returns
     -------
     Calibration
         What was stored into ``stage``.
     """
+    raw = stage.predict(images, calibrated=False)
+    calibration = certify_outputs(
+        stage,
+        raw,
+        samples,
+        group_folds(samples, CALIBRATION_FOLDS, seed=seed),
+        target_precision=target_precision,
+        delta=delta,
+        threshold_mode=threshold_mode,
+        starts=starts,
+        p_value=p_value,
+    )
+    return replace(calibration, novelty=fit_novelty(stage, images, novelty_alpha))
+
+
+def certify_outputs(
+    stage: Any,
+    raw: Sequence[StageOutput],
+    samples: Sequence[Sample],
+    folds: npt.ArrayLike,
+    *,
+    target_precision: float = 0.99,
+    delta: float = 0.1,
+    threshold_mode: ThresholdMode | None = None,
+    starts: int = 1,
+    p_value: PValue = "binomial",
+    cross_fit: int = 0,
+) -> Calibration:
+    """Fit calibrators and certify thresholds on given raw outputs; store them in ``stage``.
+
+    Parameters
+    ----------
+    stage : backend
+        Gives ``kind`` and ``classes`` and receives ``set_calibration``.
+    raw : sequence of StageOutput
+        Uncalibrated outputs (``predict(..., calibrated=False)``), aligned with
+        ``samples``: the stage's own on validation data, or out-of-fold ones from models
+        trained without each sample's fold.
+    samples : sequence of Sample
+        Their truths.
+    folds : array_like
+        Shape ``(len(samples),)``: each sample's fold, over which the calibrators are
+        cross-fitted (a sample's certified score comes from a calibrator fitted without
+        its fold).
+    target_precision, delta, threshold_mode, starts, p_value
+        As in :func:`calibrate_stage`.
+    cross_fit : int, default 0
+        Number of model folds behind out-of-fold ``raw`` (0: the stage's own outputs);
+        recorded in ``certification``.
+
+    Returns
+    -------
+    Calibration
+        Without ``novelty``.
+    """
     mode = threshold_mode or default_threshold_mode(stage.kind, stage.classes)
     if mode not in ("per_label", "pooled"):
         raise ValueError(f"threshold_mode must be 'per_label' or 'pooled', got {mode!r}")
-    raw = stage.predict(images, calibrated=False)
-    temperature: dict[str, float] = {}
-    calibrated: dict[str, npt.NDArray[np.float64]] = {}
-    truths: dict[str, npt.NDArray[np.int64]] = {}
-    per_label: dict[str, Any] = {}
-    unfound: dict[str, int] = {}
-    for label, (scores, truth, missed) in _label_pairs(
-        stage.kind, stage.classes, raw, samples
-    ).items():
-        unfound[label] = missed
-        t = fit_temperature(logit(scores), truth)
-        temperature[label] = t
-        calibrated[label] = np.clip(calibrate_probability(scores, t), SCORE_CLIP, 1.0 - SCORE_CLIP)
-        truths[label] = truth
-        per_label[label] = {
-            "n": len(scores),
-            "positives": int(truth.sum()),
-            # JSON has no NaN: an empty set (a detector with no box) has no ECE.
-            "ece_before": expected_calibration_error(scores, truth) if len(scores) else None,
-            "ece_after": (
-                expected_calibration_error(calibrated[label], truth) if len(scores) else None
-            ),
-        }
-        if stage.kind is StageKind.DETECTOR:
-            per_label[label]["unfound"] = missed
-    pooled_record: dict[str, float] | None = None
-    if mode == "pooled":
-        pooled = select_pooled_thresholds(
-            calibrated, truths, target_precision=target_precision, delta=delta, starts=starts
-        )
-        thresholds = {label: record.as_dict() for label, record in pooled.per_label.items()}
-        pooled_record = pooled.pooled.as_dict()
-    else:
-        thresholds = {
-            label: select_thresholds(
-                calibrated[label],
-                truths[label],
-                target_precision=target_precision,
-                delta=delta,
-                starts=starts,
-            ).as_dict()
-            for label in calibrated
-        }
+    fold = np.asarray(folds, dtype=np.int64)
+    pairs = _label_pairs(stage.kind, stage.classes, raw, samples)
+    calibrators, calibrated, per_label = _calibrate_labels(pairs, fold)
+    truths = {label: data.truths for label, data in pairs.items()}
+    thresholds, pooled = _certify(
+        mode,
+        calibrated,
+        truths,
+        target_precision=target_precision,
+        delta=delta,
+        starts=starts,
+        p_value=p_value,
+    )
     if stage.kind is StageKind.DETECTOR:
-        for label, record in thresholds.items():
-            # A true box never proposed is missed whatever the threshold: it scores 0. If
-            # those alone exceed the miss rate, "no kept box" cannot mean "none here"; the
-            # keep threshold then bounds only the misses among the proposed boxes.
-            proposed = calibrated[label][truths[label] == 1]
-            miss_rate = 1.0 - target_precision
-            cap = keep_threshold_cap(
-                np.concatenate([proposed, np.zeros(unfound[label])]), miss_rate
-            )
-            finds_all = cap > 0.0
-            if not finds_all:
-                cap = keep_threshold_cap(proposed, miss_rate)
-            negative = min(record["negative"], cap)
-            thresholds[label] = threshold_record(
-                calibrated[label],
-                truths[label],
-                record["positive"],
-                negative,
-                target_precision=target_precision,
-                delta=delta,
-            ).as_dict() | {"finds_all": finds_all}
-    stage.set_calibration(temperature, thresholds)
-    novelty = _fit_novelty(stage, images, novelty_alpha)
+        unfound = {label: data.unfound for label, data in pairs.items()}
+        for label, missed in unfound.items():
+            per_label[label]["unfound"] = missed
+        thresholds = _cap_keep_thresholds(
+            thresholds, calibrated, truths, unfound, target_precision, delta
+        )
+    stage.set_calibration(calibrators, thresholds)
     metrics = {
         "threshold_mode": mode,
         "starts": starts,
         "target_precision": target_precision,
         "delta": delta,
-        "pooled": pooled_record,
+        "pooled": pooled,
         "labels": per_label,
     }
-    return Calibration(
-        temperature=temperature, thresholds=thresholds, metrics=metrics, novelty=novelty
-    )
+    certification = {
+        "method": f"ltt-{p_value}",
+        "n": len(samples),
+        "cross_fit": cross_fit,
+        "calibration_folds": len(np.unique(fold)),
+    }
+    return Calibration(calibrators, thresholds, metrics, certification)
 
 
-def _fit_novelty(
+def _calibrate_labels(
+    pairs: Mapping[str, _LabelData], folds: npt.NDArray[np.int64]
+) -> tuple[dict[str, Calibrator], dict[str, npt.NDArray[np.float64]], dict[str, Any]]:
+    """Choose and fit each label's calibrator; return it, the out-of-fold scores, metrics.
+
+    The out-of-fold scores are clipped to ``[1e-6, 1 - 1e-6]`` like stage outputs.
+    """
+    calibrators: dict[str, Calibrator] = {}
+    calibrated: dict[str, npt.NDArray[np.float64]] = {}
+    per_label: dict[str, Any] = {}
+    for label, data in pairs.items():
+        logits = logit(data.scores)
+        choice = select_calibrator(logits, data.truths, folds[data.image])
+        calibrators[label] = choice.calibrator
+        calibrated[label] = np.clip(choice.out_of_fold, SCORE_CLIP, 1.0 - SCORE_CLIP)
+        in_sample = choice.calibrator(logits)
+        empty = len(data.scores) == 0
+        per_label[label] = {
+            "n": len(data.scores),
+            "positives": int(data.truths.sum()),
+            "calibrator": choice.calibrator.method,
+            "cv_log_loss": choice.cv_log_loss,
+            # JSON has no NaN: an empty set (a detector with no box) has no ECE.
+            "ece_before": None if empty else expected_calibration_error(data.scores, data.truths),
+            "ece_after": None if empty else expected_calibration_error(in_sample, data.truths),
+            "ece_after_cv": (
+                None if empty else expected_calibration_error(calibrated[label], data.truths)
+            ),
+        }
+    return calibrators, calibrated, per_label
+
+
+def _certify(
+    mode: ThresholdMode,
+    calibrated: Mapping[str, npt.NDArray[np.float64]],
+    truths: Mapping[str, npt.NDArray[np.int64]],
+    *,
+    target_precision: float,
+    delta: float,
+    starts: int,
+    p_value: PValue,
+) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
+    """Certify each label's pair, or one pooled pair; return the records and the pooled one."""
+    if mode == "pooled":
+        pooled = select_pooled_thresholds(
+            calibrated,
+            truths,
+            target_precision=target_precision,
+            delta=delta,
+            starts=starts,
+            p_value=p_value,
+        )
+        per_label = {label: record.as_dict() for label, record in pooled.per_label.items()}
+        return per_label, pooled.pooled.as_dict()
+    records = {
+        label: select_thresholds(
+            scores,
+            truths[label],
+            target_precision=target_precision,
+            delta=delta,
+            starts=starts,
+            p_value=p_value,
+        )
+        for label, scores in calibrated.items()
+    }
+    return {label: record.as_dict() for label, record in records.items()}, None
+
+
+def _cap_keep_thresholds(
+    thresholds: Mapping[str, dict[str, float]],
+    calibrated: Mapping[str, npt.NDArray[np.float64]],
+    truths: Mapping[str, npt.NDArray[np.int64]],
+    unfound: Mapping[str, int],
+    target_precision: float,
+    delta: float,
+) -> dict[str, dict[str, float]]:
+    """Cap each detector class's keep threshold by :func:`keep_threshold_cap`; add ``finds_all``."""
+    capped: dict[str, dict[str, float]] = {}
+    miss_rate = 1.0 - target_precision
+    for label, record in thresholds.items():
+        # A true box never proposed is missed whatever the threshold: it scores 0. If
+        # those alone exceed the miss rate, "no kept box" cannot mean "none here"; the
+        # keep threshold then bounds only the misses among the proposed boxes.
+        proposed = calibrated[label][truths[label] == 1]
+        cap = keep_threshold_cap(np.concatenate([proposed, np.zeros(unfound[label])]), miss_rate)
+        finds_all = cap > 0.0
+        if not finds_all:
+            cap = keep_threshold_cap(proposed, miss_rate)
+        capped[label] = threshold_record(
+            calibrated[label],
+            truths[label],
+            record["positive"],
+            min(record["negative"], cap),
+            target_precision=target_precision,
+            delta=delta,
+        ).as_dict() | {"finds_all": finds_all}
+    return capped
+
+
+def fit_novelty(
     stage: Any, images: Sequence[DecodedImage], alpha: float | None
 ) -> dict[str, Any] | None:
     """Fit the stage's shift detector on ``images`` and store it; return its summary.

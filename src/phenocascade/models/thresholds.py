@@ -7,7 +7,15 @@ validation samples, ``k_t`` are errors, and
 
     p-value(t) = P(Binomial(n_t, 1 - target) <= k_t),
 
-which is the Clopper-Pearson test of the error rate. Candidates are tested in a fixed
+which is the Clopper-Pearson test of the error rate: the null is rejected when there are
+few errors. Each decision's loss is 0 or 1, so this tail is exact, and no valid test on
+the error count does better: it rejects after ``n`` error-free decisions only once
+``target**n <= delta`` (230 at 0.99 / 0.1, 45 at 0.95 / 0.1). The Hoeffding-Bentkus
+p-value of Bates et al. ("Distribution-free, risk-controlling prediction sets", JACM
+2021), made for any loss in ``[0, 1]``, is selectable (``p_value="hoeffding-bentkus"``):
+its Hoeffding term equals the binomial tail at zero errors and exceeds it otherwise, its
+Bentkus term is ``e`` times the tail (329 error-free decisions at 0.99 / 0.1 alone), so on
+0/1 losses it never certifies more. Candidates are tested in a fixed
 sequence from the most conservative threshold towards the least (fixed-sequence testing,
 Angelopoulos et al., "Learn then Test", 2021), stopping at the first failure; the last
 rejected null gives the threshold with the largest coverage, and with probability at least
@@ -39,7 +47,7 @@ selection gives the threshold. Start points depend on ``target``, ``delta`` and 
 only.
 
 Multi-label classifiers can pool their labels (:func:`select_pooled_thresholds`): after a
-temperature per label the scores of different labels are probabilities on one scale, so
+calibrator per label the scores of different labels are probabilities on one scale, so
 one shared ``(positive, negative)`` pair is certified on every (image, label) decision
 together. The guarantee is then on the precision of single label decisions pooled over
 labels, not on each label separately and not on whole images.
@@ -50,9 +58,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+
+PValue = Literal["binomial", "hoeffding-bentkus"]
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -88,30 +99,64 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms)))
 
 
-def precision_p_value(errors: int, selected: int, target_precision: float) -> float:
+def _bernoulli_kl(a: float, b: float) -> float:
+    """Kullback-Leibler divergence of Bernoulli(``a``) from Bernoulli(``b``), ``0 < b < 1``."""
+    terms = [(a, b), (1.0 - a, 1.0 - b)]
+    return sum(x * math.log(x / y) for x, y in terms if x > 0.0)
+
+
+def hoeffding_bentkus_p_value(errors: int, selected: int, target_precision: float) -> float:
+    """Hoeffding-Bentkus p-value of "precision < target" (Bates et al., JACM 2021).
+
+    With risk bound ``a = 1 - target`` and empirical risk ``r = errors / selected``:
+    ``min(exp(-n KL(min(r, a) || a)), e * P(Binomial(n, a) <= errors))``. Valid for any
+    loss in ``[0, 1]``; on 0/1 losses it is never below :func:`precision_p_value`'s
+    binomial tail. Returns ``1.0`` when nothing is selected.
+    """
+    if selected == 0:
+        return 1.0
+    a = 1.0 - target_precision
+    hoeffding = math.exp(-selected * _bernoulli_kl(min(errors / selected, a), a))
+    bentkus = math.e * binomial_cdf(errors, selected, a)
+    return min(1.0, hoeffding, bentkus)
+
+
+def precision_p_value(
+    errors: int, selected: int, target_precision: float, p_value: PValue = "binomial"
+) -> float:
     """P-value of the null "precision < target" after ``errors`` errors in ``selected`` decisions.
 
-    Returns ``1.0`` when nothing is selected.
+    ``p_value="binomial"`` is the exact tail ``P(Binomial(selected, 1 - target) <= errors)``,
+    ``"hoeffding-bentkus"`` :func:`hoeffding_bentkus_p_value`. Returns ``1.0`` when nothing
+    is selected.
     """
+    if p_value == "hoeffding-bentkus":
+        return hoeffding_bentkus_p_value(errors, selected, target_precision)
+    if p_value != "binomial":
+        raise ValueError(f"p_value must be one of {get_args(PValue)}, got {p_value!r}")
     if selected == 0:
         return 1.0
     return binomial_cdf(errors, selected, 1.0 - target_precision)
 
 
-def min_certifiable_count(target_precision: float, delta: float, errors: int = 0) -> int:
+def min_certifiable_count(
+    target_precision: float, delta: float, errors: int = 0, p_value: PValue = "binomial"
+) -> int:
     """Smallest number of decisions with ``errors`` errors whose p-value is ``<= delta``.
 
     E.g. 230 for ``target_precision=0.99, delta=0.1`` and 45 for ``0.95, 0.1`` without
-    errors; 77 for ``0.95, 0.1`` with one error.
+    errors (``ceil(log(delta) / log(target_precision))``, for either p-value); 77 for
+    ``0.95, 0.1`` with one error.
     """
     if not 0.0 < target_precision < 1.0 or not 0.0 < delta < 1.0:
         raise ValueError("target_precision and delta must lie strictly between 0 and 1")
     if errors < 0:
         raise ValueError(f"errors must be >= 0, got {errors}")
     # The error-free count has a closed form and bounds the search from below: the
-    # p-value of k errors in n decisions falls as n grows.
+    # p-value of k errors in n decisions falls as n grows, and neither p-value is below
+    # the binomial tail.
     n = max(1, math.ceil(math.log(delta) / math.log(target_precision) - 1e-12)) + errors
-    while precision_p_value(errors, n, target_precision) > delta:
+    while precision_p_value(errors, n, target_precision, p_value) > delta:
         n += 1
     return n
 
@@ -163,13 +208,15 @@ def _fixed_sequence(
     target_precision: float,
     delta: float,
     starts: int = 1,
+    p_value: PValue = "binomial",
 ) -> int:
     """Return how many top-ranked samples the certified rule selects (0 if none).
 
     ``scores_desc`` is sorted in decreasing order of confidence in the decision and
     ``errors_desc`` marks the samples on which the decision would be wrong. Candidates are
     the distinct scores, so ties are selected together. With ``starts = m`` the sequence is
-    run from ``m`` start points at level ``delta / m`` each (see the module docstring).
+    run from ``m`` start points at level ``delta / m`` each (see the module docstring);
+    ``p_value`` names the test (:func:`precision_p_value`).
     """
     if starts < 1:
         raise ValueError(f"starts must be at least 1, got {starts}")
@@ -179,12 +226,13 @@ def _fixed_sequence(
     ends = np.flatnonzero(np.append(scores_desc[1:] != scores_desc[:-1], True))
     chosen = 0
     for k in range(starts):
-        first = min_certifiable_count(target_precision, level, errors=k)
+        first = min_certifiable_count(target_precision, level, errors=k, p_value=p_value)
         for end in ends:
             selected = int(end) + 1
             if selected < first:
                 continue
-            if precision_p_value(int(cum_errors[end]), selected, target_precision) > level:
+            errors = int(cum_errors[end])
+            if precision_p_value(errors, selected, target_precision, p_value) > level:
                 break
             chosen = max(chosen, selected)
     return chosen
@@ -231,6 +279,7 @@ def select_thresholds(
     target_precision: float = 0.99,
     delta: float = 0.1,
     starts: int = 1,
+    p_value: PValue = "binomial",
 ) -> ThresholdRecord:
     """Choose PASS and SKIP thresholds of one label by Learn-then-Test.
 
@@ -247,6 +296,8 @@ def select_thresholds(
         The guarantee holds with probability at least ``1 - delta``.
     starts : int, default 1
         Start points of the fixed-sequence test, each at level ``delta / starts``.
+    p_value : {"binomial", "hoeffding-bentkus"}, default "binomial"
+        The test of each candidate (:func:`precision_p_value`).
 
     Returns
     -------
@@ -258,13 +309,15 @@ def select_thresholds(
     if p.shape != y.shape:
         raise ValueError(f"scores {p.shape} and labels {y.shape} differ in shape")
     order = np.argsort(-p, kind="stable")
-    n_pos = _fixed_sequence(p[order], (1 - y[order]), target_precision, delta, starts)
+    n_pos = _fixed_sequence(p[order], (1 - y[order]), target_precision, delta, starts, p_value)
     positive = float(p[order][n_pos - 1]) if n_pos else 1.0
     order = np.argsort(p, kind="stable")
-    n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta, starts)
+    n_neg = _fixed_sequence(-p[order], y[order], target_precision, delta, starts, p_value)
     negative = float(p[order][n_neg - 1]) if n_neg else 0.0
     if n_pos and n_neg and negative >= positive:
-        least = min_certifiable_count(target_precision, delta / starts, errors=starts - 1)
+        least = min_certifiable_count(
+            target_precision, delta / starts, errors=starts - 1, p_value=p_value
+        )
         positive, negative = _cede_overlap(p, y, positive, negative, least)
     # A certified side whose score is exactly 1.0 (0.0) would read as "decides nothing"
     # in threshold_record; scores are clipped away from 0 and 1, so this cannot happen.
@@ -337,6 +390,7 @@ def select_pooled_thresholds(
     target_precision: float = 0.99,
     delta: float = 0.1,
     starts: int = 1,
+    p_value: PValue = "binomial",
 ) -> PooledThresholds:
     """Certify one ``(positive, negative)`` pair on the decisions of all labels pooled.
 
@@ -344,7 +398,7 @@ def select_pooled_thresholds(
     ----------
     scores : mapping of str to array_like
         Per label, shape ``(n_label,)`` calibrated validation probabilities; they must be
-        on one scale (e.g. temperature-scaled per label) for sharing a pair to make sense.
+        on one scale (e.g. calibrated per label) for sharing a pair to make sense.
     labels : mapping of str to array_like
         Per label, shape ``(n_label,)`` 0/1 truths, same keys as ``scores``.
     target_precision : float, default 0.99
@@ -353,6 +407,8 @@ def select_pooled_thresholds(
         The guarantee holds with probability at least ``1 - delta``.
     starts : int, default 1
         Start points of the fixed-sequence test (see :func:`select_thresholds`).
+    p_value : {"binomial", "hoeffding-bentkus"}, default "binomial"
+        The test of each candidate (:func:`precision_p_value`).
 
     Returns
     -------
@@ -370,6 +426,7 @@ def select_pooled_thresholds(
         target_precision=target_precision,
         delta=delta,
         starts=starts,
+        p_value=p_value,
     )
     per_label = {
         c: threshold_record(

@@ -125,7 +125,9 @@ def fit_loop(
     max_epochs : int
         Upper bound on epochs.
     patience : int
-        Stop after this many epochs without a better validation loss.
+        Stop after this many epochs without a better validation loss, counted once the
+        loss has improved on its first epoch's value (a figure that has never moved, such
+        as 1 - AP50 before a detector finds its first object, is no plateau).
     progress : bool, callable or None, default None
         ``True`` shows a rich progress bar; a callable receives
         ``{"epoch", "step", "train_loss", "val_loss"}`` after each epoch.
@@ -144,6 +146,7 @@ def fit_loop(
     """
     result = FitResult()
     best = float("inf")
+    first: float | None = None
     best_state = copy.deepcopy(model.state_dict())
     stale = 0
     bar = (
@@ -177,10 +180,13 @@ def fit_loop(
             result.train_loss.extend(losses)
             current = float(val_loss())
             result.val_loss.append(current)
+            first = current if first is None else first
             if current < best - 1e-6:
                 best, stale, result.best_epoch = current, 0, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            else:
+            elif best < first - 1e-6:
+                # Patience runs only once the figure has moved: a detector's 1 - AP50 stays
+                # at 1.0 for its first epochs on a few rare objects, which is no plateau.
                 stale += 1
             info = {
                 "epoch": float(epoch),

@@ -193,10 +193,13 @@ def default_storage(settings: Settings) -> str:
     return f"sqlite:///{(settings.home / SWEEPS_DB).resolve()}"
 
 
-def default_space(kind: StageKind, size: Size = "bootstrap") -> dict[str, BackendSpace]:
+def default_space(
+    kind: StageKind, size: Size = "bootstrap", max_epochs: int | None = None
+) -> dict[str, BackendSpace]:
     """Return the search space of each built-in backend of ``kind`` (see module docstring).
 
-    Epochs range from half to twice the backend's recipe (:func:`own_recipe`) at ``size``.
+    Epochs range from half to twice the backend's recipe (:func:`own_recipe`) at ``size``,
+    capped at ``max_epochs`` when given.
     """
     spaces: dict[str, BackendSpace] = {}
     for name in backend_names():
@@ -204,6 +207,8 @@ def default_space(kind: StageKind, size: Size = "bootstrap") -> dict[str, Backen
             continue
         recipe_epochs = own_recipe(kind, name, size).max_epochs
         epochs = (max(1, recipe_epochs // 2), 2 * recipe_epochs)
+        if max_epochs is not None:
+            epochs = (min(epochs[0], max_epochs), min(epochs[1], max_epochs))
         if name in ("quality_cnn", "multilabel_cnn"):
             spaces[name] = BackendSpace(
                 ("small_cnn", "mobilenet_v2", "resnet18"), (96, 128, 160, 224), (1e-4, 1e-2), epochs
@@ -360,6 +365,7 @@ def sweep_tier(
     size: Size = "bootstrap",
     device: str = "cpu",
     max_train: int | None = None,
+    max_epochs: int | None = None,
     space: Mapping[str, BackendSpace] | None = None,
     startup_trials: int = 5,
     on_trial: Callable[[TrialRecord, TrialRecord | None], None] | None = None,
@@ -391,6 +397,8 @@ def sweep_tier(
         Torch device.
     max_train : int or None, default None
         Cap on training samples; ``None``: the recipe's.
+    max_epochs : int or None, default None
+        Cap on every trial's epochs (the default space only).
     space : Mapping of str to BackendSpace, or None, default None
         Backends to search and their spaces; ``None``: :func:`default_space`.
     startup_trials : int, default 5
@@ -415,7 +423,7 @@ def sweep_tier(
             f"in {budget_minutes} minutes"
         )
     kind, _ = tier_classes(spec)
-    space = dict(space if space is not None else default_space(kind, size))
+    space = dict(space if space is not None else default_space(kind, size, max_epochs))
     _check_space(space, kind, spec.name)
     metric = KIND_METRICS[kind]
     storage = storage or default_storage(settings)

@@ -110,12 +110,14 @@ class ImageClassifier(CalibratedStage):
 
     # -- configuration -------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
-        """Return the constructor arguments (stored in the artifact)."""
-        return {
+        """Return the constructor arguments (stored in the artifact).
+
+        ``crop_groups`` is left out when empty: the gate's constructor has no such argument.
+        """
+        config: dict[str, Any] = {
             "backbone": self.backbone,
             "input_size": self.input_size,
             "view": self.view,
-            "crop_groups": list(self.crop_groups),
             "crops_per_image": self.crops_per_image,
             "grid_per_side": self.grid_per_side,
             "pretrained": self.pretrained,
@@ -124,6 +126,9 @@ class ImageClassifier(CalibratedStage):
             "weight_decay": self.weight_decay,
             "balance": self.balance,
         }
+        if self.crop_groups:
+            config["crop_groups"] = list(self.crop_groups)
+        return config
 
     # -- views -----------------------------------------------------------------------------
     def _train_views(self, pixels: npt.NDArray[Any], rng: np.random.Generator) -> torch.Tensor:
@@ -208,7 +213,7 @@ class ImageClassifier(CalibratedStage):
         -------
         Self
             With ``net_``, ``classes_``, ``history_`` (training loss per step),
-            ``val_history_``, ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+            ``val_history_``, ``calibrators_`` (temperature 1.0) and ``thresholds_`` (fallback).
         """
         if not train or not val:
             raise ConfigError("fit needs at least one training and one validation sample")
@@ -349,7 +354,7 @@ class ImageClassifier(CalibratedStage):
         images : sequence of DecodedImage
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
-            Apply the fitted temperatures; ``False`` gives the raw sigmoid outputs.
+            Apply the fitted calibrators; ``False`` gives the raw sigmoid outputs.
 
         Returns
         -------
@@ -358,8 +363,11 @@ class ImageClassifier(CalibratedStage):
             and no boxes.
         """
         logits = self.decision_logits(images)
-        temps = np.array([self.temperature_[c] if calibrated else 1.0 for c in self.classes_])
-        probs = np.clip(sigmoid(logits / temps), SCORE_CLIP, 1.0 - SCORE_CLIP)
+        probs = sigmoid(logits)
+        if calibrated:
+            for j, c in enumerate(self.classes_):
+                probs[:, j] = self.calibrators_[c](logits[:, j])
+        probs = np.clip(probs, SCORE_CLIP, 1.0 - SCORE_CLIP)
         return [
             StageOutput(scores={c: float(p) for c, p in zip(self.classes_, row, strict=True)})
             for row in probs

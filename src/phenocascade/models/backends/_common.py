@@ -2,7 +2,7 @@
 
 Not a registered backend itself: :class:`CalibratedStage` is the base of the image
 classifiers and :class:`CalibratedDetector` that of the box detectors. Both keep the
-learned calibration (``temperature_``, ``thresholds_``, ``novelty_``) and write it with the
+learned calibration (``calibrators_``, ``thresholds_``, ``novelty_``) and write it with the
 weights, so every artifact has the same ``weights.pt`` + ``metadata.json`` (+
 ``novelty.npz``) layout.
 """
@@ -20,7 +20,13 @@ import torch
 from phenocascade.domain import Box, DecodedImage, LabelThresholds, StageKind, StageOutput
 from phenocascade.models import artifact
 from phenocascade.models.base import ArtifactMeta
-from phenocascade.models.calibration import SCORE_CLIP, calibrate_probability
+from phenocascade.models.calibration import (
+    SCORE_CLIP,
+    Calibrator,
+    Temperature,
+    calibrator_from_dict,
+    logit,
+)
 from phenocascade.models.novelty import StageNovelty
 from phenocascade.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from phenocascade.models.thresholds import fallback_record
@@ -40,8 +46,9 @@ class CalibratedStage(ABC):
         to ``[0, 1]``; stored in the artifact's metadata.
     classes_ : list of str
         Output labels in order (set by ``fit`` or ``load``).
-    temperature_ : dict
-        Calibration temperature per label.
+    calibrators_ : dict
+        Calibrator per label (:mod:`phenocascade.models.calibration`), a map from the raw
+        logit to the calibrated probability.
     thresholds_ : dict
         Threshold record per label (see :meth:`ThresholdRecord.as_dict
         <phenocascade.models.thresholds.ThresholdRecord.as_dict>`).
@@ -59,7 +66,7 @@ class CalibratedStage(ABC):
     )
 
     classes_: list[str]
-    temperature_: dict[str, float]
+    calibrators_: dict[str, Calibrator]
     thresholds_: dict[str, dict[str, float]]
     novelty_: StageNovelty | None = None
     version_: str
@@ -96,16 +103,18 @@ class CalibratedStage(ABC):
     # -- calibration ---------------------------------------------------------------------
     def _neutral_calibration(self) -> None:
         """Temperature 1.0 and fallback thresholds (certify nothing) for every class."""
-        self.temperature_ = {label: 1.0 for label in self.classes_}
+        self.calibrators_ = {label: Temperature(1.0) for label in self.classes_}
         fallback = fallback_record(0.99, 0.1).as_dict()
         self.thresholds_ = {label: dict(fallback) for label in self.classes_}
         self.novelty_ = None
 
     def set_calibration(
-        self, temperature: Mapping[str, float], thresholds: Mapping[str, Mapping[str, float]]
+        self,
+        calibrators: Mapping[str, Calibrator],
+        thresholds: Mapping[str, Mapping[str, float]],
     ) -> None:
-        """Store fitted temperatures and certified thresholds (see :mod:`..certify`)."""
-        self.temperature_ = {label: float(temperature[label]) for label in self.classes_}
+        """Store fitted calibrators and certified thresholds (see :mod:`..certify`)."""
+        self.calibrators_ = {label: calibrators[label] for label in self.classes_}
         self.thresholds_ = {label: dict(thresholds[label]) for label in self.classes_}
 
     def set_novelty(self, novelty: StageNovelty) -> None:
@@ -126,11 +135,14 @@ class CalibratedStage(ABC):
 
         ``weights.pt`` holds the network's state dict (a composite's inner network);
         ``novelty.npz`` the shift detector, when one was fitted, summarised in the
-        metadata's ``calibration["novelty"]``.
+        metadata's ``calibration["novelty"]``. The calibrators are JSON records in the
+        metadata's ``calibration["calibrators"]`` (:func:`calibrator_from_dict`).
         """
         network, input_size = self._artifact_network()
         weights_sha256 = artifact.save_weights(folder, network.state_dict())
-        calibration: dict[str, Any] = {"temperature": dict(self.temperature_)}
+        calibration: dict[str, Any] = {
+            "calibrators": {label: c.as_dict() for label, c in self.calibrators_.items()}
+        }
         if self.novelty_ is not None:
             calibration["novelty"] = self.novelty_.save(folder)
         mean, std = self.normalization
@@ -158,9 +170,19 @@ class CalibratedStage(ABC):
         return meta
 
     def _adopt_meta(self, meta: ArtifactMeta) -> None:
-        """Take classes, calibration, thresholds and version from a loaded artifact."""
+        """Take classes, calibration, thresholds and version from a loaded artifact.
+
+        Artifacts from before the calibrators were chosen per label hold a temperature per
+        label (``calibration["temperature"]``) instead.
+        """
         self.classes_ = list(meta.classes)
-        self.temperature_ = dict(meta.calibration.get("temperature", {}))
+        records = meta.calibration.get("calibrators")
+        if records is None:
+            temperatures = meta.calibration.get("temperature", {})
+            records = {
+                k: {"method": "temperature", "temperature": t} for k, t in temperatures.items()
+            }
+        self.calibrators_ = {label: calibrator_from_dict(r) for label, r in records.items()}
         self.thresholds_ = {k: dict(v) for k, v in meta.thresholds.items()}
         self.version_ = meta.version
         self.meta_ = meta
@@ -170,8 +192,8 @@ class CalibratedDetector(CalibratedStage):
     """A :class:`CalibratedStage` whose outputs are boxes with a calibrated score each."""
 
     def calibrated_score(self, label: str, raw_score: float) -> float:
-        """Map a raw box score of ``label`` through its temperature; in ``[1e-6, 1 - 1e-6]``."""
-        p = float(calibrate_probability(raw_score, self.temperature_[label]))
+        """Map a raw box score of ``label`` through its calibrator; in ``[1e-6, 1 - 1e-6]``."""
+        p = float(self.calibrators_[label](logit(raw_score)))
         return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
 
     def _box_score(self, label: str, raw_score: float, calibrated: bool) -> float | None:

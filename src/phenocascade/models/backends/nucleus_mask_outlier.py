@@ -144,8 +144,8 @@ class NucleusMaskOutlierDetector(SizeOutlierComposite):
         Returns
         -------
         Self
-            With ``segmenter_``, ``classes_``, ``temperature_`` (1.0) and ``thresholds_``
-            (fallback).
+            With ``segmenter_``, ``classes_``, ``calibrators_`` (temperature 1.0) and
+            ``thresholds_`` (fallback).
 
         Raises
         ------

@@ -170,7 +170,7 @@ class SizeOutlierComposite(CalibratedDetector):
         images : sequence of DecodedImage
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
-            ``True`` applies the fitted temperature and drops boxes at or below the keep
+            ``True`` applies the fitted calibrator and drops boxes at or below the keep
             threshold (``negative``); ``False`` returns every outlier with its raw score.
 
         Returns
@@ -319,8 +319,8 @@ class NucleusOutlierDetector(SizeOutlierComposite):
         Returns
         -------
         Self
-            With ``detector_`` (the fitted inner detector), ``classes_``, ``temperature_``
-            (1.0) and ``thresholds_`` (fallback).
+            With ``detector_`` (the fitted inner detector), ``classes_``, ``calibrators_``
+            (temperature 1.0) and ``thresholds_`` (fallback).
 
         Raises
         ------

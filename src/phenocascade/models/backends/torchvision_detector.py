@@ -355,7 +355,7 @@ class TorchvisionDetector(CalibratedDetector):
         -------
         Self
             With ``model_``, ``classes_``, ``history_`` (training loss per step),
-            ``val_history_``, ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+            ``val_history_``, ``calibrators_`` (temperature 1.0) and ``thresholds_`` (fallback).
         """
         if not train or not val:
             raise ConfigError("fit needs at least one training and one validation sample")
@@ -469,7 +469,7 @@ class TorchvisionDetector(CalibratedDetector):
         images : sequence of DecodedImage
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
-            ``True`` applies the fitted temperatures and drops boxes at or below each
+            ``True`` applies the fitted calibrators and drops boxes at or below each
             class's keep threshold (``negative``); ``False`` returns every raw box above
             ``score_floor``.
 

