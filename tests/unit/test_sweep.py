@@ -83,7 +83,7 @@ def _versions(artifacts: Path) -> set[str]:
 def test_a_sweep_stores_its_trials_keeps_the_best_and_makes_it_first_champion(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sweep, "default_space", lambda kind, size: TINY)
+    monkeypatch.setattr(sweep, "default_space", lambda kind, size, max_epochs=None: TINY)
     settings = get_settings()
     assert champion_version(settings.artifacts, ARTIFACT) is None
 
