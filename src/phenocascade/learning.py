@@ -67,6 +67,35 @@ def annotation_holdout(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sa
     return train, holdout
 
 
+def challenger_spec(spec: TierSpec, champion: ArtifactMeta | None) -> TierSpec:
+    """Return the tier entry a model of an own-data tier is trained with, given its champion.
+
+    A champion need not be of the topology's backend and ``config``: ``phenocascade
+    sweep`` promotes whichever trial won, of any backend, backbone or input size.
+    Challengers keep what won: the champion's backend and its constructor arguments
+    (``champion.config``, a copy) replace the entry's ``backend`` and ``config``; that
+    backend's recipe gives the rest (epochs, patience). A first model (``champion`` is
+    ``None``) follows the topology. A topology edit of ``backend:`` or ``config:`` thus
+    reaches a tier that has a champion through a trained and promoted model only
+    (``phenocascade train``, ``sweep``).
+
+    Parameters
+    ----------
+    spec : TierSpec
+        The tier's topology entry.
+    champion : ArtifactMeta or None
+        Metadata of the tier's champion, the challenger's parent; ``None`` for none.
+
+    Returns
+    -------
+    TierSpec
+        ``spec``, or a copy with the champion's ``backend`` and ``config``.
+    """
+    if champion is None:
+        return spec
+    return spec.model_copy(update={"backend": champion.backend, "config": dict(champion.config)})
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much a challenger may train, and how large the holdout is.
@@ -262,10 +291,11 @@ class RecipeTrainer:
     ) -> Challenger:
         """Train a model on the base data plus ``extra_samples``; never make it champion.
 
-        A challenger is of the parent's backend, with that backend's recipe; a first model
-        (``parent_version=""``) of the topology's backend. Its calibration and thresholds
-        are fitted on the holdout, and its ``val_report`` (hence the returned metrics) is
-        computed on the holdout.
+        A challenger is of the parent's backend: a bundled tier's with that backend's
+        recipe, a topology tier's also with the parent's constructor arguments
+        (:func:`challenger_spec`); a first model (``parent_version=""``) follows the
+        topology. Its calibration and thresholds are fitted on the holdout, and its
+        ``val_report`` (hence the returned metrics) is computed on the holdout.
         """
         src = self.source(tier)
         if src.bundled is not None:
@@ -278,7 +308,7 @@ class RecipeTrainer:
                 self._holdout[tier] = tuple(held)
             b = self.budget
             folder = train_own_tier(
-                src.spec,
+                challenger_spec(src.spec, self._parent(tier, parent_version)),
                 src.stored,
                 settings=self.settings,
                 size=b.size,
@@ -298,14 +328,19 @@ class RecipeTrainer:
         self._scores[(tier, folder.name)] = metrics
         return Challenger(version=folder.name, metrics=metrics)
 
+    def _parent(self, tier: str, parent_version: str) -> ArtifactMeta | None:
+        """Return the metadata of the version a challenger is trained to beat, if any."""
+        if not parent_version:
+            return None
+        return ArtifactMeta.read(self.settings.artifacts / tier / parent_version)
+
     def _train_bundled(
         self, tier: str, dataset: str, extra_samples: Sequence[Sample], parent_version: str
     ) -> Path:
         """Train a bundled tier's challenger on its champion's shared dataset."""
         b = self.budget
-        backend = None
-        if parent_version:
-            backend = ArtifactMeta.read(self.settings.artifacts / tier / parent_version).backend
+        parent = self._parent(tier, parent_version)
+        backend = parent.backend if parent is not None else None
         return train_tier(
             tier,
             settings=self.settings,

@@ -23,7 +23,9 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -218,6 +220,27 @@ class Backend(Protocol):
 B = TypeVar("B")
 _REGISTRY: dict[str, type[Any]] = {}
 
+# Third-party backends: each entry point of this group names a module or a backend class
+# (``pkg.module`` or ``pkg.module:Class``), registered under the entry point's name.
+ENTRY_POINT_GROUP = "phenocascade.backends"
+# What a backend class offers beyond its constructor (see docs/own-data.md).
+_BACKEND_METHODS = ("fit", "predict", "set_calibration", "save", "load")
+
+
+@dataclass
+class _Plugins:
+    """Backends registered from entry points, and which entry points were loaded."""
+
+    # Backend name -> the distribution whose entry point registered it.
+    names: dict[str, str] = field(default_factory=dict)
+    # (distribution, name, value) of every entry point loaded: each is loaded once.
+    loaded: set[tuple[str, str, str]] = field(default_factory=set)
+    # Whether every installed entry point has been loaded once (done at the first lookup).
+    scanned: bool = False
+
+
+_PLUGINS = _Plugins()
+
 
 def register_backend(name: str) -> Callable[[type[B]], type[B]]:
     """Register a backend class under ``name``; duplicate names are refused.
@@ -238,29 +261,122 @@ def register_backend(name: str) -> Callable[[type[B]], type[B]]:
 
 
 def backend_names() -> list[str]:
-    """Return every registered backend name, sorted."""
-    _import_builtin_backends()
-    return sorted(_REGISTRY)
-
-
-def get_backend(name: str) -> type[Any]:
-    """Return the backend class registered as ``name``.
+    """Return every registered backend name, built-in and plugin, sorted.
 
     Raises
     ------
     ConfigError
-        If no backend has that name.
+        If an installed backend plugin cannot be registered (see :func:`load_backend_plugins`).
+    """
+    load_backend_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str) -> type[Any]:
+    """Return the backend class registered as ``name``, built-in or plugin.
+
+    The installed plugins are loaded at the first lookup and again when ``name`` is not
+    registered, so one installed while the process runs is found too.
+
+    Raises
+    ------
+    ConfigError
+        If no backend has that name, or an installed backend plugin cannot be registered
+        (see :func:`load_backend_plugins`).
     """
     _import_builtin_backends()
+    if name not in _REGISTRY or not _PLUGINS.scanned:
+        load_backend_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown backend {name!r}; registered: {sorted(_REGISTRY)}") from None
+        builtin = sorted(set(_REGISTRY) - set(_PLUGINS.names))
+        plugins = sorted(_PLUGINS.names) or "none installed"
+        raise ConfigError(
+            f"unknown backend {name!r}; built-in: {builtin}; plugins ({ENTRY_POINT_GROUP!r} "
+            f"entry points): {plugins}"
+        ) from None
 
 
 def _import_builtin_backends() -> None:
     # Importing the modules runs their @register_backend decorators.
     from phenocascade.models import backends  # noqa: F401
+
+
+def load_backend_plugins() -> None:
+    """Register the backend of every installed :data:`ENTRY_POINT_GROUP` entry point.
+
+    An entry point's value is a backend class (``pkg.module:Class``), registered under the
+    entry point's name, or a module (``pkg.module``) whose import registers a backend of
+    that name (``@register_backend(name)``). Entry points already loaded are skipped.
+
+    Raises
+    ------
+    ConfigError
+        Naming the distribution and the entry point, if its name is already registered
+        (a built-in or another plugin), it fails to import, it names neither a module nor
+        a class, or its class is not a backend: it lacks ``fit``, ``predict``,
+        ``set_calibration``, ``save`` or ``load``, or a :class:`StageKind` ``kind``, or its
+        ``model_name`` is not the entry point's name.
+    """
+    _import_builtin_backends()
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry.dist.name if entry.dist is not None else "(unknown distribution)"
+        key = (dist, entry.name, entry.value)
+        if key not in _PLUGINS.loaded:
+            _register_entry_point(entry, dist)
+            _PLUGINS.loaded.add(key)
+    _PLUGINS.scanned = True
+
+
+def _register_entry_point(entry: EntryPoint, dist: str) -> None:
+    """Load one entry point and register its backend (see :func:`load_backend_plugins`)."""
+    name = entry.name
+    where = f"backend plugin {name} = {entry.value} of distribution {dist!r}"
+    if name in _REGISTRY:
+        owner = _PLUGINS.names.get(name)
+        taken = f"distribution {owner!r}" if owner else "a built-in backend"
+        raise ConfigError(
+            f"{where}: the name {name!r} is taken by {taken}; rename the entry point in the "
+            f'[project.entry-points."{ENTRY_POINT_GROUP}"] table of {dist!r}'
+        )
+    try:
+        target = entry.load()
+    except Exception as exc:  # a plugin's import may raise anything; it is reported here
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ConfigError(
+            f"{where} failed to import ({reason}); fix or uninstall {dist!r}"
+        ) from exc
+    if isinstance(target, ModuleType):
+        if name not in _REGISTRY:
+            raise ConfigError(
+                f"{where}: importing the module registered no backend {name!r}; decorate its "
+                f"class with @register_backend({name!r}) or name the class (module:Class)"
+            )
+        cls = _REGISTRY[name]
+    elif isinstance(target, type):
+        cls = target
+    else:
+        raise ConfigError(f"{where} is a {type(target).__name__}, not a module or a class")
+    problem = _not_a_backend(cls, name)
+    if problem:
+        _REGISTRY.pop(name, None)
+        raise ConfigError(f"{where}: class {cls.__qualname__} {problem}")
+    _REGISTRY[name] = cls
+    _PLUGINS.names[name] = dist
+
+
+def _not_a_backend(cls: type[Any], name: str) -> str:
+    """Return what ``cls`` lacks to be the backend ``name``, or ``""``."""
+    missing = [m for m in _BACKEND_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        return f"has no {', '.join(missing)}; subclass a built-in backend or implement them"
+    if not isinstance(getattr(cls, "kind", None), StageKind):
+        return "has no `kind` (a StageKind: GATE, CLASSIFIER or DETECTOR)"
+    if getattr(cls, "model_name", None) != name:
+        # Artifacts record model_name, and load_stage rebuilds them by it.
+        return f"has model_name {getattr(cls, 'model_name', None)!r}; set it to {name!r}"
+    return ""
 
 
 def tier_classes(spec: TierSpec) -> tuple[StageKind, list[str]]:
