@@ -186,6 +186,11 @@ class TierSpec(BaseModel):
     # The labels this tier decides, in the order its models index them. A tier without a
     # model yet (cold start) asks experts exactly these; `phenocascade plan` fills them in.
     labels: list[str] | None = None
+    # Named groups of this tier's labels that exclude each other (`phenocascade plan` copies
+    # the dataset's). A classifier decides a group only when it is sure of each of its
+    # labels, and asks an expert the rest (docs/routing.md, "Per-label routing"). Labels
+    # named "G:V" are grouped by "G" unless declared here.
+    groups: dict[str, list[str]] = Field(default_factory=dict)
     # The stored dataset (`phenocascade data import ... --name NAME`) this tier's models are
     # trained, certified and evaluated on; None for the bundled recipes.
     dataset: str | None = None

@@ -206,21 +206,98 @@ def route(
         if p <= t.negative:
             return Route.SKIP
         return Route.ANNOTATE
+    return Route.ANNOTATE if pending_labels(kind, output, thresholds) else Route.PASS
+
+
+def exclusive_groups(
+    labels: Sequence[str], declared: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """Return, for each label, the labels it is decided together with (itself included).
+
+    Parameters
+    ----------
+    labels : Sequence[str]
+        A tier's labels.
+    declared : Mapping[str, Sequence[str]] or None, default None
+        Named groups of labels that exclude each other (a tier's ``groups:``, written by
+        ``phenocascade plan`` from the dataset's groups).
+
+    Returns
+    -------
+    dict of str to tuple of str
+        A declared group's labels share one entry. An undeclared label named ``G:V`` is
+        grouped with the other ``G:...`` labels (the CSV importer's column labels and the
+        bundled majority's); any other label stands alone.
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for members in (declared or {}).values():
+        kept = tuple(m for m in members if m in labels)
+        for label in kept:
+            out[label] = kept
+    by_prefix: dict[tuple[str, bool], list[str]] = {}
+    for label in labels:
+        if label not in out:
+            prefix, sep, _ = label.partition(":")
+            by_prefix.setdefault((prefix, True) if sep else (label, False), []).append(label)
+    for members in by_prefix.values():
+        for label in members:
+            out[label] = tuple(members)
+    return out
+
+
+def pending_labels(
+    kind: StageKind,
+    output: StageOutput,
+    thresholds: Mapping[str, LabelThresholds],
+    gate_label: str = "clear",
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[str, ...]:
+    """Return the labels of one image whose decision is not final: an expert is asked them.
+
+    Parameters
+    ----------
+    kind, output, thresholds, gate_label
+        As for :func:`route`.
+    groups : Mapping[str, Sequence[str]] or None, default None
+        For classifiers, each label's group (:func:`exclusive_groups`): a group is decided
+        only when each of its labels is, so an uncertain label makes its whole group
+        pending. ``None``: every label stands alone.
+
+    Returns
+    -------
+    tuple of str
+        Empty exactly when :func:`route` says ``PASS`` or ``SKIP``. A novel image has every
+        label pending. A gate's only label is pending when it routes to ``ANNOTATE``. A
+        classifier's labels are pending per group, as above. A detector class is pending
+        when one of its kept boxes scores below its confident threshold, or when it has no
+        confident box and is not certified to be found (``finds_all`` false). The order is
+        that of ``output.scores``, then of the boxes.
+    """
+    labels = list(dict.fromkeys([*output.scores, *(b.label for b in output.boxes)]))
+    if output.novel:
+        return tuple(labels)
+    if kind is StageKind.GATE:
+        return (
+            ()
+            if route(kind, output, thresholds, gate_label) is not Route.ANNOTATE
+            else (gate_label,)
+        )
+    uncertain: set[str] = set()
     if kind is StageKind.CLASSIFIER:
         for label, p in output.scores.items():
             t = thresholds.get(label)
             if t is None or t.negative < p < t.positive:
-                return Route.ANNOTATE
-        return Route.PASS
-    for box in output.boxes:
-        t = thresholds.get(box.label)
-        if t is None or box.score < t.positive:
-            return Route.ANNOTATE
-    for label, p in output.scores.items():
-        t = thresholds.get(label)
-        if t is None or (p < t.positive and not t.finds_all):
-            return Route.ANNOTATE
-    return Route.PASS
+                uncertain.update((groups or {}).get(label, (label,)))
+    else:
+        for box in output.boxes:
+            t = thresholds.get(box.label)
+            if t is None or box.score < t.positive:
+                uncertain.add(box.label)
+        for label, p in output.scores.items():
+            t = thresholds.get(label)
+            if t is None or (p < t.positive and not t.finds_all):
+                uncertain.add(label)
+    return tuple(label for label in labels if label in uncertain)
 
 
 @dataclass(frozen=True, slots=True)

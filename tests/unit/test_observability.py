@@ -81,30 +81,31 @@ def test_metrics_are_served_and_a_busy_port_is_only_a_warning(
 
 
 # -- what a tier worker counts --------------------------------------------------------------
-def test_label_decision_follows_the_thresholds() -> None:
+def test_label_decision_follows_the_thresholds_and_what_is_pending() -> None:
     t = LabelThresholds(positive=0.8, negative=0.2)
-    assert [label_decision(p, t) for p in (0.9, 0.8, 0.5, 0.2, 0.1)] == [
+    assert [label_decision(p, t, pending=False) for p in (0.9, 0.8, 0.2, 0.1)] == [
         "present",
         "present",
-        "uncertain",
         "absent",
         "absent",
     ]
-    assert label_decision(0.99, None) == "uncertain"
+    # A pending label is uncertain whatever its score (its group was not decided).
+    assert label_decision(0.9, t, pending=True) == "uncertain"
+    # A detector class with no confident box that is certified to be found: absent.
+    assert label_decision(0.5, t, pending=False) == "absent"
 
 
 def test_a_batch_counts_only_when_published() -> None:
     tier = "unit-tally"
     tally = _BatchTally(tier, taken=3)
     t = {"a": LabelThresholds(positive=0.8, negative=0.2)}
-    tally.scored(Route.PASS, StageOutput(scores={"a": 0.9, "b": 0.9}), t)
-    tally.scored(Route.ANNOTATE, StageOutput(scores={"a": 0.5}), t)
+    tally.scored(Route.ANNOTATE, StageOutput(scores={"a": 0.9, "b": 0.9}), t, ("b",))
+    tally.scored(Route.ANNOTATE, StageOutput(scores={"a": 0.5}), t, ("a",))
     tally.dead["corrupt_image"] = 1
     assert _value("phenocascade_tier_images_in_total", tier=tier) == 0
     tally.publish()
     assert _value("phenocascade_tier_images_in_total", tier=tier) == 3
-    assert _value("phenocascade_tier_images_out_total", tier=tier, route="PASS") == 1
-    assert _value("phenocascade_tier_images_out_total", tier=tier, route="ANNOTATE") == 1
+    assert _value("phenocascade_tier_images_out_total", tier=tier, route="ANNOTATE") == 2
     assert _value("phenocascade_dead_letters_total", tier=tier, kind="corrupt_image") == 1
     decisions = "phenocascade_tier_label_decisions_total"
     assert _value(decisions, tier=tier, label="a", decision="present") == 1
@@ -281,6 +282,6 @@ def test_every_store_statement_names_its_keyspace() -> None:
         for match in re.finditer(
             r"\b(?:FROM|INTO|UPDATE|TABLE IF NOT EXISTS) (\S+)", path.read_text()
         )
-        if not match.group(1).startswith(("{ks}.", "{{ks}}."))
+        if not match.group(1).startswith(("{ks}.", "{{ks}}.", "system_schema."))
     ]
     assert unqualified == []

@@ -120,6 +120,10 @@ def test_two_groups_frequent_and_rare_objects_plan_to_five_tiers() -> None:
         "objects": ("branch", "multilabel_cnn", 8),
         "rare": ("branch", "torchvision_detector", 4),
     }
+    # A group tier decides its exclusive labels together (per-label routing).
+    groups = {t.name: t.groups for t in plan.topology.tiers}
+    assert groups["size"] == {"size": ["size:large", "size:small"]}
+    assert groups["objects"] == {} and groups["rare"] == {}
     # size:large is rare (10 %) but its group has a frequent label: classified with it
     assert "rare, classified with its group 'size'" in _row(plan, "size:large").why
     assert [r.label for r in plan.rows] == ["clear", *_cells().classes]

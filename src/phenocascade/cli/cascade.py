@@ -292,12 +292,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # -- results, render, report ---------------------------------------------------------------
 def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
-    """Return a rich table of outputs: id, status, labels, boxes and each tier's route.
+    """Return a rich table of outputs: id, status, labels, boxes, pending labels and routes.
 
-    Labels are those of every classifier tier (p >= 0.5), boxes those of every detector.
+    Labels are those of every classifier tier (p >= 0.5), boxes those of every detector;
+    ``pending`` lists the labels still left to experts (all others are final).
     """
     table = Table(title=f"{len(outputs)} image outputs")
-    for col in ("image", "status", "labels (p>=0.5)", "boxes", "routes"):
+    for col in ("image", "status", "labels (p>=0.5)", "boxes", "pending", "routes"):
         table.add_column(col)
     for o in outputs:
         labels = ", ".join(
@@ -311,7 +312,8 @@ def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
         routes = " ".join(f"{t}:{r}" for t, r in o["routes"].items())
         image_id = o["image_id"]
         short = image_id if len(image_id) <= 36 else f"{image_id[:18]}…{image_id[-17:]}"
-        table.add_row(short, o["status"], labels, boxes or "-", routes)
+        pending = ", ".join(o.get("pending") or []) or "-"
+        table.add_row(short, o["status"], labels, boxes or "-", pending, routes)
     return table
 
 
@@ -375,11 +377,16 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
         for k, _ in scan_topic(settings.kafka, topology.submitted_topic)
         if k and k.startswith(mine)
     }
-    statuses = latest_status_by_image(session=connect(settings.cassandra))
+    session = connect(settings.cassandra)
+    statuses = latest_status_by_image(session=session)
     by_status = {s: 0 for s in ("analyzed", "unusable", "awaiting_annotation")}
+    awaiting: list[dict[str, Any]] = []
     for image_id, status in statuses.items():
         if image_id.encode() in submitted:
             by_status[status] += 1
+            if status == "awaiting_annotation":
+                found = get_latest_output(session=session, image_id=image_id)
+                awaiting += [found] if found is not None else []
     dead: set[tuple[int, int]] = set()
     dead_kinds: dict[str, int] = {}
     for _, value in scan_topic(settings.kafka, topology.dead_letter_topic):
@@ -403,7 +410,46 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
     }
     report["accounted"] = sum(by_status.values()) + len(dead)
     report["balanced"] = report["accounted"] == report["submitted"]
+    report["automatic"] = automation(by_status, awaiting)
     return report
+
+
+def automation(
+    by_status: Mapping[str, int], awaiting: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Return how much of the work the cascade did alone.
+
+    Parameters
+    ----------
+    by_status : Mapping[str, int]
+        Outputs per status.
+    awaiting : Sequence of Mapping
+        The ``awaiting_annotation`` outputs.
+
+    Returns
+    -------
+    dict
+        ``images``: outputs decided with no expert (``analyzed`` + ``unusable``) and their
+        ``fraction`` of all outputs; ``partial``: awaiting outputs some of whose labels or
+        box classes are final all the same (per-label routing); ``expert_questions``: the
+        labels left to experts, in all and ``per_100_images``.
+    """
+    total = sum(by_status.values())
+    decided = by_status.get("analyzed", 0) + by_status.get("unusable", 0)
+    questions = 0
+    partial = 0
+    for output in awaiting:
+        pending = set(output.get("pending") or [])
+        questions += len(pending) or 1
+        final = {*output["labels"], *(b["label"] for b in output["boxes"])} - pending
+        partial += bool(pending and final)
+    return {
+        "images": decided,
+        "fraction": round(decided / total, 4) if total else 0.0,
+        "partial": partial,
+        "expert_questions": questions,
+        "per_100_images": round(100 * questions / total, 1) if total else 0.0,
+    }
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -151,7 +151,6 @@ def register(subparsers: Any) -> None:
     get.set_defaults(func=_fetch)
 
 
-
 def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool) -> None:
     parser.add_argument("--name", required=True, help="dataset name (a-z 0-9 _ . -)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")

@@ -50,6 +50,9 @@ def merge(
     * every gate passed (or the image re-entered) and every branch answered -> ``analyzed``,
       or ``awaiting_annotation`` when a branch routed it to annotation.
 
+    An ``awaiting_annotation`` output is partial: its ``pending`` lists the labels the
+    tiers left to experts, and every other label and box in it is final.
+
     The versions key of the tiers used makes each emission idempotent: a duplicate result
     produces no second output.
     """
@@ -63,6 +66,7 @@ def merge(
         "model_version": result["model_version"],
         "study": result["study"],
         "uri": result["uri"],
+        "pending": list(result.get("pending") or []),
     }
     new_state = {"tiers": tiers, "emitted": emitted}
     branches = [t.name for t in topology.branch_tiers]
@@ -98,6 +102,7 @@ def merge(
             labels.update(tiers[name]["scores"])
         elif tiers[name]["kind"] == "detector":
             boxes += tiers[name]["boxes"]
+    pending = [label for name in used for label in _pending(tiers[name])]
     first = tiers[used[0]]
     output = events.image_output(
         result["image_id"],
@@ -108,5 +113,18 @@ def merge(
         boxes=boxes,
         routes={name: tiers[name]["route"] for name in used},
         model_versions=versions,
+        pending=list(dict.fromkeys(pending)),
     )
     return new_state, output
+
+
+def _pending(tier: Mapping[str, Any]) -> list[str]:
+    """Return the labels a tier's result leaves to an expert.
+
+    Those its worker listed; every label of the tier when it routed the image to
+    annotation without a list (the state of a result from before per-label routing).
+    """
+    if tier["route"] != "ANNOTATE":
+        return []
+    listed = list(tier.get("pending") or [])
+    return listed or [*tier["scores"], *(b["label"] for b in tier["boxes"])]

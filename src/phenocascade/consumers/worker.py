@@ -26,6 +26,8 @@ from phenocascade.domain import (
     Route,
     StageKind,
     StageOutput,
+    exclusive_groups,
+    pending_labels,
     route,
 )
 from phenocascade.errors import BadInputError, NoChampionError, PhenocascadeError
@@ -73,12 +75,16 @@ class _BatchTally:
     labels: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def scored(
-        self, decision: Route, output: StageOutput, thresholds: dict[str, LabelThresholds]
+        self,
+        decision: Route,
+        output: StageOutput,
+        thresholds: dict[str, LabelThresholds],
+        pending: Sequence[str],
     ) -> None:
         """Count one scored image: its route and the decision on each of its labels."""
         self.routes[decision.value] = self.routes.get(decision.value, 0) + 1
         for label, p in output.scores.items():
-            key = (label, label_decision(p, thresholds.get(label)))
+            key = (label, label_decision(p, thresholds.get(label), pending=label in pending))
             self.labels[key] = self.labels.get(key, 0) + 1
 
     def publish(self) -> None:
@@ -92,16 +98,36 @@ class _BatchTally:
             LABEL_DECISIONS.labels(self.tier, label, decision).inc(n)
 
 
-def label_decision(p: float, thresholds: LabelThresholds | None) -> str:
+def label_decision(p: float, thresholds: LabelThresholds | None, *, pending: bool) -> str:
     """Return ``"present"``, ``"absent"`` or ``"uncertain"`` for one label's score ``p``.
 
-    A label without thresholds is never confident.
+    ``pending`` (:func:`~phenocascade.domain.pending_labels`) says whether an expert is
+    asked the label; a decided label is present at or above its confident threshold and
+    absent below it (a detector class with no confident box that is certified to be
+    found).
     """
+    if pending:
+        return "uncertain"
     if thresholds is not None and p >= thresholds.positive:
         return "present"
-    if thresholds is not None and p <= thresholds.negative:
-        return "absent"
-    return "uncertain"
+    return "absent"
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A scored batch, and the kind, model name, version and classes to record.
+
+    Per image: its output (or the exception that failed it), its route and its pending
+    labels.
+    """
+
+    outputs: list[StageOutput | Exception]
+    routes: list[Route]
+    pending: list[tuple[str, ...]]
+    kind: StageKind
+    model_name: str
+    version: str
+    classes: list[str]
 
 
 @dataclass
@@ -289,29 +315,41 @@ class TierWorker:
                 results.append(exc)
         return results
 
-    def _score(
-        self, images: Sequence[DecodedImage]
-    ) -> tuple[list[StageOutput | Exception], list[Route], StageKind, str, str, list[str]]:
-        """Score and route images with the current model, or ask experts if there is none.
-
-        Returns the outputs (or the exception of each failed image), the routes, and the
-        kind, model name, model version and classes to record.
-        """
+    def _score(self, images: Sequence[DecodedImage]) -> _Scored:
+        """Score and route images with the current model, or ask experts if there is none."""
         stage = self.stage
         if stage is None:
             kind, classes = tier_classes(self.tier)
-            empty: list[StageOutput | Exception] = [StageOutput(scores={}) for _ in images]
-            routes = [Route.ANNOTATE] * len(images)
-            return empty, routes, kind, self.tier.backend, NO_MODEL_VERSION, classes
+            return _Scored(
+                outputs=[StageOutput(scores={}) for _ in images],
+                routes=[Route.ANNOTATE] * len(images),
+                pending=[tuple(classes)] * len(images),
+                kind=kind,
+                model_name=self.tier.backend,
+                version=NO_MODEL_VERSION,
+                classes=classes,
+            )
         thresholds = self._thresholds(stage)
+        groups = exclusive_groups(stage.classes, self.tier.groups)
         outputs = self._predict(stage, images)
-        routes = [
-            Route.ANNOTATE
-            if isinstance(o, Exception)
-            else route(stage.kind, o, thresholds, stage.gate_label)
-            for o in outputs
-        ]
-        return outputs, routes, stage.kind, stage.model_name, stage.version, list(stage.classes)
+        routes: list[Route] = []
+        pending: list[tuple[str, ...]] = []
+        for o in outputs:
+            if isinstance(o, Exception):
+                routes.append(Route.ANNOTATE)
+                pending.append(())
+                continue
+            routes.append(route(stage.kind, o, thresholds, stage.gate_label))
+            pending.append(pending_labels(stage.kind, o, thresholds, stage.gate_label, groups))
+        return _Scored(
+            outputs=outputs,
+            routes=routes,
+            pending=pending,
+            kind=stage.kind,
+            model_name=stage.model_name,
+            version=stage.version,
+            classes=list(stage.classes),
+        )
 
     # -- one batch -------------------------------------------------------------------------
     def process_batch(self, consumer: Consumer, producer: Any, msgs: Sequence[Message]) -> None:
@@ -329,9 +367,12 @@ class TierWorker:
             except BadInputError as exc:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
                 tally.dead[exc.kind] = tally.dead.get(exc.kind, 0) + 1
-        outputs, decisions, kind, model_name, version, classes = self._score([g[2] for g in good])
+        scored = self._score([g[2] for g in good])
+        kind, model_name, version = scored.kind, scored.model_name, scored.version
         thresholds = self._thresholds(self.stage) if self.stage is not None else {}
-        for (msg, submitted, _), output, decision in zip(good, outputs, decisions, strict=True):
+        for (msg, submitted, _), output, decision, pending in zip(
+            good, scored.outputs, scored.routes, scored.pending, strict=True
+        ):
             if isinstance(output, Exception):
                 self._dead_letter(
                     producer,
@@ -351,6 +392,7 @@ class TierWorker:
                 output=output,
                 model_name=model_name,
                 model_version=version,
+                pending=pending,
             )
             producer.produce(
                 self.tier.result_topic, key=key, value=self.codec.encode("TierResult", result)
@@ -364,9 +406,10 @@ class TierWorker:
                     msg.value() or b"",
                     tier=self.tier.name,
                     output=output,
-                    classes=classes,
+                    classes=scored.classes,
                     model_name=model_name,
                     model_version=version,
+                    ask=[] if version == NO_MODEL_VERSION or output.novel else pending,
                 )
                 producer.produce(
                     self.topology.annotate_topic,
@@ -374,7 +417,7 @@ class TierWorker:
                     value=self.codec.encode("AnnotationRequest", request),
                 )
             self.stats.routes[decision.value] = self.stats.routes.get(decision.value, 0) + 1
-            tally.scored(decision, output, thresholds)
+            tally.scored(decision, output, thresholds, pending)
         producer.send_offsets_to_transaction(
             consumer.position(consumer.assignment()), consumer.consumer_group_metadata()
         )

@@ -59,7 +59,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import pydantic
@@ -165,6 +165,7 @@ class _Branch:
     backend: str
     labels: list[str]
     batch_size: int
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 def plan_cascade(
@@ -333,7 +334,9 @@ def _plan_groups(
             pooled += [(label, f" (as is all of group {group!r})") for label in labels]
             continue
         _check_tier_name(dataset, group)
-        branches.append(_Branch(group, "multilabel_cnn", labels, batch_size=8))
+        branches.append(
+            _Branch(group, "multilabel_cnn", labels, batch_size=8, groups={group: labels})
+        )
         for label in labels:
             share = _share(counts[label].image_fraction, cutoff, "images")
             if label in frequent:
@@ -497,6 +500,7 @@ def _branch_spec(name: str, dataset: str, branch: _Branch, threads: int) -> Tier
         batch_size=branch.batch_size,
         threads=threads,
         labels=branch.labels,
+        groups=branch.groups,
         dataset=dataset,
     )
 

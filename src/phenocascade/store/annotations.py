@@ -35,13 +35,16 @@ from typing import Any
 from cassandra.cluster import Session
 
 from phenocascade.errors import ConflictError
-from phenocascade.store.cql import prepare, qualified
+from phenocascade.store.cql import add_missing_columns, prepare, qualified
 
 TASK_OPEN = "open"
 TASK_CLAIMED = "claimed"
 TASK_DONE = "done"
 ROLES = ("annotator", "reviewer", "admin")
 DEFAULT_CLAIM_S = 15 * 60
+
+# Columns added after the tables were first made (see add_missing_columns).
+_ADDED_COLUMNS = (("annotation_tasks", "ask", "list<text>"),)
 
 # One tiny partition: the list of (tier, study) queue partitions (a few dozen rows).
 _PARTITIONS_BUCKET = "all"
@@ -69,6 +72,7 @@ _TABLES = (
         completed_by text,
         completed_at timestamp,
         annotation_id text,
+        ask list<text>,
         PRIMARY KEY ((image_id), tier)
     )
     """,
@@ -144,6 +148,7 @@ def create_tables(session: Session) -> None:
     """Create this module's tables in the session's keyspace (idempotent)."""
     for ddl in _TABLES:
         session.execute(qualified(session, ddl))
+    add_missing_columns(session, _ADDED_COLUMNS)
 
 
 def _utc(value: datetime | int | None) -> datetime | None:
@@ -186,6 +191,7 @@ def _row_to_task(row: Any) -> dict[str, Any]:
         "completed_by": row.completed_by,
         "completed_at": _utc(row.completed_at),
         "annotation_id": row.annotation_id,
+        "ask": list(row.ask or []),
     }
 
 
@@ -245,6 +251,7 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
         "scores": {k: float(v) for k, v in request["scores"].items()},
         "boxes": [dict(b) for b in request["boxes"]],
         "classes": list(request["classes"]),
+        "ask": list(request.get("ask") or []),
         "model_name": request["model_name"],
         "model_version": request["model_version"],
         "study": request["study"],
@@ -258,7 +265,8 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
             session,
             "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, priority, "
             "scores, boxes, classes, model_name, model_version, study, uri, inline, submitted, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+            "created_at, ask) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "IF NOT EXISTS",
         ),
         (
             task["image_id"],
@@ -276,6 +284,7 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
             task["inline"],
             task["submitted"],
             task["created_at"],
+            task["ask"],
         ),
     )
     if result.was_applied:
@@ -294,7 +303,8 @@ def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | 
     -------
     dict or None
         Keys: ``image_id, tier, status ("open" | "claimed" | "done"), revision,
-        claimed_by, claim_expires_at, priority, scores, boxes, classes, model_name,
+        claimed_by, claim_expires_at, priority, scores, boxes, classes, ask (the labels asked;
+        empty: all), model_name,
         model_version, study, uri, inline, submitted, created_at, completed_by,
         completed_at, annotation_id``. A ``"claimed"`` task whose ``claim_expires_at`` has
         passed is claimable again (see :func:`is_claimable`).

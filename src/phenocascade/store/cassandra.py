@@ -32,7 +32,13 @@ from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
 from phenocascade.store import lineage
 from phenocascade.store.annotations import create_tables
-from phenocascade.store.cql import bind_keyspace, check_keyspace, prepare, qualified
+from phenocascade.store.cql import (
+    add_missing_columns,
+    bind_keyspace,
+    check_keyspace,
+    prepare,
+    qualified,
+)
 
 _TABLES = (
     """
@@ -47,6 +53,7 @@ _TABLES = (
         routes map<text, text>,
         model_versions map<text, text>,
         produced_at timestamp,
+        pending list<text>,
         PRIMARY KEY ((image_id), versions_key)
     )
     """,
@@ -61,6 +68,9 @@ _TABLES = (
     )
     """,
 )
+
+# Columns added after a table was first created; `connect` adds them to older tables.
+_ADDED_COLUMNS = (("outputs_by_image", "pending", "list<text>"),)
 
 
 def versions_key(model_versions: Mapping[str, str]) -> str:
@@ -123,6 +133,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
     if create_schema:
         for ddl in _TABLES:
             session.execute(qualified(session, ddl))
+        add_missing_columns(session, _ADDED_COLUMNS)
         create_tables(session)
         lineage.create_tables(session)
     return session
@@ -142,8 +153,8 @@ def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
         prepare(
             session,
             "INSERT INTO {ks}.outputs_by_image (image_id, versions_key, status, study, uri, "
-            "labels, boxes, routes, model_versions, produced_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "labels, boxes, routes, model_versions, produced_at, pending) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ),
         (
             output["image_id"],
@@ -156,6 +167,7 @@ def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
             dict(output["routes"]),
             dict(output["model_versions"]),
             produced,
+            list(output.get("pending") or []),
         ),
     )
     session.execute(
@@ -179,6 +191,7 @@ def _row_to_output(row: Any) -> dict[str, Any]:
         "routes": dict(row.routes or {}),
         "model_versions": dict(row.model_versions or {}),
         "produced_at": row.produced_at,
+        "pending": list(row.pending or []),
     }
 
 

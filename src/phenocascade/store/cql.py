@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Sequence
 
 from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
@@ -72,3 +73,22 @@ def prepare(session: Session, statement: str) -> PreparedStatement:
     if statement not in cache:
         cache[statement] = session.prepare(qualified(session, statement))
     return cache[statement]
+
+
+def add_missing_columns(session: Session, columns: Sequence[tuple[str, str, str]]) -> None:
+    """Add each ``(table, column, CQL type)`` that its table in the keyspace lacks.
+
+    A table made by an older release gains the columns added since (``CREATE TABLE IF NOT
+    EXISTS`` leaves an existing table as it is).
+    """
+    # Unquoted names are stored in lower case.
+    keyspace = qualified(session, KEYSPACE).lower()
+    for table, column, cql_type in columns:
+        rows = session.execute(
+            "SELECT column_name FROM system_schema.columns "
+            "WHERE keyspace_name = %s AND table_name = %s",
+            (keyspace, table),
+        )
+        if column not in {r.column_name for r in rows}:
+            ddl = f"ALTER TABLE {KEYSPACE}.{table} ADD {column} {cql_type}"
+            session.execute(qualified(session, ddl))

@@ -80,10 +80,12 @@ def tier_result(
     output: StageOutput,
     model_name: str,
     model_version: str,
+    pending: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Return the ``TierResult`` of one tier for one submitted image.
 
-    Its ``reason`` is :func:`route_reason` of ``output``.
+    Its ``reason`` is :func:`route_reason` of ``output``; ``pending`` lists the labels an
+    expert is asked (:func:`~phenocascade.domain.pending_labels`).
     """
     return {
         "image_id": submitted["image_id"],
@@ -99,6 +101,7 @@ def tier_result(
         "produced_at": now_ms(),
         "reason": route_reason(output),
         "submitted_at": submitted["submitted_at"],
+        "pending": list(pending),
     }
 
 
@@ -133,10 +136,12 @@ def annotation_request(
     classes: Sequence[str],
     model_name: str,
     model_version: str,
+    ask: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Return an ``AnnotationRequest`` carrying the prediction that caused it.
 
-    Its ``reason`` is :func:`route_reason` of ``output``.
+    Its ``reason`` is :func:`route_reason` of ``output``; ``ask`` lists the labels the
+    expert is asked (empty: every class).
     """
     return {
         "image_id": submitted["image_id"],
@@ -153,6 +158,7 @@ def annotation_request(
         "submitted": submitted_bytes,
         "created_at": now_ms(),
         "reason": route_reason(output),
+        "ask": list(ask),
     }
 
 
@@ -191,8 +197,13 @@ def image_output(
     boxes: Sequence[Mapping[str, Any]],
     routes: Mapping[str, str],
     model_versions: Mapping[str, str],
+    pending: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Return the final ``ImageOutput`` record of one image."""
+    """Return the final ``ImageOutput`` record of one image.
+
+    ``pending`` lists its labels that still await an expert; every other label and box
+    in it is final.
+    """
     return {
         "image_id": image_id,
         "status": status.value,
@@ -203,6 +214,7 @@ def image_output(
         "routes": dict(routes),
         "model_versions": dict(model_versions),
         "produced_at": now_ms(),
+        "pending": list(pending),
     }
 
 

@@ -200,17 +200,25 @@ function renderGate() {
   document.getElementById("gate-unclear").classList.toggle("on", V.gate === "unclear");
 }
 
+// A label the tier decided itself (per-label routing): shown with the model's answer, not asked.
+function decided(label) {
+  const ask = V.task.ask || [];
+  return V.task.kind === "classifier" && ask.length > 0 && !ask.includes(label);
+}
+
 function renderClasses() {
   const holder = document.getElementById("classes");
   holder.replaceChildren(
     ...V.task.classes.map((label, i) => {
-      const box = PC.el("input", { type: "checkbox", value: label, checked: V.labels.has(label), "data-label": label });
+      const fixed = decided(label);
+      const box = PC.el("input", { type: "checkbox", value: label, checked: V.labels.has(label), "data-label": label, disabled: fixed });
       box.addEventListener("change", () => {
         if (box.checked) V.labels.add(label);
         else V.labels.delete(label);
       });
       const score = V.task.scores[label];
-      return PC.el("label", { class: "class" }, box, ` ${i < 9 ? i + 1 + " · " : ""}${label}`, PC.el("small", {}, score === undefined ? "" : ` ${score.toFixed(2)}`));
+      const note = fixed ? " decided by the model" : "";
+      return PC.el("label", { class: fixed ? "class decided" : "class asked", "data-asked": String(!fixed) }, box, ` ${i < 9 ? i + 1 + " · " : ""}${label}`, PC.el("small", {}, (score === undefined ? "" : ` ${score.toFixed(2)}`) + note));
     }),
   );
 }
@@ -331,7 +339,7 @@ function choose(gate) {
 
 function toggleClass(index) {
   const label = V.task.classes[index];
-  if (label === undefined) return;
+  if (label === undefined || decided(label)) return;
   if (V.task.kind === "classifier") {
     if (V.labels.has(label)) V.labels.delete(label);
     else V.labels.add(label);
