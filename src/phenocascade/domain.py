@@ -167,6 +167,7 @@ def route(
     output: StageOutput,
     thresholds: Mapping[str, LabelThresholds],
     gate_label: str = "clear",
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> Route:
     """Decide where one image goes from its calibrated scores.
 
@@ -180,6 +181,9 @@ def route(
         Per-label thresholds. A label without an entry is never confident.
     gate_label : str, default "clear"
         The label whose presence means "usable" (gates only).
+    groups : Mapping[str, Sequence[str]] or None, default None
+        For classifiers, each label's group of exclusive labels (see
+        :func:`pending_labels`).
 
     Returns
     -------
@@ -188,7 +192,8 @@ def route(
         covers its scores) is ``ANNOTATE`` for every kind, never ``PASS`` or ``SKIP``.
         Otherwise, gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if
         confidently absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is
-        confidently present or absent, else ``ANNOTATE``. Detector: ``ANNOTATE`` if any
+        decided (:func:`pending_labels`: confidently present or absent, or absent because
+        an exclusive label is confidently present), else ``ANNOTATE``. Detector: ``ANNOTATE`` if any
         kept box scores between its class's keep and confident thresholds, or if a class
         without a confident box is not certified to be found (``finds_all`` false: an
         image with no box of it is not "none here" but unknown), else ``PASS``. Tiers 2
@@ -206,7 +211,8 @@ def route(
         if p <= t.negative:
             return Route.SKIP
         return Route.ANNOTATE
-    return Route.ANNOTATE if pending_labels(kind, output, thresholds) else Route.PASS
+    pending = pending_labels(kind, output, thresholds, gate_label, groups)
+    return Route.ANNOTATE if pending else Route.PASS
 
 
 def exclusive_groups(
@@ -259,17 +265,19 @@ def pending_labels(
     kind, output, thresholds, gate_label
         As for :func:`route`.
     groups : Mapping[str, Sequence[str]] or None, default None
-        For classifiers, each label's group (:func:`exclusive_groups`): a group is decided
-        only when each of its labels is, so an uncertain label makes its whole group
-        pending. ``None``: every label stands alone.
+        For classifiers, each label's group of labels that exclude each other
+        (:func:`exclusive_groups`). ``None``: every label stands alone.
 
     Returns
     -------
     tuple of str
-        Empty exactly when :func:`route` says ``PASS`` or ``SKIP``. A novel image has every
-        label pending. A gate's only label is pending when it routes to ``ANNOTATE``. A
-        classifier's labels are pending per group, as above. A detector class is pending
-        when one of its kept boxes scores below its confident threshold, or when it has no
+        Empty exactly when :func:`route` says ``PASS`` or ``SKIP`` (every label decided).
+        A novel image has every label pending. A gate's only label is pending when it
+        routes to ``ANNOTATE``. A classifier label is pending when its score lies between
+        its thresholds, unless another label of its group is confidently present (then it
+        is absent: the labels exclude each other); every label of a group with two
+        confidently present labels is pending. A detector class is pending when one
+        of its kept boxes scores below its confident threshold, or when it has no
         confident box and is not certified to be found (``finds_all`` false). The order is
         that of ``output.scores``, then of the boxes.
     """
@@ -284,10 +292,18 @@ def pending_labels(
         )
     uncertain: set[str] = set()
     if kind is StageKind.CLASSIFIER:
+        present = {
+            label
+            for label, p in output.scores.items()
+            if (t := thresholds.get(label)) is not None and p >= t.positive
+        }
         for label, p in output.scores.items():
             t = thresholds.get(label)
-            if t is None or t.negative < p < t.positive:
-                uncertain.update((groups or {}).get(label, (label,)))
+            said = [o for o in (groups or {}).get(label, (label,)) if o in present]
+            unsure = t is None or t.negative < p < t.positive
+            # Two exclusive labels confidently present contradict each other: ask.
+            if len(said) > 1 or (unsure and not said):
+                uncertain.add(label)
     else:
         for box in output.boxes:
             t = thresholds.get(box.label)

@@ -35,24 +35,38 @@ def test_groups_come_from_the_tier_then_from_the_label_names() -> None:
     }
 
 
-def test_an_uncertain_label_leaves_its_whole_group_to_the_expert_and_no_other() -> None:
+def test_only_uncertain_labels_are_asked_and_a_confident_one_settles_its_group() -> None:
     scores = {
         "size:small": 0.02,
-        "size:medium": 0.5,  # uncertain
+        "size:medium": 0.5,  # uncertain: asked
         "size:large": 0.03,
-        "density:sparse": 0.95,
-        "density:dense": 0.04,
+        "density:sparse": 0.95,  # present: the other density labels are absent
+        "density:medium": 0.5,
+        "density:dense": 0.5,
     }
     output = StageOutput(scores=scores)
+    thresholds = dict.fromkeys(scores, T)
+    groups = domain.exclusive_groups(list(scores))
+    pending = domain.pending_labels(StageKind.CLASSIFIER, output, thresholds, groups=groups)
+    assert pending == ("size:medium",)
+    assert domain.route(StageKind.CLASSIFIER, output, thresholds, groups=groups) is Route.ANNOTATE
+    # Without groups nothing is implied: the unsure density labels are asked too.
+    alone = domain.pending_labels(StageKind.CLASSIFIER, output, thresholds)
+    assert alone == ("size:medium", "density:medium", "density:dense")
+    # A confident size settles the image.
+    settled = {**scores, "size:medium": 0.97}
+    output = StageOutput(scores=settled)
+    assert domain.pending_labels(StageKind.CLASSIFIER, output, thresholds, groups=groups) == ()
+    assert domain.route(StageKind.CLASSIFIER, output, thresholds, groups=groups) is Route.PASS
+
+
+def test_two_confident_labels_of_one_group_contradict_each_other_and_are_asked() -> None:
+    scores = {"size:small": 0.95, "size:large": 0.96, "density:sparse": 0.02}
     groups = domain.exclusive_groups(list(scores))
     pending = domain.pending_labels(
-        StageKind.CLASSIFIER, output, dict.fromkeys(scores, T), groups=groups
+        StageKind.CLASSIFIER, StageOutput(scores=scores), dict.fromkeys(scores, T), groups=groups
     )
-    assert pending == tuple(SIZE)
-    assert domain.route(StageKind.CLASSIFIER, output, dict.fromkeys(scores, T)) is Route.ANNOTATE
-    # Without groups only the uncertain label itself is pending.
-    alone = domain.pending_labels(StageKind.CLASSIFIER, output, dict.fromkeys(scores, T))
-    assert alone == ("size:medium",)
+    assert pending == ("size:small", "size:large")
 
 
 probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
@@ -67,17 +81,20 @@ def test_pending_is_empty_exactly_when_the_route_decides(
 ) -> None:
     output = StageOutput(scores=scores, novel=novel)
     thresholds = dict.fromkeys(scores, T)
-    pending = domain.pending_labels(
-        StageKind.CLASSIFIER, output, thresholds, groups=domain.exclusive_groups(list(scores))
-    )
-    assert (not pending) == (domain.route(StageKind.CLASSIFIER, output, thresholds) is Route.PASS)
-    # Groups are pending whole, and a decided group has every label confident.
-    for group in (SIZE, DENSITY):
-        assert set(group) <= set(pending) or not set(group) & set(pending)
-        if not set(group) & set(pending):
-            assert all(scores[g] >= T.positive or scores[g] <= T.negative for g in group)
+    groups = domain.exclusive_groups(list(scores))
+    pending = domain.pending_labels(StageKind.CLASSIFIER, output, thresholds, groups=groups)
+    decision = domain.route(StageKind.CLASSIFIER, output, thresholds, groups=groups)
+    assert (not pending) == (decision is Route.PASS)
     if novel:
         assert set(pending) == set(scores)
+        return
+    for group in (SIZE, DENSITY):
+        present = [g for g in group if scores[g] >= T.positive]
+        for label in group:
+            sure = scores[label] >= T.positive or scores[label] <= T.negative
+            # Decided: sure, or absent beside exactly one confident label of its group.
+            decided = (sure or present) and len(present) <= 1
+            assert (label not in pending) == bool(decided), (label, scores)
 
 
 def test_a_detector_leaves_only_its_unsure_classes_to_the_expert() -> None:

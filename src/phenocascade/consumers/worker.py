@@ -339,7 +339,7 @@ class TierWorker:
                 routes.append(Route.ANNOTATE)
                 pending.append(())
                 continue
-            routes.append(route(stage.kind, o, thresholds, stage.gate_label))
+            routes.append(route(stage.kind, o, thresholds, stage.gate_label, groups))
             pending.append(pending_labels(stage.kind, o, thresholds, stage.gate_label, groups))
         return _Scored(
             outputs=outputs,
