@@ -51,6 +51,7 @@ import csv
 import json
 import logging
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -756,8 +757,8 @@ def _dsb_kinds(root: Path) -> dict[str, str]:
         return {row["image_id"]: row["kind"] for row in csv.DictReader(fh)}
 
 
-def _provenance(command: str) -> dict[str, Any]:
-    """Say what measured a section: command, commit (``+dirty``: local edits), host threads."""
+def provenance(command: str) -> dict[str, Any]:
+    """Say what measured a section: command, commit (``+dirty``: local edits), host, threads."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -773,6 +774,7 @@ def _provenance(command: str) -> dict[str, Any]:
     return {
         "command": command,
         "commit": commit + ("+dirty" if dirty else ""),
+        "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1015,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     # With --merge the file holds sections of several runs: each names its own.
     for name in sections:
-        _set(result, f"runs.{name}", _provenance(command))
+        _set(result, f"runs.{name}", provenance(command))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "models.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (RESULTS / "models.md").write_text(markdown(result))

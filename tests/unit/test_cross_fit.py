@@ -84,7 +84,7 @@ def run(monkeypatch: pytest.MonkeyPatch) -> TrainingRun:
 
 def _cross_fit(run: TrainingRun, folds: int) -> Any:
     return core._fit_cross_fitted(
-        run, folds, [], target=0.9, delta=0.2, seed=0, device="cpu", progress=False
+        run, folds, target=0.9, delta=0.2, seed=0, device="cpu", progress=False
     )
 
 

@@ -195,20 +195,35 @@ class ConfidentGate:
         return [StageOutput(scores={"clear": 0.01 if calibrated else 0.2}) for _ in images]
 
 
+class EmbeddingGate(ConfidentGate):
+    """A gate with backbone features: 8 draws seeded by the image id, far off for ``shift``."""
+
+    def __init__(self) -> None:
+        self.shift: set[str] = set()
+
+    def embed(self, images: Sequence[DecodedImage]) -> np.ndarray:
+        rows = []
+        for img in images:
+            rng = np.random.default_rng(sum(img.image_id.encode()))
+            rows.append(rng.normal(size=8) + (25.0 if img.image_id in self.shift else 0.0))
+        return np.stack(rows)
+
+
 def test_guard_sends_novel_images_to_a_person_and_round_trips(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     gate = ConfidentGate()
     val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(60)]
-    novelty = StageNovelty.fit(gate, val, alpha=0.05)
+    novelty = StageNovelty.fit(gate, [val[:25], val[25:]], alpha=0.05)
+    ((_, detector),) = novelty.parts
     assert novelty.summary() == {
         "alpha": 0.05,
-        "threshold": novelty.detector.threshold_,
+        "threshold": {"descriptor": detector.threshold_},
         "features": "descriptor",
         "n": 60,
     }
     novelty.save(tmp_path)
     with np.load(tmp_path / NOVELTY_FILE, allow_pickle=False) as state:
-        assert str(state["features"]) == "descriptor"
+        assert [str(k) for k in state["features"]] == ["descriptor"]
     guard = NoveltyGuard.around(gate, tmp_path)
     assert isinstance(guard, Stage)
     assert (guard.kind, guard.version, guard.thresholds) == (gate.kind, "v1", gate.thresholds)
@@ -231,8 +246,41 @@ def test_an_artifact_without_novelty_state_flags_nothing(tmp_path: Path) -> None
 def test_a_state_naming_unknown_features_is_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     novelty = StageNovelty.fit(
-        ConfidentGate(), [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(5)]
+        ConfidentGate(), [[DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(5)]]
     )
-    np.savez(tmp_path / NOVELTY_FILE, features=np.str_("pixels"), **novelty.detector.to_state())
+    state = novelty.parts[0][1].to_state()
+    np.savez(tmp_path / NOVELTY_FILE, features=np.str_("pixels"), **state)
     with pytest.raises(ArtifactError, match="unknown novelty features 'pixels'"):
         StageNovelty.load(tmp_path)
+
+
+def test_a_stage_with_a_backbone_is_read_on_both_features_at_half_the_rate_each(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(10)
+    stage = EmbeddingGate()
+    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(120)]
+    novelty = StageNovelty.fit(stage, [val], alpha=0.04)
+    assert [(kind, d.alpha) for kind, d in novelty.parts] == [
+        ("descriptor", 0.02),
+        ("backbone", 0.02),
+    ]
+    assert novelty.summary()["features"] == "descriptor+backbone"
+    # An image whose pixels look right but whose features do not is flagged all the same.
+    odd = DecodedImage("odd", _fluorescence(rng))
+    stage.shift = {"odd"}
+    assert novelty.flags(stage, [odd, val[0]]).tolist() == [True, False]
+    novelty.save(tmp_path)
+    loaded = StageNovelty.load(tmp_path)
+    assert loaded is not None and loaded.summary() == novelty.summary()
+    assert loaded.flags(stage, [odd, val[0]]).tolist() == [True, False]
+
+
+def test_a_state_from_before_the_backbone_detector_still_loads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(60)]
+    novelty = StageNovelty.fit(ConfidentGate(), [val], alpha=0.05)
+    detector = novelty.parts[0][1]
+    np.savez(tmp_path / NOVELTY_FILE, features=np.str_("descriptor"), **detector.to_state())
+    loaded = StageNovelty.load(tmp_path)
+    assert loaded is not None and loaded.summary() == novelty.summary()

@@ -206,29 +206,33 @@ def test_saved_stage_keeps_its_novelty_state_and_flags_a_foreign_image(
     fitted: tuple[str, Any, list[Sample], dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     _, stage, val, pixels = fitted
-    # Calibrated on its 12 training and validation images (alpha = 0.1: at least 9 needed).
+    # Calibrated on its 12 training and validation images (alpha = 0.1 per kind of features:
+    # at least 9 needed).
     train, _ = _synthetic(8, 0, _classes(type(stage))[0])
     samples = [*train, *val]
     images = [DecodedImage(s.image_id, pixels[s.image_id]) for s in samples]
+    kinds = "descriptor+backbone" if isinstance(stage, Embedder) else "descriptor"
+    alpha = 0.1 * len(kinds.split("+"))
     result = calibrate_stage(
-        stage, images, samples, target_precision=0.9, delta=0.2, novelty_alpha=0.1
+        stage, images, samples, target_precision=0.9, delta=0.2, novelty_alpha=alpha
     )
     version = "20261130T120000-0a1b"
     meta = stage.save(tmp_path / "test" / version, tier="test")
     assert meta.calibration["novelty"] == result.novelty
     assert result.novelty is not None and result.novelty["n"] == 12
-    assert result.novelty["features"] == "descriptor"
+    assert result.novelty["features"] == kinds
 
     loaded = load_stage(tmp_path, "test", version)
     assert isinstance(loaded, NoveltyGuard) and isinstance(loaded, Stage)
     assert loaded.novelty is not None
-    saved_state, loaded_state = (
-        stage.novelty_.detector.to_state(),
-        loaded.novelty.detector.to_state(),
-    )
-    assert saved_state.keys() == loaded_state.keys()
-    for key, value in saved_state.items():
-        np.testing.assert_array_equal(loaded_state[key], value)
+    for (kind, saved), (loaded_kind, read) in zip(
+        stage.novelty_.parts, loaded.novelty.parts, strict=True
+    ):
+        assert kind == loaded_kind
+        saved_state, loaded_state = saved.to_state(), read.to_state()
+        assert saved_state.keys() == loaded_state.keys()
+        for key, value in saved_state.items():
+            np.testing.assert_array_equal(loaded_state[key], value)
 
     # An RGB field of saturated colour noise: nothing like the dark grey training images.
     foreign = DecodedImage(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -320,7 +320,8 @@ def calibrate_stage(
         starts=starts,
         p_value=p_value,
     )
-    return replace(calibration, novelty=fit_novelty(stage, images, novelty_alpha))
+    novelty = fit_novelty(stage, [images], novelty_alpha, n=len(images))
+    return replace(calibration, novelty=novelty)
 
 
 def certify_outputs(
@@ -504,19 +505,19 @@ def _cap_keep_thresholds(
 
 
 def fit_novelty(
-    stage: Any, images: Sequence[DecodedImage], alpha: float | None
+    stage: Any, chunks: Iterable[Sequence[DecodedImage]], alpha: float | None, *, n: int
 ) -> dict[str, Any] | None:
-    """Fit the stage's shift detector on ``images`` and store it; return its summary.
+    """Fit the stage's shift detector on the ``n`` images of ``chunks`` and store it.
 
-    Skipped (``None``) for ``alpha=None``, for stand-ins that cannot hold one, and for
-    fewer than 3 images, too few to fit.
+    Returns its summary; ``None`` (nothing fitted) for ``alpha=None``, for stand-ins that
+    cannot hold one, and for fewer than 3 images, too few to fit.
     """
     holder = stage if isinstance(stage, NoveltyHolder) else None
     if alpha is None or holder is None:
         return None
-    if len(images) < 3:
-        log.warning("%d validation images: too few to fit a shift detector", len(images))
+    if n < 3:
+        log.warning("%d images: too few to fit a shift detector", n)
         return None
-    novelty = StageNovelty.fit(stage, images, alpha=alpha)
+    novelty = StageNovelty.fit(stage, chunks, alpha=alpha)
     holder.set_novelty(novelty)
     return novelty.summary()

@@ -26,21 +26,20 @@ silent wrong decision; 0.02 keeps that cost to about 2 images in 100 per tier an
 gives a finite threshold from 49 validation images, which every bundled val split has
 (BCCD: 87), where 0.01 would need 99.
 
-Features: every stage is scored on :func:`image_descriptor` by default, whatever its
-backend. Stages with an ``embed`` method (:class:`~phenocascade.models.base.Embedder`,
-the image classifiers' pooled backbone features) can be scored on those instead
-(``features="backbone"``), but on the shared data the descriptor separated modalities
-better: fitted on DSB train at ``alpha = 0.02``, it flagged 100 % of BCCD smears and
-88 % of BBBC006 fields (5 of 132 DSB test images were false alarms), where the ImageNet
-MobileNetV2 features flagged 39 % and 15 %, and the two joined (1303 columns, the
-backbone's 1280 dominating) did no better than the backbone alone.
+Features: every stage is scored on :func:`image_descriptor`, whatever its backend, and
+stages with an ``embed`` method (:class:`~phenocascade.models.base.Embedder`, the image
+classifiers' pooled backbone features) on those too, by a second detector
+(:class:`StageNovelty`); an image either flags is novel. The recipes fit them on the
+tier's train and val images: fitted on the 133 DSB val images alone, the descriptor
+flagged none of 60 BCCD smears the majority classifier never saw; on train and val, both
+kinds together flagged all 60 and 1 of 132 DSB test images (``docs/routing.md``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self, cast, get_args, runtime_checkable
@@ -368,57 +367,104 @@ def stage_features(
 
 @dataclass(frozen=True)
 class StageNovelty:
-    """A fitted :class:`NoveltyDetector` and the features of the stage it reads.
+    """Fitted :class:`NoveltyDetector` s, one per kind of feature the stage is read on.
+
+    An image is novel when any of them flags it. Each is fitted at ``alpha / k`` for ``k``
+    kinds, so the false-alarm rate of the union stays at most ``alpha`` (Bonferroni).
 
     Stored beside the weights as ``novelty.npz`` (``np.savez``: arrays only, read back with
-    ``allow_pickle=False``).
+    ``allow_pickle=False``): ``features`` lists the kinds, and each detector's arrays are
+    prefixed ``<kind>.``. A file from before (one detector, ``features`` a single name,
+    unprefixed arrays) still loads.
     """
 
-    detector: NoveltyDetector
-    features: FeatureKind
+    parts: tuple[tuple[FeatureKind, NoveltyDetector], ...]
+
+    @property
+    def features(self) -> str:
+        """The kinds of features read, joined by ``+`` (e.g. ``"descriptor+backbone"``)."""
+        return "+".join(kind for kind, _ in self.parts)
 
     @classmethod
     def fit(
         cls,
         stage: Stage,
-        images: Sequence[DecodedImage],
+        chunks: Iterable[Sequence[DecodedImage]],
         *,
         alpha: float = DEFAULT_ALPHA,
-        features: FeatureKind = "descriptor",
+        features: Sequence[FeatureKind] | None = None,
     ) -> StageNovelty:
-        """Fit a :class:`NoveltyDetector` on the ``features`` of ``images`` (validation)."""
-        detector = NoveltyDetector(alpha=alpha).fit(stage_features(stage, images, features))
-        if math.isinf(detector.threshold_):
-            log.warning(
-                "%d calibration images are too few for a novelty false-alarm rate of %s "
-                "(at least %d are needed): %s will flag no image as novel",
-                len(images),
-                alpha,
-                math.ceil(1.0 / alpha - 1.0),
-                stage.model_name,
-            )
-        return cls(detector, features)
+        """Fit one detector per kind of features on the calibration images.
+
+        Parameters
+        ----------
+        stage : Stage
+            The stage whose features are read (``"backbone"`` needs its ``embed``).
+        chunks : iterable of sequences of DecodedImage
+            The calibration images, in chunks (so that a large set need not be held in
+            memory at once; ``[images]`` for one list).
+        alpha : float, default DEFAULT_ALPHA
+            False-alarm rate of the union, shared evenly between the kinds.
+        features : sequence of {"descriptor", "backbone"} or None, default None
+            ``None``: both for a stage with ``embed`` (:class:`Embedder`), else the
+            descriptor.
+        """
+        both: tuple[FeatureKind, ...] = ("descriptor", "backbone")
+        kinds = tuple(features or (both if isinstance(stage, Embedder) else ("descriptor",)))
+        rows: dict[FeatureKind, list[npt.NDArray[np.float64]]] = {k: [] for k in kinds}
+        n = 0
+        for chunk in chunks:
+            n += len(chunk)
+            for kind in kinds:
+                rows[kind].append(stage_features(stage, chunk, kind))
+        each = alpha / len(kinds)
+        parts = []
+        for kind in kinds:
+            x = np.concatenate(rows[kind]) if rows[kind] else np.zeros((0, 1))
+            detector = NoveltyDetector(alpha=each).fit(x)
+            if math.isinf(detector.threshold_):
+                log.warning(
+                    "%d calibration images are too few for a novelty false-alarm rate of %s "
+                    "(at least %d are needed): %s will flag no image as novel on its %s",
+                    n,
+                    each,
+                    math.ceil(1.0 / each - 1.0),
+                    stage.model_name,
+                    kind,
+                )
+            parts.append((kind, detector))
+        return cls(tuple(parts))
 
     def flags(self, stage: Stage, images: Sequence[DecodedImage]) -> npt.NDArray[np.bool_]:
-        """Which images are novel, shape ``(len(images),)``, ``bool``."""
+        """Which images are novel (flagged by any detector), shape ``(len(images),)``."""
+        novel = np.zeros(len(images), dtype=bool)
         if not images:
-            return np.zeros(0, dtype=bool)
-        return self.detector.is_novel(stage_features(stage, images, self.features))
+            return novel
+        for kind, detector in self.parts:
+            novel |= detector.is_novel(stage_features(stage, images, kind))
+        return novel
 
     def summary(self) -> dict[str, Any]:
-        """``{"alpha", "threshold" (None when infinite), "features", "n"}`` for the metadata."""
-        threshold = self.detector.threshold_
+        """Return ``{"alpha", "features", "threshold", "n"}`` for the metadata.
+
+        ``alpha`` is the union's false-alarm rate; ``threshold`` the score threshold per
+        kind (``None`` when infinite); ``n`` the calibration images.
+        """
         return {
-            "alpha": self.detector.alpha,
-            "threshold": None if math.isinf(threshold) else threshold,
+            "alpha": round(sum(d.alpha for _, d in self.parts), 12),
             "features": self.features,
-            "n": self.detector.n_samples_,
+            "threshold": {
+                kind: None if math.isinf(d.threshold_) else d.threshold_ for kind, d in self.parts
+            },
+            "n": self.parts[0][1].n_samples_,
         }
 
     def save(self, folder: Path) -> dict[str, Any]:
         """Write ``folder/novelty.npz``; return :meth:`summary`."""
         folder.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {"features": np.str_(self.features), **self.detector.to_state()}
+        state: dict[str, Any] = {"features": np.array([kind for kind, _ in self.parts])}
+        for kind, detector in self.parts:
+            state.update({f"{kind}.{k}": v for k, v in detector.to_state().items()})
         np.savez(folder / NOVELTY_FILE, **state)
         return self.summary()
 
@@ -429,20 +475,32 @@ class StageNovelty:
         Raises
         ------
         ArtifactError
-            If the file is there but unreadable.
+            If the file is there but unreadable, or names unknown features.
         """
         path = folder / NOVELTY_FILE
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as state:
-                features = str(state["features"])
-                detector = NoveltyDetector.from_state(state)
+                named = state["features"]
+                kinds = [str(named)] if named.ndim == 0 else [str(k) for k in named]
+                unknown = [k for k in kinds if k not in get_args(FeatureKind)]
+                if unknown:
+                    raise ArtifactError(f"{path} names unknown novelty features {unknown[0]!r}")
+                if named.ndim == 0:
+                    parts = [(kinds[0], NoveltyDetector.from_state(state))]
+                else:
+                    parts = [
+                        (k, NoveltyDetector.from_state(_prefixed(state, f"{k}."))) for k in kinds
+                    ]
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{path} is not a readable novelty state: {exc}") from exc
-        if features not in get_args(FeatureKind):
-            raise ArtifactError(f"{path} names unknown novelty features {features!r}")
-        return cls(detector, cast(FeatureKind, features))
+        return cls(tuple((cast(FeatureKind, k), d) for k, d in parts))
+
+
+def _prefixed(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Return the arrays of ``state`` whose names start with ``prefix``, without it."""
+    return {k[len(prefix) :]: state[k] for k in state if k.startswith(prefix)}
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,6 +256,17 @@ def _out_of_fold(
     return [raw[i] for i in range(len(pool))]
 
 
+def _unique(samples: Sequence[Sample]) -> list[Sample]:
+    """Return ``samples`` without repeats of an image id, in order."""
+    return list({s.image_id: s for s in samples}.values())
+
+
+def _decoded_chunks(samples: Sequence[Sample]) -> Iterator[list[DecodedImage]]:
+    """Decode ``samples`` 32 at a time (the pixels of all of them need not fit in memory)."""
+    for start in range(0, len(samples), 32):
+        yield decode(samples[start : start + 32])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Fitted:
     """A trained, calibrated stage and what its metrics record."""
@@ -278,7 +289,7 @@ def _fit_val_only(
     device: str,
     progress: bool,
 ) -> _Fitted:
-    """Train on ``run.train``; calibrate, certify and fit novelty on ``run.val``."""
+    """Train on ``run.train``; calibrate and certify on ``run.val``."""
     started = time.perf_counter()
     stage = _train(run, run.train, run.fit_val, seed=seed, device=device, progress=progress)
     seconds = time.perf_counter() - started
@@ -290,6 +301,7 @@ def _fit_val_only(
         delta=delta,
         starts=run.ltt_starts,
         seed=seed,
+        novelty_alpha=None,
     )
     return _Fitted(stage, calibration, seconds, len(run.train), run.val.samples)
 
@@ -297,7 +309,6 @@ def _fit_val_only(
 def _fit_cross_fitted(
     run: TrainingRun,
     folds: int,
-    images: Sequence[DecodedImage],
     *,
     target: float,
     delta: float,
@@ -306,8 +317,6 @@ def _fit_cross_fitted(
     progress: bool,
 ) -> _Fitted:
     """Certify on out-of-fold scores of train and val; train the deployed model on all.
-
-    The shift detector is fitted on the val ``images``, as without cross-fitting.
 
     Raises
     ------
@@ -338,9 +347,6 @@ def _fit_cross_fitted(
         delta=delta,
         starts=run.ltt_starts,
         cross_fit=folds,
-    )
-    calibration = dataclasses.replace(
-        calibration, novelty=fit_novelty(stage, images, DEFAULT_ALPHA)
     )
     return _Fitted(stage, calibration, seconds, len(train), tuple(run.fit_val))
 
@@ -409,7 +415,6 @@ def fit_and_save(
         fitted = _fit_cross_fitted(
             run,
             cross_fit,
-            images,
             target=target,
             delta=delta,
             seed=seed,
@@ -420,6 +425,13 @@ def fit_and_save(
         fitted = _fit_val_only(
             run, images, target=target, delta=delta, seed=seed, device=device, progress=progress
         )
+    # The shift detector learns what the tier's images look like from every labelled image
+    # it was built on: train and val (docs/routing.md, "Shift detection").
+    seen = _unique([*run.train, *run.val.samples])
+    novelty = fit_novelty(fitted.stage, _decoded_chunks(seen), DEFAULT_ALPHA, n=len(seen))
+    fitted = dataclasses.replace(
+        fitted, calibration=dataclasses.replace(fitted.calibration, novelty=novelty)
+    )
     version = new_version()
     folder = settings.artifacts / run.artifact / version
     reported = {s.image_id for s in fitted.report}
