@@ -50,6 +50,7 @@ class AnnotationWorld:
         classes: Sequence[str],
         boxes: Sequence[Box] = (),
         study: str | None = None,
+        ask: Sequence[str] = (),
     ) -> tuple[dict[str, Any], bytes]:
         """Return an ``AnnotationRequest`` record and its original ``ImageSubmitted`` bytes.
 
@@ -72,6 +73,7 @@ class AnnotationWorld:
             classes=classes,
             model_name=f"{tier}-test-model",
             model_version="v-test",
+            ask=ask,
         )
         return request, submitted_bytes
 

@@ -93,6 +93,8 @@ def seeded(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "nucleus_size:small": 0.71,
         },
         classes=MAJORITY_CLASSES,
+        # Per-label routing: the tier decided the nucleus size and asks only the density.
+        ask=["density:dense", "density:sparse"],
     )
     detector, _ = world.request(
         "detector",
@@ -217,10 +219,15 @@ def test_annotator_labels_three_tiers_in_the_browser(
     _saved(page)
     expect(page.locator("#status")).to_contain_text("re-enters the cascade")
 
-    # Tier 2 (classifier): the model's labels are pre-checked; correct one of them.
+    # Tier 2 (classifier): the model's labels are pre-checked; correct one of them. The
+    # labels it decided itself are shown, locked; only the asked ones can change.
     _open_viewer(page, seeded, seeded.classifier)
     expect(page.locator("input[data-label='density:dense']")).to_be_checked()
     expect(page.locator("input[data-label='nucleus_size:small']")).to_be_checked()
+    expect(page.locator("input[data-label='nucleus_size:small']")).to_be_disabled()
+    expect(page.locator("input[data-label='nucleus_size:large']")).to_be_disabled()
+    expect(page.locator("input[data-label='density:sparse']")).to_be_enabled()
+    expect(page.locator("label.decided")).to_have_count(2)
     page.locator("input[data-label='density:dense']").uncheck()
     page.locator("input[data-label='density:sparse']").check()
     page.locator("#save").click()
