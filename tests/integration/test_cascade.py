@@ -76,6 +76,9 @@ def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> Non
     assert report["dead_lettered"] == 0, report
     automatic = report["automatic"]
     assert automatic["images"] == report["analyzed"] + report["unusable"], report
+    # The blood smears, a quarter of the study, make it drift at the majority tier.
+    drifted = {(d["study"], d["tier"]) for d in report["drift"]["flagged"]}
+    assert (cascade.prefix + "it", "majority") in drifted, report["drift"]
 
     # What the cascade decided alone is final, and right at about its stated precision.
     majority = load_stage(cascade.settings.artifacts, "majority")

@@ -33,11 +33,13 @@ from phenocascade.cli.metrics import (
 )
 from phenocascade.cli.supervise import Supervisor
 from phenocascade.config import Settings, Topology, get_settings, load_topology
+from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
 from phenocascade.imaging import read_image
+from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.overlay import render_overlay
 from phenocascade.store.cassandra import (
     connect,
@@ -411,7 +413,35 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
     report["accounted"] = sum(by_status.values()) + len(dead)
     report["balanced"] = report["accounted"] == report["submitted"]
     report["automatic"] = automation(by_status, awaiting)
+    results = (
+        codec.decode(v, expected="TierResult")[1]
+        for tier in topology.tiers
+        for k, v in scan_topic(settings.kafka, tier.result_topic)
+        if k and k.startswith(mine)
+    )
+    drifts = study_drift(results, novelty_alphas(settings, topology))
+    report["drift"] = {
+        "tested": len(drifts),
+        "flagged": [d.as_dict() for d in drifts if d.flagged],
+    }
     return report
+
+
+def novelty_alphas(settings: Settings, topology: Topology) -> dict[str, float]:
+    """Each tier's shift-detector false-alarm rate, from its champion's metadata.
+
+    Tiers without a champion, or whose champion has no shift detector, are left out.
+    """
+    alphas: dict[str, float] = {}
+    for tier in topology.tiers:
+        version = champion_version(settings.artifacts, tier.artifact)
+        if version is None:
+            continue
+        meta = ArtifactMeta.read(settings.artifacts / tier.artifact / version)
+        novelty = meta.calibration.get("novelty")
+        if novelty:
+            alphas[tier.name] = float(novelty["alpha"])
+    return alphas
 
 
 def automation(
