@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import secrets
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,7 +45,10 @@ ROLES = ("annotator", "reviewer", "admin")
 DEFAULT_CLAIM_S = 15 * 60
 
 # Columns added after the tables were first made (see add_missing_columns).
-_ADDED_COLUMNS = (("annotation_tasks", "ask", "list<text>"),)
+_ADDED_COLUMNS = (
+    ("annotation_tasks", "ask", "list<text>"),
+    ("users", "session_epoch", "text"),
+)
 
 # One tiny partition: the list of (tier, study) queue partitions (a few dozen rows).
 _PARTITIONS_BUCKET = "all"
@@ -138,7 +142,8 @@ _TABLES = (
         username text PRIMARY KEY,
         password_hash text,
         role text,
-        created_at timestamp
+        created_at timestamp,
+        session_epoch text
     )
     """,
 )
@@ -698,16 +703,56 @@ def add_user(*, session: Session, username: str, password_hash: str, role: str) 
     result = session.execute(
         prepare(
             session,
-            "INSERT INTO {ks}.users (username, password_hash, role, created_at) "
-            "VALUES (?, ?, ?, ?) IF NOT EXISTS",
+            "INSERT INTO {ks}.users (username, password_hash, role, created_at, session_epoch) "
+            "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
         ),
-        (username, password_hash, role, datetime.now(tz=UTC)),
+        (username, password_hash, role, datetime.now(tz=UTC), _new_epoch()),
     )
     return bool(result.was_applied)
 
 
+def _new_epoch() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def update_user(
+    *,
+    session: Session,
+    username: str,
+    password_hash: str | None = None,
+    role: str | None = None,
+) -> str | None:
+    """Change a user's password and/or role, and end every session of theirs.
+
+    Every call draws a new session epoch (a random token a session cookie must carry to be
+    accepted), so the sessions started before it are refused from then on; with neither a
+    password nor a role it only does that (logout).
+
+    Returns
+    -------
+    str or None
+        The new epoch, or ``None`` if there is no such user.
+    """
+    epoch = _new_epoch()
+    sets = ["session_epoch = ?"]
+    values: list[Any] = [epoch]
+    if password_hash is not None:
+        sets.append("password_hash = ?")
+        values.append(password_hash)
+    if role is not None:
+        sets.append("role = ?")
+        values.append(role)
+    statement = f"UPDATE {{ks}}.users SET {', '.join(sets)} WHERE username = ? IF EXISTS"
+    result = session.execute(prepare(session, statement), (*values, username))
+    return epoch if result.was_applied else None
+
+
 def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
-    """Return ``{username, password_hash, role, created_at}``, or ``None`` if unknown."""
+    """Return ``{username, password_hash, role, created_at, session_epoch}``, or ``None``.
+
+    ``None`` when the user is unknown; ``session_epoch`` is ``None`` for a user made before
+    session epochs (the next login draws one).
+    """
     row = session.execute(
         prepare(session, "SELECT * FROM {ks}.users WHERE username = ?"), (username,)
     ).one()
@@ -718,6 +763,7 @@ def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
         "password_hash": row.password_hash,
         "role": row.role,
         "created_at": _utc(row.created_at),
+        "session_epoch": row.session_epoch,
     }
 
 

@@ -87,6 +87,10 @@ def current_user(browser: BrowserSession, ctx: Ctx) -> User:
     stored = get_user(session=ctx.session, username=browser.username)
     if stored is None:
         raise AuthError(f"user {browser.username!r} no longer exists; log in again")
+    if stored["session_epoch"] != browser.epoch:
+        raise AuthError(
+            "this session has ended (a logout, or a password or role change); log in again"
+        )
     return User(username=stored["username"], role=Role(stored["role"]))
 
 

@@ -67,10 +67,15 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class SessionData:
-    """The content of the session cookie: a CSRF token and, once logged in, the user name."""
+    """The content of the session cookie.
+
+    A CSRF token and, once logged in, the user name and the user's session epoch at login
+    (the session ends when the stored epoch changes: logout, password or role change).
+    """
 
     csrf: str
     username: str | None = None
+    epoch: str | None = None
 
 
 def check_username(username: str) -> str:
@@ -202,7 +207,7 @@ class SessionCodec:
 
     def dumps(self, data: SessionData) -> str:
         """Return the signed cookie value of ``data``."""
-        return str(self._serializer.dumps({"c": data.csrf, "u": data.username}))
+        return str(self._serializer.dumps({"c": data.csrf, "u": data.username, "e": data.epoch}))
 
     def loads(self, value: str | None) -> SessionData | None:
         """Return the session in a cookie value, or ``None`` if absent, forged or expired."""
@@ -214,13 +219,17 @@ class SessionCodec:
             return None
         if not isinstance(raw, dict) or not isinstance(raw.get("c"), str):
             return None
-        user = raw.get("u")
-        return SessionData(csrf=raw["c"], username=user if isinstance(user, str) else None)
+        user, epoch = raw.get("u"), raw.get("e")
+        return SessionData(
+            csrf=raw["c"],
+            username=user if isinstance(user, str) else None,
+            epoch=epoch if isinstance(epoch, str) else None,
+        )
 
 
-def new_session(username: str | None = None) -> SessionData:
+def new_session(username: str | None = None, epoch: str | None = None) -> SessionData:
     """Return a session with a fresh random CSRF token."""
-    return SessionData(csrf=secrets.token_urlsafe(32), username=username)
+    return SessionData(csrf=secrets.token_urlsafe(32), username=username, epoch=epoch)
 
 
 def csrf_matches(session: SessionData | None, token: str | None) -> bool:

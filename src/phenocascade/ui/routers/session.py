@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from phenocascade.errors import AuthError
-from phenocascade.store.annotations import get_user
+from phenocascade.store.annotations import get_user, update_user
 from phenocascade.ui.deps import BrowserSession, Ctx, CurrentUser
 from phenocascade.ui.security import (
     SESSION_COOKIE,
@@ -95,7 +95,8 @@ def login(
         raise AuthError("wrong user name or password")
     assert stored is not None
     ctx.logins.succeeded(attempt)
-    set_session_cookie(response, ctx, new_session(stored["username"]))
+    epoch = stored["session_epoch"] or update_user(session=ctx.session, username=stored["username"])
+    set_session_cookie(response, ctx, new_session(stored["username"], epoch))
     return {
         "username": stored["username"],
         "role": stored["role"],
@@ -104,8 +105,12 @@ def login(
 
 
 @router.post("/logout")
-def logout(ctx: Ctx, response: Response, _user: CurrentUser) -> dict[str, str]:
-    """End the session (the browser keeps only an anonymous one)."""
+def logout(ctx: Ctx, response: Response, user: CurrentUser) -> dict[str, str]:
+    """End every session of the user, this one included; the browser keeps an anonymous one.
+
+    A copy of the old cookie is refused from then on (the user's session epoch changes).
+    """
+    update_user(session=ctx.session, username=user.username)
     set_session_cookie(response, ctx, new_session())
     return {"next": "/login"}
 
