@@ -167,7 +167,12 @@ class LoginApp:
         # Cost 4 keeps the test fast; verify_password reads the cost from the hash.
         hashed = bcrypt.hashpw(RIGHT.encode(), bcrypt.gensalt(rounds=4)).decode()
         users = {
-            name: {"username": name, "password_hash": hashed, "role": "annotator"}
+            name: {
+                "username": name,
+                "password_hash": hashed,
+                "role": "annotator",
+                "session_epoch": "e0",
+            }
             for name in ("ada", "bob")
         }
 
