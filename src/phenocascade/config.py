@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_inline_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 64_000_000
+    # Largest image file read from a URI (a worker, the annotation app, `render`); larger
+    # files are dead-lettered unopened. Multi-page TIFFs are read page by page, so this may
+    # be far above what one page decodes to.
+    max_file_bytes: int = Field(default=4 * 1024**3, ge=1)
     # Signs the annotation app's session cookies (PHENOCASCADE_UI_SECRET); when unset, the
     # app generates one and keeps it in ``home/ui_secret`` so sessions survive restarts.
     ui_secret: SecretStr | None = None

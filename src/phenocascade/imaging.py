@@ -342,7 +342,12 @@ def resolve_under_roots(path: str | Path, roots: Sequence[Path]) -> Path:
 
 
 def read_image(
-    path: str | Path, *, roots: Sequence[Path], max_pixels: int, page: int | None = None
+    path: str | Path,
+    *,
+    roots: Sequence[Path],
+    max_pixels: int,
+    page: int | None = None,
+    max_bytes: int | None = None,
 ) -> Pixels:
     """Read and decode an image file that must lie under ``roots``.
 
@@ -356,11 +361,24 @@ def read_image(
         As :func:`decode_bytes`.
     page : int or None, default None
         As :func:`decode_bytes`: ``None`` refuses a multi-page TIFF.
+    max_bytes : int or None, default None
+        Largest accepted file size (``PHENOCASCADE_MAX_FILE_BYTES``); ``None``: no cap.
 
     Raises
     ------
     PathNotAllowedError, CorruptImageError, DecompressionBombError, UnsupportedImageError
-        As :func:`resolve_under_roots` and :func:`decode_bytes`.
+        As :func:`resolve_under_roots` and :func:`decode_bytes`; a file over ``max_bytes``
+        is a :class:`DecompressionBombError`, refused before it is opened.
     """
     resolved = resolve_under_roots(path, roots)
+    if max_bytes is not None:
+        try:
+            size = resolved.stat().st_size
+        except OSError as exc:
+            raise CorruptImageError(f"{path}: cannot be read ({exc.strerror})") from exc
+        if size > max_bytes:
+            raise DecompressionBombError(
+                f"{path}: file of {size} bytes exceeds max_file_bytes={max_bytes}; raise "
+                "PHENOCASCADE_MAX_FILE_BYTES if such files are expected"
+            )
     return decode_file(resolved, max_pixels=max_pixels, page=page)

@@ -122,6 +122,15 @@ def test_multi_page_tiff_is_unsupported() -> None:
         decode_bytes(buf.getvalue(), max_pixels=MAX)
 
 
+def test_a_file_over_the_size_cap_is_refused_unopened(tmp_path: Path) -> None:
+    path = tmp_path / "scan.png"
+    path.write_bytes(png(np.zeros((16, 16), np.uint8)))
+    size = path.stat().st_size
+    assert read_image(path, roots=[tmp_path], max_pixels=MAX, max_bytes=size).shape[:2] == (16, 16)
+    with pytest.raises(DecompressionBombError, match=f"file of {size} bytes exceeds max_file"):
+        read_image(path, roots=[tmp_path], max_pixels=MAX, max_bytes=size - 1)
+
+
 def test_paths_outside_roots_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()

@@ -348,7 +348,12 @@ def render_output(settings: Settings, output: dict[str, Any], dest: Path) -> Pat
         raise NotFoundError(
             f"image {output['image_id']} was submitted inline; its pixels are not stored"
         )
-    pixels = read_image(output["uri"], roots=settings.roots(), max_pixels=settings.max_image_pixels)
+    pixels = read_image(
+        output["uri"],
+        roots=settings.roots(),
+        max_pixels=settings.max_image_pixels,
+        max_bytes=settings.max_file_bytes,
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     render_overlay(pixels, output["labels"], output["boxes"], status=output["status"]).save(dest)
     return dest

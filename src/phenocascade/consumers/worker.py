@@ -277,6 +277,7 @@ class TierWorker:
                 submitted["uri"],
                 roots=self.settings.roots(),
                 max_pixels=self.settings.max_image_pixels,
+                max_bytes=self.settings.max_file_bytes,
             )
         else:
             raise BadInputError(f"{image_id}: the submission has neither uri nor inline bytes")

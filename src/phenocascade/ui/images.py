@@ -102,7 +102,12 @@ def task_pixels(settings: Settings, task: Mapping[str, Any]) -> Pixels:
             )
         return decode_bytes(task["inline"], max_pixels=settings.max_image_pixels, what=what)
     if task["uri"]:
-        return read_image(task["uri"], roots=settings.roots(), max_pixels=settings.max_image_pixels)
+        return read_image(
+            task["uri"],
+            roots=settings.roots(),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_file_bytes,
+        )
     raise NotFoundError(f"{what} has neither inline bytes nor a URI; its pixels are not stored")
 
 
