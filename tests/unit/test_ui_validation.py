@@ -10,6 +10,7 @@ import pytest
 from phenocascade.config import load_topology
 from phenocascade.domain import Box, StageKind
 from phenocascade.errors import ValidationError
+from phenocascade.ui import images as ui_images
 from phenocascade.ui.images import window
 from phenocascade.ui.routers.session import local_target
 from phenocascade.ui.security import (
@@ -122,6 +123,40 @@ def test_window_maps_low_to_black_and_high_to_white_keeping_16_bit_detail() -> N
     out = window(pixels, 1000, 2100)
     assert out.dtype == np.uint8
     assert out[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_window_equals_the_linear_map_on_every_value_without_a_float_copy() -> None:
+    rng = np.random.default_rng(0)
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        pixels = rng.integers(0, top + 1, (64, 48, 3)).astype(dtype)
+        low, high = top * 0.1, top * 0.7
+        expected = np.clip(
+            np.rint((pixels.astype(np.float64) - low) * (255.0 / (high - low))), 0, 255
+        )
+        assert np.array_equal(window(pixels, low, high), expected.astype(np.uint8))
+
+
+def test_the_pixel_cache_keeps_within_its_bytes_and_never_keeps_a_huge_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[str] = []
+
+    def fake_pixels(settings: object, task: dict[str, str]) -> np.ndarray:
+        decoded.append(task["image_id"])
+        side = 200 if task["image_id"] == "huge" else 10
+        return np.zeros((side, side, 3), np.uint8)  # 300 bytes, or 120 000
+
+    monkeypatch.setattr(ui_images, "task_pixels", fake_pixels)
+    cache = ui_images.PixelCache(settings=None, size=8, max_bytes=1000)  # type: ignore[arg-type]
+    for name in ("a", "b", "c", "a", "d"):
+        cache.get({"tier": "t", "image_id": name})
+    # 3 images of 300 bytes fit in 1000: "b" was the least recently used when "d" came.
+    assert decoded == ["a", "b", "c", "d"]
+    cache.get({"tier": "t", "image_id": "b"})
+    assert decoded[-1] == "b"
+    cache.get({"tier": "t", "image_id": "huge"})
+    cache.get({"tier": "t", "image_id": "huge"})
+    assert decoded.count("huge") == 2
 
 
 def test_session_cookie_is_refused_when_tampered_or_signed_with_another_secret() -> None:

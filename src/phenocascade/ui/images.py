@@ -37,9 +37,16 @@ def window(pixels: Pixels, low: float, high: float) -> npt.NDArray[np.uint8]:
     -------
     numpy.ndarray
         ``(H, W, C)`` uint8.
+
+    Notes
+    -----
+    A lookup table over every raw value (256 or 65536 entries) maps the pixels in one
+    indexing pass, so no float copy of the image is made: the peak is the 8-bit result.
     """
-    scaled = (pixels.astype(np.float32) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    top = 255 if pixels.dtype == np.uint8 else 65535
+    raw = np.arange(top + 1, dtype=np.float64)
+    lut = np.clip(np.rint((raw - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return lut[pixels]
 
 
 def windowed_png(pixels: Pixels, low: float, high: float) -> bytes:
@@ -115,7 +122,8 @@ class PixelCache:
     """A small thread-safe LRU of decoded task images, keyed by ``(tier, image_id)``.
 
     The viewer asks for the same image at each window change; decoding once per image
-    keeps slider moves cheap.
+    keeps slider moves cheap. It holds at most ``size`` images and ``max_bytes`` of pixels;
+    an image larger than ``max_bytes`` is decoded for each request and never kept.
 
     Parameters
     ----------
@@ -123,11 +131,14 @@ class PixelCache:
         Allowed roots and decoding limits.
     size : int, default 8
         Images kept.
+    max_bytes : int, default 256 MiB
+        Pixel bytes kept.
     """
 
-    def __init__(self, settings: Settings, size: int = 8) -> None:
+    def __init__(self, settings: Settings, size: int = 8, max_bytes: int = 256 * 1024**2) -> None:
         self.settings = settings
         self.size = size
+        self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[str, str], Pixels] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -139,8 +150,13 @@ class PixelCache:
                 self._items.move_to_end(key)
                 return self._items[key]
         pixels = task_pixels(self.settings, task)
+        if pixels.nbytes > self.max_bytes:
+            return pixels
         with self._lock:
             self._items[key] = pixels
-            while len(self._items) > self.size:
+            while (
+                len(self._items) > self.size
+                or sum(p.nbytes for p in self._items.values()) > self.max_bytes
+            ):
                 self._items.popitem(last=False)
         return pixels
