@@ -10,6 +10,7 @@ is, or JSON. :func:`get_settings` turns a bad variable into a one-line :class:`C
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -104,6 +105,10 @@ class Settings(BaseSettings):
     # attempts get 429 (without a password check) until the oldest failure leaves the window.
     ui_login_max_failures: int = Field(default=5, ge=1)
     ui_login_window_s: float = Field(default=300.0, gt=0)
+    # Addresses of the reverse proxies in front of the annotation app (comma-separated or a
+    # JSON list). Only a request from one of them has its X-Forwarded-For read, for the
+    # login throttle's client address; from anyone else the header is ignored.
+    ui_trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prometheus metrics: a process serves /metrics on this port unless its --metrics-port
     # says otherwise; `phenocascade run` serves on it and gives each of its processes its
     # own port above it (docs/architecture.md, "Metrics and status"). 0: no metrics.
@@ -123,6 +128,27 @@ class Settings(BaseSettings):
         """Return the resolved allowed roots; the datasets folder is always allowed."""
         return [p.resolve() for p in [*self.allowed_roots, self.datasets]]
 
+    @field_validator("ui_trusted_proxies", mode="before")
+    @classmethod
+    def _address_list(cls, value: Any) -> Any:
+        """Read a comma-separated or JSON list of IP addresses; refuse anything else."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError(_ADDRESS_LIST) from None
+            else:
+                value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ValueError(_ADDRESS_LIST)
+        for item in value:
+            try:
+                ipaddress.ip_address(str(item))
+            except ValueError:
+                raise ValueError(f"{_ADDRESS_LIST} ({item!r} is not one)") from None
+        return [str(item) for item in value]
+
     @field_validator("allowed_roots", mode="before")
     @classmethod
     def _path_list(cls, value: Any) -> Any:
@@ -138,6 +164,7 @@ class Settings(BaseSettings):
 
 
 _PATH_LIST = "paths separated by ':' (as PATH) or a JSON list of paths"
+_ADDRESS_LIST = "IP addresses separated by ',' or a JSON list of them"
 
 
 class TopicSpec(BaseModel):

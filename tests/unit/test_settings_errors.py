@@ -66,6 +66,12 @@ def test_allowed_roots_given_in_code_stay_a_list() -> None:
             "PHENOCASCADE_ALLOWED_ROOTS: expected a path, got 3",
         ),
         (
+            "PHENOCASCADE_UI_TRUSTED_PROXIES",
+            "10.0.0.1,proxy.lab",
+            "PHENOCASCADE_UI_TRUSTED_PROXIES: expected IP addresses separated by ',' or a JSON "
+            "list of them ('proxy.lab' is not one), got '10.0.0.1,proxy.lab'",
+        ),
+        (
             "PHENOCASCADE_UI_LOGIN_MAX_FAILURES",
             "0",
             "PHENOCASCADE_UI_LOGIN_MAX_FAILURES: expected greater than or equal to 1, got '0'",

@@ -197,9 +197,17 @@ class LoginApp:
             logins=LoginThrottle(max_failures=5, window_s=300, clock=self.clock),
             publisher=None,
             pixels=None,
+            trusted_proxies=frozenset({"10.0.0.254"}),
         )
 
-    def login(self, username: str, password: str, *, client: str = "10.0.0.1") -> httpx.Response:
+    def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        client: str = "10.0.0.1",
+        forwarded_for: str | None = None,
+    ) -> httpx.Response:
         """Open the login page in a fresh browser at ``client`` and submit the form."""
 
         async def submit() -> httpx.Response:
@@ -211,10 +219,11 @@ class LoginApp:
                 page = await browser.get("/login")
                 token = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
                 assert token is not None
+                headers = {CSRF_HEADER: token.group(1)}
+                if forwarded_for is not None:
+                    headers["X-Forwarded-For"] = forwarded_for
                 return await browser.post(
-                    "/login",
-                    json={"username": username, "password": password},
-                    headers={CSRF_HEADER: token.group(1)},
+                    "/login", json={"username": username, "password": password}, headers=headers
                 )
 
         return asyncio.run(submit())
@@ -263,3 +272,24 @@ def test_a_blocked_user_and_address_leave_others_alone(ui: LoginApp) -> None:
         ui.login("ada", WRONG, client="10.0.0.1")
     assert ui.login("bob", RIGHT, client="10.0.0.2").status_code == 200
     assert ui.login("bob", RIGHT, client="10.0.0.1").status_code == 429  # the address is blocked
+
+
+def test_behind_the_trusted_proxy_failures_count_per_forwarded_client(ui: LoginApp) -> None:
+    proxy = "10.0.0.254"
+    for name in ("u1", "u2", "u3", "u4", "u5"):
+        assert ui.login(name, WRONG, client=proxy, forwarded_for="203.0.113.9").status_code == 401
+    # That client is throttled; another one behind the same proxy is not.
+    blocked = ui.login("ada", RIGHT, client=proxy, forwarded_for="203.0.113.9")
+    assert blocked.status_code == 429
+    assert "203.0.113.9" in blocked.json()["detail"]
+    assert ui.login("ada", RIGHT, client=proxy, forwarded_for="198.51.100.7").status_code == 200
+
+
+def test_a_forwarded_header_from_an_untrusted_peer_is_ignored(ui: LoginApp) -> None:
+    # A client rotating its X-Forwarded-For still has its failures counted on its address.
+    for k in range(5):
+        forged = f"192.0.2.{k}"
+        assert ui.login(f"u{k}", WRONG, client="10.0.0.9", forwarded_for=forged).status_code == 401
+    refused = ui.login("ada", RIGHT, client="10.0.0.9", forwarded_for="192.0.2.77")
+    assert refused.status_code == 429
+    assert "10.0.0.9" in refused.json()["detail"]

@@ -70,6 +70,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         log_level="info",
+        # The app reads X-Forwarded-For itself, from PHENOCASCADE_UI_TRUSTED_PROXIES only;
+        # uvicorn's own rewrite would trust any local peer.
+        proxy_headers=False,
     )
     return 0
 

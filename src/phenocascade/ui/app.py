@@ -67,6 +67,7 @@ def create_app(
             logins=LoginThrottle(conf.ui_login_max_failures, conf.ui_login_window_s),
             publisher=publisher,
             pixels=PixelCache(conf),
+            trusted_proxies=frozenset(conf.ui_trusted_proxies),
         )
         try:
             yield

@@ -44,6 +44,8 @@ class AppContext:
     logins: LoginThrottle
     publisher: AnnotationPublisher
     pixels: PixelCache
+    # Reverse proxies whose X-Forwarded-For is believed (Settings.ui_trusted_proxies).
+    trusted_proxies: frozenset[str] = frozenset()
 
 
 def get_context(request: Request) -> AppContext:

@@ -70,9 +70,22 @@ def login_page(ctx: Ctx, browser: BrowserSession) -> HTMLResponse:
     return response
 
 
-def client_address(request: Request) -> str:
-    """Return the address the request comes from (the proxy's, unless uvicorn trusts it)."""
-    return request.client.host if request.client is not None else "unknown"
+def client_address(request: Request, trusted: frozenset[str] = frozenset()) -> str:
+    """Return the address a request comes from, for the login throttle.
+
+    The socket's peer, unless that is one of the ``trusted`` proxies: then the rightmost
+    address of ``X-Forwarded-For`` that is not itself a trusted proxy (what the outermost
+    trusted proxy saw). From any other peer the header is ignored, so a client cannot
+    pick the address its failures are counted under.
+    """
+    peer = request.client.host if request.client is not None else "unknown"
+    if peer not in trusted:
+        return peer
+    forwarded = [part.strip() for part in request.headers.get("x-forwarded-for", "").split(",")]
+    for address in reversed(forwarded):
+        if address and address not in trusted:
+            return address
+    return peer
 
 
 @router.post("/login")
@@ -89,7 +102,8 @@ def login(
     AuthError
         If the user does not exist or the password is wrong.
     """
-    attempt = ctx.logins.admit(username=credentials.username, client=client_address(request))
+    client = client_address(request, ctx.trusted_proxies)
+    attempt = ctx.logins.admit(username=credentials.username, client=client)
     stored = get_user(session=ctx.session, username=credentials.username)
     if not verify_password(credentials.password, stored["password_hash"] if stored else None):
         raise AuthError("wrong user name or password")
