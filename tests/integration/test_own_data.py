@@ -79,7 +79,7 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
     budget = ["--max-train", "30", "--max-epochs", "2"]
     for tier in topology.tiers:
         sweep = ["sweep", tier.name, "--topology", str(planned), "--trials", "2"]
-        _cli(env, *sweep, "--budget-minutes", "2", "--no-publish", *budget)
+        _cli(env, *sweep, "--budget-minutes", "1", "--no-publish", *budget)
         trials = json.loads(
             _cli(env, "sweep", "show", tier.name, "--topology", str(planned), "--json")
         )
