@@ -31,8 +31,8 @@ from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import NO_MODEL_VERSION, Sample
 from phenocascade.learning import Budget, RecipeTrainer
 from phenocascade.models.base import champion_version
-from phenocascade.store.annotations import add_user
 from phenocascade.store.cassandra import connect
+from phenocascade.store.users import add_user
 from phenocascade.ui.app import create_app
 from phenocascade.ui.security import hash_password
 
@@ -123,6 +123,7 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
             username=username,
             password_hash=hash_password(PASSWORD),
             role="annotator",
+            studies=[f"{cascade.prefix}it"],
         )
         app = create_app(cascade.settings, topology, session=session)
         with serve(app) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:

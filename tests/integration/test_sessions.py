@@ -11,8 +11,8 @@ import pytest
 from annotating import ExpertClient, serve
 
 from phenocascade.config import Settings, load_topology
-from phenocascade.store.annotations import add_user
 from phenocascade.store.cassandra import connect
+from phenocascade.store.users import add_user
 from phenocascade.ui.app import create_app
 from phenocascade.ui.security import hash_password
 

@@ -22,7 +22,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from phenocascade.config import Settings
 from phenocascade.domain import Box
 from phenocascade.imaging import read_image
-from phenocascade.store.annotations import add_user, annotations_for_image, get_task
+from phenocascade.store.annotations import annotations_for_image, get_task
+from phenocascade.store.users import add_user, get_user
 from phenocascade.streams.scan import scan_topic
 from phenocascade.ui.app import create_app
 from phenocascade.ui.images import window
@@ -121,6 +122,7 @@ def seeded(infra: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         username=annotator,
         password_hash=hash_password(PASSWORD),
         role="annotator",
+        studies=[world.study],
     )
     settings = world.settings.model_copy(update={"home": tmp_path_factory.mktemp("ui-home")})
     app = create_app(settings, world.topology, session=world.session)
@@ -383,3 +385,60 @@ def test_bad_box_or_missing_csrf_token_is_refused_and_nothing_is_stored(
     task = get_task(session=seeded.world.session, image_id=spare["image_id"], tier=spare["tier"])
     assert task is not None and task["status"] != "done"
     assert spare["image_id"] not in _annotation_events(seeded)
+
+
+def test_an_admin_grants_and_revokes_studies_on_the_users_page(
+    browser: Browser, seeded: Seeded
+) -> None:
+    world = seeded.world
+    admin, member = f"adm-{world.prefix[:-1]}", f"mem-{world.prefix[:-1]}"
+    for name, role in ((admin, "admin"), (member, "annotator")):
+        assert add_user(
+            session=world.session,
+            username=name,
+            password_hash=hash_password(PASSWORD),
+            role=role,
+            studies=[world.study] if role == "annotator" else [],
+        )
+    other = f"{world.study}-other"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{seeded.base_url}/login?next=/admin/users")
+        page.fill("#username", admin)
+        page.fill("#password", PASSWORD)
+        page.click("#login-submit")
+        expect(page).to_have_url(f"{seeded.base_url}/admin/users")
+        row = page.locator(f"#users tr[data-user='{member}']")
+        chips = row.locator("ul.studies li[data-study]")
+        expect(chips).to_have_count(1)
+        expect(row.locator(f"li[data-study='{world.study}']")).to_have_count(1)
+        expect(page.locator(f"#users tr[data-user='{admin}'] td").nth(2)).to_have_text(
+            "every study (admin)"
+        )
+
+        row.locator("input[name='study']").fill(other)
+        row.get_by_role("button", name="Grant").click()
+        expect(page.locator("#status")).to_contain_text(f"granted {other} to {member}")
+        expect(chips).to_have_count(2)
+        stored = get_user(session=world.session, username=member)
+        assert stored is not None and stored["studies"] == sorted([world.study, other])
+
+        row.get_by_role("button", name=f"revoke {world.study}", exact=True).click()
+        expect(page.locator("#status")).to_contain_text(f"revoked {world.study} from {member}")
+        expect(chips).to_have_count(1)
+        expect(row.locator(f"li[data-study='{other}']")).to_have_count(1)
+        row.locator("input[name='all_studies']").check()
+        expect(page.locator("#status")).to_contain_text("may now access every study")
+        stored = get_user(session=world.session, username=member)
+        assert stored is not None and stored["studies"] == [other] and stored["all_studies"]
+        expect(row.locator("input[name='all_studies']")).to_be_checked()
+
+        # A bad name is refused with the server's reason, and nothing changes.
+        row.locator("input[name='study']").fill("bad\tname")
+        row.get_by_role("button", name="Grant").click()
+        expect(page.locator("#status")).to_contain_text("is invalid")
+        stored = get_user(session=world.session, username=member)
+        assert stored is not None and stored["studies"] == [other]
+    finally:
+        context.close()

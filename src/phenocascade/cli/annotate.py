@@ -19,11 +19,12 @@ from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Topology, get_settings, load_topology
 from phenocascade.consumers.annotation_sink import SINK_GROUP, AnnotationSink
 from phenocascade.errors import ConflictError, NotFoundError, ValidationError
-from phenocascade.store.annotations import add_user, delete_user, list_users
 from phenocascade.store.cassandra import connect
+from phenocascade.store.users import add_user, change_user_studies, delete_user, list_users
 from phenocascade.streams.kafka import create_topics
 from phenocascade.ui.app import create_app
 from phenocascade.ui.security import check_role, check_username, hash_password
+from phenocascade.ui.validation import check_studies
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -86,32 +87,76 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
+def _access(role: str, studies: list[str], all_studies: bool) -> str:
+    """Describe the studies a user may access, as ``users list`` shows them."""
+    if role == "admin" or all_studies:
+        return "all studies"
+    return ", ".join(studies) or "none (no grant)"
+
+
 def cmd_users_add(args: argparse.Namespace) -> int:
-    """Create a user with a bcrypt-hashed password."""
+    """Create a user with a bcrypt-hashed password and the studies they may access."""
     username = check_username(args.name)
     role = check_role(args.role)
+    studies = check_studies(args.studies)
     password_hash = hash_password(_read_password(args))
     session = connect(get_settings().cassandra)
-    if not add_user(session=session, username=username, password_hash=password_hash, role=role):
+    if not add_user(
+        session=session,
+        username=username,
+        password_hash=password_hash,
+        role=role,
+        studies=studies,
+        all_studies=args.all_studies,
+    ):
         raise ConflictError(f"user {username!r} already exists; remove it first to replace it")
-    console.print(f"added {username} ({role.value})")
+    console.print(f"added {username} ({role.value}; {_access(role, studies, args.all_studies)})")
+    return 0
+
+
+def cmd_users_studies(args: argparse.Namespace) -> int:
+    """Grant (``users grant``) or revoke (``users revoke``) studies of a user."""
+    username = check_username(args.name)
+    studies = check_studies(args.studies)
+    if not studies and not args.all_studies:
+        raise ValidationError(f"name the studies to {args.users_command}, or --all-studies")
+    granting = args.users_command == "grant"
+    if not change_user_studies(
+        session=connect(get_settings().cassandra),
+        username=username,
+        grant=studies if granting else (),
+        revoke=() if granting else studies,
+        all_studies=granting if args.all_studies else None,
+    ):
+        raise NotFoundError(f"no user {username!r}; add it with `phenocascade users add`")
+    what = ", ".join(studies + (["every study"] if args.all_studies else []))
+    console.print(
+        f"{'granted' if granting else 'revoked'} {what} {'to' if granting else 'from'} {username}"
+    )
     return 0
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    """List users and roles."""
+    """List users, roles and the studies each may access."""
     table = Table(title="users")
-    for col in ("user", "role", "created"):
+    for col in ("user", "role", "studies", "created"):
         table.add_column(col)
     for user in list_users(session=connect(get_settings().cassandra)):
-        table.add_row(user["username"], user["role"], f"{user['created_at']:%Y-%m-%d %H:%M}")
+        table.add_row(
+            user["username"],
+            user["role"],
+            _access(user["role"], user["studies"], user["all_studies"]),
+            f"{user['created_at']:%Y-%m-%d %H:%M}",
+        )
     console.print(table)
     return 0
 
 
 def cmd_users_remove(args: argparse.Namespace) -> int:
     """Delete a user."""
-    if not delete_user(session=connect(get_settings().cassandra), username=args.name):
+    if not delete_user(
+        session=connect(get_settings().cassandra), username=check_username(args.name)
+    ):
         raise NotFoundError(f"no user {args.name!r}")
     console.print(f"removed {args.name}")
     return 0
@@ -145,7 +190,34 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--role", default="annotator", help="annotator, reviewer or admin")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument(
+        "--studies",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="STUDY",
+        help="studies the user may access (default none: an annotator or reviewer sees "
+        "nothing until granted one; admins see every study)",
+    )
+    p.add_argument("--all-studies", action="store_true", help="the user may access every study")
     p.set_defaults(func=cmd_users_add)
+    for verb, help_text, all_help in (
+        (
+            "grant",
+            "let a user access studies (applies at their next request)",
+            "also access to every study, present and future",
+        ),
+        (
+            "revoke",
+            "take studies from a user (applies at their next request)",
+            "also take back access to every study (the studies granted by name stay)",
+        ),
+    ):
+        p = usub.add_parser(verb, help=help_text)
+        p.add_argument("name")
+        p.add_argument("studies", nargs="*", metavar="STUDY")
+        p.add_argument("--all-studies", action="store_true", help=all_help)
+        p.set_defaults(func=cmd_users_studies)
     p = usub.add_parser("list", help="list users")
     p.set_defaults(func=cmd_users_list)
     p = usub.add_parser("remove", help="remove a user")

@@ -1,4 +1,4 @@
-"""Cassandra repository of the active-learning loop: annotation tasks, labels and users.
+"""Cassandra repository of the active-learning loop: annotation tasks and labels.
 
 Tables are designed around the queries they serve:
 
@@ -15,7 +15,8 @@ Tables are designed around the queries they serve:
   tier T since time S"; ``annotations_by_image`` answers "every label of this image".
   ``annotation_ids`` (written first, ``IF NOT EXISTS``) pins each annotation id to one
   ``(tier, created_at)`` key, so a re-sent annotation is stored once whatever its clock.
-* ``users``: username -> bcrypt hash and role.
+
+The users of the annotation app live in :mod:`phenocascade.store.users`.
 
 Store functions are keyword-only, take an explicit session and return ``None`` (or an
 empty list) when nothing is found. Times are timezone-aware UTC ``datetime`` objects.
@@ -28,12 +29,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cassandra.cluster import Session
+from cassandra.concurrent import execute_concurrent_with_args
 
 from phenocascade.errors import ConflictError
 from phenocascade.store.cql import add_missing_columns, prepare, qualified
@@ -41,14 +42,15 @@ from phenocascade.store.cql import add_missing_columns, prepare, qualified
 TASK_OPEN = "open"
 TASK_CLAIMED = "claimed"
 TASK_DONE = "done"
-ROLES = ("annotator", "reviewer", "admin")
 DEFAULT_CLAIM_S = 15 * 60
 
 # Columns added after the tables were first made (see add_missing_columns).
-_ADDED_COLUMNS = (
-    ("annotation_tasks", "ask", "list<text>"),
-    ("users", "session_epoch", "text"),
-)
+_ADDED_COLUMNS = (("annotation_tasks", "ask", "list<text>"),)
+
+# Annotation rows read per page when a listing is filtered by study, and the most read in
+# all before it stops (a reviewer granted a rare study gets what the newest rows hold).
+_STUDY_SCAN_PAGE = 200
+STUDY_SCAN_LIMIT = 5000
 
 # One tiny partition: the list of (tier, study) queue partitions (a few dozen rows).
 _PARTITIONS_BUCKET = "all"
@@ -135,15 +137,6 @@ _TABLES = (
         tier text,
         image_id text,
         created_at timestamp
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS {ks}.users (
-        username text PRIMARY KEY,
-        password_hash text,
-        role text,
-        created_at timestamp,
-        session_epoch text
     )
     """,
 )
@@ -342,6 +335,7 @@ def list_open_tasks(
     session: Session,
     tier: str | None = None,
     study: str | None = None,
+    studies: Collection[str] | None = None,
     min_priority: float | None = None,
     limit: int = 100,
     user: str | None = None,
@@ -355,6 +349,9 @@ def list_open_tasks(
         Session bound to the phenocascade keyspace.
     tier, study : str or None, default None
         Only this tier / study; ``None`` for all.
+    studies : Collection of str or None, default None
+        Only tasks of these studies (a user's access); ``None`` for all, empty for none.
+        The queue partitions of other studies are never read.
     min_priority : float or None, default None
         Only tasks with ``priority >= min_priority``.
     limit : int, default 100
@@ -382,7 +379,9 @@ def list_open_tasks(
             ),
             (_PARTITIONS_BUCKET,),
         )
-        if (tier is None or r.tier == tier) and (study is None or r.study == study)
+        if (tier is None or r.tier == tier)
+        and (study is None or r.study == study)
+        and (studies is None or r.study in studies)
     ]
     select = (
         "SELECT tier, study, priority, created_at, image_id, claimed_by, claim_expires_at, "
@@ -661,124 +660,95 @@ def annotations_by_tier(
     return list(found if limit is None else itertools.islice(found, limit))
 
 
-def recent_annotations(*, session: Session, tier: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Return the ``limit`` newest annotations of ``tier``, newest first (review)."""
-    rows = session.execute(
-        prepare(
-            session,
-            "SELECT * FROM {ks}.annotations_by_tier WHERE tier = ? "
-            "ORDER BY created_at DESC, annotation_id DESC LIMIT ?",
-        ),
-        (tier, limit),
+def task_studies(
+    *, session: Session, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """Return the study of each ``(image_id, tier)`` task, reading the tasks concurrently.
+
+    Returns
+    -------
+    dict
+        ``(image_id, tier) -> study``; a key without a task is absent.
+    """
+    unique = list(dict.fromkeys(keys))
+    statement = prepare(
+        session, "SELECT study FROM {ks}.annotation_tasks WHERE image_id = ? AND tier = ?"
     )
-    return [_row_to_annotation(r) for r in rows]
-
-
-def annotations_for_image(*, session: Session, image_id: str) -> list[dict[str, Any]]:
-    """Return every annotation of ``image_id`` (all tiers), by tier then oldest first."""
-    rows = session.execute(
-        prepare(session, "SELECT * FROM {ks}.annotations_by_image WHERE image_id = ?"), (image_id,)
+    results = execute_concurrent_with_args(
+        session, statement, unique, concurrency=32, raise_on_first_error=True
     )
-    return [_row_to_annotation(r) for r in rows]
+    found: dict[tuple[str, str], str] = {}
+    for key, (_, rows) in zip(unique, results, strict=True):
+        row = rows.one()
+        if row is not None:
+            found[key] = row.study or ""
+    return found
 
 
-# -- users ---------------------------------------------------------------------------------
-def add_user(*, session: Session, username: str, password_hash: str, role: str) -> bool:
-    """Create a user unless the name is taken.
+def _of_studies(
+    session: Session, annotations: Iterable[dict[str, Any]], studies: Collection[str]
+) -> Iterator[dict[str, Any]]:
+    """Yield the annotations whose task is of one of ``studies``, a page of tasks at a time.
+
+    An annotation without a task (imported with a dataset) has no study and is left out.
+    """
+    remaining = iter(annotations)
+    while page := list(itertools.islice(remaining, _STUDY_SCAN_PAGE)):
+        study_of = task_studies(session=session, keys=((a["image_id"], a["tier"]) for a in page))
+        for annotation in page:
+            study = study_of.get((annotation["image_id"], annotation["tier"]))
+            if study is not None and study in studies:
+                yield annotation
+
+
+def recent_annotations(
+    *,
+    session: Session,
+    tier: str,
+    limit: int = 100,
+    studies: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Return the ``limit`` newest annotations of ``tier``, newest first (review).
 
     Parameters
     ----------
-    username : str
-        Login name.
-    password_hash : str
-        A bcrypt hash (never the password itself).
-    role : str
-        One of :data:`ROLES`.
-
-    Returns
-    -------
-    bool
-        ``True`` if the user was created, ``False`` if the name already existed.
+    session : cassandra.cluster.Session
+        Session bound to the phenocascade keyspace.
+    tier : str
+        Tier name.
+    limit : int, default 100
+        Most annotations returned.
+    studies : Collection of str or None, default None
+        Only annotations whose task is of one of these studies (a user's access); ``None``
+        for all, empty for none. An annotation without a task has no study and is left out.
+        Only the :data:`STUDY_SCAN_LIMIT` newest annotations of the tier are looked at.
     """
-    result = session.execute(
-        prepare(
-            session,
-            "INSERT INTO {ks}.users (username, password_hash, role, created_at, session_epoch) "
-            "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
-        ),
-        (username, password_hash, role, datetime.now(tz=UTC), _new_epoch()),
+    select = (
+        "SELECT * FROM {ks}.annotations_by_tier WHERE tier = ? "
+        "ORDER BY created_at DESC, annotation_id DESC LIMIT ?"
     )
-    return bool(result.was_applied)
+    if studies is None:
+        rows = session.execute(prepare(session, select), (tier, limit))
+        return [_row_to_annotation(r) for r in rows]
+    if not studies:
+        return []
+    bound = prepare(session, select).bind((tier, STUDY_SCAN_LIMIT))
+    bound.fetch_size = _STUDY_SCAN_PAGE  # pages are read only as far as they are needed
+    newest = (_row_to_annotation(r) for r in session.execute(bound))
+    return list(itertools.islice(_of_studies(session, newest, studies), limit))
 
 
-def _new_epoch() -> str:
-    return secrets.token_urlsafe(16)
+def annotations_for_image(
+    *, session: Session, image_id: str, studies: Collection[str] | None = None
+) -> list[dict[str, Any]]:
+    """Return every annotation of ``image_id`` (all tiers), by tier then oldest first.
 
-
-def update_user(
-    *,
-    session: Session,
-    username: str,
-    password_hash: str | None = None,
-    role: str | None = None,
-) -> str | None:
-    """Change a user's password and/or role, and end every session of theirs.
-
-    Every call draws a new session epoch (a random token a session cookie must carry to be
-    accepted), so the sessions started before it are refused from then on; with neither a
-    password nor a role it only does that (logout).
-
-    Returns
-    -------
-    str or None
-        The new epoch, or ``None`` if there is no such user.
+    ``studies`` filters as in :func:`recent_annotations` (``None``: all).
     """
-    epoch = _new_epoch()
-    sets = ["session_epoch = ?"]
-    values: list[Any] = [epoch]
-    if password_hash is not None:
-        sets.append("password_hash = ?")
-        values.append(password_hash)
-    if role is not None:
-        sets.append("role = ?")
-        values.append(role)
-    statement = f"UPDATE {{ks}}.users SET {', '.join(sets)} WHERE username = ? IF EXISTS"
-    result = session.execute(prepare(session, statement), (*values, username))
-    return epoch if result.was_applied else None
-
-
-def get_user(*, session: Session, username: str) -> dict[str, Any] | None:
-    """Return ``{username, password_hash, role, created_at, session_epoch}``, or ``None``.
-
-    ``None`` when the user is unknown; ``session_epoch`` is ``None`` for a user made before
-    session epochs (the next login draws one).
-    """
-    row = session.execute(
-        prepare(session, "SELECT * FROM {ks}.users WHERE username = ?"), (username,)
-    ).one()
-    if row is None:
-        return None
-    return {
-        "username": row.username,
-        "password_hash": row.password_hash,
-        "role": row.role,
-        "created_at": _utc(row.created_at),
-        "session_epoch": row.session_epoch,
-    }
-
-
-def list_users(*, session: Session) -> list[dict[str, Any]]:
-    """Return ``{username, role, created_at}`` of every user, sorted by name."""
-    rows = session.execute(qualified(session, "SELECT username, role, created_at FROM {ks}.users"))
-    return sorted(
-        ({"username": r.username, "role": r.role, "created_at": _utc(r.created_at)} for r in rows),
-        key=lambda u: u["username"],
+    if studies is not None and not studies:
+        return []
+    rows = session.execute(
+        prepare(session, "SELECT * FROM {ks}.annotations_by_image WHERE image_id = ?"), (image_id,)
     )
-
-
-def delete_user(*, session: Session, username: str) -> bool:
-    """Delete a user; return ``False`` if there was none."""
-    result = session.execute(
-        prepare(session, "DELETE FROM {ks}.users WHERE username = ? IF EXISTS"), (username,)
-    )
-    return bool(result.was_applied)
+    found = [_row_to_annotation(r) for r in rows]
+    return found if studies is None else list(_of_studies(session, found, studies))

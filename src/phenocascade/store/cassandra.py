@@ -30,7 +30,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
-from phenocascade.store import lineage
+from phenocascade.store import lineage, users
 from phenocascade.store.annotations import create_tables
 from phenocascade.store.cql import (
     add_missing_columns,
@@ -135,6 +135,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
             session.execute(qualified(session, ddl))
         add_missing_columns(session, _ADDED_COLUMNS)
         create_tables(session)
+        users.create_tables(session)
         lineage.create_tables(session)
     return session
 

@@ -3,7 +3,10 @@
 Routers declare what they need by type: ``ctx: Ctx``, ``user: CurrentUser``,
 ``user: ReviewerUser`` or ``user: AdminUser``. A missing or stale login raises
 :class:`~phenocascade.errors.AuthError` (401 / redirect to ``/login``), a too-low role
-:class:`~phenocascade.errors.PermissionDeniedError` (403).
+:class:`~phenocascade.errors.PermissionDeniedError` (403). The user carries the studies they
+may access (:meth:`~phenocascade.ui.security.User.may_access`); the routers of tasks, images
+and annotations answer 404 for anything of another study, as for something that does not
+exist, so its existence is not revealed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from fastapi import Depends, Request
 
 from phenocascade.config import Settings, Topology
 from phenocascade.errors import AuthError, PermissionDeniedError
-from phenocascade.store.annotations import get_user
+from phenocascade.store.users import get_user
 from phenocascade.ui.images import PixelCache
 from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.security import (
@@ -83,7 +86,7 @@ def check_csrf(request: Request, browser: BrowserSession) -> None:
 
 
 def current_user(browser: BrowserSession, ctx: Ctx) -> User:
-    """Return the logged-in user, re-read from the store so role changes apply at once."""
+    """Return the logged-in user, re-read from the store so role and study changes apply at once."""
     if browser is None or browser.username is None:
         raise AuthError("not logged in; log in at /login")
     stored = get_user(session=ctx.session, username=browser.username)
@@ -93,7 +96,12 @@ def current_user(browser: BrowserSession, ctx: Ctx) -> User:
         raise AuthError(
             "this session has ended (a logout, or a password or role change); log in again"
         )
-    return User(username=stored["username"], role=Role(stored["role"]))
+    return User(
+        username=stored["username"],
+        role=Role(stored["role"]),
+        studies=frozenset(stored["studies"]),
+        all_studies=stored["all_studies"],
+    )
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

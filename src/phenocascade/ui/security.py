@@ -59,10 +59,28 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A logged-in user."""
+    """A logged-in user and the studies they may access.
+
+    An admin may access every study; anyone else only the studies granted to them, or every
+    study when ``all_studies`` is set. A user with no grant accesses none (the secure
+    default: a new annotator sees nothing until an admin grants a study).
+    """
 
     username: str
     role: Role
+    studies: frozenset[str] = frozenset()
+    all_studies: bool = False
+
+    def accessible_studies(self) -> frozenset[str] | None:
+        """Return the studies this user may access, or ``None`` for every study."""
+        if self.role is Role.ADMIN or self.all_studies:
+            return None
+        return self.studies
+
+    def may_access(self, study: str) -> bool:
+        """Whether this user may see, and annotate, the tasks and images of ``study``."""
+        allowed = self.accessible_studies()
+        return allowed is None or study in allowed
 
 
 @dataclass(frozen=True, slots=True)

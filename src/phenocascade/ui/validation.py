@@ -7,12 +7,17 @@ what was wrong and with which input, before anything is stored.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from phenocascade.config import TierSpec
 from phenocascade.domain import Box, StageKind
 from phenocascade.errors import ValidationError
+
+STUDY_MAX_LEN = 200
+STUDIES_PER_REQUEST = 1000
+IMAGE_ID_MAX_LEN = 1024
 
 
 def task_kind(tier: TierSpec, predicted_boxes: Sequence[Mapping[str, Any]]) -> StageKind:
@@ -152,3 +157,60 @@ def check_window(low: float, high: float, *, max_value: int) -> tuple[float, flo
             f"display window low={low}, high={high} is invalid: need 0 <= low < high <= {max_value}"
         )
     return low, high
+
+
+def check_study(study: str) -> str:
+    """Return ``study`` if it can name a study in a grant.
+
+    A study name is 1 to 200 characters with no control character and no space at either
+    end (the names images are submitted with, e.g. ``"default"``).
+
+    Raises
+    ------
+    ValidationError
+        Otherwise, saying what is allowed.
+    """
+    if (
+        not 1 <= len(study) <= STUDY_MAX_LEN
+        or study != study.strip()
+        or any(unicodedata.category(c) in ("Cc", "Cf") for c in study)
+    ):
+        raise ValidationError(
+            f"study name {study!r} is invalid: use 1 to {STUDY_MAX_LEN} characters, no control "
+            "characters and no spaces at either end"
+        )
+    return study
+
+
+def check_studies(studies: Iterable[str]) -> list[str]:
+    """Return the distinct study names of ``studies``, sorted, each checked by :func:`check_study`.
+
+    Raises
+    ------
+    ValidationError
+        If a name is invalid, or there are more than 1000 names.
+    """
+    names = sorted(set(studies))
+    if len(names) > STUDIES_PER_REQUEST:
+        raise ValidationError(
+            f"{len(names)} studies in one request; give at most {STUDIES_PER_REQUEST}"
+        )
+    return [check_study(name) for name in names]
+
+
+def check_image_id(image_id: str) -> str:
+    """Return ``image_id`` if it can name an image: 1 to 1024 characters, none a control one.
+
+    Raises
+    ------
+    ValidationError
+        Otherwise.
+    """
+    if not 1 <= len(image_id) <= IMAGE_ID_MAX_LEN or any(
+        unicodedata.category(c) == "Cc" for c in image_id
+    ):
+        raise ValidationError(
+            f"image id {image_id[:80]!r} is invalid: use 1 to {IMAGE_ID_MAX_LEN} characters and "
+            "no control characters"
+        )
+    return image_id

@@ -1,4 +1,9 @@
-"""Annotations: save one (validated, published, stored, task done) and list them for review."""
+"""Annotations: save one (validated, published, stored, task done) and list them for review.
+
+Both keep to the studies the user may access: saving an annotation of another study's task
+is answered 404 (as for a task that does not exist), and the review lists leave out every
+annotation whose task is of another study.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from phenocascade.store.annotations import (
 from phenocascade.streams import events
 from phenocascade.ui.deps import Ctx, CurrentUser, ReviewerUser
 from phenocascade.ui.routers.tasks import known_tier, load_task
-from phenocascade.ui.validation import check_annotation, task_kind
+from phenocascade.ui.validation import check_annotation, check_image_id, task_kind
 
 router = APIRouter(prefix="/api/annotations", tags=["annotations"])
 
@@ -48,11 +53,12 @@ class AnnotationIn(BaseModel):
 def save(body: AnnotationIn, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
     """Validate and save an annotation.
 
-    Order: validate (nothing stored on error) -> claim (409 if another user holds the task)
-    -> store the label -> publish the ``Annotation`` event (and, for a gate annotation saying
-    the gate label, the original submission to the gate's pass topic) -> mark the task done.
+    Order: find the task (404 if none, or of a study the user may not access) -> validate
+    (nothing stored on error) -> claim (409 if another user holds the task) -> store the
+    label -> publish the ``Annotation`` event (and, for a gate annotation saying the gate
+    label, the original submission to the gate's pass topic) -> mark the task done.
     """
-    task = load_task(ctx, body.tier, body.image_id)
+    task = load_task(ctx, body.tier, body.image_id, user)
     spec = ctx.topology.tier(body.tier)
     kind = task_kind(spec, task["boxes"])
     pixels = ctx.pixels.get(task)
@@ -99,16 +105,26 @@ def save(body: AnnotationIn, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
 @router.get("")
 def list_annotations(
     ctx: Ctx,
-    _user: ReviewerUser,
+    user: ReviewerUser,
     tier: str | None = None,
     image_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    """Return the newest annotations of a tier, or every annotation of an image (reviewers)."""
+    """Return the newest annotations of a tier, or every annotation of an image (reviewers).
+
+    Only annotations whose task is of a study the reviewer may access.
+    """
+    studies = user.accessible_studies()
     if image_id:
-        found = annotations_for_image(session=ctx.session, image_id=image_id)
+        found = annotations_for_image(
+            session=ctx.session, image_id=check_image_id(image_id), studies=studies
+        )
         return {"annotations": [a for a in found if not tier or a["tier"] == tier][:limit]}
     if not tier:
         raise ValidationError("give a tier or an image_id")
     known_tier(ctx, tier)
-    return {"annotations": recent_annotations(session=ctx.session, tier=tier, limit=limit)}
+    return {
+        "annotations": recent_annotations(
+            session=ctx.session, tier=tier, limit=limit, studies=studies
+        )
+    }

@@ -6,7 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from phenocascade.errors import AuthError
-from phenocascade.ui.deps import AdminUser, BrowserSession, CurrentUser, ReviewerUser
+from phenocascade.ui.deps import AdminUser, BrowserSession, Ctx, CurrentUser, ReviewerUser
+from phenocascade.ui.routers.tasks import load_task
 from phenocascade.ui.security import SessionData
 from phenocascade.ui.templates import render_page
 
@@ -33,9 +34,14 @@ def queue_page(user: CurrentUser, browser: BrowserSession) -> HTMLResponse:
 
 @router.get("/tasks/{tier}/{image_id}", response_class=HTMLResponse)
 def viewer_page(
-    tier: str, image_id: str, user: CurrentUser, browser: BrowserSession
+    tier: str, image_id: str, ctx: Ctx, user: CurrentUser, browser: BrowserSession
 ) -> HTMLResponse:
-    """Show the image viewer and annotation tools of one task."""
+    """Show the image viewer and annotation tools of one task.
+
+    404, as for a task that does not exist, when the task is of a study the user may not
+    access.
+    """
+    load_task(ctx, tier, image_id, user)
     return render_page(
         "viewer", browser=_logged_in(browser), user=user, tier=tier, image_id=image_id
     )

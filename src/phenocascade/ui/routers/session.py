@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from phenocascade.errors import AuthError
-from phenocascade.store.annotations import get_user, update_user
+from phenocascade.store.users import get_user, update_user
 from phenocascade.ui.deps import BrowserSession, Ctx, CurrentUser
 from phenocascade.ui.security import (
     SESSION_COOKIE,
@@ -130,6 +130,11 @@ def logout(ctx: Ctx, response: Response, user: CurrentUser) -> dict[str, str]:
 
 
 @router.get("/api/me")
-def me(user: CurrentUser) -> dict[str, str]:
-    """Return the logged-in user's name and role."""
-    return {"username": user.username, "role": user.role.value}
+def me(user: CurrentUser) -> dict[str, Any]:
+    """Return the logged-in user's name, role and studies (``null``: every study)."""
+    studies = user.accessible_studies()
+    return {
+        "username": user.username,
+        "role": user.role.value,
+        "studies": None if studies is None else sorted(studies),
+    }

@@ -1,4 +1,9 @@
-"""Annotation tasks: the queue, one task with its image facts, claiming, and the pixels."""
+"""Annotation tasks: the queue, one task with its image facts, claiming, and the pixels.
+
+A user sees only the tasks of the studies they may access
+(:meth:`~phenocascade.ui.security.User.may_access`): the queue leaves the others out, and
+a task of another study is answered 404 exactly as a task that does not exist.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from phenocascade.errors import NotFoundError, ValidationError
 from phenocascade.store.annotations import claim_task, get_task, list_open_tasks
 from phenocascade.ui.deps import AppContext, Ctx, CurrentUser
 from phenocascade.ui.images import image_info, windowed_png
-from phenocascade.ui.validation import check_window, task_kind
+from phenocascade.ui.security import User
+from phenocascade.ui.validation import check_image_id, check_study, check_window, task_kind
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
@@ -28,19 +34,20 @@ def known_tier(ctx: AppContext, tier: str) -> None:
         raise ValidationError(f"unknown tier {tier!r}; the topology has {names}")
 
 
-def load_task(ctx: AppContext, tier: str, image_id: str) -> dict[str, Any]:
-    """Return a task of a known tier.
+def load_task(ctx: AppContext, tier: str, image_id: str, user: User) -> dict[str, Any]:
+    """Return a task of a known tier that ``user`` may access.
 
     Raises
     ------
     ValidationError
-        If the tier is unknown.
+        If the tier is unknown or the image id malformed (before any query).
     NotFoundError
-        If there is no such task.
+        If there is no such task, or it belongs to a study ``user`` may not access: the
+        same answer, so the refusal does not reveal that the task exists.
     """
     known_tier(ctx, tier)
-    task = get_task(session=ctx.session, image_id=image_id, tier=tier)
-    if task is None:
+    task = get_task(session=ctx.session, image_id=check_image_id(image_id), tier=tier)
+    if task is None or not user.may_access(task["study"]):
         raise NotFoundError(f"no annotation task for image {image_id!r} in tier {tier!r}")
     return task
 
@@ -66,31 +73,39 @@ def list_tasks(
 ) -> dict[str, Any]:
     """List the tasks waiting for this user, most uncertain first, then oldest first.
 
-    Empty ``tier`` or ``study`` parameters mean "all".
+    Only tasks of the studies the user may access; a ``study`` they may not access lists
+    nothing. Empty ``tier`` or ``study`` parameters mean "all". The answer also holds the
+    topology's tiers and the user's studies (``null``: every study).
     """
     if tier:
         known_tier(ctx, tier)
+    studies = user.accessible_studies()
     tasks = list_open_tasks(
         session=ctx.session,
         tier=tier or None,
-        study=study or None,
+        study=check_study(study) if study else None,
+        studies=studies,
         min_priority=min_priority,
         limit=limit,
         user=user.username,
     )
-    return {"tasks": tasks, "tiers": [t.name for t in ctx.topology.tiers]}
+    return {
+        "tasks": tasks,
+        "tiers": [t.name for t in ctx.topology.tiers],
+        "studies": None if studies is None else sorted(studies),
+    }
 
 
 @router.get("/{tier}/{image_id}")
-def read_task(tier: str, image_id: str, ctx: Ctx, _user: CurrentUser) -> dict[str, Any]:
+def read_task(tier: str, image_id: str, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
     """Return one task with its prediction, kind and image facts (size, dtype, window)."""
-    return task_view(ctx, load_task(ctx, tier, image_id), with_image=True)
+    return task_view(ctx, load_task(ctx, tier, image_id, user), with_image=True)
 
 
 @router.post("/{tier}/{image_id}/claim")
 def claim(tier: str, image_id: str, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
     """Claim the task for the user (or extend their claim); 409 if someone else holds it."""
-    known_tier(ctx, tier)
+    load_task(ctx, tier, image_id, user)
     task = claim_task(session=ctx.session, image_id=image_id, tier=tier, user=user.username)
     if task is None:
         raise NotFoundError(f"no annotation task for image {image_id!r} in tier {tier!r}")
@@ -102,7 +117,7 @@ def image(
     tier: str,
     image_id: str,
     ctx: Ctx,
-    _user: CurrentUser,
+    user: CurrentUser,
     low: float | None = None,
     high: float | None = None,
 ) -> Response:
@@ -110,7 +125,7 @@ def image(
 
     Without ``low``/``high`` the default window (0.5th-99.5th percentile) is used.
     """
-    pixels = ctx.pixels.get(load_task(ctx, tier, image_id))
+    pixels = ctx.pixels.get(load_task(ctx, tier, image_id, user))
     info = image_info(pixels)
     lo, hi = check_window(
         info["window_low"] if low is None else low,

@@ -52,7 +52,11 @@ async function loadQueue() {
     );
   }
   firstTask = data.tasks[0] || null;
-  PC.status(data.tasks.length ? `${data.tasks.length} tasks` : "No task waits for these filters.");
+  if (data.studies && !data.studies.length) {
+    PC.status("No study is granted to you yet: ask an admin to grant you one.", "error");
+  } else {
+    PC.status(data.tasks.length ? `${data.tasks.length} tasks` : "No task waits for these filters.");
+  }
 }
 
 document.getElementById("filters").addEventListener("submit", (event) => {
