@@ -136,22 +136,27 @@ class LabelThresholds:
 
     ``p >= positive`` is a confident yes, ``p <= negative`` a confident no, anything
     between is uncertain. For detectors, ``negative`` is the keep threshold of boxes, and
-    ``finds_all`` says whether an image without a kept box is confidently free of the
-    class: ``False`` when the detector never proposes too many of the true objects for
-    that to be certified.
+    an image without a confident box of the class is confidently free of it when its
+    image-level score (the best box, kept or dropped) is at most ``absent``: a threshold
+    certified on images (:mod:`phenocascade.models.certify`), never above ``negative``.
+    Records without ``absent`` (older artifacts) fall back to ``finds_all``: ``True``
+    reads "no kept box" as absent, ``False`` never decides absence.
     """
 
     positive: float
     negative: float
     finds_all: bool = True
+    absent: float | None = None
 
     @classmethod
     def from_record(cls, record: Mapping[str, float]) -> LabelThresholds:
         """Build from a stored thresholds record (``finds_all`` defaults to ``True``)."""
+        absent = record.get("absent")
         return cls(
             positive=record["positive"],
             negative=record["negative"],
             finds_all=bool(record.get("finds_all", True)),
+            absent=None if absent is None else float(absent),
         )
 
     def __post_init__(self) -> None:
@@ -160,6 +165,20 @@ class LabelThresholds:
                 f"thresholds must satisfy 0 <= negative <= positive <= 1, got "
                 f"negative={self.negative}, positive={self.positive}"
             )
+        if self.absent is not None and not 0.0 <= self.absent <= self.negative:
+            raise ValueError(
+                f"the absence threshold must satisfy 0 <= absent <= negative, got "
+                f"absent={self.absent}, negative={self.negative}"
+            )
+
+    def decides_absent(self, score: float) -> bool:
+        """Whether a detector class scoring ``score`` at best in an image is decided absent.
+
+        Only meaningful when the image has no confident box of the class.
+        """
+        if self.absent is None:
+            return self.finds_all
+        return score <= self.absent
 
 
 def route(
@@ -193,11 +212,11 @@ def route(
         Otherwise, gate: ``PASS`` if the gate label is confidently present, ``SKIP`` if
         confidently absent, else ``ANNOTATE``. Classifier: ``PASS`` if every label is
         decided (:func:`pending_labels`: confidently present or absent, or absent because
-        an exclusive label is confidently present), else ``ANNOTATE``. Detector: ``ANNOTATE`` if any
-        kept box scores between its class's keep and confident thresholds, or if a class
-        without a confident box is not certified to be found (``finds_all`` false: an
-        image with no box of it is not "none here" but unknown), else ``PASS``. Tiers 2
-        and 3 never ``SKIP``.
+        an exclusive label is confidently present), else ``ANNOTATE``. Detector:
+        ``ANNOTATE`` if any kept box scores between its class's keep and confident
+        thresholds, or if a class without a confident box is not certified absent from
+        the image (:meth:`LabelThresholds.decides_absent`), else ``PASS``. Tiers 2 and 3
+        never ``SKIP``.
     """
     if output.novel:
         return Route.ANNOTATE
@@ -278,8 +297,9 @@ def pending_labels(
         is absent: the labels exclude each other); every label of a group with two
         confidently present labels is pending. A detector class is pending when one
         of its kept boxes scores below its confident threshold, or when it has no
-        confident box and is not certified to be found (``finds_all`` false). The order is
-        that of ``output.scores``, then of the boxes.
+        confident box and its image-level score is not certified absent
+        (:meth:`LabelThresholds.decides_absent`). The order is that of ``output.scores``,
+        then of the boxes.
     """
     labels = list(dict.fromkeys([*output.scores, *(b.label for b in output.boxes)]))
     if output.novel:
@@ -311,7 +331,7 @@ def pending_labels(
                 uncertain.add(box.label)
         for label, p in output.scores.items():
             t = thresholds.get(label)
-            if t is None or (p < t.positive and not t.finds_all):
+            if t is None or (p < t.positive and not t.decides_absent(p)):
                 uncertain.add(label)
     return tuple(label for label in labels if label in uncertain)
 

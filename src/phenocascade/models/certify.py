@@ -380,12 +380,38 @@ def certify_outputs(
         starts=starts,
         p_value=p_value,
     )
+    softmax_groups = [tuple(g) for g in getattr(stage, "softmax_groups", None) or ()]
+    if stage.kind is StageKind.CLASSIFIER and softmax_groups:
+        thresholds, group_metrics = _certify_groups(
+            thresholds,
+            calibrated,
+            truths,
+            softmax_groups,
+            pooled=mode == "pooled",
+            target_precision=target_precision,
+            delta=delta,
+            starts=starts,
+            p_value=p_value,
+        )
+        per_label_groups: dict[str, Any] | None = group_metrics
+    else:
+        per_label_groups = None
     if stage.kind is StageKind.DETECTOR:
         unfound = {label: data.unfound for label, data in pairs.items()}
         for label, missed in unfound.items():
             per_label[label]["unfound"] = missed
         thresholds = _cap_keep_thresholds(
             thresholds, calibrated, truths, unfound, target_precision, delta
+        )
+        thresholds = _certify_absence(
+            thresholds,
+            pairs,
+            calibrated,
+            samples,
+            target_precision=target_precision,
+            delta=delta,
+            starts=starts,
+            p_value=p_value,
         )
     stage.set_calibration(calibrators, thresholds)
     metrics = {
@@ -395,6 +421,7 @@ def certify_outputs(
         "delta": delta,
         "pooled": pooled,
         "labels": per_label,
+        "groups": per_label_groups,
     }
     certification = {
         "method": f"ltt-{p_value}",
@@ -473,6 +500,78 @@ def _certify(
     return {label: record.as_dict() for label, record in records.items()}, None
 
 
+def _certify_groups(
+    thresholds: Mapping[str, dict[str, float]],
+    calibrated: Mapping[str, npt.NDArray[np.float64]],
+    truths: Mapping[str, npt.NDArray[np.int64]],
+    groups: Sequence[tuple[str, ...]],
+    *,
+    pooled: bool,
+    target_precision: float,
+    delta: float,
+    starts: int,
+    p_value: PValue,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Certify the confident threshold of each softmax group on its argmax decisions.
+
+    The decision of a group is its best-scored label; it is right when that label is the
+    image's. Each image gives one decision per group, scored by the best calibrated
+    (out-of-fold) score, and the PASS side of :func:`select_thresholds` certifies the
+    score from which these decisions are right at ``target_precision``: per group, or
+    (``pooled``) one threshold on the decisions of every group together, as pooled labels
+    share one. It becomes each member's ``positive``, at least just above 0.5, so at most
+    one member of a group is ever confidently present (a higher threshold is an earlier
+    step of the certified sequence). The members' ``negative`` (certified on labels)
+    stays; their records' figures are those of the new pair. Returns the records and, per
+    group, its threshold, decisions and precision on the calibration images.
+    """
+    decisions: dict[tuple[str, ...], tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
+    for group in groups:
+        scores = np.stack([calibrated[c] for c in group], axis=1)
+        hits = np.stack([truths[c] for c in group], axis=1)
+        top = scores.argmax(axis=1)
+        rows = np.arange(len(scores))
+        decisions[group] = (scores[rows, top], hits[rows, top])
+    kwargs: dict[str, Any] = {
+        "target_precision": target_precision,
+        "delta": delta,
+        "starts": starts,
+        "p_value": p_value,
+    }
+    if pooled:
+        shared = select_thresholds(
+            np.concatenate([d[0] for d in decisions.values()]),
+            np.concatenate([d[1] for d in decisions.values()]),
+            **kwargs,
+        ).positive
+        certified = dict.fromkeys(groups, shared)
+    else:
+        certified = {g: select_thresholds(*d, **kwargs).positive for g, d in decisions.items()}
+    out = {label: dict(record) for label, record in thresholds.items()}
+    metrics: dict[str, Any] = {}
+    for group, threshold in certified.items():
+        positive = max(threshold, float(np.nextafter(0.5, 1.0)))
+        for label in group:
+            out[label] = threshold_record(
+                calibrated[label],
+                truths[label],
+                max(positive, out[label]["negative"]),
+                out[label]["negative"],
+                target_precision=target_precision,
+                delta=delta,
+            ).as_dict()
+        score, right = decisions[group]
+        decided = score >= positive
+        metrics["|".join(group)] = {
+            "labels": list(group),
+            "positive": positive,
+            "n": len(score),
+            "decided": int(decided.sum()),
+            "precision": float(right[decided].mean()) if decided.any() else 1.0,
+        }
+    return out, metrics
+
+
 def _cap_keep_thresholds(
     thresholds: Mapping[str, dict[str, float]],
     calibrated: Mapping[str, npt.NDArray[np.float64]],
@@ -502,6 +601,52 @@ def _cap_keep_thresholds(
             delta=delta,
         ).as_dict() | {"finds_all": finds_all}
     return capped
+
+
+def _certify_absence(
+    thresholds: Mapping[str, dict[str, float]],
+    pairs: Mapping[str, _LabelData],
+    calibrated: Mapping[str, npt.NDArray[np.float64]],
+    samples: Sequence[Sample],
+    *,
+    target_precision: float,
+    delta: float,
+    starts: int,
+    p_value: PValue,
+) -> dict[str, dict[str, float]]:
+    """Certify each detector class's image-level absence threshold; add ``absent``.
+
+    The claim routed on is "this image holds no object of the class". Each image's score
+    is its best out-of-fold calibrated box of the class (``1e-6`` with none), its truth
+    whether it holds a true box, and the SKIP side of :func:`select_thresholds` on those
+    pairs certifies the largest score at or below which the images are free of the
+    class at ``target_precision``. It is capped at the keep threshold (``negative``), so
+    an image decided free of a class never shows a kept box of it; a lower threshold is an
+    earlier step of the same fixed sequence, so the certificate still holds. ``absent``
+    is 0 (no image decided) when nothing certifies. ``absent_images`` and
+    ``absent_precision`` say how many calibration images it decided, and how rightly.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for label, record in thresholds.items():
+        best = np.full(len(samples), SCORE_CLIP)
+        np.maximum.at(best, pairs[label].image, calibrated[label])
+        holds = np.array([any(b.label == label for b in s.boxes) for s in samples], dtype=np.int64)
+        images = select_thresholds(
+            best,
+            holds,
+            target_precision=target_precision,
+            delta=delta,
+            starts=starts,
+            p_value=p_value,
+        )
+        absent = min(images.negative, record["negative"])
+        decided = best <= absent if absent > 0.0 else np.zeros(len(best), dtype=bool)
+        out[label] = dict(record) | {
+            "absent": absent,
+            "absent_images": int(decided.sum()),
+            "absent_precision": float(1.0 - holds[decided].mean()) if decided.any() else 1.0,
+        }
+    return out
 
 
 def fit_novelty(

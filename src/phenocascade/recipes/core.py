@@ -83,6 +83,11 @@ class Recipe:
     ltt_starts : int
         Start points of the fixed-sequence threshold test (see
         :mod:`phenocascade.models.thresholds`).
+    calibration_share : float
+        Recipes with ``train_data`` only: the share of the train split's images kept out
+        of training (seeded) whose tier labels join the val split's in calibration and
+        certification. The model never sees them, so their scores certify it like val
+        images, and the certificate spends more images than val alone holds.
     """
 
     backend: str
@@ -94,6 +99,7 @@ class Recipe:
     max_sources: int | None = None
     train_data: str | None = None
     ltt_starts: int = 1
+    calibration_share: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

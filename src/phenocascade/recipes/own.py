@@ -225,6 +225,10 @@ def train_own_tier(
         min_size = int(config.get("min_size", 320))
         max_size = int(config.get("max_size", 512))
         config["anchor_sizes"] = anchor_sizes(train, min_size, max_size)
+    if name == "multilabel_cnn" and spec.groups and "declared_groups" not in config:
+        # The dataset's exclusive groups: a group one of whose labels every image holds
+        # becomes one softmax.
+        config["declared_groups"] = {g: list(m) for g, m in spec.groups.items()}
     run = TrainingRun(
         artifact=spec.artifact,
         backend=name,

@@ -1,4 +1,9 @@
-"""Image-level sigmoid classifiers; the quality gate and the majority classifier share this.
+"""Image-level classifiers; the quality gate and the majority classifier share this.
+
+Each label has a sigmoid output, except the labels of a softmax group: labels that exclude
+each other and of which every training image holds exactly one (``nucleus_size:small``,
+``:medium``, ``:large``) share one softmax, trained with cross-entropy, so their scores
+compete and sum to 1.
 
 Not a registered backend itself: :mod:`.quality_cnn` and :mod:`.multilabel_cnn` subclass it
 with their kind and defaults.
@@ -7,7 +12,7 @@ with their kind and defaults.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -16,11 +21,11 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from phenocascade.domain import DecodedImage, Sample, StageOutput
+from phenocascade.domain import DecodedImage, Sample, StageOutput, exclusive_groups
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
 from phenocascade.models.backends._common import CalibratedStage
-from phenocascade.models.calibration import SCORE_CLIP, sigmoid
+from phenocascade.models.calibration import SCORE_CLIP, logit, sigmoid
 from phenocascade.models.nets import build_classifier
 from phenocascade.models.preprocess import (
     IMAGENET_MEAN,
@@ -77,6 +82,14 @@ class ImageClassifier(CalibratedStage):
         AdamW weight decay.
     balance : bool
         Weight positives by ``n_negative / n_positive`` per label (clipped to ``[1, 50]``).
+    softmax_groups : sequence of sequence of str or None
+        Labels that share one softmax. ``None`` finds them when fitting: each group of
+        :func:`~phenocascade.domain.exclusive_groups` over the classes (declared by
+        ``declared_groups``, else named ``G:V``) of which every training and early-stopping
+        sample holds exactly one label; ``()`` keeps every label a sigmoid (artifacts from
+        before softmax groups load so).
+    declared_groups : mapping of str to sequence of str or None
+        Exclusive groups the dataset declares (a tier's ``groups:``), for ``None`` above.
     """
 
     gate_label: str = "clear"
@@ -95,7 +108,13 @@ class ImageClassifier(CalibratedStage):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         balance: bool = True,
+        softmax_groups: Sequence[Sequence[str]] | None = None,
+        declared_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        self.softmax_groups = (
+            None if softmax_groups is None else tuple(tuple(g) for g in softmax_groups)
+        )
+        self.declared_groups = {k: tuple(v) for k, v in (declared_groups or {}).items()}
         self.backbone = backbone
         self.input_size = input_size
         self.view = view
@@ -112,7 +131,8 @@ class ImageClassifier(CalibratedStage):
     def get_config(self) -> dict[str, Any]:
         """Return the constructor arguments (stored in the artifact).
 
-        ``crop_groups`` is left out when empty: the gate's constructor has no such argument.
+        ``crop_groups`` and the group settings are left out when empty: the gate's
+        constructor has no such arguments.
         """
         config: dict[str, Any] = {
             "backbone": self.backbone,
@@ -128,7 +148,37 @@ class ImageClassifier(CalibratedStage):
         }
         if self.crop_groups:
             config["crop_groups"] = list(self.crop_groups)
+        if self.softmax_groups:
+            config["softmax_groups"] = [list(g) for g in self.softmax_groups]
+        if self.declared_groups:
+            config["declared_groups"] = {k: list(v) for k, v in self.declared_groups.items()}
         return config
+
+    # -- softmax groups ----------------------------------------------------------------------
+    def _find_softmax_groups(self, samples: Sequence[Sample]) -> tuple[tuple[str, ...], ...]:
+        """Return the exclusive groups of which every sample holds exactly one label."""
+        if self.softmax_groups is not None:
+            return self.softmax_groups
+        candidates = dict.fromkeys(
+            members
+            for members in exclusive_groups(self.classes_, self.declared_groups).values()
+            if len(members) > 1
+        )
+        return tuple(g for g in candidates if all(len(s.labels & set(g)) == 1 for s in samples))
+
+    def _group_columns(self) -> list[list[int]]:
+        """Return the column indices of each softmax group."""
+        index = {c: i for i, c in enumerate(self.classes_)}
+        return [[index[c] for c in g] for g in self.softmax_groups or ()]
+
+    def _probabilities(self, logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Return the scores of ``(N, classes)`` logits: a softmax per group, else sigmoids."""
+        probs = sigmoid(logits)
+        for cols in self._group_columns():
+            z = logits[:, cols] - logits[:, cols].max(axis=1, keepdims=True)
+            e = np.exp(z)
+            probs[:, cols] = e / e.sum(axis=1, keepdims=True)
+        return probs
 
     # -- views -----------------------------------------------------------------------------
     def _train_views(self, pixels: npt.NDArray[Any], rng: np.random.Generator) -> torch.Tensor:
@@ -225,6 +275,11 @@ class ImageClassifier(CalibratedStage):
                 f"view='mixed' reads crop_groups {list(self.crop_groups)} from crops, but no "
                 f"class of {self.classes_} is in them; name a group such as 'nucleus_size'"
             )
+        self.softmax_groups = self._find_softmax_groups([*train, *val])
+        group_cols = self._group_columns()
+        sigmoid_cols = torch.ones(len(self.classes_), dtype=torch.bool)
+        for cols in group_cols:
+            sigmoid_cols[cols] = False
         net = build_classifier(self.backbone, len(self.classes_), self.pretrained).to(device)
 
         def views(
@@ -254,23 +309,27 @@ class ImageClassifier(CalibratedStage):
         def epoch_batches(_epoch: int) -> list[npt.NDArray[np.int64]]:
             return batched(rng.permutation(len(x_train)), self.batch_size)
 
+        def loss(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            # Binary cross-entropy on the sigmoid labels, cross-entropy on each group.
+            total = F.binary_cross_entropy_with_logits(
+                logits,
+                y,
+                weight=m * sigmoid_cols.to(m.device),
+                pos_weight=pos_weight.to(logits.device),
+            )
+            for cols in group_cols:
+                w = m[:, cols[0]]
+                ce = F.cross_entropy(logits[:, cols], y[:, cols].argmax(1), reduction="none")
+                total = total + (ce * w).sum() / w.sum().clamp(min=1.0)
+            return total
+
         def train_step(idx: npt.NDArray[np.int64]) -> torch.Tensor:
             batch = augment_batch(x_train[idx], generator)
             logits = net(normalize(batch.to(device), IMAGENET_MEAN, IMAGENET_STD))
-            return F.binary_cross_entropy_with_logits(
-                logits,
-                y_train[idx].to(device),
-                weight=m_train[idx].to(device),
-                pos_weight=pos_weight,
-            )
+            return loss(logits, y_train[idx].to(device), m_train[idx].to(device))
 
         def val_loss() -> float:
-            logits = self._logits(net, x_val, device)
-            return float(
-                F.binary_cross_entropy_with_logits(
-                    logits, y_val, weight=m_val, pos_weight=pos_weight.cpu()
-                )
-            )
+            return float(loss(self._logits(net, x_val, device), y_val, m_val))
 
         result = fit_loop(
             net,
@@ -354,7 +413,8 @@ class ImageClassifier(CalibratedStage):
         images : sequence of DecodedImage
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
-            Apply the fitted calibrators; ``False`` gives the raw sigmoid outputs.
+            Apply the fitted calibrators; ``False`` gives the raw sigmoid (and softmax)
+            outputs.
 
         Returns
         -------
@@ -363,11 +423,11 @@ class ImageClassifier(CalibratedStage):
             and no boxes.
         """
         logits = self.decision_logits(images)
-        probs = sigmoid(logits)
+        probs = np.clip(self._probabilities(logits), SCORE_CLIP, 1.0 - SCORE_CLIP)
         if calibrated:
             for j, c in enumerate(self.classes_):
-                probs[:, j] = self.calibrators_[c](logits[:, j])
-        probs = np.clip(probs, SCORE_CLIP, 1.0 - SCORE_CLIP)
+                probs[:, j] = self.calibrators_[c](logit(probs[:, j]))
+            probs = np.clip(probs, SCORE_CLIP, 1.0 - SCORE_CLIP)
         return [
             StageOutput(scores={c: float(p) for c, p in zip(self.classes_, row, strict=True)})
             for row in probs
@@ -382,6 +442,8 @@ class ImageClassifier(CalibratedStage):
         """Rebuild a trained classifier from an artifact folder (``weights_only=True``)."""
         meta = artifact.read_meta(folder, cls.model_name)
         stage = cls(**meta.config)
+        if stage.softmax_groups is None:
+            stage.softmax_groups = ()  # saved before softmax groups, or none found
         # Pretrained weights only matter for initialisation; the artifact holds them all.
         net = build_classifier(stage.backbone, len(meta.classes))
         net.load_state_dict(artifact.load_weights(folder, device="cpu"))

@@ -196,17 +196,17 @@ class CalibratedDetector(CalibratedStage):
         p = float(self.calibrators_[label](logit(raw_score)))
         return min(max(p, SCORE_CLIP), 1.0 - SCORE_CLIP)
 
-    def _box_score(self, label: str, raw_score: float, calibrated: bool) -> float | None:
-        """Score to report for a raw box of ``label``, or ``None`` when the box is dropped.
+    def _box_score(self, label: str, raw_score: float, calibrated: bool) -> tuple[float, bool]:
+        """Score to report for a raw box of ``label``, and whether the box is kept.
 
-        ``calibrated=True`` maps the score through :meth:`calibrated_score` and drops the box
-        at or below the class's keep threshold (``negative``); ``False`` keeps every box,
-        its raw score clipped to ``[1e-6, 1 - 1e-6]``.
+        ``calibrated=True`` maps the score through :meth:`calibrated_score` and keeps the
+        box only above the class's keep threshold (``negative``); ``False`` keeps every
+        box, its raw score clipped to ``[1e-6, 1 - 1e-6]``.
         """
         if not calibrated:
-            return min(max(float(raw_score), SCORE_CLIP), 1.0 - SCORE_CLIP)
+            return min(max(float(raw_score), SCORE_CLIP), 1.0 - SCORE_CLIP), True
         p = self.calibrated_score(label, raw_score)
-        return None if p <= self.thresholds_[label]["negative"] else p
+        return p, p > self.thresholds_[label]["negative"]
 
     def _boxes_output(
         self,
@@ -228,16 +228,17 @@ class CalibratedDetector(CalibratedStage):
         Returns
         -------
         StageOutput
-            The kept boxes, clipped to the image; each class scored by its best kept box
-            (``1e-6`` when it has none).
+            The kept boxes, clipped to the image; each class scored by its best box,
+            kept or dropped (``1e-6`` when it has none): the image-level score that the
+            class's absence certificate (``absent``) reads.
         """
         best = {c: SCORE_CLIP for c in self.classes_}
         kept: list[Box] = []
         for x0, y0, x1, y1, label, score in detections:
-            p = self._box_score(label, score, calibrated)
-            if p is None:
-                continue
+            p, keep = self._box_score(label, score, calibrated)
             best[label] = max(best[label], p)
+            if not keep:
+                continue
             kept.append(
                 Box(
                     x_min=float(np.clip(x0, 0, img.width)),

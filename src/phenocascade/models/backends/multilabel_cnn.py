@@ -1,8 +1,8 @@
-"""The majority classifier: independent sigmoid heads for image-level phenotype labels."""
+"""The majority classifier: image-level phenotype labels, a softmax per exclusive group."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from phenocascade.domain import StageKind
 from phenocascade.models.backends._classifier import ImageClassifier, View
@@ -14,7 +14,9 @@ class MultiLabelCNN(ImageClassifier):
     """Multi-label classifier on the resized field of view and/or native crops; kind ``CLASSIFIER``.
 
     Each label has its own sigmoid output, trained with binary cross-entropy whose
-    positives are weighted by ``n_negative / n_positive`` so rare labels still count.
+    positives are weighted by ``n_negative / n_positive`` so rare labels still count;
+    labels that exclude each other, one of them in every image, share a softmax instead
+    (``softmax_groups``).
     ``backbone`` selects ``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"`` or
     ``"small_cnn"``. Parameters are those of :class:`~._classifier.ImageClassifier`.
     """
@@ -36,6 +38,8 @@ class MultiLabelCNN(ImageClassifier):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         balance: bool = True,
+        softmax_groups: Sequence[Sequence[str]] | None = None,
+        declared_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -49,4 +53,6 @@ class MultiLabelCNN(ImageClassifier):
             lr=lr,
             weight_decay=weight_decay,
             balance=balance,
+            softmax_groups=softmax_groups,
+            declared_groups=declared_groups,
         )

@@ -185,10 +185,10 @@ class SizeOutlierComposite(CalibratedDetector):
             best = SCORE_CLIP
             kept: list[Box] = []
             for box in candidates:
-                p = self._box_score(label, box.score, calibrated)
-                if p is None:
-                    continue
+                p, keep = self._box_score(label, box.score, calibrated)
                 best = max(best, p)
+                if not keep:
+                    continue
                 kept.append(replace(box, label=label, score=p))
             outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
         return outputs
@@ -246,7 +246,7 @@ class NucleusOutlierDetector(SizeOutlierComposite):
 
     Boxes are returned in original-image pixels, ``[x_min, y_min, x_max, y_max]`` with the
     maxima exclusive. A class's score in :class:`StageOutput` is its best box's calibrated
-    score (``1e-6`` when it has no box).
+    score, kept or dropped (``1e-6`` when it has no box).
 
     Parameters
     ----------
