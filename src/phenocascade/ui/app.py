@@ -22,7 +22,8 @@ from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.routers import annotations as labels
 from phenocascade.ui.routers import pages, tasks, users
 from phenocascade.ui.routers import session as login
-from phenocascade.ui.security import LoginThrottle, SessionCodec, load_secret
+from phenocascade.ui.security import SessionCodec, load_secret
+from phenocascade.ui.throttle import CassandraFailureLog, LoginThrottle
 
 # Scripts and styles come only from /static: no inline code, so injected markup cannot run.
 SECURITY_HEADERS = {
@@ -59,12 +60,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = AnnotationPublisher(conf.kafka, flow)
+        store = session or connect(conf.cassandra)
         app.state.ctx = AppContext(
             settings=conf,
             topology=flow,
-            session=session or connect(conf.cassandra),
+            session=store,
             cookies=SessionCodec(load_secret(conf)),
-            logins=LoginThrottle(conf.ui_login_max_failures, conf.ui_login_window_s),
+            logins=LoginThrottle(
+                CassandraFailureLog(store), conf.ui_login_max_failures, conf.ui_login_window_s
+            ),
             publisher=publisher,
             pixels=PixelCache(conf),
             trusted_proxies=frozenset(conf.ui_trusted_proxies),

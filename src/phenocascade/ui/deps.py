@@ -25,13 +25,13 @@ from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.security import (
     CSRF_HEADER,
     SESSION_COOKIE,
-    LoginThrottle,
     Role,
     SessionCodec,
     SessionData,
     User,
     csrf_matches,
 )
+from phenocascade.ui.throttle import LoginThrottle
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -7,8 +7,9 @@
   token in the ``X-CSRF-Token`` header. A visitor who is not logged in gets an anonymous
   session holding only a token, so the login form is protected too; logging in issues a
   fresh token.
-* Logins are throttled (:class:`LoginThrottle`): too many recent failures for one user name
-  or from one client address refuse further attempts before any password is checked.
+* Logins are throttled (:class:`~phenocascade.ui.throttle.LoginThrottle`): too many recent
+  failures for one user name or from one client address refuse further attempts before any
+  password is checked.
 """
 
 from __future__ import annotations
@@ -17,15 +18,10 @@ import contextlib
 import enum
 import functools
 import hmac
-import math
 import os
 import re
 import secrets
 import tempfile
-import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +29,7 @@ import bcrypt
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from phenocascade.config import Settings
-from phenocascade.errors import ConfigError, TooManyAttemptsError, ValidationError
+from phenocascade.errors import ConfigError, ValidationError
 
 SESSION_COOKIE = "phenocascade_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -255,121 +251,3 @@ def csrf_matches(session: SessionData | None, token: str | None) -> bool:
     if session is None or not token:
         return False
     return hmac.compare_digest(session.csrf.encode(), token.encode())
-
-
-@dataclass(frozen=True, slots=True)
-class LoginAttempt:
-    """A login attempt :meth:`LoginThrottle.admit` let through; it counts as failed until told."""
-
-    username: str
-    client: str
-    at: float
-
-
-class LoginThrottle:
-    """Refuse logins for a user name, or from a client address, with too many recent failures.
-
-    A sliding window: once ``max_failures`` logins for one user name, or from one client
-    address, failed within the last ``window_s`` seconds, every further attempt with that
-    name or from that address is refused, without checking its password, until the oldest
-    of those failures is ``window_s`` seconds old. A successful login clears the failures of
-    its user name, but not those of its address: one valid account must not reset the count
-    of guesses at the others.
-
-    An admitted attempt counts as failed until :meth:`succeeded` says otherwise, so a burst
-    of parallel guesses cannot slip past the limit while the first ones are being checked.
-
-    Thread-safe. Memory stays bounded: a key (user name or address) holds at most
-    ``max_failures`` times, and is forgotten once its newest failure leaves the window.
-
-    Parameters
-    ----------
-    max_failures : int, default 5
-        Failures per key within the window after which attempts are refused.
-    window_s : float, default 300.0
-        Length of the sliding window, in seconds.
-    clock : callable returning float, default time.monotonic
-        Seconds of a monotonic clock; tests pass a fake one.
-    """
-
-    def __init__(
-        self,
-        max_failures: int = 5,
-        window_s: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.clock = clock
-        # Key -> times of its failures in the window, oldest first. Keys are ordered by their
-        # latest admitted attempt, so a sweep from the front finds the expired ones without
-        # scanning them all.
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def admit(self, *, username: str, client: str) -> LoginAttempt:
-        """Let a login attempt through, counted as failed, unless its name or address is blocked.
-
-        Parameters
-        ----------
-        username : str
-            The user name the attempt logs in as (whether or not that user exists).
-        client : str
-            The address the attempt comes from.
-
-        Returns
-        -------
-        LoginAttempt
-            Pass it to :meth:`succeeded` if the password is right.
-
-        Raises
-        ------
-        TooManyAttemptsError
-            If the user name or the address already has ``max_failures`` failures in the
-            window; its ``retry_after_s`` says when the oldest of them expires.
-        """
-        keys = {
-            ("user", username): f"for user {username!r}",
-            ("client", client): f"from {client}",
-        }
-        with self._lock:
-            now = self.clock()
-            self._forget_expired(now)
-            for key, whom in keys.items():
-                failures = self._failures.get(key)
-                if failures is None:
-                    continue
-                while failures and failures[0] <= now - self.window_s:
-                    failures.popleft()
-                if len(failures) >= self.max_failures:
-                    wait = math.ceil(failures[0] + self.window_s - now)
-                    raise TooManyAttemptsError(
-                        f"too many failed logins {whom} ({len(failures)} in the last "
-                        f"{self.window_s:g} s); wait {wait} s before trying again",
-                        retry_after_s=wait,
-                    )
-            for key in keys:
-                self._failures.setdefault(key, deque()).append(now)
-                self._failures.move_to_end(key)
-        return LoginAttempt(username=username, client=client, at=now)
-
-    def succeeded(self, attempt: LoginAttempt) -> None:
-        """Clear the failures of the attempt's user name and uncount it for its address."""
-        with self._lock:
-            self._failures.pop(("user", attempt.username), None)
-            key = ("client", attempt.client)
-            failures = self._failures.get(key)
-            if failures is None:
-                return
-            # Absent if it already left the window while the password was being checked.
-            with contextlib.suppress(ValueError):
-                failures.remove(attempt.at)
-            if not failures:
-                del self._failures[key]
-
-    def _forget_expired(self, now: float) -> None:
-        while self._failures:
-            key, failures = next(iter(self._failures.items()))
-            if failures and failures[-1] > now - self.window_s:
-                return
-            del self._failures[key]

@@ -98,7 +98,7 @@ def login(
     ------
     TooManyAttemptsError
         Before any password check, if the user name or the client address has too many
-        recent failed logins (see :class:`~phenocascade.ui.security.LoginThrottle`).
+        recent failed logins (see :class:`~phenocascade.ui.throttle.LoginThrottle`).
     AuthError
         If the user does not exist or the password is wrong.
     """
