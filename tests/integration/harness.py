@@ -111,7 +111,8 @@ class Cascade:
     """Start, kill, restart and observe a namespaced cascade.
 
     With ``metrics_port``, its processes serve their metrics on the ports above it, as
-    ``phenocascade run``'s do (:attr:`metrics_ports`); 0: none.
+    ``phenocascade run``'s do (:attr:`metrics_ports`); 0: none. ``keyspace`` is the shared
+    test keyspace unless a test needs one of its own (and drops it).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class Cascade:
         topology: Topology | None = None,
         *,
         metrics_port: int = 0,
+        keyspace: str = TEST_KEYSPACE,
     ) -> None:
         self.metrics_port = metrics_port
         prefix = f"it{uuid.uuid4().hex[:8]}-"
@@ -135,7 +137,7 @@ class Cascade:
             update={
                 "topology": topo_file,
                 "allowed_roots": [self.roots],
-                "cassandra": base.cassandra.model_copy(update={"keyspace": TEST_KEYSPACE}),
+                "cassandra": base.cassandra.model_copy(update={"keyspace": keyspace}),
             }
         )
         self.env = settings_env(self.settings)

@@ -91,7 +91,12 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
     settings = infra.model_copy(
         update={"artifacts": tmp_path / "artifacts", "home": tmp_path / "home"}
     )
-    cascade = Cascade(settings, tmp_path / "cascade", topology=_cold_topology(tag))
+    # A keyspace of its own: the retrainer reads every annotation of its tier, and a
+    # keyspace kept from earlier runs holds theirs too.
+    keyspace = f"phenocascade_cold_{tag}"
+    cascade = Cascade(
+        settings, tmp_path / "cascade", topology=_cold_topology(tag), keyspace=keyspace
+    )
     topology = cascade.topology
     gate = topology.tiers[0]
     first, unclear = _images(settings, cascade.roots, 0)
@@ -176,3 +181,4 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
         assert all("clear" in r["scores"] for r in scored)
     finally:
         cascade.stop()
+        connect(cascade.settings.cassandra).execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
