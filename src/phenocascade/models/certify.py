@@ -381,6 +381,7 @@ def certify_outputs(
         p_value=p_value,
     )
     softmax_groups = [tuple(g) for g in getattr(stage, "softmax_groups", None) or ()]
+    group_metrics: dict[str, Any] | None = None
     if stage.kind is StageKind.CLASSIFIER and softmax_groups:
         thresholds, group_metrics = _certify_groups(
             thresholds,
@@ -393,9 +394,6 @@ def certify_outputs(
             starts=starts,
             p_value=p_value,
         )
-        per_label_groups: dict[str, Any] | None = group_metrics
-    else:
-        per_label_groups = None
     if stage.kind is StageKind.DETECTOR:
         unfound = {label: data.unfound for label, data in pairs.items()}
         for label, missed in unfound.items():
@@ -421,7 +419,7 @@ def certify_outputs(
         "delta": delta,
         "pooled": pooled,
         "labels": per_label,
-        "groups": per_label_groups,
+        "groups": group_metrics,
     }
     certification = {
         "method": f"ltt-{p_value}",
@@ -640,7 +638,7 @@ def _certify_absence(
             p_value=p_value,
         )
         absent = min(images.negative, record["negative"])
-        decided = best <= absent if absent > 0.0 else np.zeros(len(best), dtype=bool)
+        decided = best <= absent  # scores are >= 1e-6, so absent = 0 decides none
         out[label] = dict(record) | {
             "absent": absent,
             "absent_images": int(decided.sum()),
