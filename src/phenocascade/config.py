@@ -276,6 +276,13 @@ class Topology(BaseModel):
         if missing:
             raise ValueError(f"topics used but not declared under 'topics': {missing}")
         partitions = {t.name: t.partitions for t in self.topics}
+        joined = [*(t.result_topic for t in self.tiers), self.annotations_topic]
+        if len({partitions[name] for name in joined}) > 1:
+            counts = {name: partitions[name] for name in joined}
+            raise ValueError(
+                f"the joiner reads {counts}, co-partitioned by image id: give them all the "
+                "same number of partitions"
+            )
         for tier in self.tiers:
             if tier.replicas > partitions[tier.input]:
                 raise ValueError(

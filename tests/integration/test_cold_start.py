@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -138,6 +139,23 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
             for task in tasks:
                 clear = names[task["image_id"]] not in unclear
                 expert.annotate(gate.name, task["image_id"], ["clear"] if clear else [])
+
+        # The answers complete the outputs, each naming its expert: the unclear images are
+        # unusable; the clear ones re-entered and now wait for the majority tier (no model).
+        def answered() -> dict[str, dict[str, Any]]:
+            latest = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in names}
+            done = {i: o for i, o in latest.items() if o["annotators"]}
+            return done if len(done) == len(ids) else {}
+
+        final = _wait(answered, 180, "the outputs the experts completed", cascade)
+        for image_id, output in final.items():
+            assert output["annotators"] == {gate.name: username}
+            assert output["expert_labels"] == ["clear"]
+            if names[image_id] in unclear:
+                assert output["status"] == "unusable" and output["pending"] == []
+            else:
+                assert output["status"] == "awaiting_annotation"
+                assert sorted(output["pending"]) == sorted(DSB_MAJORITY_CLASSES)
 
         # The retrainer trains, certifies and promotes the gate's first model.
         trainer = RecipeTrainer(

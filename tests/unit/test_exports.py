@@ -147,3 +147,11 @@ def test_tables_per_image_and_per_box_state_versions_and_routes(tmp_path: Path) 
         ("a", "small", 0.25, "PASS"),
     ]
     assert read[0]["produced_at"] == "2026-11-30T12:00:00+00:00"
+
+
+def test_rows_name_the_expert_of_each_tier_a_person_completed() -> None:
+    answered = {**_output("a", None, []), "annotators": {"minority": "alice"}}
+    rows = image_rows([answered, _output("b", None, [])])
+    assert rows[0]["annotator_minority"] == "alice"
+    assert "annotator_minority" not in rows[1]
+    assert rows[0]["versions_key"].endswith(";minority@expert=alice")

@@ -4,7 +4,7 @@ from typing import Any
 import pytest
 
 from phenocascade.config import load_topology
-from phenocascade.consumers.joining import empty_state, merge
+from phenocascade.consumers.joining import empty_state, merge, merge_annotation
 
 TOPOLOGY = load_topology()
 
@@ -24,10 +24,28 @@ def result(tier: str, route: str, version: str = "v1", **kw: Any) -> dict[str, A
     }
 
 
-def run(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def answer(
+    tier: str, labels: list[str], boxes: list[dict[str, Any]] = (), **kw: Any
+) -> dict[str, Any]:  # type: ignore[assignment]
+    """An ``Annotation`` event as the UI publishes it."""
+    return {
+        "annotation_id": kw.get("annotation_id", f"a-{tier}"),
+        "image_id": "img",
+        "tier": tier,
+        "annotator": kw.get("annotator", "alice"),
+        "labels": labels,
+        "boxes": [{**b, "score": 0.0} for b in boxes],
+        "uri": "/a.png",
+        "model_version": "v1",
+        "created_at": kw.get("created_at", 1_000),
+    }
+
+
+def run(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     state, outputs = empty_state(), []
-    for r in results:
-        state, out = merge(TOPOLOGY, state, r)
+    for e in events:
+        fold = merge_annotation if "annotation_id" in e else merge
+        state, out = fold(TOPOLOGY, state, e)
         if out is not None:
             outputs.append(out)
     return outputs
@@ -77,11 +95,93 @@ def test_branch_annotate_makes_output_await_annotation() -> None:
     assert [o["status"] for o in outs] == ["awaiting_annotation"]
 
 
-def test_reentry_after_expert_marks_clear_gives_a_second_analyzed_output() -> None:
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_reentry_after_expert_marks_clear_gives_a_second_analyzed_output(
+    order: tuple[int, ...],
+) -> None:
+    # The expert's answer and the re-entered image's branch results race each other.
+    later = [answer("quality", ["clear"]), result("majority", "PASS"), result("minority", "PASS")]
+    outs = run([result("quality", "ANNOTATE", scores={"clear": 0.6}), *(later[i] for i in order)])
+    assert [o["status"] for o in outs] == ["awaiting_annotation", "analyzed"]
+    assert outs[0]["pending"] == ["clear"] and outs[0]["annotators"] == {}
+    final = outs[1]
+    assert final["pending"] == []
+    assert final["annotators"] == {"quality": "alice"}
+    assert final["expert_labels"] == ["clear"]
+    assert final["routes"]["quality"] == "ANNOTATE"
+
+
+def test_expert_marking_an_image_unclear_makes_it_unusable() -> None:
+    outs = run([result("quality", "ANNOTATE", scores={"clear": 0.4}), answer("quality", [])])
+    assert [o["status"] for o in outs] == ["awaiting_annotation", "unusable"]
+    assert outs[1]["annotators"] == {"quality": "alice"} and outs[1]["pending"] == []
+
+
+def test_expert_answers_only_what_the_classifier_left_open() -> None:
+    scores = {"density:dense": 0.55, "density:sparse": 0.4, "size:large": 0.99}
     outs = run(
-        [result("quality", "ANNOTATE"), result("majority", "PASS"), result("minority", "PASS")]
+        [
+            result("quality", "PASS"),
+            {
+                **result("majority", "ANNOTATE", scores=scores),
+                "pending": ["density:dense", "density:sparse"],
+            },
+            result("minority", "PASS"),
+            # The expert's labels for the decided label do not override the model.
+            answer("majority", ["density:sparse"]),
+        ]
     )
     assert [o["status"] for o in outs] == ["awaiting_annotation", "analyzed"]
+    assert outs[0]["pending"] == ["density:dense", "density:sparse"]
+    assert outs[1]["labels"] == {"density:dense": 0.0, "density:sparse": 1.0, "size:large": 0.99}
+    assert outs[1]["expert_labels"] == ["density:dense", "density:sparse"]
+    assert outs[1]["annotators"] == {"majority": "alice"}
+
+
+def test_expert_boxes_replace_the_detectors_boxes_of_the_classes_it_left_open() -> None:
+    model_box = {**BOX, "score": 0.3}
+    drawn = {**BOX, "x_min": 10.0, "x_max": 20.0}
+    outs = run(
+        [
+            result("quality", "PASS"),
+            result("majority", "PASS"),
+            result("minority", "ANNOTATE", boxes=[model_box], scores={"large_nucleus": 0.3}),
+            answer("minority", [], [drawn]),
+        ]
+    )
+    assert [o["status"] for o in outs] == ["awaiting_annotation", "analyzed"]
+    assert outs[0]["boxes"] == [model_box]
+    assert outs[1]["boxes"] == [{**drawn, "score": 1.0}]
+    assert outs[1]["expert_labels"] == ["large_nucleus"]
+
+
+def test_an_answer_before_the_result_applies_when_the_result_arrives() -> None:
+    outs = run(
+        [
+            answer("minority", []),
+            result("quality", "PASS"),
+            result("majority", "PASS"),
+            result("minority", "ANNOTATE", boxes=[BOX], scores={"large_nucleus": 0.4}),
+        ]
+    )
+    assert [o["status"] for o in outs] == ["analyzed"]
+    assert outs[0]["boxes"] == [] and outs[0]["annotators"] == {"minority": "alice"}
+
+
+def test_repeated_and_older_answers_emit_nothing_new() -> None:
+    base = [result("quality", "ANNOTATE"), answer("quality", [], created_at=2_000)]
+    assert len(run([*base, answer("quality", [], created_at=2_000)])) == 2
+    older = answer("quality", ["clear"], annotation_id="old", created_at=1_000)
+    assert len(run([*base, older])) == 2
+    newer = answer("quality", ["clear"], annotation_id="new", annotator="bob", created_at=3_000)
+    outs = run([*base, newer, result("majority", "PASS"), result("minority", "PASS")])
+    assert [o["status"] for o in outs] == ["awaiting_annotation", "unusable", "analyzed"]
+    assert outs[-1]["annotators"] == {"quality": "bob"}
+
+
+def test_an_answer_to_a_tier_the_model_decided_changes_nothing() -> None:
+    rs = [result("quality", "PASS"), result("majority", "PASS"), result("minority", "PASS")]
+    assert len(run([*rs, answer("majority", ["x"])])) == 1
 
 
 def test_new_model_versions_give_a_new_output() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from phenocascade.models.novelty import (
     conformal_threshold,
     image_descriptor,
     ledoit_wolf_covariance,
+    min_calibration_size,
 )
 
 
@@ -62,13 +64,57 @@ def test_false_alarm_rate_stays_near_alpha_on_held_out_data() -> None:
     assert 0.05 < float(np.mean(rates)) < alpha + 0.015
 
 
-def test_too_few_calibration_samples_flag_nothing() -> None:
-    # 1 / alpha - 1 = 49 samples are the least that support alpha = 0.02.
+def _out_of_fold(x: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The cross-fitted scores NoveltyDetector.fit calibrates on, recomputed."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    scores = np.empty(len(x))
+    for held in np.array_split(order, folds):
+        rest = np.setdiff1d(np.arange(len(x)), held)
+        scores[held] = NoveltyDetector().fit(x[rest]).score(x[held])
+    return scores
+
+
+def test_too_few_calibration_rows_fall_back_to_the_largest_out_of_fold_score(
+    tmp_path: Path,
+) -> None:
+    # alpha = 0.01 needs 99 rows; 10 give the strictest finite conformal threshold, the
+    # largest out-of-fold score, at a false-alarm rate of at most 1 / 11.
     rng = np.random.default_rng(1)
-    detector = NoveltyDetector(alpha=0.02).fit(_correlated(rng, 48))
-    assert math.isinf(detector.threshold_)
-    assert not detector.is_novel(_correlated(rng, 10) + 100.0).any()
-    assert math.isfinite(NoveltyDetector(alpha=0.02).fit(_correlated(rng, 49)).threshold_)
+    x = _correlated(rng, 10)
+    detector = NoveltyDetector(alpha=0.01).fit(x)
+    assert detector.threshold_ == _out_of_fold(x).max()
+    assert detector.false_alarm_bound == pytest.approx(1 / 11)
+    assert detector.is_novel(x[:3] + 100.0).all()
+    assert not detector.is_novel(x).any()
+    np.savez(tmp_path / "state.npz", **detector.to_state())
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as state:
+        back = NoveltyDetector.from_state(state)
+    assert back.threshold_ == detector.threshold_
+    assert back.false_alarm_bound == detector.false_alarm_bound
+    # 99 rows reach alpha itself: the 99th smallest of 99, the largest too, bound 0.01.
+    enough = NoveltyDetector(alpha=0.01).fit(_correlated(rng, 99))
+    assert enough.false_alarm_bound == 0.01
+    assert NoveltyDetector(alpha=0.01).fit(_correlated(rng, 98)).false_alarm_bound > 0.01
+
+
+def test_the_fallback_threshold_keeps_its_false_alarm_bound_on_held_out_data() -> None:
+    # A single draw of n = 10 is erratic (rates from 0 to 0.4); averaged over 200 draws
+    # the rate (0.066 here, standard error 0.008) stays under the bound 1 / 11 = 0.091.
+    # It is not zero, as it was when too few rows made the threshold infinite.
+    rates = []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        detector = NoveltyDetector(alpha=0.01, seed=seed).fit(_correlated(rng, 10))
+        rates.append(detector.is_novel(_correlated(rng, 500)).mean())
+    assert 0.0 < float(np.mean(rates)) < 1 / 11
+
+
+def test_min_calibration_size_is_where_the_conformal_threshold_turns_finite() -> None:
+    assert (min_calibration_size(0.02), min_calibration_size(0.01)) == (49, 99)
+    for alpha in [0.01, 0.02, 0.05, 0.1, 0.03 / 3, 0.05 / 2, *np.linspace(0.001, 0.9, 300)]:
+        m = min_calibration_size(float(alpha))
+        assert math.isinf(conformal_threshold(np.arange(float(max(m - 1, 0))), alpha))
+        assert math.isfinite(conformal_threshold(np.arange(float(max(m, 1))), alpha))
 
 
 def test_conformal_threshold_rank() -> None:
@@ -240,6 +286,38 @@ def test_an_artifact_without_novelty_state_flags_nothing(tmp_path: Path) -> None
     rng = np.random.default_rng(8)
     guard = NoveltyGuard.around(ConfidentGate(), tmp_path)
     assert guard.novelty is None
+    assert not guard.predict([DecodedImage("em", _electron_microscopy(rng))])[0].novel
+
+
+def test_too_few_images_warn_what_the_rate_needs_and_still_flag_another_modality(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rng = np.random.default_rng(12)
+    gate = ConfidentGate()
+    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(24)]
+    with caplog.at_level(logging.WARNING, logger="phenocascade.models.novelty"):
+        novelty = StageNovelty.fit(gate, [val])
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "24 calibration images are too few for a novelty false-alarm rate of 0.02" in message
+    assert "(49 are needed)" in message and "at most about 0.04" in message
+    ((_, detector),) = novelty.parts
+    assert novelty.summary()["threshold"] == {"descriptor": detector.threshold_}
+    em = [DecodedImage(f"em{i}", _electron_microscopy(rng)) for i in range(5)]
+    assert novelty.flags(gate, em).all()
+
+
+def test_a_state_saved_with_an_infinite_threshold_warns_when_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(13)
+    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(5)]
+    state = StageNovelty.fit(ConfidentGate(), [val]).parts[0][1].to_state()
+    state["threshold"] = math.inf  # what fits on too few images stored before the fallback
+    prefixed = {f"descriptor.{k}": v for k, v in state.items()}
+    np.savez(tmp_path / NOVELTY_FILE, features=np.array(["descriptor"]), **prefixed)
+    with caplog.at_level(logging.WARNING, logger="phenocascade.models.novelty"):
+        guard = NoveltyGuard.around(ConfidentGate(), tmp_path)
+    assert "flags no image as novel" in caplog.text and "retrain the tier" in caplog.text
     assert not guard.predict([DecodedImage("em", _electron_microscopy(rng))])[0].novel
 
 

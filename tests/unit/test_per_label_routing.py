@@ -197,10 +197,13 @@ def test_the_report_counts_automatic_images_partial_ones_and_questions() -> None
         {"labels": {"a": 0.5}, "boxes": [], "pending": ["a"]},
         {"labels": {}, "boxes": [], "pending": []},  # an older output: one question
     ]
-    summary = automation({"analyzed": 5, "unusable": 2, "awaiting_annotation": 3}, awaiting)
+    summary = automation(
+        {"analyzed": 5, "unusable": 2, "awaiting_annotation": 3}, awaiting, by_expert=2
+    )
     assert summary == {
-        "images": 7,
-        "fraction": 0.7,
+        "images": 5,
+        "fraction": 0.5,
+        "completed_by_experts": 2,
         "partial": 1,
         "expert_questions": 3,
         "per_100_images": 30.0,
@@ -260,9 +263,23 @@ def test_records_from_before_per_label_routing_read_with_an_empty_list(
     assert field not in {f["name"] for f in old["fields"]}
     (tmp_path / "history").mkdir()
     (tmp_path / f"{name}.avsc").write_text(json.dumps(old))
-    record = {k: v for k, v in CURRENT[name].items() if k != field}
+    known = {f["name"] for f in old["fields"]}
+    record = {k: v for k, v in CURRENT[name].items() if k in known}
     _, back = EventCodec().decode(EventCodec(tmp_path).encode(name, record), expected=name)
     assert back[field] == []
     # And the current writer's list round-trips.
     _, now = EventCodec().decode(EventCodec().encode(name, CURRENT[name]), expected=name)
     assert now[field] == ["a"]
+
+
+def test_outputs_from_before_expert_answers_read_with_no_experts(tmp_path: Path) -> None:
+    old = json.loads((default_schema_dir() / "history" / "ImageOutput.v2.avsc").read_text())
+    (tmp_path / "history").mkdir()
+    (tmp_path / "ImageOutput.avsc").write_text(json.dumps(old))
+    known = {f["name"] for f in old["fields"]}
+    record = {k: v for k, v in CURRENT["ImageOutput"].items() if k in known}
+    _, back = EventCodec().decode(EventCodec(tmp_path).encode("ImageOutput", record))
+    assert back["annotators"] == {} and back["expert_labels"] == []
+    answered = {**CURRENT["ImageOutput"], "annotators": {"majority": "alice"}}
+    _, now = EventCodec().decode(EventCodec().encode("ImageOutput", answered))
+    assert now["annotators"] == {"majority": "alice"}

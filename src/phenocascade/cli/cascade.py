@@ -294,13 +294,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # -- results, render, report ---------------------------------------------------------------
 def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
-    """Return a rich table of outputs: id, status, labels, boxes, pending labels and routes.
+    """Return a rich table of outputs: id, status, labels, boxes, pending labels, routes, experts.
 
     Labels are those of every classifier tier (p >= 0.5), boxes those of every detector;
-    ``pending`` lists the labels still left to experts (all others are final).
+    ``pending`` lists the labels still left to experts (all others are final); ``experts``
+    the tiers whose open labels an expert decided, and who.
     """
     table = Table(title=f"{len(outputs)} image outputs")
-    for col in ("image", "status", "labels (p>=0.5)", "boxes", "pending", "routes"):
+    for col in ("image", "status", "labels (p>=0.5)", "boxes", "pending", "routes", "experts"):
         table.add_column(col)
     for o in outputs:
         labels = ", ".join(
@@ -315,7 +316,8 @@ def results_table(outputs: Sequence[dict[str, Any]]) -> Table:
         image_id = o["image_id"]
         short = image_id if len(image_id) <= 36 else f"{image_id[:18]}…{image_id[-17:]}"
         pending = ", ".join(o.get("pending") or []) or "-"
-        table.add_row(short, o["status"], labels, boxes or "-", pending, routes)
+        experts = " ".join(f"{t}:{who}" for t, who in (o.get("annotators") or {}).items())
+        table.add_row(short, o["status"], labels, boxes or "-", pending, routes, experts or "-")
     return table
 
 
@@ -326,10 +328,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         found = get_latest_output(session=session, image_id=args.image)
         outputs = [found] if found else []
     else:
+        ids = dict.fromkeys(
+            row["image_id"] for row in outputs_by_study(session=session, study=args.study)
+        )
         outputs = [
-            o
-            for row in outputs_by_study(session=session, study=args.study)
-            if (o := get_latest_output(session=session, image_id=row["image_id"])) is not None
+            o for image_id in ids if (o := get_latest_output(session=session, image_id=image_id))
         ]
     if not outputs:
         raise NotFoundError(
@@ -387,10 +390,12 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
     session = connect(settings.cassandra)
     statuses = latest_status_by_image(session=session)
     by_status = {s: 0 for s in ("analyzed", "unusable", "awaiting_annotation")}
+    by_expert = 0
     awaiting: list[dict[str, Any]] = []
-    for image_id, status in statuses.items():
+    for image_id, (status, expert) in statuses.items():
         if image_id.encode() in submitted:
             by_status[status] += 1
+            by_expert += expert and status != "awaiting_annotation"
             if status == "awaiting_annotation":
                 found = get_latest_output(session=session, image_id=image_id)
                 awaiting += [found] if found is not None else []
@@ -417,7 +422,7 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
     }
     report["accounted"] = sum(by_status.values()) + len(dead)
     report["balanced"] = report["accounted"] == report["submitted"]
-    report["automatic"] = automation(by_status, awaiting)
+    report["automatic"] = automation(by_status, awaiting, by_expert=by_expert)
     results = (
         codec.decode(v, expected="TierResult")[1]
         for tier in topology.tiers
@@ -450,7 +455,7 @@ def novelty_alphas(settings: Settings, topology: Topology) -> dict[str, float]:
 
 
 def automation(
-    by_status: Mapping[str, int], awaiting: Sequence[Mapping[str, Any]]
+    by_status: Mapping[str, int], awaiting: Sequence[Mapping[str, Any]], *, by_expert: int = 0
 ) -> dict[str, Any]:
     """Return how much of the work the cascade did alone.
 
@@ -460,17 +465,20 @@ def automation(
         Outputs per status.
     awaiting : Sequence of Mapping
         The ``awaiting_annotation`` outputs.
+    by_expert : int, default 0
+        How many of the ``analyzed`` and ``unusable`` outputs an expert completed.
 
     Returns
     -------
     dict
-        ``images``: outputs decided with no expert (``analyzed`` + ``unusable``) and their
-        ``fraction`` of all outputs; ``partial``: awaiting outputs some of whose labels or
-        box classes are final all the same (per-label routing); ``expert_questions``: the
-        labels left to experts, in all and ``per_100_images``.
+        ``images``: outputs decided with no expert (``analyzed`` + ``unusable``, less those
+        an expert completed) and their ``fraction`` of all outputs; ``completed_by_experts``;
+        ``partial``: awaiting outputs some of whose labels or box classes are final all the
+        same (per-label routing); ``expert_questions``: the labels still left to experts, in
+        all and ``per_100_images``.
     """
     total = sum(by_status.values())
-    decided = by_status.get("analyzed", 0) + by_status.get("unusable", 0)
+    decided = by_status.get("analyzed", 0) + by_status.get("unusable", 0) - by_expert
     questions = 0
     partial = 0
     for output in awaiting:
@@ -481,6 +489,7 @@ def automation(
     return {
         "images": decided,
         "fraction": round(decided / total, 4) if total else 0.0,
+        "completed_by_experts": by_expert,
         "partial": partial,
         "expert_questions": questions,
         "per_100_images": round(100 * questions / total, 1) if total else 0.0,

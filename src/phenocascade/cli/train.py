@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from phenocascade.config import Topology, get_settings, load_topology
+from phenocascade.domain import StageKind
+from phenocascade.models.base import ArtifactMeta
+from phenocascade.models.thresholds import min_certifiable_count
+
+console = Console()
 
 
 def _topology(args: argparse.Namespace) -> Topology:
@@ -105,7 +114,88 @@ def _train(args: argparse.Namespace) -> int:
         cross_fit=args.cross_fit,
     )
     print(folder)
+    meta = ArtifactMeta.read(folder)
+    for line in routing_summary(meta.kind, meta.thresholds, meta.metrics["calibration"]):
+        console.print(line, markup=False)
     return 0
+
+
+def routing_summary(
+    kind: str, thresholds: Mapping[str, Mapping[str, Any]], calibration: Mapping[str, Any]
+) -> list[str]:
+    """Say what a trained tier decides without a person, label by label.
+
+    Parameters
+    ----------
+    kind : str
+        The artifact's :class:`~phenocascade.domain.StageKind` value.
+    thresholds : mapping of str to mapping
+        The artifact's ``thresholds``: per label a ``ThresholdRecord.as_dict()``; detectors
+        add ``absent`` and ``absent_images``.
+    calibration : mapping
+        The artifact's ``metrics["calibration"]``
+        (:attr:`~phenocascade.models.certify.Calibration.metrics`).
+
+    Returns
+    -------
+    list of str
+        A header; for pooled thresholds, the pooled certificate; then one line per label
+        with its certified sides, or, when it has none, that every image goes to a
+        person and how many more calibration samples a certificate needs at least.
+    """
+    target, delta = calibration["target_precision"], calibration["delta"]
+    # The smallest selection any of the fixed sequences can certify: all of it right.
+    need = min_certifiable_count(target, delta / calibration.get("starts", 1))
+    detector = kind == StageKind.DETECTOR.value
+    unit = "boxes" if detector else "images"
+    yes, no = ("confident box", "box dropped") if detector else ("yes", "no")
+    lines = [
+        f"routing certified at precision {target:g}, guaranteed with probability {1 - delta:g}:"
+    ]
+    pooled = calibration.get("pooled")
+    if pooled is not None:
+        lines.append(f"  one pair shared by all labels, on {pooled['n']:.0f} label decisions")
+        if not pooled["n_pos"] and not pooled["n_neg"]:
+            records = calibration["labels"].values()
+            positives = sum(int(r["positives"]) for r in records)
+            why = _nothing_certified(
+                need, positives, int(pooled["n"]), "label decisions", len(records)
+            )
+            lines.append(f"  {why}")
+    for label, t in thresholds.items():
+        n, sides = int(t["n"]), []
+        if t["positive"] < 1.0:
+            sides.append(f"{yes} at p >= {t['positive']:.3f} ({t['n_pos']:.0f} of {n} {unit})")
+        if t["negative"] > 0.0:
+            sides.append(f"{no} at p <= {t['negative']:.3f} ({t['n_neg']:.0f} of {n} {unit})")
+        if t.get("absent"):
+            sides.append(
+                f"absent at best box <= {t['absent']:.3f} ({t['absent_images']:.0f} images)"
+            )
+        if sides or pooled is not None:
+            lines.append(f"  {label}: " + ("; ".join(sides) or "nothing decided automatically"))
+            continue
+        record = calibration["labels"][label]
+        why = _nothing_certified(need, int(record["positives"]), int(record["n"]), unit)
+        lines.append(f"  {label}: {why}")
+    return lines
+
+
+def _nothing_certified(need: int, positives: int, n: int, unit: str, labels: int = 1) -> str:
+    """Say that ``n`` calibration samples, ``positives`` of them positive, certified nothing.
+
+    ``labels > 1``: the samples are pooled label decisions, ``labels`` per image.
+    """
+    most = max(positives, n - positives)
+    said = (
+        "nothing certified, every image goes to a person; a certificate needs at least "
+        f"{need} right decisions of one kind, and calibration had {positives} positive and "
+        f"{n - positives} negative {unit}"
+    )
+    if most >= need:
+        return f"{said}: enough, but the scores did not separate them cleanly enough"
+    images = f" ({math.ceil((need - most) / labels)} images)" if labels > 1 else ""
+    return f"{said}: at least {need - most} more {unit}{images} are needed"
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """The joiner: a faust-streaming app with a table, merging tier results into outputs.
 
-It reads every tier's result topic (all co-partitioned by image id), keeps each image's
-partial results in a changelogged table, and when :func:`~phenocascade.consumers.joining.merge`
-says an output is due, writes it to Cassandra (idempotent upsert) and then to the results
-topic. The versions key stored in the table makes re-delivered results harmless.
+It reads every tier's result topic and the experts' annotations topic (all co-partitioned
+by image id), keeps each image's partial results and expert answers in a changelogged
+table, and when :func:`~phenocascade.consumers.joining.merge` (or
+:func:`~phenocascade.consumers.joining.merge_annotation`) says an output is due, writes it
+to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored in
+the table make re-delivered results and annotations harmless.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from faust.types.auth import CredentialsT
 from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
-from phenocascade.consumers.joining import empty_state, merge
+from phenocascade.consumers.joining import empty_state, merge, merge_annotation
 from phenocascade.errors import PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
 from phenocascade.streams.events import to_epoch_ms
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 
 RESULTS_IN = Counter(
     "phenocascade_joiner_results_in_total", "Tier results the joiner read, by tier", ["tier"]
+)
+ANSWERS_IN = Counter(
+    "phenocascade_joiner_annotations_in_total",
+    "Expert annotations the joiner folded into outputs, by tier",
+    ["tier"],
 )
 OUTPUTS = Counter("phenocascade_outputs_total", "Image outputs emitted, by status", ["status"])
 END_TO_END = Histogram(
@@ -95,7 +102,13 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         datadir=str(datadir),
     )
     codec = EventCodec()
-    source = app.topic(*result_topics, key_type=bytes, value_type=bytes, value_serializer="raw")
+    source = app.topic(
+        *result_topics,
+        topology.annotations_topic,
+        key_type=bytes,
+        value_type=bytes,
+        value_serializer="raw",
+    )
     results = app.topic(
         spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw"
     )
@@ -112,14 +125,21 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         loop = asyncio.get_running_loop()
         async for key, value in stream.items():
             try:
-                _, result = codec.decode(value, expected="TierResult")
+                event, result = codec.decode(value)
             except PhenocascadeError as exc:
-                log.warning("joiner skipped an unreadable tier result (key %r): %s", key, exc)
+                log.warning("joiner skipped an unreadable message (key %r): %s", key, exc)
                 continue
-            RESULTS_IN.labels(result["tier"]).inc()
-            image_id = result["image_id"]
+            image_id = result.get("image_id")
+            if event not in ("TierResult", "Annotation") or not isinstance(image_id, str):
+                log.warning("joiner skipped a %s message (key %r)", event, key)
+                continue
             state = table.get(image_id) or empty_state()
-            new_state, output = merge(topology, state, result)
+            if event == "Annotation":
+                ANSWERS_IN.labels(result["tier"]).inc()
+                new_state, output = merge_annotation(topology, state, result)
+            else:
+                RESULTS_IN.labels(result["tier"]).inc()
+                new_state, output = merge(topology, state, result)
             if output is not None:
                 # Store and publish before the table records the emission: a crash in
                 # between re-emits (the Cassandra upsert is idempotent) instead of losing it.

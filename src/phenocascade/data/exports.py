@@ -224,7 +224,7 @@ def _common(o: Output) -> dict[str, Any]:
         "status": o["status"],
         "uri": o["uri"],
         "produced_at": produced_at(o),
-        "versions_key": versions_key(o["model_versions"]),
+        "versions_key": versions_key(o["model_versions"], o.get("annotators")),
     }
 
 
@@ -232,6 +232,7 @@ def _per_tier(o: Output) -> dict[str, Any]:
     return {
         **{f"route_{tier}": route for tier, route in o["routes"].items()},
         **{f"version_{tier}": version for tier, version in o["model_versions"].items()},
+        **{f"annotator_{tier}": who for tier, who in (o.get("annotators") or {}).items()},
     }
 
 
@@ -241,7 +242,8 @@ def image_rows(outputs: Sequence[Output]) -> list[dict[str, Any]]:
     Columns: ``image_id, study, status, uri, produced_at, versions_key, n_boxes``, then
     ``label_<name>`` (each image-level label's score), ``route_<tier>`` and
     ``version_<tier>`` (each tier's route and model version; empty where a tier did not
-    score the image, e.g. after a gate's SKIP).
+    score the image, e.g. after a gate's SKIP) and ``annotator_<tier>`` (the expert who
+    decided what that tier's model left open; empty where the model decided alone).
     """
     return [
         {
@@ -259,7 +261,8 @@ def box_rows(outputs: Sequence[Output]) -> list[dict[str, Any]]:
 
     Columns: ``image_id, study, status, uri, produced_at, versions_key``, ``box`` (its
     index in the image's output), ``label, score, x_min, y_min, x_max, y_max`` (pixels,
-    ``x_max``/``y_max`` exclusive), then ``route_<tier>`` and ``version_<tier>``.
+    ``x_max``/``y_max`` exclusive), then ``route_<tier>``, ``version_<tier>`` and
+    ``annotator_<tier>``.
     """
     return [
         {
@@ -278,12 +281,12 @@ def box_rows(outputs: Sequence[Output]) -> list[dict[str, Any]]:
 def columns(rows: Sequence[Mapping[str, Any]], *, per: Per) -> list[str]:
     """Return the column order of ``rows``.
 
-    The fixed columns of ``per`` (``image`` or ``box``) come first, then the label, route
-    and version columns, each group in name order.
+    The fixed columns of ``per`` (``image`` or ``box``) come first, then the label, route,
+    version and annotator columns, each group in name order.
     """
     fixed = _IMAGE_COLUMNS if per == "image" else _BOX_COLUMNS
     extra = {k for r in rows for k in r} - set(fixed)
-    order = {"label_": 0, "route_": 1, "version_": 2}
+    order = {"label_": 0, "route_": 1, "version_": 2, "annotator_": 3}
     return [*fixed, *sorted(extra, key=lambda c: (order[c[: c.index("_") + 1]], c))]
 
 

@@ -18,13 +18,16 @@ and the threshold is the conformal quantile of those out-of-fold scores, the
 with probability at most about ``alpha`` (a CV+ style bound, Barber et al., "Predictive
 inference with the jackknife+", 2021; the deployed detector is fitted on all ``n``
 images, so its scores tend to be lower than the out-of-fold ones and the rate lower).
-Fewer than ``1 / alpha - 1`` images cannot support the rate: the threshold is then
-infinite and nothing is flagged.
+Fewer than ``1 / alpha - 1`` images (:func:`min_calibration_size`) cannot support the
+rate: the threshold is then the largest out-of-fold score, the strictest finite conformal
+threshold, and the false-alarm rate is at most about ``1 / (n + 1)`` instead of ``alpha``
+(:attr:`NoveltyDetector.false_alarm_bound`). Flagging nothing would let a tier trained
+on a small dataset decide images of a modality it never saw.
 
 ``DEFAULT_ALPHA = 0.02``: a false alarm only costs an expert question, a miss can cost a
-silent wrong decision; 0.02 keeps that cost to about 2 images in 100 per tier and still
-gives a finite threshold from 49 validation images, which every bundled val split has
-(BCCD: 87), where 0.01 would need 99.
+silent wrong decision; 0.02 keeps that cost to about 2 images in 100 per tier and is
+reached from 49 calibration images, which every bundled val split has (BCCD: 87), where
+0.01 would need 99.
 
 Features: every stage is scored on :func:`image_descriptor`, whatever its backend, and
 stages with an ``embed`` method (:class:`~phenocascade.models.base.Embedder`, the image
@@ -108,6 +111,21 @@ def conformal_threshold(scores: npt.ArrayLike, alpha: float) -> float:
     return float(s[rank - 1]) if 1 <= rank <= len(s) else math.inf
 
 
+def min_calibration_size(alpha: float) -> int:
+    """Fewest scores for which :func:`conformal_threshold` at ``alpha`` is finite.
+
+    That is ``ceil(1 / alpha - 1)``: 49 for ``alpha = 0.02``, 99 for ``0.01``.
+
+    Parameters
+    ----------
+    alpha : float
+        Target false-alarm rate in ``(0, 1)``.
+    """
+    # ceil((n + 1)(1 - alpha)) <= n  <=>  n >= (1 - alpha) / alpha, with the tolerance of
+    # conformal_threshold's rank so that both agree at the boundary.
+    return max(0, math.ceil((1.0 - alpha) / alpha - 1e-9))
+
+
 @dataclass(frozen=True)
 class _Gaussian:
     """Standardisation, principal axes and shrunk precision of one fit."""
@@ -169,7 +187,10 @@ class NoveltyDetector:
     Attributes
     ----------
     threshold_ : float
-        Scores above it are novel; ``inf`` when ``n`` is too small for ``alpha``.
+        Scores above it are novel: the conformal threshold at ``alpha``, or the largest
+        out-of-fold score when ``n`` is too small for ``alpha`` (see
+        :attr:`false_alarm_bound`). ``inf`` (nothing flagged) only in states saved before
+        that fallback.
     n_samples_, n_features_in_ : int
         Shape of the calibration features.
     gaussian_ : _Gaussian
@@ -209,9 +230,27 @@ class NoveltyDetector:
             rest = np.setdiff1d(np.arange(len(x)), held)
             out_of_fold[held] = _Gaussian.fit(x[rest], self.max_components).score(x[held])
         self.gaussian_ = _Gaussian.fit(x, self.max_components)
-        self.threshold_ = conformal_threshold(out_of_fold, self.alpha)
         self.n_samples_, self.n_features_in_ = x.shape
+        if len(x) >= min_calibration_size(self.alpha):
+            self.threshold_ = conformal_threshold(out_of_fold, self.alpha)
+        else:
+            # The conformal rank falls past n. The largest score is the strictest finite
+            # threshold: a looser rate than asked beats flagging nothing, which would let
+            # the stage decide images unlike anything it was calibrated on.
+            self.threshold_ = float(out_of_fold.max())
         return self
+
+    @property
+    def false_alarm_bound(self) -> float:
+        """Bound on the rate of in-distribution images flagged novel, as fitted.
+
+        ``alpha`` when the ``n`` calibration rows support it (``n >=``
+        :func:`min_calibration_size`), else ``1 / (n + 1)``: the threshold is then the
+        largest of ``n`` out-of-fold scores, which a new in-distribution image exceeds
+        with probability at most about ``1 / (n + 1)``.
+        """
+        n = self.n_samples_
+        return self.alpha if n >= min_calibration_size(self.alpha) else 1.0 / (n + 1)
 
     def score(self, features: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Mahalanobis distance of each row, shape ``(n,)``, ``float64``; ``inf`` if not finite.
@@ -422,15 +461,17 @@ class StageNovelty:
         for kind in kinds:
             x = np.concatenate(rows[kind]) if rows[kind] else np.zeros((0, 1))
             detector = NoveltyDetector(alpha=each).fit(x)
-            if math.isinf(detector.threshold_):
+            if detector.false_alarm_bound > each:
                 log.warning(
-                    "%d calibration images are too few for a novelty false-alarm rate of %s "
-                    "(at least %d are needed): %s will flag no image as novel on its %s",
+                    "%s: %d calibration images are too few for a novelty false-alarm rate "
+                    "of %.3g on its %s features (%d are needed); its threshold is their "
+                    "largest score instead, a false-alarm rate of at most about %.3g",
+                    stage.model_name,
                     n,
                     each,
-                    math.ceil(1.0 / each - 1.0),
-                    stage.model_name,
                     kind,
+                    min_calibration_size(each),
+                    detector.false_alarm_bound,
                 )
             parts.append((kind, detector))
         return cls(tuple(parts))
@@ -447,8 +488,9 @@ class StageNovelty:
     def summary(self) -> dict[str, Any]:
         """Return ``{"alpha", "features", "threshold", "n"}`` for the metadata.
 
-        ``alpha`` is the union's false-alarm rate; ``threshold`` the score threshold per
-        kind (``None`` when infinite); ``n`` the calibration images.
+        ``alpha`` is the union's false-alarm rate asked for; ``threshold`` the score
+        threshold per kind (``None`` when infinite, in states saved before the fallback of
+        :attr:`NoveltyDetector.threshold_`); ``n`` the calibration images.
         """
         return {
             "alpha": round(sum(d.alpha for _, d in self.parts), 12),
@@ -549,6 +591,13 @@ class NoveltyGuard:
             log.warning(
                 "%s has no %s (trained before shift detection): none of its images will be "
                 "flagged novel; retrain the tier to add it",
+                folder,
+                NOVELTY_FILE,
+            )
+        elif any(math.isinf(d.threshold_) for _, d in novelty.parts):
+            log.warning(
+                "%s/%s flags no image as novel (fitted on too few images before the "
+                "largest calibration score became the fallback threshold); retrain the tier",
                 folder,
                 NOVELTY_FILE,
             )

@@ -54,6 +54,8 @@ _TABLES = (
         model_versions map<text, text>,
         produced_at timestamp,
         pending list<text>,
+        annotators map<text, text>,
+        expert_labels list<text>,
         PRIMARY KEY ((image_id), versions_key)
     )
     """,
@@ -70,12 +72,24 @@ _TABLES = (
 )
 
 # Columns added after a table was first created; `connect` adds them to older tables.
-_ADDED_COLUMNS = (("outputs_by_image", "pending", "list<text>"),)
+_ADDED_COLUMNS = (
+    ("outputs_by_image", "pending", "list<text>"),
+    ("outputs_by_image", "annotators", "map<text, text>"),
+    ("outputs_by_image", "expert_labels", "list<text>"),
+)
 
 
-def versions_key(model_versions: Mapping[str, str]) -> str:
-    """Return a stable key for a set of tier model versions, e.g. ``"majority=v2;quality=v1"``."""
-    return ";".join(f"{tier}={version}" for tier, version in sorted(model_versions.items()))
+def versions_key(
+    model_versions: Mapping[str, str], experts: Mapping[str, str] | None = None
+) -> str:
+    """Return a stable key for a set of tier model versions and expert answers.
+
+    E.g. ``"majority=v2;quality=v1"``, and ``"majority=v2;quality=v1;quality@expert=alice"``
+    when an expert (named by ``experts[tier]``) answered what the quality tier left open.
+    """
+    parts = [f"{tier}={version}" for tier, version in sorted(model_versions.items())]
+    parts += [f"{tier}@expert={who}" for tier, who in sorted((experts or {}).items())]
+    return ";".join(parts)
 
 
 def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Session:
@@ -149,14 +163,14 @@ def _timestamp(value: datetime | int) -> datetime:
 
 def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
     """Upsert one ``ImageOutput`` record (idempotent per image and model versions)."""
-    key = versions_key(output["model_versions"])
+    key = versions_key(output["model_versions"], output.get("annotators"))
     produced = _timestamp(output["produced_at"])
     session.execute(
         prepare(
             session,
             "INSERT INTO {ks}.outputs_by_image (image_id, versions_key, status, study, uri, "
-            "labels, boxes, routes, model_versions, produced_at, pending) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "labels, boxes, routes, model_versions, produced_at, pending, annotators, "
+            "expert_labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ),
         (
             output["image_id"],
@@ -170,6 +184,8 @@ def save_output(*, session: Session, output: Mapping[str, Any]) -> None:
             dict(output["model_versions"]),
             produced,
             list(output.get("pending") or []),
+            dict(output.get("annotators") or {}),
+            list(output.get("expert_labels") or []),
         ),
     )
     session.execute(
@@ -194,6 +210,8 @@ def _row_to_output(row: Any) -> dict[str, Any]:
         "model_versions": dict(row.model_versions or {}),
         "produced_at": row.produced_at,
         "pending": list(row.pending or []),
+        "annotators": dict(row.annotators or {}),
+        "expert_labels": list(row.expert_labels or []),
     }
 
 
@@ -227,12 +245,17 @@ def outputs_by_study(*, session: Session, study: str) -> list[dict[str, Any]]:
     ]
 
 
-def latest_status_by_image(*, session: Session) -> dict[str, str]:
-    """Return the status of each image's newest output (a full scan: for reports)."""
-    latest: dict[str, tuple[datetime, str]] = {}
-    scan = qualified(session, "SELECT image_id, status, produced_at FROM {ks}.outputs_by_image")
+def latest_status_by_image(*, session: Session) -> dict[str, tuple[str, bool]]:
+    """Return each image's newest output: its status, and whether an expert decided any of it.
+
+    A full scan: for reports.
+    """
+    latest: dict[str, tuple[datetime, str, bool]] = {}
+    scan = qualified(
+        session, "SELECT image_id, status, produced_at, annotators FROM {ks}.outputs_by_image"
+    )
     for r in session.execute(scan):
         seen = latest.get(r.image_id)
         if seen is None or r.produced_at > seen[0]:
-            latest[r.image_id] = (r.produced_at, r.status)
-    return {image_id: status for image_id, (_, status) in latest.items()}
+            latest[r.image_id] = (r.produced_at, r.status, bool(r.annotators))
+    return {image_id: (status, expert) for image_id, (_, status, expert) in latest.items()}

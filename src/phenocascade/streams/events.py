@@ -198,11 +198,14 @@ def image_output(
     routes: Mapping[str, str],
     model_versions: Mapping[str, str],
     pending: Sequence[str] = (),
+    annotators: Mapping[str, str] | None = None,
+    expert_labels: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Return the final ``ImageOutput`` record of one image.
 
     ``pending`` lists its labels that still await an expert; every other label and box
-    in it is final.
+    in it is final. ``annotators`` names, per tier, the expert who answered what its model
+    left open, and ``expert_labels`` the labels those experts decided.
     """
     return {
         "image_id": image_id,
@@ -215,6 +218,8 @@ def image_output(
         "model_versions": dict(model_versions),
         "produced_at": now_ms(),
         "pending": list(pending),
+        "annotators": dict(annotators or {}),
+        "expert_labels": list(expert_labels),
     }
 
 
