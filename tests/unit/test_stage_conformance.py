@@ -38,6 +38,10 @@ FAST: dict[str, tuple[dict[str, Any], int]] = {
         {"segmenter": {"crop_size": 32, "batch_size": 4, "steps_per_epoch": 4, "min_area": 4}},
         5,
     ),
+    "morphometric_classifier": (
+        {"segmenter": {"crop_size": 32, "batch_size": 4, "steps_per_epoch": 4, "min_area": 4}},
+        5,
+    ),
     "nucleus_outlier_detector": (
         {"detector": {"backbone": "resnet18", "min_size": SIZE, "max_size": SIZE}},
         5,

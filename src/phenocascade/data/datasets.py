@@ -140,16 +140,18 @@ def dsb2018_majority(root: Path, split: Split) -> LabelledSet:
     Returns
     -------
     LabelledSet
-        ``classes`` = :data:`DSB_MAJORITY_CLASSES`; no boxes.
+        ``classes`` = :data:`DSB_MAJORITY_CLASSES`; no boxes; each image's instance label
+        image as ``Sample.mask`` (the morphometric classifier learns its nuclei from them).
     """
     ids = split_ids(root, "dsb2018", split)
-    return import_csv_labels(
+    labelled = import_csv_labels(
         root / "dsb2018" / "derived_stage2_labels.csv",
         root / "dsb2018" / "images",
         _DSB_MAJORITY_COLUMNS,
         image_ids=ids,
         name=f"dsb2018_majority/{split}",
     )
+    return _with_masks(labelled, root)
 
 
 def dsb2018_rare(root: Path, split: Split) -> LabelledSet:
@@ -196,11 +198,16 @@ def dsb2018_nuclei(root: Path, split: Split) -> LabelledSet:
         image_ids=ids,
         name=f"dsb2018_nuclei/{split}",
     )
+    return _with_masks(boxes, root)
+
+
+def _with_masks(labelled: LabelledSet, root: Path) -> LabelledSet:
+    """Give each DSB 2018 sample its instance label image (``dsb2018/labels/<id>.png``)."""
     labels = root / "dsb2018" / "labels"
     return dataclasses.replace(
-        boxes,
+        labelled,
         samples=tuple(
-            dataclasses.replace(s, mask=labels / f"{s.image_id}.png") for s in boxes.samples
+            dataclasses.replace(s, mask=labels / f"{s.image_id}.png") for s in labelled.samples
         ),
     )
 

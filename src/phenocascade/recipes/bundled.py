@@ -154,10 +154,11 @@ def recipe(
     size : {"bootstrap", "full"}
         Recipe size.
     backend : str or None, default None
-        Minority tier only: the recipe of this backend (``"nucleus_mask_outlier_detector"``,
+        Minority tier: the recipe of this backend (``"nucleus_mask_outlier_detector"``,
         ``"nucleus_outlier_detector"``, ``"torchvision_detector"``, ``"yolo"``); ``None``
         is the dataset's default (the first for DSB, ``"torchvision_detector"`` for BCCD).
-        Other tiers have one recipe each and ignore it.
+        Majority tier: ``"morphometric_classifier"`` has a recipe of its own; anything
+        else gets the ``multilabel_cnn`` one. The quality tier has one recipe and ignores it.
     dataset : {"dsb", "bccd"}, default "dsb"
         Minority tier only: DSB 2018 large nuclei, or BCCD white cells and platelets.
     """
@@ -184,6 +185,18 @@ def recipe(
             )
         return Recipe("quality_cnn", {**config, "input_size": 256}, max_epochs=40, patience=6)
     if tier == "majority":
+        if backend == "morphometric_classifier":
+            # The segmenter of the minority recipe (random 256 px crops of every nucleus,
+            # early stopping on 40 val crops), then a linear head on the measurements.
+            segmenter = {"pretrained": mobilenet, "steps_per_epoch": 100 if size == "full" else 25}
+            return Recipe(
+                "morphometric_classifier",
+                {"segmenter": segmenter},
+                max_epochs=40 if size == "full" else 16,
+                patience=6 if size == "full" else 4,
+                max_val_fit=None if size == "full" else 40,
+                ltt_starts=2,
+            )
         if size == "bootstrap":
             config = (
                 {"backbone": "mobilenet_v2", "pretrained": mobilenet, "input_size": 160, "lr": 5e-4}

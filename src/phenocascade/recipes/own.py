@@ -7,7 +7,8 @@ validation and test sets are that dataset's splits, restricted to the tier's lab
 * a **gate** learns ``"clear"``: from the dataset's own image label ``"clear"`` when it has
   one, else from its images (clear) and severely degraded copies of them (unclear);
 * a **classifier** learns image labels; an object class among its labels is an image
-  label that is present when the image has a box of it;
+  label that is present when the image has a box of it (the samples keep their objects,
+  which ``morphometric_classifier`` segments and measures);
 * a **detector** learns the boxes of its labels; images without any are negatives.
 
 The recipe of each backend adapts to the data where that matters: a detector's anchor
@@ -102,7 +103,8 @@ def _restrict(sample: Sample, labels: Sequence[str], kind: StageKind) -> Sample:
         boxes = tuple(b for b in sample.boxes if b.label in keep)
         return dataclasses.replace(sample, labels=frozenset(), boxes=boxes, mask=None)
     present = (set(sample.labels) | {b.label for b in sample.boxes}) & keep
-    return dataclasses.replace(sample, labels=frozenset(present), boxes=(), mask=None)
+    # The objects stay: a morphometric classifier learns to segment them (others ignore them).
+    return dataclasses.replace(sample, labels=frozenset(present))
 
 
 def anchor_sizes(samples: Sequence[Sample], min_size: int, max_size: int) -> tuple[int, ...]:
@@ -161,6 +163,16 @@ def own_recipe(kind: StageKind, backend: str, size: Size) -> Recipe:
         if full:
             return Recipe(backend, config, max_epochs=40, patience=6)
         return Recipe(backend, config, max_epochs=12, patience=4, max_train=100, max_val_fit=30)
+    if backend == "morphometric_classifier":
+        segmenter = {"pretrained": mobilenet, "steps_per_epoch": 100 if full else 25}
+        return Recipe(
+            backend,
+            {"segmenter": segmenter},
+            max_epochs=40 if full else 16,
+            patience=6 if full else 4,
+            max_val_fit=None if full else 40,
+            ltt_starts=2,
+        )
     if backend == "yolo":
         config = {"model_yaml": "yolov8n.yaml", "imgsz": 640 if full else 416}
         return Recipe(backend, config, max_epochs=150 if full else 40, patience=30 if full else 12)

@@ -1,6 +1,7 @@
 """Built-in backends; importing this package registers each of them by name."""
 
 from phenocascade.models.backends import (
+    morphometric,
     multilabel_cnn,
     nucleus_mask_outlier,
     nucleus_outlier,
@@ -10,6 +11,7 @@ from phenocascade.models.backends import (
 )
 
 __all__ = [
+    "morphometric",
     "multilabel_cnn",
     "nucleus_mask_outlier",
     "nucleus_outlier",

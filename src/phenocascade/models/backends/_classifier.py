@@ -12,7 +12,8 @@ with their kind and defaults.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -49,7 +50,155 @@ from phenocascade.models.training import (
 View = Literal["resize", "crops", "mixed"]
 
 
-class ImageClassifier(CalibratedStage):
+class GroupedClassifier(CalibratedStage):
+    """Image labels scored from per-label logits: a softmax per exclusive group, else sigmoids.
+
+    The base of the CNN classifiers (:class:`ImageClassifier`) and of the morphometric one
+    (:mod:`.morphometric`): a subclass computes :meth:`decision_logits` and trains; this
+    class finds the softmax groups, encodes targets, builds the loss, and turns logits into
+    (calibrated) scores.
+
+    Parameters
+    ----------
+    softmax_groups : sequence of sequence of str or None
+        Labels that share one softmax. ``None`` finds them when fitting: each group of
+        :func:`~phenocascade.domain.exclusive_groups` over the classes (declared by
+        ``declared_groups``, else named ``G:V``) of which every training and early-stopping
+        sample holds exactly one label; ``()`` keeps every label a sigmoid (artifacts from
+        before softmax groups load so).
+    declared_groups : mapping of str to sequence of str or None
+        Exclusive groups the dataset declares (a tier's ``groups:``), for ``None`` above.
+    """
+
+    gate_label: str = "clear"
+
+    def __init__(
+        self,
+        *,
+        softmax_groups: Sequence[Sequence[str]] | None = None,
+        declared_groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.softmax_groups = (
+            None if softmax_groups is None else tuple(tuple(g) for g in softmax_groups)
+        )
+        self.declared_groups = {k: tuple(v) for k, v in (declared_groups or {}).items()}
+
+    def _group_config(self) -> dict[str, Any]:
+        """Return the group settings for :meth:`get_config`, left out when empty."""
+        config: dict[str, Any] = {}
+        if self.softmax_groups:
+            config["softmax_groups"] = [list(g) for g in self.softmax_groups]
+        if self.declared_groups:
+            config["declared_groups"] = {k: list(v) for k, v in self.declared_groups.items()}
+        return config
+
+    @abstractmethod
+    def decision_logits(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
+        """Uncalibrated logits, shape ``(len(images), len(classes))``, ``float64``."""
+
+    # -- softmax groups ----------------------------------------------------------------------
+    def _find_softmax_groups(self, samples: Sequence[Sample]) -> tuple[tuple[str, ...], ...]:
+        """Return the exclusive groups of which every sample holds exactly one label."""
+        if self.softmax_groups is not None:
+            return self.softmax_groups
+        candidates = dict.fromkeys(
+            members
+            for members in exclusive_groups(self.classes_, self.declared_groups).values()
+            if len(members) > 1
+        )
+        return tuple(g for g in candidates if all(len(s.labels & set(g)) == 1 for s in samples))
+
+    def _group_columns(self) -> list[list[int]]:
+        """Return the column indices of each softmax group."""
+        index = {c: i for i, c in enumerate(self.classes_)}
+        return [[index[c] for c in g] for g in self.softmax_groups or ()]
+
+    def _probabilities(self, logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Return the scores of ``(N, classes)`` logits: a softmax per group, else sigmoids."""
+        probs = sigmoid(logits)
+        for cols in self._group_columns():
+            z = logits[:, cols] - logits[:, cols].max(axis=1, keepdims=True)
+            e = np.exp(z)
+            probs[:, cols] = e / e.sum(axis=1, keepdims=True)
+        return probs
+
+    def _encode(self, samples: Sequence[Sample]) -> torch.Tensor:
+        target = torch.zeros(len(samples), len(self.classes_))
+        index = {label: i for i, label in enumerate(self.classes_)}
+        for row, sample in enumerate(samples):
+            for label in sample.labels:
+                if label not in index:
+                    raise ConfigError(
+                        f"sample {sample.image_id} has label {label!r}, not one of {self.classes_}"
+                    )
+                target[row, index[label]] = 1.0
+        return target
+
+    def _grouped_loss(
+        self, pos_weight: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Return ``loss(logits, targets, weights)`` over ``(N, classes)`` tensors.
+
+        Binary cross-entropy on the sigmoid labels (positives weighted by ``pos_weight``),
+        cross-entropy on each softmax group; ``weights`` is 1 where a row is trained on a
+        label.
+        """
+        group_cols = self._group_columns()
+        sigmoid_cols = torch.ones(len(self.classes_), dtype=torch.bool)
+        for cols in group_cols:
+            sigmoid_cols[cols] = False
+
+        def loss(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            total = F.binary_cross_entropy_with_logits(
+                logits,
+                y,
+                weight=m * sigmoid_cols.to(m.device),
+                pos_weight=pos_weight.to(logits.device),
+            )
+            for cols in group_cols:
+                w = m[:, cols[0]]
+                ce = F.cross_entropy(logits[:, cols], y[:, cols].argmax(1), reduction="none")
+                total = total + (ce * w).sum() / w.sum().clamp(min=1.0)
+            return total
+
+        return loss
+
+    def predict(
+        self, images: Sequence[DecodedImage], *, calibrated: bool = True
+    ) -> list[StageOutput]:
+        """Score a batch of images.
+
+        Parameters
+        ----------
+        images : sequence of DecodedImage
+            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
+        calibrated : bool, default True
+            Apply the fitted calibrators; ``False`` gives the raw sigmoid (and softmax)
+            outputs.
+
+        Returns
+        -------
+        list of StageOutput
+            One per image, in order, with a score in ``[1e-6, 1 - 1e-6]`` for every class
+            and no boxes.
+        """
+        logits = self.decision_logits(images)
+        probs = np.clip(self._probabilities(logits), SCORE_CLIP, 1.0 - SCORE_CLIP)
+        if calibrated:
+            for j, c in enumerate(self.classes_):
+                probs[:, j] = self.calibrators_[c](logit(probs[:, j]))
+            probs = np.clip(probs, SCORE_CLIP, 1.0 - SCORE_CLIP)
+        return [
+            StageOutput(scores={c: float(p) for c, p in zip(self.classes_, row, strict=True)})
+            for row in probs
+        ]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ImageClassifier(GroupedClassifier):
     """A CNN with one sigmoid output per label, trained with (weighted) binary cross-entropy.
 
     Parameters
@@ -82,17 +231,9 @@ class ImageClassifier(CalibratedStage):
         AdamW weight decay.
     balance : bool
         Weight positives by ``n_negative / n_positive`` per label (clipped to ``[1, 50]``).
-    softmax_groups : sequence of sequence of str or None
-        Labels that share one softmax. ``None`` finds them when fitting: each group of
-        :func:`~phenocascade.domain.exclusive_groups` over the classes (declared by
-        ``declared_groups``, else named ``G:V``) of which every training and early-stopping
-        sample holds exactly one label; ``()`` keeps every label a sigmoid (artifacts from
-        before softmax groups load so).
-    declared_groups : mapping of str to sequence of str or None
-        Exclusive groups the dataset declares (a tier's ``groups:``), for ``None`` above.
+    softmax_groups, declared_groups
+        See :class:`GroupedClassifier`.
     """
-
-    gate_label: str = "clear"
 
     def __init__(
         self,
@@ -111,10 +252,7 @@ class ImageClassifier(CalibratedStage):
         softmax_groups: Sequence[Sequence[str]] | None = None,
         declared_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        self.softmax_groups = (
-            None if softmax_groups is None else tuple(tuple(g) for g in softmax_groups)
-        )
-        self.declared_groups = {k: tuple(v) for k, v in (declared_groups or {}).items()}
+        super().__init__(softmax_groups=softmax_groups, declared_groups=declared_groups)
         self.backbone = backbone
         self.input_size = input_size
         self.view = view
@@ -148,37 +286,7 @@ class ImageClassifier(CalibratedStage):
         }
         if self.crop_groups:
             config["crop_groups"] = list(self.crop_groups)
-        if self.softmax_groups:
-            config["softmax_groups"] = [list(g) for g in self.softmax_groups]
-        if self.declared_groups:
-            config["declared_groups"] = {k: list(v) for k, v in self.declared_groups.items()}
-        return config
-
-    # -- softmax groups ----------------------------------------------------------------------
-    def _find_softmax_groups(self, samples: Sequence[Sample]) -> tuple[tuple[str, ...], ...]:
-        """Return the exclusive groups of which every sample holds exactly one label."""
-        if self.softmax_groups is not None:
-            return self.softmax_groups
-        candidates = dict.fromkeys(
-            members
-            for members in exclusive_groups(self.classes_, self.declared_groups).values()
-            if len(members) > 1
-        )
-        return tuple(g for g in candidates if all(len(s.labels & set(g)) == 1 for s in samples))
-
-    def _group_columns(self) -> list[list[int]]:
-        """Return the column indices of each softmax group."""
-        index = {c: i for i, c in enumerate(self.classes_)}
-        return [[index[c] for c in g] for g in self.softmax_groups or ()]
-
-    def _probabilities(self, logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Return the scores of ``(N, classes)`` logits: a softmax per group, else sigmoids."""
-        probs = sigmoid(logits)
-        for cols in self._group_columns():
-            z = logits[:, cols] - logits[:, cols].max(axis=1, keepdims=True)
-            e = np.exp(z)
-            probs[:, cols] = e / e.sum(axis=1, keepdims=True)
-        return probs
+        return {**config, **self._group_config()}
 
     # -- views -----------------------------------------------------------------------------
     def _train_views(self, pixels: npt.NDArray[Any], rng: np.random.Generator) -> torch.Tensor:
@@ -211,18 +319,6 @@ class ImageClassifier(CalibratedStage):
             return torch.ones(n_views, len(self.classes_))
         from_crops = torch.from_numpy(self._crop_labels())
         return torch.cat([(~from_crops)[None], from_crops.expand(n_views - 1, -1)]).float()
-
-    def _encode(self, samples: Sequence[Sample]) -> torch.Tensor:
-        target = torch.zeros(len(samples), len(self.classes_))
-        index = {label: i for i, label in enumerate(self.classes_)}
-        for row, sample in enumerate(samples):
-            for label in sample.labels:
-                if label not in index:
-                    raise ConfigError(
-                        f"sample {sample.image_id} has label {label!r}, not one of {self.classes_}"
-                    )
-                target[row, index[label]] = 1.0
-        return target
 
     # -- training --------------------------------------------------------------------------
     def fit(
@@ -276,10 +372,6 @@ class ImageClassifier(CalibratedStage):
                 f"class of {self.classes_} is in them; name a group such as 'nucleus_size'"
             )
         self.softmax_groups = self._find_softmax_groups([*train, *val])
-        group_cols = self._group_columns()
-        sigmoid_cols = torch.ones(len(self.classes_), dtype=torch.bool)
-        for cols in group_cols:
-            sigmoid_cols[cols] = False
         net = build_classifier(self.backbone, len(self.classes_), self.pretrained).to(device)
 
         def views(
@@ -309,19 +401,7 @@ class ImageClassifier(CalibratedStage):
         def epoch_batches(_epoch: int) -> list[npt.NDArray[np.int64]]:
             return batched(rng.permutation(len(x_train)), self.batch_size)
 
-        def loss(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            # Binary cross-entropy on the sigmoid labels, cross-entropy on each group.
-            total = F.binary_cross_entropy_with_logits(
-                logits,
-                y,
-                weight=m * sigmoid_cols.to(m.device),
-                pos_weight=pos_weight.to(logits.device),
-            )
-            for cols in group_cols:
-                w = m[:, cols[0]]
-                ce = F.cross_entropy(logits[:, cols], y[:, cols].argmax(1), reduction="none")
-                total = total + (ce * w).sum() / w.sum().clamp(min=1.0)
-            return total
+        loss = self._grouped_loss(pos_weight)
 
         def train_step(idx: npt.NDArray[np.int64]) -> torch.Tensor:
             batch = augment_batch(x_train[idx], generator)
@@ -403,36 +483,6 @@ class ImageClassifier(CalibratedStage):
         crops = pool_views(features, counts, "mixed", np.ones(features.shape[1], dtype=bool))
         return (field + crops) / 2.0
 
-    def predict(
-        self, images: Sequence[DecodedImage], *, calibrated: bool = True
-    ) -> list[StageOutput]:
-        """Score a batch of images.
-
-        Parameters
-        ----------
-        images : sequence of DecodedImage
-            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
-        calibrated : bool, default True
-            Apply the fitted calibrators; ``False`` gives the raw sigmoid (and softmax)
-            outputs.
-
-        Returns
-        -------
-        list of StageOutput
-            One per image, in order, with a score in ``[1e-6, 1 - 1e-6]`` for every class
-            and no boxes.
-        """
-        logits = self.decision_logits(images)
-        probs = np.clip(self._probabilities(logits), SCORE_CLIP, 1.0 - SCORE_CLIP)
-        if calibrated:
-            for j, c in enumerate(self.classes_):
-                probs[:, j] = self.calibrators_[c](logit(probs[:, j]))
-            probs = np.clip(probs, SCORE_CLIP, 1.0 - SCORE_CLIP)
-        return [
-            StageOutput(scores={c: float(p) for c, p in zip(self.classes_, row, strict=True)})
-            for row in probs
-        ]
-
     # -- persistence -------------------------------------------------------------------------
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
         return self.net_, self.input_size
@@ -451,10 +501,6 @@ class ImageClassifier(CalibratedStage):
         stage.device_ = device
         stage._adopt_meta(meta)
         return stage
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 def pool_views(

@@ -1,0 +1,118 @@
+"""The morphometric classifier: image labels read off the measured objects of each image.
+
+Synthetic fields hold few or many discs, small or large; the labels are exactly those two
+facts, so a backend that measures its objects must learn them from a handful of images,
+and keep them through save and load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from phenocascade.domain import Box, DecodedImage, Sample
+from phenocascade.errors import ConfigError
+from phenocascade.models.backends.morphometric import (
+    FEATURES,
+    MorphometricClassifier,
+    morphometry,
+)
+from phenocascade.models.segmentation import Instance
+
+CLASSES = ("count:few", "count:many", "size:small", "size:large")
+SIDE = 96
+
+
+def _field(rng: np.random.Generator, many: bool, large: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A grey field with discs, and its instance label image."""
+    image = rng.normal(40, 6, (SIDE, SIDE))
+    labels = np.zeros((SIDE, SIDE), np.uint16)
+    radius = 9 if large else 3
+    for k in range(1, (14 if many else 3) + 1):
+        for _ in range(50):  # a free place, or give up on this disc
+            cx, cy = (int(v) for v in rng.integers(radius + 1, SIDE - radius - 1, 2))
+            disc = np.zeros_like(labels)
+            cv2.circle(disc, (cx, cy), radius, 1, -1)
+            if not (labels[disc > 0]).any():
+                labels[disc > 0] = k
+                break
+    image[labels > 0] = 200 + rng.normal(0, 6, int((labels > 0).sum()))
+    return np.clip(image, 0, 255).astype(np.uint8)[:, :, None], labels
+
+
+def _samples(folder: Path, n: int, seed: int) -> tuple[list[Sample], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    samples, pixels = [], {}
+    for i in range(n):
+        many, large = bool(i % 2), bool((i // 2) % 2)
+        image, labels = _field(rng, many, large)
+        image_id = f"f{seed}-{i}"
+        mask = folder / f"{image_id}.png"
+        Image.fromarray(labels).save(mask)
+        pixels[image_id] = image
+        tags = {"count:many" if many else "count:few", "size:large" if large else "size:small"}
+        samples.append(Sample(image_id, None, labels=frozenset(tags), mask=mask))
+    return samples, pixels
+
+
+def _fit(samples: list[Sample], pixels: dict[str, np.ndarray]) -> MorphometricClassifier:
+    stage = MorphometricClassifier(
+        segmenter={"crop_size": 64, "batch_size": 4, "steps_per_epoch": 15, "lr": 3e-3}
+    )
+    return stage.fit(
+        samples[:-4],
+        samples[-4:],
+        classes=CLASSES,
+        load=lambda s: pixels[s.image_id],
+        max_epochs=4,
+        patience=4,
+    )
+
+
+@pytest.mark.slow
+def test_labels_that_are_counts_and_sizes_are_learned_from_the_objects(tmp_path: Path) -> None:
+    train, pixels = _samples(tmp_path, 24, seed=0)
+    stage = _fit(train, pixels)
+    assert stage.softmax_groups == (("count:few", "count:many"), ("size:small", "size:large"))
+    test, test_pixels = _samples(tmp_path, 12, seed=1)
+    images = [DecodedImage(s.image_id, test_pixels[s.image_id]) for s in test]
+    outputs = stage.predict(images, calibrated=False)
+    right = 0
+    for sample, out in zip(test, outputs, strict=True):
+        for group in ("count", "size"):
+            best = max((c for c in CLASSES if c.startswith(group)), key=lambda c: out.scores[c])
+            right += best in sample.labels
+    assert right >= 0.9 * 2 * len(test), [o.scores for o in outputs]
+    assert stage.embed(images).shape == (len(images), len(FEATURES))
+
+    stage.save(tmp_path / "artifact" / "v1", tier="majority")
+    loaded = MorphometricClassifier.load(tmp_path / "artifact" / "v1")
+    assert loaded.softmax_groups == stage.softmax_groups
+    np.testing.assert_allclose(loaded.decision_logits(images), stage.decision_logits(images))
+
+
+def test_a_tier_without_object_outlines_or_boxes_is_refused() -> None:
+    samples = [Sample(f"s{i}", None, labels=frozenset({"count:few"})) for i in range(4)]
+    with pytest.raises(ConfigError, match="instance masks or boxes"):
+        MorphometricClassifier().fit(
+            samples[:2], samples[2:], classes=CLASSES, load=lambda s: np.zeros((8, 8, 1))
+        )
+
+
+def test_morphometry_measures_count_size_and_cover() -> None:
+    def disc(area: int) -> Instance:
+        return Instance(Box(0, 0, 1, 1, "object", 0.8), area)
+
+    features = dict(
+        zip(FEATURES, morphometry([disc(10), disc(20), disc(30)], 100, 100), strict=True)
+    )
+    assert features["log_count"] == pytest.approx(np.log(4))
+    assert features["log_median_area"] == pytest.approx(np.log(20))
+    assert features["covered_fraction"] == pytest.approx(60 / 10_000)
+    assert features["mean_confidence"] == pytest.approx(0.8)
+    empty = dict(zip(FEATURES, morphometry([], 100, 100), strict=True))
+    assert empty["log_count"] == 0 and empty["covered_fraction"] == 0
