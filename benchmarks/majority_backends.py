@@ -106,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     classical = [
         classical_majority.group_labels(classical_majority.find_objects(i.pixels)) for i in images
     ]
+    models = [measure(folder, images, truth) for folder in args.artifacts]
     result: dict[str, Any] = {
         **provenance(shlex.join(["python", "benchmarks/majority_backends.py", *sys.argv[1:]])),
         "split": "dsb2018 test",
-        "models": [measure(folder, images, truth) for folder in args.artifacts],
+        "models": models,
         "classical": {
             group: {
                 "macro_f1": macro_f1(
