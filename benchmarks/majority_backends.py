@@ -34,7 +34,7 @@ from models import provenance
 from phenocascade.config import Settings
 from phenocascade.data.datasets import dsb2018_majority, load_pixels
 from phenocascade.domain import DecodedImage, StageKind, exclusive_groups, pending_labels
-from phenocascade.models.base import load_stage
+from phenocascade.models.base import ArtifactMeta, load_stage
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("nucleus_size", "density")
@@ -81,7 +81,9 @@ def measure(
             "labels_wrong": wrong,
             "images_decided": whole,
             "novel": novel,
-            "target_precision": stage.meta_.metrics["calibration"]["target_precision"],
+            "target_precision": ArtifactMeta.read(folder).metrics["calibration"][
+                "target_precision"
+            ],
         },
     }
     for group in GROUPS:
