@@ -89,6 +89,17 @@ def test_labels_that_are_counts_and_sizes_are_learned_from_the_objects(tmp_path:
     assert right >= 0.9 * 2 * len(test), [o.scores for o in outputs]
     assert stage.embed(images).shape == (len(images), len(FEATURES))
 
+    # A batch scored and then checked for novelty is segmented once.
+    calls: list[int] = []
+    segment = stage.segmenter_.segment
+    stage.segmenter_.segment = lambda px: calls.append(1) or segment(px)  # type: ignore[method-assign]
+    batch = [DecodedImage(i.image_id, i.pixels.copy()) for i in images]
+    scored = stage.predict(batch)
+    np.testing.assert_allclose(stage.embed(batch), stage.embed(images))
+    assert len(calls) == 2 * len(batch)  # this batch once, the first batch once more
+    assert [o.scores for o in scored] == [o.scores for o in stage.predict(batch)]
+    stage.segmenter_.segment = segment  # type: ignore[method-assign]
+
     stage.save(tmp_path / "artifact" / "v1", tier="majority")
     loaded = MorphometricClassifier.load(tmp_path / "artifact" / "v1")
     assert loaded.softmax_groups == stage.softmax_groups

@@ -44,8 +44,8 @@ from phenocascade.overlay import render_overlay
 from phenocascade.store.cassandra import (
     connect,
     get_latest_output,
+    latest_outputs_of_study,
     latest_status_by_image,
-    outputs_by_study,
 )
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
@@ -328,12 +328,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         found = get_latest_output(session=session, image_id=args.image)
         outputs = [found] if found else []
     else:
-        ids = dict.fromkeys(
-            row["image_id"] for row in outputs_by_study(session=session, study=args.study)
-        )
-        outputs = [
-            o for image_id in ids if (o := get_latest_output(session=session, image_id=image_id))
-        ]
+        outputs = latest_outputs_of_study(session=session, study=args.study)
     if not outputs:
         raise NotFoundError(
             f"no outputs for {'image ' + args.image if args.image else 'study ' + args.study}"

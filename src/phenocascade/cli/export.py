@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cassandra.cluster import Session
 from rich.console import Console
 
 from phenocascade.config import get_settings
@@ -21,21 +20,15 @@ from phenocascade.data.exports import (
     write_parquet,
 )
 from phenocascade.errors import NotFoundError, ValidationError
-from phenocascade.store.cassandra import connect, get_latest_output, outputs_by_study
+from phenocascade.store.cassandra import connect, latest_outputs_of_study
 
 console = Console(stderr=True)
-
-
-def latest_outputs(session: Session, study: str) -> list[dict[str, Any]]:
-    """Return the newest output of every image of ``study``, in image id order."""
-    ids = sorted({row["image_id"] for row in outputs_by_study(session=session, study=study)})
-    return [o for i in ids if (o := get_latest_output(session=session, image_id=i)) is not None]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the newest output of every image of a study."""
     settings = get_settings()
-    outputs = latest_outputs(connect(settings.cassandra), args.study)
+    outputs = latest_outputs_of_study(session=connect(settings.cassandra), study=args.study)
     if not outputs:
         raise NotFoundError(f"no outputs for study {args.study!r}")
     dest = Path(args.output)

@@ -229,6 +229,12 @@ def get_latest_output(*, session: Session, image_id: str) -> dict[str, Any] | No
     return outputs[-1] if outputs else None
 
 
+def latest_outputs_of_study(*, session: Session, study: str) -> list[dict[str, Any]]:
+    """Return the newest output of every image of ``study``, in image id order."""
+    ids = sorted({row["image_id"] for row in outputs_by_study(session=session, study=study)})
+    return [o for i in ids if (o := get_latest_output(session=session, image_id=i)) is not None]
+
+
 def outputs_by_study(*, session: Session, study: str) -> list[dict[str, Any]]:
     """Return ``{image_id, versions_key, status, produced_at}`` for every output of ``study``."""
     rows = session.execute(

@@ -132,6 +132,9 @@ class MorphometricClassifier(GroupedClassifier):
 
     kind = StageKind.CLASSIFIER
     model_name = "morphometric_classifier"
+    # The pixels of the last batch measured (held, so their identity stays theirs) and
+    # its measurements; see :meth:`measurements`.
+    _last: tuple[list[npt.NDArray[Any]], npt.NDArray[np.float64]] | None = None
 
     def __init__(
         self,
@@ -247,10 +250,23 @@ class MorphometricClassifier(GroupedClassifier):
         return morphometry(self.segmenter_.segment(pixels), *pixels.shape[:2])
 
     def measurements(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
-        """Return each image's :func:`morphometry`, shape ``(len(images), len(FEATURES))``."""
+        """Return each image's :func:`morphometry`, shape ``(len(images), len(FEATURES))``.
+
+        The last batch's are kept: a worker's shift detector reads :meth:`embed` of the
+        batch it has just scored, and segmenting it again would double the cost per image.
+        """
         if not images:
             return np.zeros((0, len(FEATURES)))
-        return np.stack([self._measure(img.pixels) for img in images])
+        last = self._last
+        if (
+            last is not None
+            and len(last[0]) == len(images)
+            and all(a is img.pixels for a, img in zip(last[0], images, strict=True))
+        ):
+            return last[1]
+        found = np.stack([self._measure(img.pixels) for img in images])
+        self._last = ([img.pixels for img in images], found)
+        return found
 
     def decision_logits(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
         """Uncalibrated logits of the measurements, shape ``(len(images), len(classes))``."""
