@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from discs import disc_field
 from PIL import Image
 
 from phenocascade.domain import Box, DecodedImage, Sample
@@ -29,19 +29,7 @@ SIDE = 96
 
 def _field(rng: np.random.Generator, many: bool, large: bool) -> tuple[np.ndarray, np.ndarray]:
     """A grey field with discs, and its instance label image."""
-    image = rng.normal(40, 6, (SIDE, SIDE))
-    labels = np.zeros((SIDE, SIDE), np.uint16)
-    radius = 9 if large else 3
-    for k in range(1, (14 if many else 3) + 1):
-        for _ in range(50):  # a free place, or give up on this disc
-            cx, cy = (int(v) for v in rng.integers(radius + 1, SIDE - radius - 1, 2))
-            disc = np.zeros_like(labels)
-            cv2.circle(disc, (cx, cy), radius, 1, -1)
-            if not (labels[disc > 0]).any():
-                labels[disc > 0] = k
-                break
-    image[labels > 0] = 200 + rng.normal(0, 6, int((labels > 0).sum()))
-    return np.clip(image, 0, 255).astype(np.uint8)[:, :, None], labels
+    return disc_field(rng, SIDE, 14 if many else 3, 9 if large else 3)
 
 
 def _samples(folder: Path, n: int, seed: int) -> tuple[list[Sample], dict[str, np.ndarray]]:

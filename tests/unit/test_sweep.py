@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from discs import disc_field
 from PIL import Image
 
 from phenocascade.cli import main
@@ -16,10 +17,17 @@ from phenocascade.config import TierSpec, get_settings, load_topology
 from phenocascade.consumers.retrainer import decide
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.data.registry import StoredDataset, load_dataset, save_dataset
-from phenocascade.domain import Sample
+from phenocascade.domain import Sample, StageKind
 from phenocascade.models.base import champion_version
 from phenocascade.recipes import sweep
-from phenocascade.recipes.sweep import BackendSpace, SweepResult, sweep_tier
+from phenocascade.recipes.own import own_recipe
+from phenocascade.recipes.sweep import (
+    BackendSpace,
+    SweepResult,
+    default_space,
+    sweep_tier,
+    trial_config,
+)
 
 TIER = "majority"
 ARTIFACT = "cells-majority"
@@ -83,7 +91,7 @@ def _versions(artifacts: Path) -> set[str]:
 def test_a_sweep_stores_its_trials_keeps_the_best_and_makes_it_first_champion(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sweep, "default_space", lambda kind, size, max_epochs=None: TINY)
+    monkeypatch.setattr(sweep, "default_space", lambda *_, **__: TINY)
     settings = get_settings()
     assert champion_version(settings.artifacts, ARTIFACT) is None
 
@@ -234,3 +242,79 @@ def test_bad_arguments_are_one_line_errors(
     err = capsys.readouterr().err
     assert err.startswith("phenocascade: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_morphometric_classifier_is_searched_where_the_dataset_outlines_objects() -> None:
+    assert "morphometric_classifier" not in default_space(StageKind.CLASSIFIER)
+    space = default_space(StageKind.CLASSIFIER, objects=True)
+    assert {"multilabel_cnn", "morphometric_classifier"} <= set(space)
+    recipe = own_recipe(StageKind.CLASSIFIER, "morphometric_classifier", "bootstrap").config
+    trial = optuna.trial.FixedTrial(
+        {
+            "morphometric_classifier.input_size": 192,
+            "morphometric_classifier.lr": 1e-3,
+            "morphometric_classifier.epochs": 9,
+        }
+    )
+    config, epochs = trial_config(
+        trial, "morphometric_classifier", space["morphometric_classifier"], recipe
+    )
+    # The sampled settings go into the segmenter; the recipe's others (weights, steps) stay.
+    assert epochs == 9
+    assert config == {"segmenter": {**recipe["segmenter"], "crop_size": 192, "lr": 1e-3}}
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_and_scores_the_morphometric_classifier_on_outlined_objects(
+    home: Path, tmp_path: Path
+) -> None:
+    """Fields of few or many, small or large discs with their instance masks."""
+    discs = _discs(tmp_path / "discs", get_settings().dataset_store)
+    spec = _spec().model_copy(
+        update={"labels": list(discs.classes), "dataset": "discs", "artifact": "discs-majority"}
+    )
+    tiny = {
+        "morphometric_classifier": BackendSpace(
+            (), (48,), (3e-3, 3e-3), (3, 3), size_arg="crop_size", nested="segmenter"
+        )
+    }
+    result = sweep_tier(
+        spec, discs, settings=get_settings(), trials=1, budget_minutes=5, space=tiny
+    )
+    (trial,) = result.trials
+    assert trial.state == "complete", trial.error
+    assert trial.params == {
+        "backend": "morphometric_classifier",
+        "morphometric_classifier.input_size": 48,
+        "morphometric_classifier.lr": 3e-3,
+        "morphometric_classifier.epochs": 3,
+    }
+    meta = json.loads((result.folder / "metadata.json").read_text()) if result.folder else {}
+    assert meta["backend"] == "morphometric_classifier"
+    assert meta["config"]["segmenter"]["crop_size"] == 48
+    # The labels are the objects' count and size: measuring them ranks the val split well.
+    assert trial.metric is not None and trial.metric >= 0.8, trial.metric
+
+
+def _discs(folder: Path, store: Path) -> StoredDataset:
+    """20 grey 64x64 fields of 2 or 9 discs of radius 3 or 7, with instance masks."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(20):
+        many, large = bool(i % 2), bool((i // 2) % 2)
+        image, labels = disc_field(rng, 64, 9 if many else 2, 7 if large else 3)
+        path, mask = folder / f"{i:02d}.png", folder / f"{i:02d}_mask.png"
+        Image.fromarray(image[:, :, 0]).save(path)
+        Image.fromarray(labels).save(mask)
+        tags = {"count:many" if many else "count:few", "size:large" if large else "size:small"}
+        samples.append(Sample(f"{i:02d}", path, frozenset(tags), group=f"{i:02d}", mask=mask))
+    classes = ("count:few", "count:many", "size:small", "size:large")
+    labelled = LabelledSet("discs", classes, tuple(samples))
+    return save_dataset(
+        store,
+        "discs",
+        labelled,
+        kinds=dict.fromkeys(classes, "image"),
+        groups={"count": ("count:few", "count:many"), "size": ("size:small", "size:large")},
+    )

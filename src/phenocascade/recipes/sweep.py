@@ -21,9 +21,12 @@ seed, so trials differ only by their parameters.
   ``mosaic`` probability); the CNN classifiers always apply the eight dihedral
   transforms, the torchvision detector always flips. Pretrained weights are used only
   where they exist offline (:func:`phenocascade.models.nets.resolve_pretrained`),
-  otherwise that backbone trains from scratch. The nucleus composites
-  (``nucleus_outlier_detector``, ``nucleus_mask_outlier_detector``) are not searched: they
-  learn one class of size outliers among nuclei, not a tier's labels.
+  otherwise that backbone trains from scratch. The ``morphometric_classifier`` is searched
+  when the dataset outlines its objects (instance masks or boxes), as it learns to segment
+  them: its segmenter's crop size, learning rate and epochs (its U-Net body is always
+  MobileNetV2). The nucleus composites (``nucleus_outlier_detector``,
+  ``nucleus_mask_outlier_detector``) are not searched: they learn one class of size
+  outliers among nuclei, not a tier's labels.
 * **Storage:** the study lives in ``storage`` (default ``sqlite:///<home>/sweeps.db``)
   under ``study_name`` (default the tier's artifact name); a later sweep of the same
   study continues it, and ``phenocascade sweep show`` lists every trial.
@@ -85,7 +88,7 @@ class BackendSpace:
     Attributes
     ----------
     backbones : tuple of str
-        Choices of the constructor argument ``backbone_arg``.
+        Choices of the constructor argument ``backbone_arg`` (empty: not searched).
     input_sizes : tuple of int
         Choices of ``size_arg``, in pixels.
     lr : tuple of float
@@ -100,6 +103,10 @@ class BackendSpace:
         The constructor argument setting the input size.
     augmentation_arg : str or None, default None
         The constructor argument setting the augmentation strength.
+    nested : str or None, default None
+        The constructor argument (a mapping) that takes the sampled settings, instead of
+        the constructor itself: ``"segmenter"`` for the morphometric classifier. The
+        recipe's other entries of that mapping stay.
     """
 
     backbones: tuple[str, ...]
@@ -110,6 +117,7 @@ class BackendSpace:
     backbone_arg: str = "backbone"
     size_arg: str = "input_size"
     augmentation_arg: str | None = None
+    nested: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +202,23 @@ def default_storage(settings: Settings) -> str:
 
 
 def default_space(
-    kind: StageKind, size: Size = "bootstrap", max_epochs: int | None = None
+    kind: StageKind,
+    size: Size = "bootstrap",
+    max_epochs: int | None = None,
+    *,
+    objects: bool = False,
 ) -> dict[str, BackendSpace]:
     """Return the search space of each built-in backend of ``kind`` (see module docstring).
 
     Epochs range from half to twice the backend's recipe (:func:`own_recipe`) at ``size``,
-    capped at ``max_epochs`` when given.
+    capped at ``max_epochs`` when given. ``objects``: the dataset outlines its objects
+    (instance masks or boxes), so backends that learn from them are searched too.
     """
     spaces: dict[str, BackendSpace] = {}
     for name in backend_names():
         if get_backend(name).kind is not kind:
+            continue
+        if name == "morphometric_classifier" and not objects:
             continue
         recipe_epochs = own_recipe(kind, name, size).max_epochs
         epochs = (max(1, recipe_epochs // 2), 2 * recipe_epochs)
@@ -220,6 +235,15 @@ def default_space(
                 (1e-4, 3e-3),
                 epochs,
                 size_arg="min_size",
+            )
+        elif name == "morphometric_classifier":
+            spaces[name] = BackendSpace(
+                (),
+                (128, 192, 256, 320),
+                (3e-4, 3e-3),
+                epochs,
+                size_arg="crop_size",
+                nested="segmenter",
             )
         elif name == "yolo":
             spaces[name] = BackendSpace(
@@ -254,28 +278,32 @@ def trial_config(
     Settings that follow from the sampled ones are set as the recipe (``recipe``, its
     constructor arguments) would: offline weights of the chosen backbone where the recipe
     takes ``pretrained``; a detector's long-side cap at the recipe's ratio to its short
-    side; a frozen body only when it is pretrained.
+    side; a frozen body only when it is pretrained. A ``nested`` space's settings go into
+    the recipe's mapping of that name, whose other entries stay.
     """
     prefix = f"{backend}."
-    backbone = trial.suggest_categorical(prefix + "backbone", space.backbones)
+    base: Mapping[str, Any] = (recipe.get(space.nested) or {}) if space.nested else recipe
     size = trial.suggest_categorical(prefix + "input_size", space.input_sizes)
     config: dict[str, Any] = {
-        space.backbone_arg: backbone,
+        **(base if space.nested else {}),
         space.size_arg: size,
         "lr": trial.suggest_float(prefix + "lr", *space.lr, log=True),
     }
+    if space.backbones:
+        backbone = trial.suggest_categorical(prefix + "backbone", space.backbones)
+        config[space.backbone_arg] = backbone
+        if "pretrained" in base:
+            config["pretrained"] = offline_pretrained(str(backbone))
     if space.augmentation is not None and space.augmentation_arg is not None:
         config[space.augmentation_arg] = trial.suggest_float(
             prefix + "augmentation", *space.augmentation
         )
     epochs = trial.suggest_int(prefix + "epochs", *space.epochs)
-    if "pretrained" in recipe:
-        config["pretrained"] = offline_pretrained(str(backbone))
-    if "max_size" in recipe and "min_size" in recipe:
-        config["max_size"] = round(int(size) * recipe["max_size"] / recipe["min_size"])
-    if recipe.get("freeze_backbone"):
+    if "max_size" in base and "min_size" in base:
+        config["max_size"] = round(int(size) * base["max_size"] / base["min_size"])
+    if base.get("freeze_backbone"):
         config["freeze_backbone"] = config.get("pretrained") is not None
-    return config, epochs
+    return ({space.nested: config} if space.nested else config), epochs
 
 
 def pruning_hook(trial: optuna.Trial) -> EpochHook:
@@ -423,7 +451,10 @@ def sweep_tier(
             f"in {budget_minutes} minutes"
         )
     kind, _ = tier_classes(spec)
-    space = dict(space if space is not None else default_space(kind, size, max_epochs))
+    if space is None:
+        objects = any(s.mask is not None or s.boxes for s in stored.samples)
+        space = default_space(kind, size, max_epochs, objects=objects)
+    space = dict(space)
     _check_space(space, kind, spec.name)
     metric = KIND_METRICS[kind]
     storage = storage or default_storage(settings)
