@@ -31,6 +31,7 @@ from phenocascade.errors import ConfigError
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import champion_version, load_stage
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.recipes.cache import bootstrap_key, keep, restore
 from phenocascade.recipes.core import (
     Recipe,
     Size,
@@ -476,7 +477,11 @@ def train_tier(
 def ensure_bootstrap(
     settings: Settings, *, progress: bool = False, device: str = "cpu"
 ) -> dict[str, str]:
-    """Train a bootstrap model for every tier that has no champion yet.
+    """Give every tier that has no champion yet a bootstrap model.
+
+    A model of the same code, packages and data found in the model cache
+    (:mod:`phenocascade.recipes.cache`) is copied; otherwise the tier trains one and
+    stores it there.
 
     Returns
     -------
@@ -485,7 +490,12 @@ def ensure_bootstrap(
     """
     for tier in TIERS:
         if champion_version(settings.artifacts, tier) is None:
-            train_tier(tier, settings=settings, size="bootstrap", progress=progress, device=device)
+            key = bootstrap_key(tier, settings, device=device)
+            if restore(settings, tier, key) is None:
+                folder = train_tier(
+                    tier, settings=settings, size="bootstrap", progress=progress, device=device
+                )
+                keep(folder, key)
     return {tier: champion_version(settings.artifacts, tier) or "" for tier in TIERS}
 
 
