@@ -11,7 +11,7 @@ import pytest
 
 from phenocascade.config import Settings, get_settings
 from phenocascade.models.base import champion_version, set_champion
-from phenocascade.recipes import bundled
+from phenocascade.recipes import bundled, cache
 from phenocascade.recipes.bundled import TIERS, ensure_bootstrap
 from phenocascade.recipes.cache import MODEL_CACHE_ENV, bootstrap_key
 
@@ -105,3 +105,12 @@ def test_a_checkout_with_champions_keeps_them(
     versions = ensure_bootstrap(settings)
     assert ensure_bootstrap(settings) == versions
     assert trained == list(TIERS)
+
+
+def test_the_key_covers_the_code_that_trains_and_not_the_services() -> None:
+    package = Path(cache.__file__).resolve().parents[1]
+    files = {p.relative_to(package).parts[0] for p in cache._files(package, cache.SERVICE_CODE)}
+    assert {"models", "recipes", "data", "resources", "domain.py", "config.py"} <= files
+    assert not files & set(cache.SERVICE_CODE)
+    for name in cache.SERVICE_CODE:
+        assert (package / name).exists(), name  # a renamed service would silently count

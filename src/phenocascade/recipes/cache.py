@@ -9,8 +9,10 @@ copies the model instead of training it, as pip reuses a wheel it built.
 The key is a SHA-256 of:
 
 * the tier, the device and the recipe size;
-* every file of the installed ``phenocascade`` package (code and resources), so any change
-  of a recipe, a backend, the training loop or the certificate trains anew;
+* every file of the installed ``phenocascade`` package that can take part in training
+  (code and resources; not the service layers that the layer contract keeps training from
+  importing: :data:`SERVICE_CODE`), so any change of a recipe, a backend, the training loop,
+  the datasets' readers or the certificate trains anew;
 * the versions of Python and of the packages the models are made with (torch,
   torchvision, numpy, the offline ImageNet weights...);
 * the shared datasets' files, by relative path and size (the releases are immutable; a
@@ -40,6 +42,19 @@ from phenocascade.models.base import set_champion
 log = logging.getLogger(__name__)
 
 MODEL_CACHE_ENV = "PHENOCASCADE_MODEL_CACHE"
+# Parts of the package that never run in training: the command line, the consumers and
+# the UI sit above the recipes, and the recipes import neither the brokers' clients nor
+# the overlay (pyproject.toml's import-linter contracts).
+SERVICE_CODE = (
+    "cli",
+    "consumers",
+    "ui",
+    "learning.py",
+    "infra",
+    "streams",
+    "store",
+    "overlay.py",
+)
 # Distributions whose version changes what training makes.
 _DISTRIBUTIONS = (
     "torch",
@@ -71,7 +86,7 @@ def bootstrap_key(tier: str, settings: Settings, *, device: str, size: str = "bo
             version = "-"
         digest.update(f"{name}={version}\0".encode())
     package = Path(phenocascade.__file__).resolve().parent
-    for path in sorted(_files(package)):
+    for path in sorted(_files(package, leave_out=SERVICE_CODE)):
         digest.update(str(path.relative_to(package)).encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     datasets = settings.datasets.resolve()
@@ -119,10 +134,22 @@ def keep(folder: Path, key: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (links followed), caches and hidden files left out."""
+def _files(root: Path, leave_out: tuple[str, ...] = ()) -> list[Path]:
+    """Every regular file under ``root`` (links followed), caches and hidden files left out.
+
+    ``leave_out`` names files and folders directly under ``root`` to skip.
+    """
     found = []
     for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
-        found += [Path(folder) / n for n in names if not n.startswith(".")]
+        top = Path(folder) == root
+        dirs[:] = [
+            d
+            for d in dirs
+            if d != "__pycache__" and not d.startswith(".") and not (top and d in leave_out)
+        ]
+        found += [
+            Path(folder) / n
+            for n in names
+            if not n.startswith(".") and not (top and n in leave_out)
+        ]
     return found
