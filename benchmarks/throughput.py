@@ -10,7 +10,7 @@ Usage::
 Writes ``benchmarks/results/throughput.json`` with ``in_process_img_s``, ``pipeline_img_s``,
 ``ratio``, ``p50_ms``, ``p99_ms`` (submit-to-output latency in the pipeline), ``images``,
 ``peak_rss_mb`` per process, ``cpu_s`` (CPU seconds of the in-process run and of each
-pipeline process over the measured images) and ``command``.
+pipeline process over the measured images), and the command, commit and host.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 
 from harness import Cascade
 
+import models as bench
 from phenocascade.config import get_settings, load_topology
 from phenocascade.domain import DecodedImage, Route, route
 from phenocascade.imaging import read_image
@@ -173,8 +174,7 @@ def main() -> None:
                 k: round(cpu_after[k] - cpu_before[k], 1) for k in cpu_after if k in cpu_before
             },
         },
-        "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]),
-    }
+    } | bench.provenance("python benchmarks/throughput.py " + shlex.join(sys.argv[1:]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
