@@ -15,6 +15,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel
 
 from phenocascade.errors import (
     AuthError,
@@ -42,6 +43,29 @@ STATUS_BY_ERROR: tuple[tuple[type[PhenocascadeError], int], ...] = (
 )
 
 API_PREFIXES = ("/api/", "/admin/api/")
+
+
+class ErrorBody(BaseModel):
+    """What an API request that fails answers: the error's kind and what to do about it."""
+
+    error: str
+    detail: str
+
+
+# The refusals any API route may answer, documented in the OpenAPI schema (in place of
+# FastAPI's default 422 body, which this app never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody, "description": description}
+    for code, description in (
+        (401, "Not logged in, or the session has ended"),
+        (403, "Role too low, or a missing or wrong CSRF token"),
+        (404, "No such object, or one of a study the user may not access"),
+        (409, "Conflicts with the current state (e.g. a task claimed by another user)"),
+        (422, "Invalid request"),
+        (429, "Too many failed logins; Retry-After says when to try again"),
+        (503, "Kafka or Cassandra is unavailable"),
+    )
+}
 
 # An absolute path of two or more segments, bare or as a file: URI. Not the tail of a relative
 # path or of a URL ("var/a/b", "http://host/a/b"): those follow a name character or ":".

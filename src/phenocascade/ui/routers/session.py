@@ -27,8 +27,9 @@ router = APIRouter(tags=["session"])
 class Credentials(BaseModel):
     """The login form."""
 
-    # No stored name is longer (check_username); the bound also caps the throttle's keys.
-    username: str = Field(max_length=64)
+    # Stored names are 1 to 64 characters (check_username); the bounds also keep the
+    # throttle's keys non-empty (Cassandra refuses an empty key) and short.
+    username: str = Field(min_length=1, max_length=64)
     password: str
     next: str = "/queue"
 
