@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+import imagecodecs
 import numpy as np
 import numpy.typing as npt
 import tifffile
@@ -35,12 +37,36 @@ Pixels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# Bit depth and colour type of a PNG, right after its signature, IHDR length, type and size.
+_PNG_DEPTH_OFFSET = 24
+# What Pillow, tifffile and imagecodecs raise on corrupt bytes, besides OSError and
+# ValueError: tifffile on a short header (struct.error), an unknown tag value (KeyError),
+# a zero RowsPerStrip (ZeroDivisionError) or samples of different bit depths without
+# byte counts (TypeError); imagecodecs' codecs raise RuntimeErrors.
+DECODER_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    LookupError,
+    ArithmeticError,
+    RuntimeError,
+    TypeError,
+    tifffile.TiffFileError,
+)
 # The widest pixel accepted: RGBA at 16 bits per sample (the alpha plane is dropped after
 # decoding). A page whose declared samples decode to more bytes per allowed pixel is a bomb.
 _MAX_BYTES_PER_PIXEL = 8
 # A multi-page stack may decode to at most this many full-size images; larger stacks are
 # refused even though only one page is decoded at a time.
 _MAX_STACK_IMAGES = 64
+# TIFF compressions whose segments are JPEG streams (JPEG, lossy JPEG): the codec allocates
+# what a stream's frame header declares, whatever the page's size.
+_TIFF_JPEG_COMPRESSIONS = (7, 34892)
+# A JPEG frame header follows the stream's tables and APPn segments: look this far for it.
+_JPEG_HEADER_BYTES = 1 << 20
 
 
 def sniff_format(data: bytes) -> str:
@@ -123,7 +149,8 @@ def _check_tiff_size(plane: tifffile.TiffPage, pages: int, *, max_pixels: int, w
         raise DecompressionBombError(
             f"{what}: declared size {size} exceeds the limit of {max_pixels} pixels"
         )
-    page_bytes = area * plane.samplesperpixel * -(-plane.bitspersample // 8)
+    sample_bytes = -(-plane.bitspersample // 8)
+    page_bytes = area * plane.samplesperpixel * sample_bytes
     budget = max_pixels * _MAX_BYTES_PER_PIXEL
     if page_bytes > budget:
         raise DecompressionBombError(
@@ -137,6 +164,55 @@ def _check_tiff_size(plane: tifffile.TiffPage, pages: int, *, max_pixels: int, w
             f"{what}: {pages} pages of {page_bytes} bytes exceed the limit of "
             f"{budget * _MAX_STACK_IMAGES} bytes for a stack; split it into smaller files"
         )
+    # A tile is decoded whole, padding included, before it is cut to the page.
+    tile_bytes = plane.tilewidth * plane.tilelength * plane.tiledepth * plane.samplesperpixel
+    if plane.is_tiled and tile_bytes * sample_bytes > budget:
+        raise DecompressionBombError(
+            f"{what}: declared tiles of {plane.tilewidth}x{plane.tilelength} px decode to "
+            f"{tile_bytes * sample_bytes} bytes each, which exceeds the limit of {budget} bytes"
+        )
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """Return ``(width, height)`` from the frame header of a JPEG stream, ``None`` if none."""
+    if not data.startswith(_JPEG_MAGIC[:2]):
+        return None
+    at = 2
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0 to SOF15
+            height, width = struct.unpack_from(">HH", data, at + 5)
+            return width, height
+        elif marker == 0xDA:  # a scan before any frame header
+            return None
+        else:
+            at += 2 + struct.unpack_from(">H", data, at + 2)[0]
+    return None
+
+
+def _check_jpeg_segments(
+    plane: tifffile.TiffPage, stream: IO[bytes], *, max_pixels: int, what: str
+) -> None:
+    """Refuse a JPEG-compressed TIFF page whose segments declare more than ``max_pixels``."""
+    if plane.compression not in _TIFF_JPEG_COMPRESSIONS:
+        return
+    for offset, count in zip(plane.dataoffsets, plane.databytecounts, strict=False):
+        if not count:
+            continue
+        stream.seek(offset)
+        size = _jpeg_frame_size(stream.read(min(count, _JPEG_HEADER_BYTES)))
+        if size is None:
+            raise CorruptImageError(
+                f"{what}: a JPEG segment at offset {offset} has no frame header in its first "
+                f"{_JPEG_HEADER_BYTES} bytes; the file is corrupt"
+            )
+        if size[0] * size[1] > max_pixels:
+            raise DecompressionBombError(
+                f"{what}: a JPEG segment declares {size[0]}x{size[1]} px, which exceeds the "
+                f"limit of {max_pixels} pixels"
+            )
 
 
 def _decode_tiff(
@@ -157,7 +233,13 @@ def _decode_tiff(
                 f"{what}: page {index} does not exist; the TIFF has {pages} page(s)"
             )
         plane = tif.pages.get(index).aspage()
+        if isinstance(plane.bitspersample, tuple):  # tifffile's value when samples differ
+            raise UnsupportedImageError(
+                f"{what}: samples of different bit depths {plane.bitspersample}; save every "
+                "sample at 8 or 16 bits"
+            )
         _check_tiff_size(plane, pages, max_pixels=max_pixels, what=what)
+        _check_jpeg_segments(plane, stream, max_pixels=max_pixels, what=what)
         if plane.imagedepth > 1:
             raise UnsupportedImageError(
                 f"{what}: volumetric TIFF page (depth {plane.imagedepth}); submit 2-D planes"
@@ -166,6 +248,13 @@ def _decode_tiff(
         if plane.planarconfig == tifffile.PLANARCONFIG.SEPARATE and plane.samplesperpixel > 1:
             arr = np.moveaxis(arr, 0, -1)  # (S, H, W) -> (H, W, S)
     return arr
+
+
+def _is_16_bit_colour_png(stream: IO[bytes]) -> bool:
+    """Whether a PNG holds 16-bit RGB(A) or grey+alpha, which Pillow cuts to 8 bits."""
+    stream.seek(_PNG_DEPTH_OFFSET)
+    depth, colour = stream.read(2)
+    return depth == 16 and colour in (2, 4, 6)
 
 
 def _decode_pil(stream: IO[bytes], *, max_pixels: int, what: str) -> npt.NDArray[np.generic]:
@@ -180,6 +269,10 @@ def _decode_pil(stream: IO[bytes], *, max_pixels: int, what: str) -> npt.NDArray
                 f"{what}: declared size {img.width}x{img.height} exceeds the limit of "
                 f"{max_pixels} pixels"
             )
+        if img.format == "PNG" and _is_16_bit_colour_png(stream):
+            stream.seek(0)
+            decoded: npt.NDArray[np.generic] = imagecodecs.png_decode(stream.read())
+            return decoded
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L"):
             return np.asarray(img, dtype=np.uint16)
@@ -213,13 +306,7 @@ def _decode(source: bytes | Path, *, max_pixels: int, what: str, page: int | Non
             raise DecompressionBombError(
                 f"{what}: declared size exceeds the limit ({exc})"
             ) from exc
-        except (
-            UnidentifiedImageError,
-            OSError,
-            ValueError,
-            SyntaxError,
-            tifffile.TiffFileError,
-        ) as exc:
+        except DECODER_ERRORS as exc:
             raise CorruptImageError(
                 f"{what}: cannot decode {fmt} data ({exc}); the file is corrupt or truncated"
             ) from exc
@@ -312,7 +399,7 @@ def tiff_pages(data_or_path: bytes | Path) -> int:
         try:
             with tifffile.TiffFile(stream) as tif:
                 return len(tif.pages)
-        except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        except DECODER_ERRORS as exc:
             raise CorruptImageError(
                 f"{what}: cannot read the TIFF page directory ({exc}); the file is corrupt"
             ) from exc
@@ -326,12 +413,16 @@ def resolve_under_roots(path: str | Path, roots: Sequence[Path]) -> Path:
     Raises
     ------
     PathNotAllowedError
-        If the resolved path is outside every root.
+        If the resolved path is outside every root, or ``path`` cannot name a file (it
+        holds a NUL byte or a lone surrogate).
     """
     raw = str(path)
     if raw.startswith("file://"):
         raw = raw[len("file://") :]
-    resolved = Path(raw).resolve()
+    try:
+        resolved = Path(raw).resolve()
+    except ValueError as exc:  # a NUL byte or a lone surrogate: no file can have this name
+        raise PathNotAllowedError(f"{raw!r} is not a valid file path ({exc})") from exc
     for root in roots:
         if resolved.is_relative_to(root.resolve()):
             return resolved

@@ -30,10 +30,12 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import shutil
+import warnings
 import xml.parsers.expat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ from phenocascade.errors import (
     PhenocascadeError,
     ValidationError,
 )
-from phenocascade.imaging import Pixels, decode_file, tiff_pages
+from phenocascade.imaging import DECODER_ERRORS, Pixels, decode_file, tiff_pages
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _ZERO_AREA = "zero-area box"
@@ -102,12 +104,38 @@ def image_size(path: Path, *, page: int | None = None) -> tuple[int, int]:
                 plane = tif.pages.get(page or 0).aspage()
                 return int(plane.imagewidth), int(plane.imagelength)
         _check_page(page or 0, 1, file=str(path))
-        with Image.open(path) as img:
-            return int(img.width), int(img.height)
+        with warnings.catch_warnings():
+            # Only the header is read; decoding checks the size against max_image_pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return int(img.width), int(img.height)
     except FileNotFoundError as exc:
         raise AnnotationError("image file does not exist", file=str(path)) from exc
-    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise AnnotationError(f"image too large to import ({exc})", file=str(path)) from exc
+    except DECODER_ERRORS as exc:
         raise AnnotationError(f"cannot read the image header ({exc})", file=str(path)) from exc
+
+
+def _read_text(path: Path) -> str:
+    """Return the content of a UTF-8 text file; refuse other bytes, naming the bad line.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist (each format words its own message).
+    AnnotationError
+        If the content is not UTF-8.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(
+            f"not UTF-8 text (byte {data[exc.start]:#04x}); save the file as UTF-8",
+            file=str(path),
+            line=data.count(b"\n", 0, exc.start) + 1,
+        ) from exc
 
 
 def _check_page(page: int, pages: int, *, file: str) -> None:
@@ -549,11 +577,13 @@ def import_coco(
     file = str(json_path)
     _check_vocabulary(classes, keep, file=file)
     try:
-        doc = json.loads(json_path.read_text())
+        doc = json.loads(_read_text(json_path))
     except FileNotFoundError as exc:
         raise AnnotationError("COCO file does not exist", file=file) from exc
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"bad JSON: {exc.msg}", file=file, line=exc.lineno) from exc
+    except (RecursionError, ValueError) as exc:  # too deeply nested; an int of over 4300 digits
+        raise AnnotationError(f"bad JSON: {exc}", file=file) from exc
     for key in ("images", "annotations", "categories"):
         _field(doc, key, list, element="the top-level object", file=file)
     categories: dict[int, str] = {}
@@ -612,7 +642,12 @@ def import_coco(
             raise AnnotationError(
                 f"{element}.bbox {bbox!r} is not [x, y, width, height]", file=file
             )
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except OverflowError as exc:
+            raise AnnotationError(
+                f"{element}.bbox has an integer too large for a float ({exc})", file=file
+            ) from exc
         label = categories[cid]
         image_id, _, size = images[iid]
         converted = (x, y, x + w, y + h)
@@ -697,7 +732,7 @@ def _yolo_boxes(
     size = image_size(plane.path, page=plane.page)
     width, height = size
     boxes = []
-    for line_no, raw in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, raw in enumerate(_read_text(path).splitlines(), start=1):
         fields = raw.split()
         if not fields:
             continue
@@ -1036,16 +1071,16 @@ def read_csv_rows(csv_path: Path, required: Sequence[str]) -> list[tuple[int, di
     """Return ``(line, row)`` pairs of a CSV file whose header has ``required`` columns."""
     file = str(csv_path)
     try:
-        handle = csv_path.open(newline="")
+        text = _read_text(csv_path)
     except FileNotFoundError as exc:
         raise AnnotationError("CSV file does not exist", file=file) from exc
-    with handle:
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise AnnotationError(f"header lacks columns {missing}", file=file, line=1)
         rows = []
         try:
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise AnnotationError(f"header lacks columns {missing}", file=file, line=1)
             for row in reader:
                 if None in row or any(v is None for v in row.values()):
                     raise AnnotationError(

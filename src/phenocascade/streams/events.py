@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from phenocascade.domain import Box, ImageMeta, OutputStatus, Route, StageKind, StageOutput
 
 _FORMATS = {"tif": "TIFF", "tiff": "TIFF", "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 NOVEL = "novel"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def now_ms() -> int:
@@ -224,5 +226,12 @@ def image_output(
 
 
 def to_epoch_ms(value: datetime | int) -> int:
-    """Return epoch milliseconds from a decoded ``timestamp-millis`` value."""
-    return value if isinstance(value, int) else int(value.timestamp() * 1000)
+    """Return epoch milliseconds from a decoded ``timestamp-millis`` value.
+
+    Exact: integer arithmetic on the time since the epoch, since the float seconds of
+    ``datetime.timestamp`` can round one millisecond down. A naive ``datetime`` is local
+    time, as for ``datetime.timestamp``.
+    """
+    if isinstance(value, int):
+        return value
+    return (value.astimezone(UTC) - _EPOCH) // _MILLISECOND

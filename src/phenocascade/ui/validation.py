@@ -20,6 +20,17 @@ STUDIES_PER_REQUEST = 1000
 IMAGE_ID_MAX_LEN = 1024
 
 
+def _finite(value: object) -> float | None:
+    """Return ``value`` as a finite float, or ``None`` if it is no finite number (or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
 def task_kind(tier: TierSpec, predicted_boxes: Sequence[Mapping[str, Any]]) -> StageKind:
     """Return how a task of ``tier`` is annotated.
 
@@ -66,13 +77,10 @@ def check_box(box: Mapping[str, Any], *, classes: Sequence[str], width: int, hei
     coords: dict[str, float] = {}
     for name in ("x_min", "y_min", "x_max", "y_max"):
         value = box.get(name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        number = _finite(value)
+        if number is None:
             raise ValidationError(f"box {dict(box)}: {name} must be a finite number, got {value!r}")
-        coords[name] = float(value)
+        coords[name] = number
     if not coords["x_min"] < coords["x_max"] or not coords["y_min"] < coords["y_max"]:
         raise ValidationError(
             f"box {dict(box)}: needs x_min < x_max and y_min < y_max "
@@ -152,7 +160,7 @@ def check_window(low: float, high: float, *, max_value: int) -> tuple[float, flo
     ValidationError
         Unless ``0 <= low < high <= max_value``.
     """
-    if not (math.isfinite(low) and math.isfinite(high)) or not 0 <= low < high <= max_value:
+    if _finite(low) is None or _finite(high) is None or not 0 <= low < high <= max_value:
         raise ValidationError(
             f"display window low={low}, high={high} is invalid: need 0 <= low < high <= {max_value}"
         )
