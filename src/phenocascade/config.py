@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import typing
 from importlib import resources
 from pathlib import Path
@@ -76,6 +77,44 @@ class CassandraSettings(BaseModel):
     ssl_ca_file: Path | None = None
     ssl_cert_file: Path | None = None
     ssl_key_file: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Return the TLS context of the driver, or ``None`` (no TLS) without ``ssl_ca_file``.
+
+        The server's certificate must be signed by ``ssl_ca_file`` and name the host
+        connected to. ``ssl_cert_file`` and ``ssl_key_file`` add a client certificate
+        (mutual TLS).
+
+        Raises
+        ------
+        ConfigError
+            If a client certificate is given without a CA file, or a file is missing or
+            not a PEM certificate or key.
+        """
+        if self.ssl_ca_file is None:
+            if self.ssl_cert_file is not None:
+                raise ConfigError(
+                    "PHENOCASCADE_CASSANDRA__SSL_CERT_FILE is set but SSL_CA_FILE is not; "
+                    "TLS to Cassandra needs the CA that signed its certificate"
+                )
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.ssl_ca_file))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"PHENOCASCADE_CASSANDRA__SSL_CA_FILE: cannot load {self.ssl_ca_file} as PEM "
+                f"CA certificates ({exc})"
+            ) from exc
+        if self.ssl_cert_file is not None:
+            try:
+                context.load_cert_chain(self.ssl_cert_file, self.ssl_key_file)
+            except OSError as exc:
+                raise ConfigError(
+                    f"PHENOCASCADE_CASSANDRA__SSL_CERT_FILE/SSL_KEY_FILE: cannot load "
+                    f"{self.ssl_cert_file} and {self.ssl_key_file} as a PEM certificate and "
+                    f"key ({exc})"
+                ) from exc
+        return context
 
 
 class Settings(BaseSettings):

@@ -104,6 +104,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.topology is not None:
         env["PHENOCASCADE_TOPOLOGY"] = str(settings.topology)
+    if settings.kafka.client:
+        env["PHENOCASCADE_KAFKA__CLIENT"] = json.dumps(settings.kafka.client)
+    cassandra = settings.cassandra
+    for name, value in (
+        ("USERNAME", cassandra.username),
+        ("PASSWORD", cassandra.password),
+        ("SSL_CA_FILE", cassandra.ssl_ca_file),
+        ("SSL_CERT_FILE", cassandra.ssl_cert_file),
+        ("SSL_KEY_FILE", cassandra.ssl_key_file),
+    ):
+        if value is not None:
+            env[f"PHENOCASCADE_CASSANDRA__{name}"] = str(value)
     return env
 
 

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import empty_state, merge, merge_annotation
-from phenocascade.errors import PhenocascadeError
+from phenocascade.errors import ConfigError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.serde import EventCodec
@@ -60,25 +60,72 @@ def observe_output(result: Mapping[str, Any], output: Mapping[str, Any]) -> None
         END_TO_END.labels(output["status"]).observe(max(0.0, seconds))
 
 
+# What faust's Kafka client (aiokafka) can do of librdkafka's security.protocol and
+# sasl.mechanism; GSSAPI (librdkafka's default mechanism) and OAUTHBEARER need more than
+# the client settings carry.
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 def _credentials(kafka: KafkaSettings) -> CredentialsT | None:
-    """Map librdkafka TLS/SASL settings to faust credentials."""
+    """Map librdkafka's TLS and SASL settings to faust credentials.
+
+    Read from ``kafka.client``: ``security.protocol``, ``sasl.mechanism`` (or its alias
+    ``sasl.mechanisms``), ``sasl.username``, ``sasl.password``, ``ssl.ca.location``,
+    ``ssl.certificate.location``, ``ssl.key.location``, ``ssl.key.password`` and
+    ``ssl.endpoint.identification.algorithm`` (``none`` turns off the host name check), so
+    that the joiner reaches the brokers the confluent-kafka clients reach.
+
+    Raises
+    ------
+    ConfigError
+        If the protocol or mechanism is one the joiner cannot use, or a TLS file cannot be
+        loaded.
+    """
     conf = kafka.client
     protocol = conf.get("security.protocol", "PLAINTEXT").upper()
-    context = None
-    if "SSL" in protocol:
-        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location"))
-        if "ssl.certificate.location" in conf:
-            context.load_cert_chain(conf["ssl.certificate.location"], conf.get("ssl.key.location"))
+    if protocol not in _PROTOCOLS:
+        raise ConfigError(
+            f"PHENOCASCADE_KAFKA__CLIENT: security.protocol {protocol!r} is not one of "
+            f"{', '.join(_PROTOCOLS)}"
+        )
+    context = _ssl_context(conf) if protocol.endswith("SSL") else None
     if protocol.startswith("SASL"):
+        mechanism = conf.get("sasl.mechanism", conf.get("sasl.mechanisms", "GSSAPI")).upper()
+        if mechanism not in _MECHANISMS:
+            raise ConfigError(
+                f"PHENOCASCADE_KAFKA__CLIENT: the joiner supports sasl.mechanism "
+                f"{', '.join(_MECHANISMS)}, not {mechanism!r}"
+            )
         return faust.SASLCredentials(
             username=conf.get("sasl.username"),
             password=conf.get("sasl.password"),
-            mechanism=conf.get("sasl.mechanism", "PLAIN"),
+            mechanism=mechanism,
             ssl_context=context,
         )
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def _ssl_context(conf: Mapping[str, str]) -> ssl.SSLContext:
+    """Return the TLS context that librdkafka's ``ssl.*`` settings describe."""
+    try:
+        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location"))
+        if "ssl.certificate.location" in conf:
+            context.load_cert_chain(
+                conf["ssl.certificate.location"],
+                conf.get("ssl.key.location"),
+                conf.get("ssl.key.password"),
+            )
+    except OSError as exc:
+        raise ConfigError(
+            f"PHENOCASCADE_KAFKA__CLIENT: cannot load the TLS files of ssl.ca.location, "
+            f"ssl.certificate.location or ssl.key.location ({exc})"
+        ) from exc
+    if conf.get("ssl.endpoint.identification.algorithm", "https").lower() == "none":
+        context.check_hostname = False
+    return context
 
 
 def make_app(settings: Settings, topology: Topology) -> faust.App:

@@ -11,7 +11,14 @@ Layout of ``<settings.home>/infra/<service>/``: the rendered configuration files
 Everything listens on 127.0.0.1 only. Kafka's client port is the port of
 ``settings.kafka.bootstrap_servers`` (default 9092) and its controller listens on the next
 port; Cassandra's CQL port is ``settings.cassandra.port`` (default 9042) and its storage
-port is 7000.
+port is ``up``'s ``cassandra_storage_port`` (default 7000).
+
+With ``up(..., security=Security(...))`` the services refuse anyone without credentials:
+Kafka's client listener is SASL_SSL (SCRAM-SHA-512 users made when its storage is
+formatted) and Cassandra asks for a password (PasswordAuthenticator, superuser
+``cassandra``/``cassandra``) over TLS. ``up`` and ``status`` then check readiness with the
+client settings of ``settings`` (``kafka.client``, ``cassandra.username``...), as any
+client would.
 """
 
 from __future__ import annotations
@@ -23,32 +30,35 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import string
 import subprocess
 import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import psutil
-from cassandra import DriverException, RequestExecutionException
+from cassandra import AuthenticationFailed, DriverException, RequestExecutionException
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
 from cassandra.policies import WhiteListRoundRobinPolicy
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from phenocascade.config import Settings
-from phenocascade.errors import InfraError
+from phenocascade.errors import ConfigError, InfraError
 
-__all__ = ["SERVICES", "ServiceStatus", "cache_dir", "down", "status", "up"]
+__all__ = ["SERVICES", "Security", "ServiceStatus", "cache_dir", "down", "status", "up"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,14 @@ so ``up`` starts Cassandra before Kafka whatever order it is given)."""
 
 _START_ORDER = ("cassandra", "kafka")
 _CASSANDRA_STORAGE_PORT = 7000
+# Written into .properties, YAML and Kafka's `--add-scram` syntax unquoted or in double
+# quotes, so these characters are the ones safe in all three.
+_SAFE_SECRET = re.compile(r"[A-Za-z0-9._~+/@%^*!?#-]{1,128}")
+_SAFE_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_BROKER_USER = "phenocascade-broker"
+# Cassandra opens its CQL port about a second before it has made its default superuser, so
+# a refused login is believed only when it lasts this long.
+_REFUSAL_GRACE_S = 10.0
 _STOP_TIMEOUT_S = 60.0
 _POLL_S = 0.5
 _LOG_TAIL_LINES = 15
@@ -69,6 +87,72 @@ _MAIN_ARTIFACT = {"kafka": "kafka_2.13", "cassandra": "cassandra-all"}
 _SERVICE_LOG = {"kafka": "server.log", "cassandra": "system.log"}
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS and authentication for the local services: ``up(settings, security=...)``.
+
+    Kafka's client listener becomes SASL_SSL: SCRAM-SHA-512 over TLS, with the users in
+    ``kafka_users`` (created when Kafka's storage is first formatted, so only in a fresh
+    ``settings.home``). Cassandra requires TLS from every client and a password
+    (PasswordAuthenticator; its superuser is ``cassandra``/``cassandra`` until changed with
+    ``ALTER ROLE``). Neither asks clients for a certificate, and neither restricts what an
+    authenticated user may do (no authorizer).
+
+    Attributes
+    ----------
+    keystore : pathlib.Path
+        PKCS12 file with the servers' private key and certificate chain. The certificate
+        must name ``127.0.0.1`` (subjectAltName ``IP:127.0.0.1``), which clients check.
+    keystore_password : str
+        Password of ``keystore`` (and of the key in it).
+    ca_file : pathlib.Path
+        PEM certificate of the CA that signed the keystore's certificate. Kafka trusts it
+        when it connects to itself; clients are given the same file
+        (``ssl.ca.location``, ``PHENOCASCADE_CASSANDRA__SSL_CA_FILE``).
+    kafka_users : mapping of str to str
+        SCRAM-SHA-512 user names and their passwords.
+    """
+
+    keystore: Path
+    keystore_password: str
+    ca_file: Path
+    kafka_users: Mapping[str, str]
+
+    def check(self) -> None:
+        """Refuse what the services could not read, before anything starts.
+
+        Raises
+        ------
+        ConfigError
+            If a file is missing, no Kafka user is given, or a name or password has a
+            character the configuration files cannot hold.
+        """
+        for what, path in (("keystore", self.keystore), ("ca_file", self.ca_file)):
+            if not path.is_file():
+                raise ConfigError(f"Security.{what}: {path} is not a file")
+        if not self.kafka_users:
+            raise ConfigError("Security.kafka_users is empty: Kafka would refuse every client")
+        for user, password in self.kafka_users.items():
+            if not _SAFE_USER.fullmatch(user):
+                raise ConfigError(
+                    f"Security.kafka_users: user name {user!r} must be 1-64 of A-Z a-z 0-9 . _ -"
+                )
+            _check_secret(f"the password of Kafka user {user!r}", password)
+        _check_secret("Security.keystore_password", self.keystore_password)
+
+
+def _check_secret(what: str, value: str) -> None:
+    if not _SAFE_SECRET.fullmatch(value):
+        raise ConfigError(
+            f"{what} must be 1-128 characters of A-Z a-z 0-9 and . _ ~ + / @ % ^ * ! ? # - "
+            "(the value is not shown)"
+        )
+
+
+class _RefusedError(InfraError):
+    """A service answered but refused the client settings (credentials, TLS)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +215,8 @@ def up(
     services: Sequence[str] = SERVICES,
     timeout_s: float = 180.0,
     progress: Progress | None = None,
+    security: Security | None = None,
+    cassandra_storage_port: int = _CASSANDRA_STORAGE_PORT,
 ) -> dict[str, ServiceStatus]:
     """Start the local services that are not already running, and wait until they are ready.
 
@@ -143,6 +229,7 @@ def up(
     settings : Settings
         ``settings.home`` holds configuration, data, logs and pid files; the client ports
         come from ``settings.kafka.bootstrap_servers`` and ``settings.cassandra.port``.
+        Readiness is checked with its client settings, credentials included.
     services : sequence of str, default SERVICES
         Any of ``"kafka"`` and ``"cassandra"``.
     timeout_s : float, default 180.0
@@ -150,6 +237,11 @@ def up(
         resolution is not counted.
     progress : callable or None, default None
         Called with one human-readable line per step (resolving, starting, ready).
+    security : Security or None, default None
+        Start the services with TLS and authentication; ``None``: plaintext, no
+        authentication. Applies to services this call starts, not to running ones.
+    cassandra_storage_port : int, default 7000
+        Cassandra's internode port (127.0.0.1); a second local Cassandra needs its own.
 
     Returns
     -------
@@ -158,13 +250,18 @@ def up(
 
     Raises
     ------
+    ConfigError
+        If ``security`` is invalid (:meth:`Security.check`), or the client settings of
+        ``settings`` are (a missing CA file...).
     InfraError
         If ``java`` (17 or newer) or, on the first start, ``mvn`` is missing; if Maven cannot
         resolve the jars; if a port is taken by something that is not a ready service; if a
-        service dies while starting (the message quotes its last log lines); or if it is not
-        ready within ``timeout_s``.
+        service dies while starting (the message quotes its last log lines); if it refuses
+        the credentials of ``settings``; or if it is not ready within ``timeout_s``.
     """
     wanted = _check_services(services)
+    if security is not None:
+        security.check()
     say = progress or (lambda message: log.info("%s", message))
     root = _infra_root(settings)
     with _locked(root):
@@ -173,12 +270,19 @@ def up(
             if name not in wanted:
                 continue
             port = _client_port(settings, name)
-            if _ready(name, port) is not None:
-                say(f"{name} is already running on 127.0.0.1:{port}")
-                continue
+            with contextlib.suppress(_RefusedError):  # still starting? _wait_ready tells
+                if _ready(name, settings) is not None:
+                    say(f"{name} is already running on 127.0.0.1:{port}")
+                    continue
             pid = _live_pid(root, name)
             if pid is None:
-                pid = _launch(settings, name, say)
+                pid = _launch(
+                    settings,
+                    name,
+                    say,
+                    security=security,
+                    storage_port=cassandra_storage_port,
+                )
             else:
                 say(f"{name} (pid {pid}) is still starting")
             pending[name] = pid
@@ -246,19 +350,26 @@ def status(settings: Settings) -> dict[str, ServiceStatus]:
     Parameters
     ----------
     settings : Settings
-        Where the pid files live, and the client ports.
+        Where the pid files live, the client ports and the client settings (credentials).
 
     Returns
     -------
     dict of str to ServiceStatus
         One entry per name in :data:`SERVICES`.
+
+    Raises
+    ------
+    InfraError
+        If a service answers but refuses the client settings (credentials, TLS).
+    ConfigError
+        If the client settings are unusable (a missing CA file...).
     """
     root = _infra_root(settings)
     out: dict[str, ServiceStatus] = {}
     for name in SERVICES:
         port = _client_port(settings, name)
         listening = _listening(port)
-        version = _ready(name, port) if listening else None
+        version = _ready(name, settings) if listening else None
         out[name] = ServiceStatus(
             name=name,
             pid=_live_pid(root, name),
@@ -274,7 +385,9 @@ def status(settings: Settings) -> dict[str, ServiceStatus]:
 # --- starting -----------------------------------------------------------------------------
 
 
-def _launch(settings: Settings, name: str, say: Progress) -> int:
+def _launch(
+    settings: Settings, name: str, say: Progress, *, security: Security | None, storage_port: int
+) -> int:
     """Resolve, configure and start one service; return its pid (not yet ready)."""
     java = _java()
     lib = _resolve_jars(name, say)
@@ -289,25 +402,46 @@ def _launch(settings: Settings, name: str, say: Progress) -> int:
     for sub in ("data", "logs"):
         (home / sub).mkdir(parents=True, exist_ok=True)
     if name == "kafka":
-        cmd = _kafka_command(java, lib, home, port)
+        cmd = _kafka_command(java, lib, home, port, security)
     else:
-        cmd = _cassandra_command(java, lib, home, port)
+        cmd = _cassandra_command(java, lib, home, port, storage_port, security)
     pid = _spawn_detached(cmd, cwd=home, out=home / "logs" / "stdout.log")
     _pid_file(root, name).write_text(f"{pid}\n")
     say(f"{name} starting (pid {pid}), logs in {home / 'logs'}")
     return pid
 
 
-def _kafka_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
+def _kafka_command(
+    java: str, lib: Path, home: Path, port: int, security: Security | None
+) -> list[str]:
     """Write Kafka's configuration, format its storage once, and return its command."""
     properties = _render(
         "kafka",
         "server.properties",
         home,
+        listener="PLAINTEXT" if security is None else "SASL_SSL",
         kafka_port=port,
         controller_port=port + 1,
         data_dir=home / "data",
     )
+    scram: list[str] = []
+    hidden: list[str] = []
+    if security is not None:
+        broker_password = _broker_password(home)
+        _append(
+            properties,
+            "kafka",
+            "sasl_ssl.properties",
+            broker_user=_BROKER_USER,
+            broker_password=broker_password,
+            keystore=security.keystore.resolve(),
+            keystore_password=security.keystore_password,
+            ca_file=security.ca_file.resolve(),
+        )
+        users = {**security.kafka_users, _BROKER_USER: broker_password}
+        for user, password in users.items():
+            scram += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
+        hidden = list(users.values())
     log4j = _render("kafka", "log4j2.properties", home)
     cluster_id_file = home / "cluster.id"
     if not cluster_id_file.is_file():
@@ -328,6 +462,7 @@ def _kafka_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
             cluster_id_file.read_text().strip(),
             "-c",
             str(properties),
+            *scram,
         ],
         capture_output=True,
         text=True,
@@ -335,9 +470,13 @@ def _kafka_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
         check=False,
     )
     if fmt.returncode != 0:
+        # The passwords are on its command line; should the tool echo one, hide it.
+        output = fmt.stdout + fmt.stderr
+        for secret in hidden:
+            output = output.replace(secret, "***")
         raise InfraError(
             f"formatting Kafka's storage in {home / 'data'} failed "
-            f"(exit {fmt.returncode}):\n{_tail(fmt.stdout + fmt.stderr)}"
+            f"(exit {fmt.returncode}):\n{_tail(output)}"
         )
     return [
         java,
@@ -351,16 +490,35 @@ def _kafka_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
     ]
 
 
-def _cassandra_command(java: str, lib: Path, home: Path, port: int) -> list[str]:
+def _cassandra_command(
+    java: str, lib: Path, home: Path, port: int, storage_port: int, security: Security | None
+) -> list[str]:
     """Write Cassandra's configuration and return its command."""
+    if _listening(storage_port):
+        raise InfraError(
+            f"Cassandra's storage port 127.0.0.1:{storage_port} is taken (another Cassandra?); "
+            "start this one with another cassandra_storage_port"
+        )
     yaml_file = _render(
         "cassandra",
         "cassandra.yaml",
         home,
         native_port=port,
-        storage_port=_CASSANDRA_STORAGE_PORT,
+        storage_port=storage_port,
         data_dir=home / "data",
+        authenticator="AllowAllAuthenticator" if security is None else "PasswordAuthenticator",
     )
+    secured: list[str] = []
+    if security is not None:
+        _append(
+            yaml_file,
+            "cassandra",
+            "client_encryption.yaml",
+            keystore=security.keystore.resolve(),
+            keystore_password=security.keystore_password,
+        )
+        # The superuser is otherwise created 10 s after start: readiness would wait for it.
+        secured.append("-Dcassandra.superuser_setup_delay_ms=0")
     logback = _render("cassandra", "logback.xml", home)
     jamm = sorted(lib.glob("jamm-*.jar"))
     if not jamm:
@@ -378,10 +536,37 @@ def _cassandra_command(java: str, lib: Path, home: Path, port: int) -> list[str]
         # One node: nobody to gossip with, so do not wait for gossip to settle.
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
         "-Dcassandra.initial_token=0",
+        *secured,
         "-cp",
         str(lib / "*"),
         _MAIN_CLASS["cassandra"],
     ]
+
+
+def _broker_password(home: Path) -> str:
+    """Return the password of Kafka's own SCRAM user, made once per storage.
+
+    SCRAM users exist only if they were added when the storage was formatted, so a storage
+    formatted without security has no broker user and cannot be secured later.
+
+    Raises
+    ------
+    InfraError
+        If the storage in ``home/data`` was formatted without security.
+    """
+    secret_file = home / "broker.secret"
+    if secret_file.is_file():
+        return secret_file.read_text().strip()
+    if (home / "data" / "meta.properties").is_file():
+        raise InfraError(
+            f"Kafka's storage in {home / 'data'} was formatted without security, and SCRAM "
+            "users are made only when it is formatted; start the secured Kafka in a fresh "
+            "PHENOCASCADE_HOME"
+        )
+    password = secrets.token_urlsafe(24)
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(password + "\n")
+    return password
 
 
 def _spawn_detached(cmd: list[str], *, cwd: Path, out: Path) -> int:
@@ -414,9 +599,16 @@ def _wait_ready(
     root = _infra_root(settings)
     started = time.monotonic()
     deadline = started + timeout_s
+    refused_since: dict[str, float] = {}
     while pending:
         for name, pid in list(pending.items()):
-            version = _ready(name, _client_port(settings, name))
+            try:
+                version = _ready(name, settings)
+            except _RefusedError:
+                first = refused_since.setdefault(name, time.monotonic())
+                if time.monotonic() - first > _REFUSAL_GRACE_S:
+                    raise
+                version = None
             if version is not None:
                 say(f"{name} {version} ready after {time.monotonic() - started:.1f} s")
                 del pending[name]
@@ -440,35 +632,68 @@ def _wait_ready(
 # --- readiness ----------------------------------------------------------------------------
 
 
-def _ready(name: str, port: int) -> str | None:
-    """Return the service's version if it answers a real client request, else ``None``."""
+def _ready(name: str, settings: Settings) -> str | None:
+    """Return the service's version if it answers a real client request, else ``None``.
+
+    The request is made with the client settings of ``settings``, credentials included.
+
+    Raises
+    ------
+    InfraError
+        If the service answers but refuses those credentials.
+    ConfigError
+        If the client settings are unusable (a missing CA file...).
+    """
+    port = _client_port(settings, name)
     if not _listening(port):
         return None
     if name == "kafka":
-        return _kafka_ready(port)
-    return _cassandra_ready(port)
+        return _kafka_ready(settings, port)
+    return _cassandra_ready(settings, port)
 
 
-def _kafka_ready(port: int) -> str | None:
-    admin = AdminClient(
-        {
-            "bootstrap.servers": f"127.0.0.1:{port}",
-            # A broker that is still starting refuses connections; that is expected here.
-            "log_level": 0,
-        }
-    )
+def _kafka_ready(settings: Settings, port: int) -> str | None:
+    errors: list[KafkaError] = []
+    try:
+        admin = AdminClient(
+            settings.kafka.config(
+                **{
+                    "bootstrap.servers": f"127.0.0.1:{port}",
+                    # A broker that is still starting refuses connections; that is expected.
+                    "log_level": 0,
+                    "error_cb": errors.append,
+                }
+            )
+        )
+    except KafkaException as exc:
+        raise ConfigError(
+            f"PHENOCASCADE_KAFKA__CLIENT: the Kafka client refused its settings: "
+            f"{exc.args[0].str()}"
+        ) from exc
     try:
         admin.list_topics(timeout=3)
     except KafkaException:
+        admin.poll(0)  # serves the error callbacks still queued
+        for error in errors:
+            if error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+                raise _RefusedError(
+                    f"kafka on 127.0.0.1:{port} refused the client settings "
+                    f"(PHENOCASCADE_KAFKA__CLIENT): {error.str()}"
+                ) from None
         return None
     # The Kafka protocol does not report the broker's release; the cached jars know it.
     return _cached_version("kafka") or "(version unknown)"
 
 
-def _cassandra_ready(port: int) -> str | None:
+def _cassandra_ready(settings: Settings, port: int) -> str | None:
+    cfg = settings.cassandra
     cluster = Cluster(
         ["127.0.0.1"],
         port=port,
+        auth_provider=(
+            PlainTextAuthProvider(cfg.username, cfg.password) if cfg.username is not None else None
+        ),
+        ssl_context=cfg.ssl_context(),
         protocol_version=5,
         connect_timeout=3,
         control_connection_timeout=3,
@@ -482,7 +707,15 @@ def _cassandra_ready(port: int) -> str | None:
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local").one()
-    except (NoHostAvailable, DriverException, RequestExecutionException, OSError):
+    except NoHostAvailable as exc:
+        for error in exc.errors.values():
+            if isinstance(error, AuthenticationFailed | ssl.SSLError):
+                raise _RefusedError(
+                    f"cassandra on 127.0.0.1:{port} refused the client settings "
+                    f"(PHENOCASCADE_CASSANDRA__USERNAME, __PASSWORD, __SSL_CA_FILE): {error}"
+                ) from None
+        return None
+    except (DriverException, RequestExecutionException, OSError):
         return None
     finally:
         cluster.shutdown()
@@ -604,6 +837,15 @@ def _render(name: str, filename: str, home: Path, **values: object) -> Path:
     target = home / filename
     target.write_text(text, encoding="utf-8")
     return target
+
+
+def _append(target: Path, name: str, filename: str, **values: object) -> None:
+    """Append ``templates/<name>/<filename>``, its ``${key}`` filled from values, to target."""
+    text = string.Template(_template(name, filename)).substitute(
+        {k: str(v) for k, v in values.items()}
+    )
+    with target.open("a", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _jvm_options(name: str) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from cassandra import AuthenticationFailed
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
@@ -102,9 +103,9 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
     Raises
     ------
     InfraError
-        If no host answers.
+        If no host answers, or one refuses the credentials or the TLS handshake.
     ConfigError
-        If the keyspace is not a plain CQL name.
+        If the keyspace is not a plain CQL name, or a TLS file cannot be loaded.
     """
     keyspace = check_keyspace(settings.keyspace)
     auth = (
@@ -112,16 +113,11 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         if settings.username is not None
         else None
     )
-    ssl_context = None
-    if settings.ssl_ca_file is not None:
-        ssl_context = ssl.create_default_context(cafile=str(settings.ssl_ca_file))
-        if settings.ssl_cert_file is not None:
-            ssl_context.load_cert_chain(str(settings.ssl_cert_file), settings.ssl_key_file)
     cluster = Cluster(
         settings.hosts,
         port=settings.port,
         auth_provider=auth,
-        ssl_context=ssl_context,
+        ssl_context=settings.ssl_context(),
         protocol_version=5,
         execution_profiles={
             EXEC_PROFILE_DEFAULT: ExecutionProfile(
@@ -134,10 +130,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
     try:
         session = cluster.connect()
     except NoHostAvailable as exc:
-        raise InfraError(
-            f"Cassandra at {settings.hosts}:{settings.port} does not answer ({exc}); "
-            "run `phenocascade infra up`"
-        ) from exc
+        raise InfraError(_unreachable(settings, exc)) from exc
     if create_schema:
         session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
@@ -153,6 +146,33 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         lineage.create_tables(session)
         logins.create_tables(session)
     return session
+
+
+def _unreachable(settings: CassandraSettings, exc: NoHostAvailable) -> str:
+    """Say why no host answered: it refused the login, TLS failed, or silence."""
+    where = f"Cassandra at {settings.hosts}:{settings.port}"
+    errors = list(exc.errors.values())
+    refused = [e for e in errors if isinstance(e, AuthenticationFailed)]
+    if refused and settings.username is None:
+        return (
+            f"{where} requires a password ({refused[0]}); set PHENOCASCADE_CASSANDRA__USERNAME "
+            "and PHENOCASCADE_CASSANDRA__PASSWORD"
+        )
+    if refused:
+        return (
+            f"{where} refused the login of {settings.username!r} ({refused[0]}); check "
+            "PHENOCASCADE_CASSANDRA__USERNAME and PHENOCASCADE_CASSANDRA__PASSWORD"
+        )
+    handshakes = [e for e in errors if isinstance(e, ssl.SSLError)]
+    if handshakes:
+        return (
+            f"{where}: the TLS handshake failed ({handshakes[0]}); check "
+            "PHENOCASCADE_CASSANDRA__SSL_CA_FILE"
+        )
+    hint = "run `phenocascade infra up`"
+    if settings.ssl_ca_file is None:
+        hint += ", or, if it requires TLS, set PHENOCASCADE_CASSANDRA__SSL_CA_FILE"
+    return f"{where} does not answer ({exc}); {hint}"
 
 
 def _timestamp(value: datetime | int) -> datetime:

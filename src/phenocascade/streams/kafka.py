@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from phenocascade.config import KafkaSettings, Topology
-from phenocascade.errors import InfraError
+from phenocascade.errors import ConfigError, InfraError
 from phenocascade.streams import events
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def client_settings_checked() -> Iterator[None]:
+    """Turn librdkafka's refusal of a client config into a one-line :class:`ConfigError`.
+
+    Wrap the construction of a producer, consumer or admin client: librdkafka checks its
+    settings there (unknown property, bad value, unreadable ``ssl.ca.location``...).
+    """
+    try:
+        yield
+    except KafkaException as exc:
+        raise ConfigError(
+            f"PHENOCASCADE_KAFKA__CLIENT: the Kafka client refused its settings: "
+            f"{exc.args[0].str()}"
+        ) from exc
 
 
 def transactional_producer(
@@ -27,34 +46,54 @@ def transactional_producer(
     crashed predecessor and abort its open transaction at once. With ``init_timeout_s=None``
     the caller calls ``init_transactions`` itself, and may retry it on the same producer
     while the broker is away.
+
+    Raises
+    ------
+    InfraError
+        If ``init_transactions`` fails: the broker refused the credentials or the TLS
+        handshake, or did not answer within ``init_timeout_s``.
+    ConfigError
+        If the client settings are invalid (``PHENOCASCADE_KAFKA__CLIENT``).
     """
-    producer = Producer(
-        kafka.config(
-            **{
-                "transactional.id": transactional_id,
-                "enable.idempotence": True,
-                "transaction.timeout.ms": 60000,
-                "linger.ms": 5,
-                "message.max.bytes": 16 * 1024 * 1024,
-            }
+    # The client's latest errors, to tell a refusal from silence if the start fails.
+    errors: deque[KafkaError] = deque(maxlen=16)
+    with client_settings_checked():
+        producer = Producer(
+            kafka.config(
+                **{
+                    "transactional.id": transactional_id,
+                    "enable.idempotence": True,
+                    "transaction.timeout.ms": 60000,
+                    "linger.ms": 5,
+                    "message.max.bytes": 16 * 1024 * 1024,
+                    "error_cb": errors.append,
+                }
+            )
         )
-    )
     if init_timeout_s is not None:
-        producer.init_transactions(init_timeout_s)
+        try:
+            producer.init_transactions(init_timeout_s)
+        except KafkaException as exc:
+            producer.poll(0)  # serves the error callbacks still queued
+            raise InfraError(
+                _refusal(kafka, list(errors))
+                or _silence(kafka, f"did not start the transactions of {transactional_id!r}", exc)
+            ) from exc
     return producer
 
 
 def plain_producer(kafka: KafkaSettings) -> Producer:
     """Return an idempotent, non-transactional producer (submit, UI, tests)."""
-    return Producer(
-        kafka.config(
-            **{
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "message.max.bytes": 16 * 1024 * 1024,
-            }
+    with client_settings_checked():
+        return Producer(
+            kafka.config(
+                **{
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    "message.max.bytes": 16 * 1024 * 1024,
+                }
+            )
         )
-    )
 
 
 def group_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
@@ -71,7 +110,8 @@ def group_consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
             **extra,
         }
     )
-    return Consumer(conf)
+    with client_settings_checked():
+        return Consumer(conf)
 
 
 def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 30.0) -> list[str]:
@@ -85,16 +125,27 @@ def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 3
     Raises
     ------
     InfraError
-        If the broker does not answer or refuses a topic.
+        If the broker does not answer, refuses the client's credentials or a topic.
+    ConfigError
+        If the client settings are invalid (``PHENOCASCADE_KAFKA__CLIENT``).
     """
-    admin = AdminClient(kafka.config())
-    try:
-        existing = set(admin.list_topics(timeout=timeout_s).topics)
-    except KafkaException as exc:
-        raise InfraError(
-            f"Kafka at {kafka.bootstrap_servers} does not answer ({exc}); "
-            "run `phenocascade infra up`"
-        ) from exc
+    errors: list[KafkaError] = []
+    with client_settings_checked():
+        admin = AdminClient(kafka.config(error_cb=errors.append))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # In slices, so that refused credentials end the wait at once: librdkafka would
+        # retry them until the timeout.
+        try:
+            existing = set(admin.list_topics(timeout=min(1.0, timeout_s)).topics)
+            break
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callbacks still queued
+            refusal = _refusal(kafka, errors)
+            if refusal is not None:
+                raise InfraError(refusal) from exc
+            if time.monotonic() >= deadline:
+                raise InfraError(_silence(kafka, "does not answer", exc)) from exc
     new = [
         NewTopic(
             spec.name,
@@ -121,6 +172,36 @@ def create_topics(kafka: KafkaSettings, topology: Topology, timeout_s: float = 3
                 raise InfraError(f"cannot create topic {name}: {exc}") from exc
     _wait_for_leaders(admin, created, timeout_s)
     return created
+
+
+def _refusal(kafka: KafkaSettings, errors: list[KafkaError]) -> str | None:
+    """Say why Kafka refused the client, if it did: the credentials, or the TLS handshake.
+
+    ``errors`` are those the client reported while trying (its ``error_cb``); a failed
+    request itself only says that no broker answered.
+    """
+    where = f"Kafka at {kafka.bootstrap_servers}"
+    for error in errors:
+        if error.code() == KafkaError._AUTHENTICATION:
+            return (
+                f"{where} refused the client's credentials ({error.str()}); check "
+                "sasl.mechanism, sasl.username and sasl.password in PHENOCASCADE_KAFKA__CLIENT"
+            )
+        if error.code() == KafkaError._SSL:
+            return (
+                f"{where}: the TLS handshake failed ({error.str()}); check ssl.ca.location in "
+                "PHENOCASCADE_KAFKA__CLIENT"
+            )
+    return None
+
+
+def _silence(kafka: KafkaSettings, what: str, exc: KafkaException) -> str:
+    """Say that Kafka did ``what`` without refusing anything, and what may be wrong."""
+    return (
+        f"Kafka at {kafka.bootstrap_servers} {what} ({exc.args[0].str()}); run `phenocascade "
+        "infra up`, or, if it requires TLS or SASL, set security.protocol and the credentials "
+        "in PHENOCASCADE_KAFKA__CLIENT"
+    )
 
 
 def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -> None:

@@ -23,6 +23,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from phenocascade.config import KafkaSettings
 from phenocascade.errors import InfraError
+from phenocascade.streams.kafka import client_settings_checked
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class LagReader:
     def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
         self.kafka = kafka
         self.timeout_s = timeout_s
-        self._admin = AdminClient(kafka.config())
+        with client_settings_checked():
+            self._admin = AdminClient(kafka.config())
 
     def partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
         """Return every partition of ``topics`` (a topic that does not exist has none)."""

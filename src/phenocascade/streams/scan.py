@@ -10,6 +10,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from phenocascade.config import KafkaSettings
 from phenocascade.errors import InfraError
+from phenocascade.streams.kafka import client_settings_checked
 
 # Answers a broker gives for a moment after a topic is created (its metadata can name the
 # leader before the partition is loaded there) or while leadership moves. librdkafka does
@@ -65,16 +66,17 @@ def scan_topic(
     scan early; with ``must_finish`` it raises :class:`~phenocascade.errors.InfraError`
     instead, for callers that must not mistake a slow broker for an absent message.
     """
-    consumer = Consumer(
-        kafka.config(
-            **{
-                "group.id": f"phenocascade-scan-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-            }
+    with client_settings_checked():
+        consumer = Consumer(
+            kafka.config(
+                **{
+                    "group.id": f"phenocascade-scan-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                }
+            )
         )
-    )
     try:
         deadline = time.monotonic() + timeout_s
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)

@@ -1,0 +1,288 @@
+"""Kafka with SASL/SCRAM over TLS and Cassandra with passwords and TLS, started by the local
+infra beside the default one, with a CA made here: the project's clients and the cascade
+work through them, and a client without the right credentials is refused clearly."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Cascade, settings_env
+
+from phenocascade.cli.demo import sample_images
+from phenocascade.config import CassandraSettings, KafkaSettings, Settings, load_topology
+from phenocascade.errors import InfraError
+from phenocascade.infra.local import Security, down, status, up
+from phenocascade.recipes import ensure_bootstrap
+from phenocascade.store.cassandra import connect, get_outputs
+from phenocascade.streams.kafka import create_topics, group_consumer, transactional_producer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+KAFKA_USER = "cascade"
+KAFKA_PASSWORD = "kafka-" + uuid.uuid4().hex
+KEYSTORE_PASSWORD = "keystore-" + uuid.uuid4().hex
+# Cassandra's PasswordAuthenticator makes this superuser on first start.
+CASSANDRA_USER, CASSANDRA_PASSWORD = "cassandra", "cassandra"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path]:
+    """Make a CA and a server certificate for 127.0.0.1 that it signs.
+
+    Returns the CA's PEM certificate and a PKCS12 keystore holding the server's key and
+    certificate chain (password ``KEYSTORE_PASSWORD``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=phenocascade test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=folder,
+    )  # fmt: skip
+    _openssl(
+        "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+        cwd=folder,
+    )  # fmt: skip
+    (folder / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=CA:FALSE\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "server.ext",
+        cwd=folder,
+    )  # fmt: skip
+    _openssl(
+        "pkcs12", "-export", "-in", "server.pem", "-inkey", "server.key",
+        "-certfile", "ca.pem", "-name", "server", "-out", "server.p12",
+        "-passout", f"pass:{KEYSTORE_PASSWORD}",
+        cwd=folder,
+    )  # fmt: skip
+    return folder / "ca.pem", folder / "server.p12"
+
+
+def _free_ports() -> tuple[int, int, int]:
+    """Return free ports for Kafka (whose controller takes the next port too), CQL and
+    Cassandra's storage, all away from the default infra's."""
+    found: list[int] = []
+    while len(found) < 3:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if any(abs(port - other) <= 1 for other in found):
+            continue
+        with socket.socket() as neighbour:
+            try:
+                neighbour.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        found.append(port)
+    return found[0], found[1], found[2]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of a running secured Kafka and Cassandra, with the right credentials.
+
+    Both run in a home of their own, stopped at the end of the module; the default local
+    infra is not touched.
+    """
+    for tool in ("java", "openssl"):
+        if subprocess.run(["which", tool], capture_output=True, check=False).returncode:
+            pytest.skip(f"the secured infra needs {tool}")
+    root = tmp_path_factory.mktemp("secured")
+    ca_file, keystore = make_certificates(root / "tls")
+    kafka_port, cql_port, storage_port = _free_ports()
+    settings = Settings(
+        home=root / "home",
+        kafka=KafkaSettings(
+            bootstrap_servers=f"127.0.0.1:{kafka_port}",
+            client={
+                "security.protocol": "SASL_SSL",
+                "sasl.mechanism": "SCRAM-SHA-512",
+                "sasl.username": KAFKA_USER,
+                "sasl.password": KAFKA_PASSWORD,
+                "ssl.ca.location": str(ca_file),
+            },
+        ),
+        cassandra=CassandraSettings(
+            port=cql_port,
+            username=CASSANDRA_USER,
+            password=CASSANDRA_PASSWORD,
+            ssl_ca_file=ca_file,
+        ),
+    )
+    security = Security(
+        keystore=keystore,
+        keystore_password=KEYSTORE_PASSWORD,
+        ca_file=ca_file,
+        kafka_users={KAFKA_USER: KAFKA_PASSWORD},
+    )
+    try:
+        up(settings, security=security, cassandra_storage_port=storage_port, timeout_s=150)
+        yield settings
+    finally:
+        down(settings, timeout_s=30)
+
+
+def test_both_services_answer_the_client_with_credentials(secured: Settings) -> None:
+    statuses = status(secured)  # a real request each, over TLS, authenticated
+    assert all(s.ready and s.running for s in statuses.values()), statuses
+    assert "SASL_SSL://127.0.0.1" in (secured.home / "infra/kafka/server.properties").read_text()
+    yaml_text = (secured.home / "infra/cassandra/cassandra.yaml").read_text()
+    assert "authenticator: PasswordAuthenticator" in yaml_text
+    assert "optional: false" in yaml_text
+
+
+def test_topics_and_a_transaction_round_trip_with_credentials(secured: Settings) -> None:
+    topology = load_topology().namespaced(f"sec{uuid.uuid4().hex[:8]}-")
+    created = create_topics(secured.kafka, topology)
+    assert topology.submitted_topic in created
+    # A transaction's commit markers go broker to broker: the broker authenticates to itself.
+    producer = transactional_producer(secured.kafka, f"tx-{topology.submitted_topic}")
+    producer.begin_transaction()
+    producer.produce(topology.submitted_topic, key=b"k", value=b"through SASL_SSL")
+    producer.commit_transaction(30)
+    consumer = group_consumer(secured.kafka, f"g-{topology.submitted_topic}")
+    consumer.subscribe([topology.submitted_topic])
+    seen: list[bytes | None] = []
+    try:
+        for _ in range(60):
+            msg = consumer.poll(1.0)
+            if msg is not None:
+                assert msg.error() is None, msg.error()
+                seen.append(msg.value())
+                break
+    finally:
+        consumer.close()
+    assert seen == [b"through SASL_SSL"]
+
+
+def test_the_cascade_runs_through_the_secured_services(secured: Settings, tmp_path: Path) -> None:
+    base = Settings()
+    settings = secured.model_copy(update={"artifacts": base.artifacts, "datasets": base.datasets})
+    ensure_bootstrap(settings)  # copies nothing when the models exist, as they should here
+    # One worker per tier (the packaged topology runs two detectors): on two cores beside
+    # four JVMs, every process that loads torch costs many seconds of start.
+    topology = load_topology()
+    topology = topology.model_copy(
+        update={"tiers": [t.model_copy(update={"replicas": 1}) for t in topology.tiers]}
+    )
+    cascade = Cascade(settings, tmp_path / "cascade", topology)
+    assert cascade.env["PHENOCASCADE_KAFKA__CLIENT"]  # the children get the credentials
+    images = sample_images(
+        settings.datasets.resolve(), dsb=2, bccd=0, bbbc006_unclear=1, bbbc006_clear=0
+    )
+    cascade.start()
+    try:
+        ids = cascade.submit(images, prefix="sec-")
+        counts = cascade.wait_until_done(ids, timeout_s=240)
+    finally:
+        cascade.stop()
+    assert sorted(counts) == sorted(ids), cascade.log_tail()
+    outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in set(ids)}
+    # Nuclei in focus pass the gate and reach both branches; the joiner merges all three.
+    passed = [o for o in outputs.values() if o["routes"].get("quality") == "PASS"]
+    assert passed, outputs
+    for output in passed:
+        assert {"quality", "majority", "minority"} <= set(output["model_versions"]), output
+    session = connect(cascade.settings.cassandra, create_schema=False)
+    try:
+        for image_id in ids:
+            rows = get_outputs(session=session, image_id=image_id)
+            assert [r["status"] for r in rows] == [outputs[image_id]["status"]]
+    finally:
+        session.cluster.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("client", "refusal"),
+    [
+        ({}, r"does not answer .*set security\.protocol and the credentials"),
+        (
+            {"sasl.password": "wrong"},
+            r"refused the client's credentials \(.*SASL authentication error.*\); check sasl",
+        ),
+        ({"sasl.username": "nobody"}, r"refused the client's credentials"),
+    ],
+    ids=["no-credentials", "wrong-password", "unknown-user"],
+)
+def test_kafka_refuses_a_client_without_the_right_credentials(
+    secured: Settings, client: dict[str, str], refusal: str
+) -> None:
+    conf = {**secured.kafka.client, **client} if client else {}
+    kafka = secured.kafka.model_copy(update={"client": conf})
+    topology = load_topology().namespaced(f"denied{uuid.uuid4().hex[:8]}-")
+    with pytest.raises(InfraError, match=refusal) as refused:
+        create_topics(kafka, topology, timeout_s=3)
+    assert "\n" not in str(refused.value)
+    assert "wrong" not in str(refused.value)  # the password is not echoed
+
+
+def test_status_names_refused_credentials(secured: Settings) -> None:
+    wrong = {**secured.kafka.client, "sasl.password": "wrong"}
+    kafka = secured.kafka.model_copy(update={"client": wrong})
+    with pytest.raises(InfraError, match=r"^kafka on 127\.0\.0\.1:\d+ refused the client"):
+        status(secured.model_copy(update={"kafka": kafka}))
+    plaintext = secured.kafka.model_copy(update={"client": {}})
+    statuses = status(secured.model_copy(update={"kafka": plaintext}))
+    assert statuses["kafka"].listening and not statuses["kafka"].ready
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        (
+            {"username": None, "password": None},
+            r"requires a password .*; set PHENOCASCADE_CASSANDRA__USERNAME",
+        ),
+        ({"password": "wrong"}, r"refused the login of 'cassandra' \(.*Bad credentials"),
+        (
+            {"username": None, "password": None, "ssl_ca_file": None},
+            r"does not answer .*if it requires TLS, set PHENOCASCADE_CASSANDRA__SSL_CA_FILE",
+        ),
+    ],
+    ids=["no-credentials", "wrong-password", "no-tls"],
+)
+def test_cassandra_refuses_a_client_without_the_right_credentials(
+    secured: Settings, changes: dict[str, object], refusal: str
+) -> None:
+    cassandra = secured.cassandra.model_copy(update=changes)
+    with pytest.raises(InfraError, match=refusal) as refused:
+        connect(cassandra)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_command_line_says_a_refusal_in_one_line(secured: Settings, tmp_path: Path) -> None:
+    env = settings_env(secured)
+    env["PHENOCASCADE_KAFKA__CLIENT"] = env["PHENOCASCADE_KAFKA__CLIENT"].replace(
+        KAFKA_PASSWORD, "not-the-password"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "phenocascade", "topics", "create"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    # Before it, librdkafka's own log line of the failed authentication (at ERROR).
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("phenocascade: error: Kafka at 127.0.0.1:"), done.stderr
+    assert "refused the client's credentials" in last
+    assert "not-the-password" not in done.stderr
