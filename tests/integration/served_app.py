@@ -5,7 +5,7 @@ of the HTTP API's access rules and its fuzzing."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +97,17 @@ class ServedApp:
         return Caller(page.headers["set-cookie"].split(";", 1)[0], ExpertClient._csrf(page.text))
 
     def send(
-        self, caller: Caller, method: str, url: str, body: Any = None, **kwargs: Any
+        self,
+        caller: Caller,
+        method: str,
+        url: str,
+        body: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
-        """Send one request as ``caller``; cookies the answer sets are not kept."""
-        headers = {**self.forwarded_for, **caller.headers()}
+        """Send one request as ``caller``, with ``headers`` too; cookies set are not kept."""
+        headers = {**self.forwarded_for, **caller.headers(), **(headers or {})}
         response = self.client.request(method, url, json=body, headers=headers, **kwargs)
         self.client.cookies.clear()
         return response

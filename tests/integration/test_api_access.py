@@ -163,8 +163,65 @@ def test_a_visitor_without_a_session_is_refused(served: ServedApp, route: Route)
     response = _call(served, route, Caller(), "no-such-image")
     if route in PUBLIC:
         assert response.status_code == 200, response.text
+    elif route == ("POST", "/login"):
+        assert response.status_code == 403, response.text  # no login page's CSRF token
     else:
-        assert _outcome(response) in (401, 403, LOGIN), response.text
+        # As for the login page's anonymous session: 401, or a page sent to /login.
+        assert _outcome(response) == EXPECTED[route][0], response.text
+
+
+# A body that is not JSON, and one that is not even UTF-8; logged in, the first gets 422 and
+# the second 400 (see test_the_frameworks_refusals_of_api_calls_have_the_error_shape).
+MALFORMED_BODIES = [b'{"labels": [', b'{"labels": "\xff"}']
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "route", [r for r in EXPECTED if r[0] != "GET" and r[1] != "/login"], ids=" ".join
+)
+def test_a_malformed_body_without_a_login_gets_401_before_it_is_read(
+    served: ServedApp, callers: dict[str, Caller], route: Route
+) -> None:
+    method, template = route
+    url = template.format(tier=TIER, image_id="no-such-image", username="no-such-user")
+    for caller in (Caller(), callers["anonymous"]):
+        for body in MALFORMED_BODIES:
+            response = served.send(caller, method, url, content=body, headers=JSON)
+            assert response.status_code == 401, (caller, body, response.text)
+            assert response.json() == {
+                "error": "unauthenticated",
+                "detail": "not logged in; log in at /login",
+            }
+
+
+def test_the_frameworks_refusals_of_api_calls_have_the_error_shape(
+    served: ServedApp, callers: dict[str, Caller]
+) -> None:
+    user = callers["annotator of A"]
+    unknown = served.send(user, "GET", "/api/no-such-route")
+    assert (unknown.status_code, unknown.json()) == (
+        404,
+        {"error": "not_found", "detail": "Not Found"},
+    )
+    wrong_method = served.send(user, "DELETE", "/api/me")
+    assert (wrong_method.status_code, wrong_method.json()) == (
+        405,
+        {"error": "method_not_allowed", "detail": "Method Not Allowed"},
+    )
+    assert wrong_method.headers["allow"] == "GET"
+    not_json, not_utf8 = (
+        served.send(user, "POST", "/api/annotations", content=body, headers=JSON)
+        for body in MALFORMED_BODIES
+    )
+    assert (not_json.status_code, not_json.json()["error"]) == (422, "validation")
+    assert (not_utf8.status_code, not_utf8.json()) == (
+        400,
+        {"error": "bad_request", "detail": "There was an error parsing the body"},
+    )
+    page = served.send(user, "GET", "/no-such-page")
+    assert page.status_code == 404
+    assert page.headers["content-type"].startswith("text/html")
+    assert "<h1>404</h1>" in page.text
 
 
 @pytest.mark.parametrize("route", list(EXPECTED), ids=" ".join)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fastavro
+import pytest
 from fuzzing import fuzz, outcome
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from phenocascade.streams.serde import (
     EVENT_NAMES,
     HEADER_SIZE,
     MAGIC,
+    TIMESTAMP_MS_RANGE,
     EventCodec,
     default_schema_dir,
     schema_fingerprint,
@@ -39,9 +41,21 @@ WRITERS = CURRENT | {
 }
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
-# timestamp-millis values that datetime can hold (years 1970 to 9999).
-MILLIS = (0, 253_402_300_799_999)
+# timestamp-millis values from 1970 to the end of year 9999, the last a reader can decode.
+MILLIS = (0, TIMESTAMP_MS_RANGE[1])
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A valid DeadLetter record: the event whose only timestamp is failed_at.
+DEAD_LETTER = {
+    "origin_topic": "t",
+    "origin_partition": 0,
+    "origin_offset": 0,
+    "image_id": None,
+    "tier": "quality",
+    "error_kind": "schema",
+    "message": "m",
+    "payload": b"",
+    "failed_at": 0,
+}
 
 
 def values(schema: Any, named: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -214,6 +228,7 @@ def bad_records(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 @given(event=bad_records())
 @example(event=("DeadLetter", {"origin_offset": 2**64}))
+@example(event=("DeadLetter", {**DEAD_LETTER, "failed_at": TIMESTAMP_MS_RANGE[1] + 1}))
 @fuzz(60)
 def test_encoding_a_record_that_does_not_fit_raises_schema_error(
     event: tuple[str, dict[str, Any]],
@@ -221,11 +236,28 @@ def test_encoding_a_record_that_does_not_fit_raises_schema_error(
     name, record = event
     got = outcome(lambda: CODEC.encode(name, record), (SchemaError,))
     if isinstance(got, bytes):  # it fitted after all (e.g. an int where a float goes)
-        # A timestamp past year 9999 encodes, but no reader can make it a datetime.
-        back = outcome(lambda: CODEC.decode(got), (SchemaError,))
-        if not isinstance(back, SchemaError):
-            assert back[0] == name
-            assert_is_a_reader_record(name, back[1])
+        back_name, back = CODEC.decode(got)  # what encodes, every reader can decode
+        assert back_name == name
+        assert_is_a_reader_record(name, back)
+
+
+@pytest.mark.parametrize(
+    ("ms", "fits"),
+    [
+        (TIMESTAMP_MS_RANGE[0], True),  # 0001-01-01T00:00:00.000Z
+        (TIMESTAMP_MS_RANGE[1], True),  # 9999-12-31T23:59:59.999Z
+        (TIMESTAMP_MS_RANGE[0] - 1, False),
+        (TIMESTAMP_MS_RANGE[1] + 1, False),
+        (INT64[1], False),
+    ],
+)
+def test_a_timestamp_no_reader_can_decode_is_refused_at_encoding(ms: int, fits: bool) -> None:
+    record = {**DEAD_LETTER, "failed_at": ms}
+    if fits:
+        assert plain(CODEC.decode(CODEC.encode("DeadLetter", record))[1]) == record
+    else:
+        with pytest.raises(SchemaError, match=f"failed_at={ms} ms is outside years 1 to 9999"):
+            CODEC.encode("DeadLetter", record)
 
 
 @given(ms=st.integers(*MILLIS))
@@ -239,3 +271,16 @@ def test_a_decoded_timestamp_is_the_exact_millisecond(ms: int) -> None:
 def test_the_fuzzed_schemas_are_every_event_and_version() -> None:
     assert set(CURRENT) == set(EVENT_NAMES)
     assert len(WRITERS) == len(list(SCHEMA_DIR.rglob("*.avsc"))) > len(EVENT_NAMES)
+
+
+def test_every_timestamp_is_a_top_level_field() -> None:
+    """EventCodec.encode range-checks the top-level timestamps only: keep them all there."""
+
+    def is_timestamp(schema: Any) -> bool:
+        if isinstance(schema, list):
+            return any(is_timestamp(branch) for branch in schema)
+        return isinstance(schema, dict) and schema.get("logicalType") == "timestamp-millis"
+
+    for name, raw in CURRENT.items():
+        top_level = [f for f in raw["fields"] if is_timestamp(f["type"])]
+        assert json.dumps(raw).count('"timestamp-millis"') == len(top_level), name

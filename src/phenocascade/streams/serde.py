@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ from phenocascade.errors import SchemaError
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The timestamp-millis values a reader can turn into a datetime: years 1 to 9999 (UTC).
+TIMESTAMP_MS_RANGE = (
+    (datetime.min.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1),
+    (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1),
+)
 
 EVENT_NAMES = (
     "ImageSubmitted",
@@ -54,6 +62,13 @@ def _parse(raw: Mapping[str, Any]) -> dict[str, Any]:
     return parsed
 
 
+def _is_timestamp(schema: Any) -> bool:
+    """Whether ``schema`` is ``timestamp-millis``, or a union with a ``timestamp-millis`` branch."""
+    if isinstance(schema, list):
+        return any(_is_timestamp(branch) for branch in schema)
+    return isinstance(schema, dict) and schema.get("logicalType") == "timestamp-millis"
+
+
 def default_schema_dir() -> Path:
     """Return the packaged ``schemas/`` folder."""
     return Path(str(resources.files("phenocascade.resources").joinpath("schemas")))
@@ -79,6 +94,8 @@ class EventCodec:
         folder = schema_dir or default_schema_dir()
         self._readers: dict[str, dict[str, Any]] = {}
         self._fingerprints: dict[str, bytes] = {}
+        # Per event, its timestamp fields (a top-level field, in every schema so far).
+        self._timestamps: dict[str, tuple[str, ...]] = {}
         self._writers: dict[bytes, tuple[str, dict[str, Any]]] = {}
         for path in sorted(folder.glob("*.avsc")):
             raw = json.loads(path.read_text())
@@ -87,6 +104,9 @@ class EventCodec:
             fp = schema_fingerprint(schema)
             self._readers[name] = schema
             self._fingerprints[name] = fp
+            self._timestamps[name] = tuple(
+                f["name"] for f in schema["fields"] if _is_timestamp(f["type"])
+            )
             self._writers[fp] = (name, schema)
         history = [json.loads(p.read_text()) for p in sorted((folder / "history").glob("*.avsc"))]
         for raw in [*history, *extra_writer_schemas]:
@@ -108,9 +128,19 @@ class EventCodec:
         Raises
         ------
         SchemaError
-            If the record does not match the schema (field name and value in the message).
+            If the record does not match the schema (field name and value in the message),
+            or an integer timestamp lies outside :data:`TIMESTAMP_MS_RANGE` (years 1 to
+            9999), which no reader could decode.
         """
         schema = self.schema(name)
+        low, high = TIMESTAMP_MS_RANGE
+        for field in self._timestamps[name]:
+            value = record.get(field)
+            if isinstance(value, int) and not low <= value <= high:
+                raise SchemaError(
+                    f"record does not match the {name} schema: {field}={value} ms is outside "
+                    f"years 1 to 9999 ({low} to {high} ms since 1970), which no reader can decode"
+                )
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(self._fingerprints[name])

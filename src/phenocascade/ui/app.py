@@ -1,8 +1,9 @@
 """The annotation web app: FastAPI with plain HTML/JS/CSS pages served from package files.
 
 Build it with :func:`create_app`; ``phenocascade ui`` serves it with uvicorn. Every page,
-API route and asset needs a login, bar the login page and the assets it loads; every
-state-changing request needs the session's CSRF token.
+API route and asset needs a login, bar the login page and the assets it loads
+(:class:`~phenocascade.ui.gate.LoginGate`); every state-changing request needs the
+session's CSRF token.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from contextlib import asynccontextmanager
 
 from cassandra.cluster import Session
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
-from starlette.types import Scope
 
 from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.store.cassandra import connect
-from phenocascade.ui.deps import AppContext, check_csrf, current_user, get_context, read_session
+from phenocascade.ui.deps import AppContext, check_csrf
 from phenocascade.ui.errors import ERROR_RESPONSES, install_error_handlers
+from phenocascade.ui.gate import LoginGate
 from phenocascade.ui.images import PixelCache
 from phenocascade.ui.publish import AnnotationPublisher
 from phenocascade.ui.routers import annotations as labels
@@ -38,25 +38,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
-# What the login page loads (pages/login.html): the only files served without a login.
-LOGIN_PAGE_ASSETS = frozenset({"style.css", "common.js", "login.js"})
-
-
-class AppAssets(StaticFiles):
-    """The package's scripts and styles; all but :data:`LOGIN_PAGE_ASSETS` need a login.
-
-    Without one, a page load is sent to ``/login`` and any other request gets 401, as for
-    the routes, whether or not the file exists.
-    """
-
-    async def get_response(self, path: str, scope: Scope) -> Response:
-        """Return the file at ``path`` (relative to ``static/``) if the caller may have it."""
-        if path not in LOGIN_PAGE_ASSETS:
-            request = Request(scope)
-            ctx = get_context(request)
-            # Re-reads the user from Cassandra: blocking I/O, kept off the event loop.
-            await run_in_threadpool(current_user, read_session(request, ctx), ctx)
-        return await super().get_response(path, scope)
 
 
 def create_app(
@@ -112,7 +93,9 @@ def create_app(
     install_error_handlers(app)
     for module in (login, pages, tasks, labels, users):
         app.include_router(module.router)
-    app.mount("/static", AppAssets(packages=[("phenocascade.ui", "static")]), name="static")
+    app.mount("/static", StaticFiles(packages=[("phenocascade.ui", "static")]), name="static")
+    # Added first, so it runs inside security_headers: its refusals get the headers too.
+    app.add_middleware(LoginGate)
 
     @app.middleware("http")
     async def security_headers(

@@ -1,8 +1,9 @@
 """The app's shared state and its ``Annotated`` dependency aliases.
 
 Routers declare what they need by type: ``ctx: Ctx``, ``user: CurrentUser``,
-``user: ReviewerUser`` or ``user: AdminUser``. A missing or stale login raises
-:class:`~phenocascade.errors.AuthError` (401 / redirect to ``/login``), a too-low role
+``user: ReviewerUser`` or ``user: AdminUser``. The login itself is checked before (by
+:class:`~phenocascade.ui.gate.LoginGate`, with :func:`authenticate`), so a missing or stale
+login gets 401 / a redirect to ``/login`` before any body is read; a too-low role raises
 :class:`~phenocascade.errors.PermissionDeniedError` (403). The user carries the studies they
 may access (:meth:`~phenocascade.ui.security.User.may_access`); the routers of tasks, images
 and annotations answer 404 for anything of another study, as for something that does not
@@ -72,21 +73,29 @@ def check_csrf(request: Request, browser: BrowserSession) -> None:
     """Refuse a state-changing request whose ``X-CSRF-Token`` does not match its session.
 
     Installed on the whole app, so no ``POST``/``PUT``/``PATCH``/``DELETE`` route can
-    forget it. A request without any session fails with 401 (log in first), except the
-    login itself, which needs the anonymous session ``GET /login`` hands out.
+    forget it. Only the login itself is called without a login (the login gate answers
+    every other request without one): it needs the token of the anonymous session that
+    ``GET /login`` hands out.
     """
     if request.method not in UNSAFE_METHODS:
         return
-    if browser is None and request.url.path != "/login":
-        raise AuthError("not logged in; log in at /login first")
     if not csrf_matches(browser, request.headers.get(CSRF_HEADER)):
         raise PermissionDeniedError(
             f"missing or invalid CSRF token (header {CSRF_HEADER}); reload the page and try again"
         )
 
 
-def current_user(browser: BrowserSession, ctx: Ctx) -> User:
-    """Return the logged-in user, re-read from the store so role and study changes apply at once."""
+def authenticate(browser: SessionData | None, ctx: AppContext) -> User:
+    """Return the user logged in with session ``browser``.
+
+    Re-read from the store, so role and study changes apply at once (blocking I/O).
+
+    Raises
+    ------
+    AuthError
+        If ``browser`` is no session or an anonymous one, its user no longer exists, or
+        the session has ended (a logout, or a password or role change).
+    """
     if browser is None or browser.username is None:
         raise AuthError("not logged in; log in at /login")
     stored = get_user(session=ctx.session, username=browser.username)
@@ -102,6 +111,20 @@ def current_user(browser: BrowserSession, ctx: Ctx) -> User:
         studies=frozenset(stored["studies"]),
         all_studies=stored["all_studies"],
     )
+
+
+def current_user(request: Request) -> User:
+    """Return the logged-in user whom the login gate let in (``request.state.user``).
+
+    Raises
+    ------
+    AuthError
+        If the gate let the request in without a login (the login page's own paths).
+    """
+    user = getattr(request.state, "user", None)
+    if not isinstance(user, User):
+        raise AuthError("not logged in; log in at /login")
+    return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

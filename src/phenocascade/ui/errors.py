@@ -1,21 +1,25 @@
-"""Domain errors -> HTTP responses, in one place.
+"""Domain errors, and the refusals of FastAPI and Starlette themselves, -> HTTP responses.
 
-API requests get ``{"error": <kind>, "detail": <message>}`` JSON; a page request (a
-``GET`` outside ``/api/``) without a login is redirected to ``/login`` instead. A refusal for
-too many attempts (429) says in ``Retry-After`` how many seconds to wait. Messages reach the
-browser without the server's absolute paths (:func:`public_message`).
+API requests get ``{"error": <kind>, "detail": <message>}`` JSON (:class:`ErrorBody`); a page
+request (a ``GET`` outside ``/api/``) gets a short HTML page instead, or without a login is
+redirected to ``/login``. A refusal for too many attempts (429) says in ``Retry-After`` how
+many seconds to wait. Messages reach the browser without the server's absolute paths
+(:func:`public_message`).
 """
 
 from __future__ import annotations
 
 import html
 import re
+from collections.abc import Mapping
+from http import HTTPStatus
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from phenocascade.errors import (
     AuthError,
@@ -57,6 +61,7 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody, "description": description}
     for code, description in (
+        (400, "A body that cannot be parsed"),
         (401, "Not logged in, or the session has ended"),
         (403, "Role too low, or a missing or wrong CSRF token"),
         (404, "No such object, or one of a study the user may not access"),
@@ -95,36 +100,61 @@ def is_page_request(request: Request) -> bool:
     return request.method == "GET" and not path.startswith(API_PREFIXES)
 
 
-def _error_response(request: Request, exc: PhenocascadeError) -> Response:
-    status = status_of(exc)
-    detail = public_message(str(exc))
+def error_response(request: Request, exc: PhenocascadeError) -> Response:
+    """Return the answer to ``request`` that failed with ``exc``."""
     headers = (
         {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyAttemptsError) else None
     )
+    return _respond(request, status_of(exc), exc.kind, str(exc), headers)
+
+
+def _respond(
+    request: Request, status: int, kind: str, message: str, headers: Mapping[str, str] | None
+) -> Response:
+    detail = public_message(message)
     if is_page_request(request):
         if status == 401:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
-        body = (
+        page = (
             f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{html.escape(detail)}</p>"
         )
-        return HTMLResponse(body, status_code=status, headers=headers)
-    return JSONResponse({"error": exc.kind, "detail": detail}, status_code=status, headers=headers)
+        return HTMLResponse(page, status_code=status, headers=headers)
+    body = ErrorBody(error=kind, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _http_kind(status: int) -> str:
+    """Return the ``error`` of a refusal by the framework: ``not_found``, ``method_not_allowed``."""
+    try:
+        return HTTPStatus(status).name.lower()
+    except ValueError:
+        return "http_error"
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every :class:`PhenocascadeError` and request-validation error to a response."""
+    """Map every :class:`PhenocascadeError`, request-validation error and HTTP error to a response.
+
+    The HTTP errors are those of FastAPI and Starlette themselves: a body that cannot be
+    parsed (400), a path no route has (404), a method the route lacks (405, with ``Allow``).
+    """
 
     async def domain_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, PhenocascadeError)
-        return _error_response(request, exc)
+        return error_response(request, exc)
 
     async def request_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        return _error_response(request, ValidationError(f"invalid request: {problems}"))
+        return error_response(request, ValidationError(f"invalid request: {problems}"))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        detail = str(exc.detail)
+        return _respond(request, exc.status_code, _http_kind(exc.status_code), detail, exc.headers)
 
     app.add_exception_handler(PhenocascadeError, domain_error)
     app.add_exception_handler(RequestValidationError, request_error)
+    app.add_exception_handler(HTTPException, http_error)
