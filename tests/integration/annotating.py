@@ -21,9 +21,11 @@ from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.consumers.annotation_sink import AnnotationSink, SinkStats
 from phenocascade.domain import Box, ImageMeta, StageOutput
 from phenocascade.store.cassandra import connect
+from phenocascade.store.users import add_user
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.serde import EventCodec
+from phenocascade.ui.security import hash_password
 
 
 class AnnotationWorld:
@@ -181,3 +183,19 @@ def serve(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def add_test_user(session: Any, role: str, studies: Sequence[str] = (), prefix: str = "") -> str:
+    """Add a user of ``role`` granted ``studies``; return its name (password: PASSWORD)."""
+    name = f"{prefix}{role}-{uuid.uuid4().hex[:8]}"
+    assert add_user(
+        session=session,
+        username=name,
+        password_hash=hash_password(PASSWORD),
+        role=role,
+        studies=list(studies),
+    )
+    return name

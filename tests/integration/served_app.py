@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from annotating import AnnotationWorld, ExpertClient, serve
+from annotating import PASSWORD, AnnotationWorld, ExpertClient, add_test_user, serve
 
 from phenocascade.config import Settings
 from phenocascade.store.annotations import add_task
-from phenocascade.store.users import add_user, delete_user, list_users
+from phenocascade.store.users import delete_user, list_users
 from phenocascade.ui.app import create_app
-from phenocascade.ui.security import CSRF_HEADER, hash_password
+from phenocascade.ui.security import CSRF_HEADER
 
 TIER = "quality"
-PASSWORD = "correct horse battery staple"
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,7 @@ class ServedApp:
 
     def user(self, role: str, studies: Sequence[str] = ()) -> str:
         """Add a user of ``role`` granted ``studies``; return the name (password: PASSWORD)."""
-        name = f"{self.user_prefix}{role}-{uuid.uuid4().hex[:8]}"
-        assert add_user(
-            session=self.world.session,
-            username=name,
-            password_hash=hash_password(PASSWORD),
-            role=role,
-            studies=list(studies),
-        )
-        return name
+        return add_test_user(self.world.session, role, studies, prefix=self.user_prefix)
 
     def login(self, username: str) -> Caller:
         """Log in through the login page and route, as the browser does."""

@@ -4,7 +4,6 @@ grant makes B visible, a revocation hides it again, and only an admin can grant.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from annotating import AnnotationWorld, ExpertClient, serve
+from annotating import PASSWORD, AnnotationWorld, ExpertClient, add_test_user, serve
 
 from phenocascade.config import Settings
 from phenocascade.store.annotations import add_task, annotations_for_image, get_task
-from phenocascade.store.users import add_user, get_user
+from phenocascade.store.users import get_user
 from phenocascade.ui.app import create_app
-from phenocascade.ui.security import hash_password
 
 pytestmark = [pytest.mark.integration]
-PASSWORD = "correct horse battery staple"
 TIER = "quality"
 
 
@@ -37,15 +34,7 @@ class Studies:
     image_path: Path
 
     def user(self, role: str, studies: list[str] | None = None) -> str:
-        name = f"{role}-{uuid.uuid4().hex[:8]}"
-        assert add_user(
-            session=self.world.session,
-            username=name,
-            password_hash=hash_password(PASSWORD),
-            role=role,
-            studies=studies or [],
-        )
-        return name
+        return add_test_user(self.world.session, role, studies or [])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ crash of ``phenocascade data import``.
 
 from __future__ import annotations
 
-import io
 import json
 import string
 from collections.abc import Callable
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
+from encoded import png, tiff
 from fuzzing import example_dir, fuzz, outcome, png_header
 from hypothesis import example, given
 from hypothesis import strategies as st
-from PIL import Image
 
 from phenocascade.data import importers
 from phenocascade.data.labelled import LabelledSet
@@ -31,18 +29,6 @@ from phenocascade.errors import ValidationError
 
 WIDTH, HEIGHT = 12, 10
 CLASSES = ["cell", "debris"]
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def tiff(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr)
-    return buf.getvalue()
 
 
 IMAGE = png(np.zeros((HEIGHT, WIDTH), np.uint8))

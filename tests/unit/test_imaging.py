@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from encoded import png, tiff
 from PIL import Image
 
 from phenocascade.errors import (
@@ -23,18 +24,6 @@ from phenocascade.imaging import (
 )
 
 MAX = 10_000_000
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def tiff(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize(
