@@ -76,6 +76,12 @@ def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> Non
     assert report["dead_lettered"] == 0, report
     automatic = report["automatic"]
     assert automatic["images"] == report["analyzed"] + report["unusable"], report
+    # The cascade does its job alone on some of them: labels and every class decided.
+    analyzed = [o for o in outputs.values() if o["status"] == "analyzed"]
+    assert analyzed and report["analyzed"] == len(analyzed), report
+    for output in analyzed:
+        assert output["labels"] and not output["pending"], output
+        assert set(output["model_versions"]) == {"quality", "majority", "minority"}, output
     # The blood smears, a quarter of the study, make it drift at the majority tier.
     drifted = {(d["study"], d["tier"]) for d in report["drift"]["flagged"]}
     assert (cascade.prefix + "it", "majority") in drifted, report["drift"]

@@ -14,8 +14,11 @@ import pytest
 
 from phenocascade.config import Settings
 from phenocascade.data import datasets
+from phenocascade.models.base import ArtifactMeta, set_champion
 from phenocascade.recipes import bundled
 from phenocascade.recipes.core import TrainingRun
+
+VERSION = "20261130T220000-0a1b"
 
 
 @pytest.fixture
@@ -26,7 +29,12 @@ def root() -> Path:
     return path
 
 
-def _run_of(tier: bundled.Tier, root: Path, monkeypatch: pytest.MonkeyPatch) -> TrainingRun:
+def _run_of(
+    tier: bundled.Tier,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings | None = None,
+) -> TrainingRun:
     """The TrainingRun ``train_tier`` hands to ``fit_and_save`` (nothing is trained)."""
     runs: list[TrainingRun] = []
 
@@ -35,11 +43,11 @@ def _run_of(tier: bundled.Tier, root: Path, monkeypatch: pytest.MonkeyPatch) -> 
         return Path("unused")
 
     monkeypatch.setattr(bundled, "fit_and_save", capture)
-    bundled.train_tier(tier, settings=Settings(datasets=root), progress=False)
+    bundled.train_tier(tier, settings=settings or Settings(datasets=root), progress=False)
     return runs[0]
 
 
-@pytest.mark.parametrize("tier", ["minority"])
+@pytest.mark.parametrize("tier", ["minority", "majority"])
 def test_images_that_certify_are_never_trained_on(
     tier: bundled.Tier, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -62,3 +70,42 @@ def test_images_that_certify_are_never_trained_on(
             assert sample.boxes == own[sample.image_id].boxes
     # Seeded: the same images move every time.
     assert {s.image_id for s in _run_of(tier, root, monkeypatch).train} == trained
+
+
+def test_the_majority_head_adopts_a_segmenter_only_one_trained_on_its_own_images(
+    root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    minority = _run_of("minority", root, monkeypatch)
+    settings = Settings(datasets=root, artifacts=tmp_path / "artifacts")
+
+    def champion(fingerprint: str, backend: str = "nucleus_mask_outlier_detector") -> Path:
+        folder = settings.artifacts / "minority" / VERSION
+        ArtifactMeta(
+            backend=backend,
+            tier="minority",
+            version=VERSION,
+            kind="detector",
+            classes=["large_nucleus"],
+            input_size=256,
+            normalization={},
+            data_fingerprint=fingerprint,
+        ).write(folder)
+        set_champion(settings.artifacts, "minority", VERSION)
+        return folder
+
+    folder = champion(minority.fingerprint_set.fingerprint())
+    run = _run_of("majority", root, monkeypatch, settings)
+    assert run.backend == "morphometric_classifier"
+    assert run.config["segmenter_from"] == str(folder)
+    assert run.record["segmenter_from"] == f"minority/{VERSION}"
+    # The head learns from the images the segmenter learnt from; the rest certify both.
+    assert {s.image_id for s in run.train} == {s.image_id for s in minority.train}
+    assert {s.image_id for s in run.val.samples} == {s.image_id for s in minority.val.samples}
+    assert all(len(s.labels) == 2 for s in run.val.samples)  # the majority's own labels
+
+    # A segmenter that saw other images, or a champion without one: the head's recipe
+    # trains a segmenter of its own instead.
+    champion("0" * 64)
+    assert "segmenter_from" not in _run_of("majority", root, monkeypatch, settings).config
+    champion(minority.fingerprint_set.fingerprint(), backend="nucleus_outlier_detector")
+    assert "segmenter_from" not in _run_of("majority", root, monkeypatch, settings).config

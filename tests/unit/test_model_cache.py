@@ -12,7 +12,7 @@ import pytest
 from phenocascade.config import Settings, get_settings
 from phenocascade.models.base import champion_version, set_champion
 from phenocascade.recipes import bundled, cache
-from phenocascade.recipes.bundled import TIERS, ensure_bootstrap
+from phenocascade.recipes.bundled import BOOTSTRAP_ORDER, TIERS, ensure_bootstrap
 from phenocascade.recipes.cache import MODEL_CACHE_ENV, bootstrap_key
 
 
@@ -58,11 +58,11 @@ def test_a_second_checkout_copies_the_models_of_the_first(
 ) -> None:
     first = _checkout(tmp_path, "first", monkeypatch)
     versions = ensure_bootstrap(first)
-    assert trained == list(TIERS)
+    assert trained == list(BOOTSTRAP_ORDER)
 
     second = _checkout(tmp_path, "second", monkeypatch)
     assert ensure_bootstrap(second) == versions
-    assert trained == list(TIERS)  # nothing trained again
+    assert trained == list(BOOTSTRAP_ORDER)  # nothing trained again
     for tier, version in versions.items():
         assert champion_version(second.artifacts, tier) == version
         copied, original = second.artifacts / tier / version, first.artifacts / tier / version
@@ -85,7 +85,7 @@ def test_other_data_or_another_device_trains_anew(
     (tmp_path / "datasets" / "dsb2018" / "b.png").write_bytes(b"y")
     assert bootstrap_key("quality", settings, device="cpu") != key
     ensure_bootstrap(_checkout(tmp_path, "second", monkeypatch))
-    assert trained == list(TIERS) * 2
+    assert trained == list(BOOTSTRAP_ORDER) * 2
 
 
 def test_the_cache_can_be_switched_off(
@@ -94,7 +94,7 @@ def test_the_cache_can_be_switched_off(
     monkeypatch.setenv(MODEL_CACHE_ENV, "off")
     ensure_bootstrap(_checkout(tmp_path, "first", monkeypatch))
     ensure_bootstrap(_checkout(tmp_path, "second", monkeypatch))
-    assert trained == list(TIERS) * 2
+    assert trained == list(BOOTSTRAP_ORDER) * 2
     assert not (tmp_path / "cache").exists()
 
 
@@ -104,7 +104,7 @@ def test_a_checkout_with_champions_keeps_them(
     settings = _checkout(tmp_path, "first", monkeypatch)
     versions = ensure_bootstrap(settings)
     assert ensure_bootstrap(settings) == versions
-    assert trained == list(TIERS)
+    assert trained == list(BOOTSTRAP_ORDER)
 
 
 def test_the_key_covers_the_code_that_trains_and_not_the_services() -> None:

@@ -7,6 +7,7 @@ and keep them through save and load.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from phenocascade.models.backends.morphometric import (
     MorphometricClassifier,
     morphometry,
 )
-from phenocascade.models.segmentation import Instance
+from phenocascade.models.segmentation import DESCRIPTION_SIZE, Instance
 
 CLASSES = ("count:few", "count:many", "size:small", "size:large")
 SIDE = 96
@@ -75,7 +76,7 @@ def test_labels_that_are_counts_and_sizes_are_learned_from_the_objects(tmp_path:
             best = max((c for c in CLASSES if c.startswith(group)), key=lambda c: out.scores[c])
             right += best in sample.labels
     assert right >= 0.9 * 2 * len(test), [o.scores for o in outputs]
-    assert stage.embed(images).shape == (len(images), len(FEATURES))
+    assert stage.embed(images).shape == (len(images), len(FEATURES) + DESCRIPTION_SIZE)
 
     # A batch scored and then checked for novelty is segmented once.
     calls: list[int] = []
@@ -92,6 +93,36 @@ def test_labels_that_are_counts_and_sizes_are_learned_from_the_objects(tmp_path:
     loaded = MorphometricClassifier.load(tmp_path / "artifact" / "v1")
     assert loaded.softmax_groups == stage.softmax_groups
     np.testing.assert_allclose(loaded.decision_logits(images), stage.decision_logits(images))
+
+    # Another tier adopts that segmenter: it learns its head from image labels alone (no
+    # outlines), trains no segmenter, and its artifact keeps the weights, not the path.
+    unoutlined = [dataclasses.replace(s, mask=None) for s in train]
+    adopter = MorphometricClassifier(segmenter_from=str(tmp_path / "artifact" / "v1")).fit(
+        unoutlined[:-4],
+        unoutlined[-4:],
+        classes=CLASSES,
+        load=lambda s: pixels[s.image_id],
+    )
+    assert adopter.history_ == [] and adopter.segmenter == stage.segmenter
+    assert "segmenter_from" not in adopter.get_config()
+    found = [o.scores for o in adopter.predict(images, calibrated=False)]
+    right = sum(
+        max((c for c in CLASSES if c.startswith(g)), key=lambda c: scores[c]) in sample.labels
+        for sample, scores in zip(test, found, strict=True)
+        for g in ("count", "size")
+    )
+    assert right >= 0.9 * 2 * len(test), found
+    adopter.save(tmp_path / "artifact" / "v2", tier="majority")
+    again = MorphometricClassifier.load(tmp_path / "artifact" / "v2")
+    np.testing.assert_allclose(again.decision_logits(images), adopter.decision_logits(images))
+
+
+def test_a_segmenter_from_a_folder_without_one_is_refused(tmp_path: Path) -> None:
+    samples = [Sample(f"s{i}", None, labels=frozenset({"count:few"})) for i in range(4)]
+    with pytest.raises(ConfigError, match="not a model artifact folder"):
+        MorphometricClassifier(segmenter_from=str(tmp_path)).fit(
+            samples[:2], samples[2:], classes=CLASSES, load=lambda s: np.zeros((8, 8, 1))
+        )
 
 
 def test_a_tier_without_object_outlines_or_boxes_is_refused() -> None:

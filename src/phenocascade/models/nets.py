@@ -282,6 +282,20 @@ class MobileNetUNet(nn.Module):
         )
         return torch.cat([up, skip], dim=1)
 
+    def encoder_statistics(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``(N, 976)``: the mean and standard deviation of every encoder channel.
+
+        Per stage (16, 24, 32, 96 and 320 channels, shallow first), each channel's mean
+        over the image, then its standard deviation: colour and texture from the shallow
+        stages, content from the deep ones, for telling imaging modalities apart.
+        """
+        stats = []
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+            stats += [h.mean(dim=(2, 3)), h.std(dim=(2, 3))]
+        return torch.cat(stats, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(N, num_classes, H, W)`` logits for ``(N, 3, H, W)`` normalised images."""
         skips = []

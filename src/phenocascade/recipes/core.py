@@ -84,10 +84,15 @@ class Recipe:
         Start points of the fixed-sequence threshold test (see
         :mod:`phenocascade.models.thresholds`).
     calibration_share : float
-        Recipes with ``train_data`` only: the share of the train split's images kept out
-        of training (seeded) whose tier labels join the val split's in calibration and
-        certification. The model never sees them, so their scores certify it like val
-        images, and the certificate spends more images than val alone holds.
+        The share of the train split's images kept out of training (seeded) whose tier
+        labels join the val split's in calibration and certification. The model never
+        sees them, so their scores certify it like val images, and the certificate spends
+        more images than val alone holds.
+    segmenter_from : str or None
+        ``morphometric_classifier`` recipes: the tier whose champion's nucleus segmenter
+        the model adopts instead of training its own (``segmenter_from`` of the backend),
+        when that segmenter trained on exactly the images this recipe's head trains on
+        (see :func:`phenocascade.recipes.bundled.train_tier`).
     """
 
     backend: str
@@ -100,6 +105,7 @@ class Recipe:
     train_data: str | None = None
     ltt_starts: int = 1
     calibration_share: float = 0.0
+    segmenter_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

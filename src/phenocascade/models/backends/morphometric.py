@@ -29,9 +29,9 @@ from phenocascade.domain import DecodedImage, Sample, StageKind
 from phenocascade.errors import ConfigError
 from phenocascade.models import artifact
 from phenocascade.models.backends._classifier import GroupedClassifier
-from phenocascade.models.base import register_backend
+from phenocascade.models.base import ArtifactMeta, get_backend, register_backend
 from phenocascade.models.nets import MobileNetUNet
-from phenocascade.models.segmentation import Instance, NucleusSegmenter
+from phenocascade.models.segmentation import DESCRIPTION_SIZE, Instance, NucleusSegmenter
 from phenocascade.models.training import Loader, ProgressCallback, seed_everything
 
 FEATURES = (
@@ -87,6 +87,38 @@ def morphometry(objects: Sequence[Instance], height: int, width: int) -> npt.NDA
     )
 
 
+def donor_segmenter(folder: Path, device: str = "cpu") -> tuple[NucleusSegmenter, dict[str, Any]]:
+    """Load the trained nucleus segmenter of another artifact, and its arguments.
+
+    Parameters
+    ----------
+    folder : pathlib.Path
+        Artifact folder of a model that holds a ``segmenter_`` (the
+        ``nucleus_mask_outlier_detector`` and ``morphometric_classifier`` backends).
+    device : str, default "cpu"
+        Torch device.
+
+    Raises
+    ------
+    ConfigError
+        If the folder holds no artifact, or its model has no nucleus segmenter.
+    """
+    if not (folder / "metadata.json").is_file():
+        raise ConfigError(
+            f"segmenter_from={str(folder)!r} is not a model artifact folder; name a trained "
+            "model's folder, e.g. <artifacts>/minority/<version>"
+        )
+    meta = ArtifactMeta.read(folder)
+    donor = get_backend(meta.backend).load(folder, device=device)
+    segmenter = getattr(donor, "segmenter_", None)
+    if not isinstance(segmenter, NucleusSegmenter):
+        raise ConfigError(
+            f"{folder} holds a {meta.backend} model, which has no nucleus segmenter to share; "
+            "name a nucleus_mask_outlier_detector or morphometric_classifier artifact"
+        )
+    return segmenter, dict(getattr(donor, "segmenter", None) or {})
+
+
 class _Morphometric(torch.nn.Module):
     """The artifact's network: the segmenter's U-Net, the feature scaling and the head."""
 
@@ -118,10 +150,20 @@ class MorphometricClassifier(GroupedClassifier):
     image labels with the loss of :class:`~._classifier.GroupedClassifier` (weight decay
     ``weight_decay``, full batch). Labels that exclude each other share a softmax.
 
+    With ``segmenter_from``, ``fit`` trains no segmenter: it adopts the trained one of
+    another artifact (:func:`donor_segmenter`), e.g. the rare-nucleus detector's, so that
+    two tiers that measure the same objects pay for one segmenter's training. Its
+    arguments become ``segmenter``, and ``fit`` clears ``segmenter_from`` (the artifact
+    holds a copy of the weights).
+
     Parameters
     ----------
     segmenter : mapping or None, default None
         Arguments of the inner :class:`~phenocascade.models.segmentation.NucleusSegmenter`.
+    segmenter_from : str or None, default None
+        Artifact folder of a trained model with a nucleus segmenter to adopt instead of
+        training one. The head's calibration images must be images that segmenter never
+        trained on (the recipes see to that).
     weight_decay : float, default 1e-3
         L2 penalty of the head's weights.
     head_steps : int, default 500
@@ -140,6 +182,7 @@ class MorphometricClassifier(GroupedClassifier):
         self,
         *,
         segmenter: Mapping[str, Any] | None = None,
+        segmenter_from: str | None = None,
         weight_decay: float = 1e-3,
         head_steps: int = 500,
         softmax_groups: Sequence[Sequence[str]] | None = None,
@@ -147,13 +190,20 @@ class MorphometricClassifier(GroupedClassifier):
     ) -> None:
         super().__init__(softmax_groups=softmax_groups, declared_groups=declared_groups)
         self.segmenter = dict(segmenter) if segmenter is not None else None
+        self.segmenter_from = segmenter_from
         self.weight_decay = weight_decay
         self.head_steps = head_steps
 
     def get_config(self) -> dict[str, Any]:
-        """Return the constructor arguments (stored in the artifact)."""
+        """Return the constructor arguments (stored in the artifact).
+
+        ``segmenter_from`` only until ``fit`` has adopted it: the artifact holds the
+        weights, and the donor's folder need not exist where the artifact is loaded.
+        """
+        adopted = {} if self.segmenter_from is None else {"segmenter_from": self.segmenter_from}
         return {
             "segmenter": None if self.segmenter is None else dict(self.segmenter),
+            **adopted,
             "weight_decay": self.weight_decay,
             "head_steps": self.head_steps,
             **self._group_config(),
@@ -172,13 +222,14 @@ class MorphometricClassifier(GroupedClassifier):
         max_epochs: int = 16,
         patience: int = 3,
     ) -> Self:
-        """Train the segmenter on the samples' objects, then the head on their measurements.
+        """Train (or adopt) the segmenter, then the head on the samples' measurements.
 
         Parameters
         ----------
         train, val : sequence of Sample
             Labelled samples (``Sample.labels``) whose objects are given by ``Sample.mask``
-            or ``Sample.boxes``; ``val`` stops the segmenter's training early.
+            or ``Sample.boxes`` (not needed with ``segmenter_from``); ``val`` stops the
+            segmenter's training early.
         classes : sequence of str
             Output labels in order.
         load : callable
@@ -196,11 +247,12 @@ class MorphometricClassifier(GroupedClassifier):
         Raises
         ------
         ConfigError
-            If no training sample has an object outline (mask) or box to learn from.
+            If no training sample has an object outline (mask) or box to learn from and
+            there is no ``segmenter_from``, or that artifact has no nucleus segmenter.
         """
         if not train or not val:
             raise ConfigError("fit needs at least one training and one validation sample")
-        if not any(s.mask is not None or s.boxes for s in train):
+        if self.segmenter_from is None and not any(s.mask is not None or s.boxes for s in train):
             raise ConfigError(
                 "morphometric_classifier measures objects and learns them from instance "
                 "masks or boxes, but no training sample has any; import the dataset with its "
@@ -209,16 +261,20 @@ class MorphometricClassifier(GroupedClassifier):
         generator = seed_everything(seed)
         self.classes_ = list(classes)
         self.softmax_groups = self._find_softmax_groups([*train, *val])
-        self.segmenter_ = NucleusSegmenter(**(self.segmenter or {})).fit(
-            train,
-            val,
-            load=load,
-            progress=progress,
-            seed=seed,
-            device=device,
-            max_epochs=max_epochs,
-            patience=patience,
-        )
+        if self.segmenter_from is not None:
+            self.segmenter_, config = donor_segmenter(Path(self.segmenter_from), device)
+            self.segmenter, self.segmenter_from = dict(config), None
+        else:
+            self.segmenter_ = NucleusSegmenter(**(self.segmenter or {})).fit(
+                train,
+                val,
+                load=load,
+                progress=progress,
+                seed=seed,
+                device=device,
+                max_epochs=max_epochs,
+                patience=patience,
+            )
         self.device_ = device
         self.net_ = _Morphometric(self.segmenter_.network_, len(self.classes_))
         x = torch.from_numpy(np.stack([self._measure(load(s)) for s in train]))
@@ -240,8 +296,8 @@ class MorphometricClassifier(GroupedClassifier):
             step.backward()
             optimizer.step()
             self.head_history_.append(float(step.detach()))
-        self.history_ = self.segmenter_.history_
-        self.val_history_ = self.segmenter_.val_history_
+        self.history_ = list(getattr(self.segmenter_, "history_", []))
+        self.val_history_ = list(getattr(self.segmenter_, "val_history_", []))
         self.net_.eval()
         self._neutral_calibration()
         return self
@@ -276,13 +332,21 @@ class MorphometricClassifier(GroupedClassifier):
         return out
 
     def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
-        """Scaled measurements of each image, shape ``(len(images), len(FEATURES))``.
+        """Scaled measurements and the segmenter's view of each image, for shift detection.
 
-        The shift detector (:mod:`phenocascade.models.novelty`) reads them beside the pixel
-        descriptor: an image whose objects measure unlike any calibration image's is novel.
+        Shape ``(len(images), len(FEATURES) + 976)``: the :func:`morphometry` scaled as the
+        head reads it, then :meth:`NucleusSegmenter.describe
+        <phenocascade.models.segmentation.NucleusSegmenter.describe>`. The shift detector
+        (:mod:`phenocascade.models.novelty`) reads them beside the pixel descriptor: an
+        image whose objects measure unlike any calibration image's is novel, and so is one
+        of another modality whose objects happen to measure alike (blood smears' red cells
+        segment like nuclei).
         """
+        if not images:
+            return np.zeros((0, len(FEATURES) + DESCRIPTION_SIZE))
         scaled = (self.measurements(images) - self.net_.mean.numpy()) / self.net_.scale.numpy()
-        out: npt.NDArray[np.float64] = np.asarray(scaled, dtype=np.float64)
+        described = np.stack([self.segmenter_.describe(img.pixels) for img in images])
+        out: npt.NDArray[np.float64] = np.concatenate([scaled, described], axis=1)
         return out
 
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from phenocascade.domain import Box, DecodedImage, Sample
 from phenocascade.models import artifact
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import register_backend
-from phenocascade.models.segmentation import NucleusSegmenter
+from phenocascade.models.segmentation import DESCRIPTION_SIZE, NucleusSegmenter
 from phenocascade.models.training import Loader, ProgressCallback
 
 
@@ -181,6 +182,17 @@ class NucleusMaskOutlierDetector(SizeOutlierComposite):
             )
             candidates.append([replace(objects[i].box, score=p) for i, p in scored])
         return candidates
+
+    def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
+        """Return the segmenter's view of each image, ``(len(images), DESCRIPTION_SIZE)``.
+
+        See :meth:`NucleusSegmenter.describe
+        <phenocascade.models.segmentation.NucleusSegmenter.describe>`; the shift detector
+        reads it beside the pixel descriptor.
+        """
+        if not images:
+            return np.zeros((0, DESCRIPTION_SIZE))
+        return np.stack([self.segmenter_.describe(img.pixels) for img in images])
 
     def _objects(self, sample: Sample, load: Loader) -> list[Box]:
         # The challenger learns these, as the expert's boxes, as the ellipses inscribed in
