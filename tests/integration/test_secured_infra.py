@@ -1,10 +1,15 @@
-"""Kafka with SASL/SCRAM over TLS and Cassandra with passwords and TLS, started by the local
-infra beside the default one, with a CA made here: the project's clients and the cascade
-work through them, and a client without the right credentials is refused clearly."""
+"""Kafka with SASL/SCRAM over TLS and Cassandra with passwords and TLS, started by
+``phenocascade infra up --secure`` beside the default infra, with the CA and credentials it
+makes: the project's clients and the cascade work through them, and a client without the
+right credentials is refused clearly."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -17,60 +22,21 @@ from harness import Cascade, settings_env
 from phenocascade.cli.demo import sample_images
 from phenocascade.config import CassandraSettings, KafkaSettings, Settings, load_topology
 from phenocascade.errors import InfraError
-from phenocascade.infra.local import Security, down, status, up
+from phenocascade.infra.local import status
 from phenocascade.recipes import ensure_bootstrap
 from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.streams.kafka import create_topics, group_consumer, transactional_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KAFKA_USER = "cascade"
-KAFKA_PASSWORD = "kafka-" + uuid.uuid4().hex
-KEYSTORE_PASSWORD = "keystore-" + uuid.uuid4().hex
-# Cassandra's PasswordAuthenticator makes this superuser on first start.
-CASSANDRA_USER, CASSANDRA_PASSWORD = "cassandra", "cassandra"
 
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certificates(folder: Path) -> tuple[Path, Path]:
-    """Make a CA and a server certificate for 127.0.0.1 that it signs.
-
-    Returns the CA's PEM certificate and a PKCS12 keystore holding the server's key and
-    certificate chain (password ``KEYSTORE_PASSWORD``).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=phenocascade test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=folder,
-    )  # fmt: skip
-    _openssl(
-        "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
-        cwd=folder,
-    )  # fmt: skip
-    (folder / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "basicConstraints=CA:FALSE\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "server.ext",
-        cwd=folder,
-    )  # fmt: skip
-    _openssl(
-        "pkcs12", "-export", "-in", "server.pem", "-inkey", "server.key",
-        "-certfile", "ca.pem", "-name", "server", "-out", "server.p12",
-        "-passout", f"pass:{KEYSTORE_PASSWORD}",
-        cwd=folder,
-    )  # fmt: skip
-    return folder / "ca.pem", folder / "server.p12"
+def _client_env(path: Path) -> dict[str, str]:
+    """The settings ``infra up --secure`` wrote for clients (``export K='v'`` lines)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        values[key] = shlex.split(value)[0] if value else ""
+    return values
 
 
 def _free_ports() -> tuple[int, int, int]:
@@ -103,38 +69,58 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         if subprocess.run(["which", tool], capture_output=True, check=False).returncode:
             pytest.skip(f"the secured infra needs {tool}")
     root = tmp_path_factory.mktemp("secured")
-    ca_file, keystore = make_certificates(root / "tls")
     kafka_port, cql_port, storage_port = _free_ports()
-    settings = Settings(
-        home=root / "home",
-        kafka=KafkaSettings(
-            bootstrap_servers=f"127.0.0.1:{kafka_port}",
-            client={
-                "security.protocol": "SASL_SSL",
-                "sasl.mechanism": "SCRAM-SHA-512",
-                "sasl.username": KAFKA_USER,
-                "sasl.password": KAFKA_PASSWORD,
-                "ssl.ca.location": str(ca_file),
-            },
-        ),
-        cassandra=CassandraSettings(
-            port=cql_port,
-            username=CASSANDRA_USER,
-            password=CASSANDRA_PASSWORD,
-            ssl_ca_file=ca_file,
-        ),
-    )
-    security = Security(
-        keystore=keystore,
-        keystore_password=KEYSTORE_PASSWORD,
-        ca_file=ca_file,
-        kafka_users={KAFKA_USER: KAFKA_PASSWORD},
-    )
+    env = {
+        **os.environ,
+        "PHENOCASCADE_HOME": str(root / "home"),
+        "PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+        "PHENOCASCADE_CASSANDRA__PORT": str(cql_port),
+    }
+    command = [sys.executable, "-m", "phenocascade", "infra"]
+    ports = ["--cassandra-storage-port", str(storage_port)]
     try:
-        up(settings, security=security, cassandra_storage_port=storage_port, timeout_s=150)
-        yield settings
+        started = subprocess.run(
+            [*command, "up", "--secure", "--timeout", "150", *ports],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            check=False,
+        )
+        assert started.returncode == 0, started.stderr
+        assert "source " in started.stderr, started.stderr
+        client = _client_env(root / "home/infra/secure/client.env")
+        yield Settings(
+            home=root / "home",
+            kafka=KafkaSettings(
+                bootstrap_servers=client["PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS"],
+                client=json.loads(client["PHENOCASCADE_KAFKA__CLIENT"]),
+            ),
+            cassandra=CassandraSettings(
+                port=int(client["PHENOCASCADE_CASSANDRA__PORT"]),
+                username=client["PHENOCASCADE_CASSANDRA__USERNAME"],
+                password=client["PHENOCASCADE_CASSANDRA__PASSWORD"],
+                ssl_ca_file=Path(client["PHENOCASCADE_CASSANDRA__SSL_CA_FILE"]),
+            ),
+        )
     finally:
-        down(settings, timeout_s=30)
+        subprocess.run([*command, "down"], env=env, cwd=root, timeout=120, check=False)
+
+
+def test_secrets_are_random_and_readable_by_their_owner_only(secured: Settings) -> None:
+    secure = secured.home / "infra/secure"
+    assert stat.S_IMODE(secure.stat().st_mode) == 0o700
+    for private in ("client.env", "secrets.json", "server.p12", "ca.key", "server.key"):
+        assert stat.S_IMODE((secure / private).stat().st_mode) == 0o600, private
+    # The services' configuration holds the keystore password: owner only, too.
+    for config in ("kafka/server.properties", "cassandra/cassandra.yaml"):
+        path = secured.home / "infra" / config
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, config
+    keystore_password = json.loads((secure / "secrets.json").read_text())["keystore_password"]
+    assert len(keystore_password) >= 24 and keystore_password in path.read_text()
+    assert secured.kafka.client["sasl.username"] == "phenocascade"
+    assert secured.cassandra.username == "phenocascade"
 
 
 def test_both_services_answer_the_client_with_credentials(secured: Settings) -> None:
@@ -248,13 +234,18 @@ def test_status_names_refused_credentials(secured: Settings) -> None:
             {"username": None, "password": None},
             r"requires a password .*; set PHENOCASCADE_CASSANDRA__USERNAME",
         ),
-        ({"password": "wrong"}, r"refused the login of 'cassandra' \(.*Bad credentials"),
+        ({"password": "wrong"}, r"refused the login of 'phenocascade' \(.*Bad credentials"),
+        # The well-known default superuser was retired when the services were set up.
+        (
+            {"username": "cassandra", "password": "cassandra"},
+            r"refused the login of 'cassandra' \(",
+        ),
         (
             {"username": None, "password": None, "ssl_ca_file": None},
             r"does not answer .*if it requires TLS, set PHENOCASCADE_CASSANDRA__SSL_CA_FILE",
         ),
     ],
-    ids=["no-credentials", "wrong-password", "no-tls"],
+    ids=["no-credentials", "wrong-password", "default-superuser", "no-tls"],
 )
 def test_cassandra_refuses_a_client_without_the_right_credentials(
     secured: Settings, changes: dict[str, object], refusal: str
@@ -268,7 +259,7 @@ def test_cassandra_refuses_a_client_without_the_right_credentials(
 def test_the_command_line_says_a_refusal_in_one_line(secured: Settings, tmp_path: Path) -> None:
     env = settings_env(secured)
     env["PHENOCASCADE_KAFKA__CLIENT"] = env["PHENOCASCADE_KAFKA__CLIENT"].replace(
-        KAFKA_PASSWORD, "not-the-password"
+        secured.kafka.client["sasl.password"], "not-the-password"
     )
     done = subprocess.run(
         [sys.executable, "-m", "phenocascade", "topics", "create"],

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from phenocascade.config import get_settings
-from phenocascade.infra import local
+from phenocascade.infra import local, secure
 
 
 def register(subparsers: Any) -> None:
@@ -35,6 +35,23 @@ def register(subparsers: Any) -> None:
         type=float,
         default=180.0,
         help="seconds to wait for readiness after launch (default: %(default)s)",
+    )
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help=(
+            "TLS and passwords: Kafka over SASL_SSL (SCRAM-SHA-512) and Cassandra with "
+            "passwords and client TLS. The first start makes a local CA and random "
+            "credentials under $PHENOCASCADE_HOME/infra/secure and writes client.env there: "
+            "source it before any other phenocascade command. Needs a fresh "
+            "PHENOCASCADE_HOME (a plaintext Kafka storage cannot be secured later)"
+        ),
+    )
+    up.add_argument(
+        "--cassandra-storage-port",
+        type=int,
+        default=7000,
+        help="Cassandra's inter-node port on 127.0.0.1 (default: %(default)s)",
     )
     up.set_defaults(func=_up)
 
@@ -63,15 +80,27 @@ def _services(args: argparse.Namespace) -> tuple[str, ...]:
 def _up(args: argparse.Namespace) -> int:
     console = Console(stderr=True, log_path=False)
     started = time.monotonic()
+    settings = get_settings()
+    made = secure.ensure_secrets(settings.home) if args.secure else None
     with console.status("starting local infrastructure"):
         statuses = local.up(
-            get_settings(),
+            made.client_settings(settings) if made is not None else settings,
             services=_services(args),
             timeout_s=args.timeout,
             progress=console.log,
+            security=made.security() if made is not None else None,
+            cassandra_storage_port=args.cassandra_storage_port,
         )
+        if made is not None and "cassandra" in _services(args):
+            secure.provision_cassandra(made.client_settings(settings), made)
     console.print(_table(statuses))
     console.print(f"ready in {time.monotonic() - started:.1f} s")
+    if made is not None:
+        env = made.write_env(settings)
+        console.print(
+            f"secured: clients need the credentials and CA in {env} (mode 0600); "
+            f"run  source {env}  in each shell before other phenocascade commands"
+        )
     return 0
 
 

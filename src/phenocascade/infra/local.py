@@ -55,10 +55,19 @@ from cassandra.policies import WhiteListRoundRobinPolicy
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from phenocascade.config import Settings
+from phenocascade.config import CassandraSettings, Settings
 from phenocascade.errors import ConfigError, InfraError
 
-__all__ = ["SERVICES", "Security", "ServiceStatus", "cache_dir", "down", "status", "up"]
+__all__ = [
+    "SERVICES",
+    "Security",
+    "ServiceStatus",
+    "cache_dir",
+    "down",
+    "local_cassandra",
+    "status",
+    "up",
+]
 
 log = logging.getLogger(__name__)
 
@@ -685,9 +694,13 @@ def _kafka_ready(settings: Settings, port: int) -> str | None:
     return _cached_version("kafka") or "(version unknown)"
 
 
-def _cassandra_ready(settings: Settings, port: int) -> str | None:
-    cfg = settings.cassandra
-    cluster = Cluster(
+def local_cassandra(cfg: CassandraSettings, port: int) -> Cluster:
+    """Return a driver ``Cluster`` for the local Cassandra on ``port`` with ``cfg``'s login and TLS.
+
+    Short timeouts: the node is local, and a readiness poll must not hang. The caller shuts
+    it down.
+    """
+    return Cluster(
         ["127.0.0.1"],
         port=port,
         auth_provider=(
@@ -704,6 +717,10 @@ def _cassandra_ready(settings: Settings, port: int) -> str | None:
             )
         },
     )
+
+
+def _cassandra_ready(settings: Settings, port: int) -> str | None:
+    cluster = local_cassandra(settings.cassandra, port)
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local").one()
@@ -829,12 +846,15 @@ def _render(name: str, filename: str, home: Path, **values: object) -> Path:
     """Write ``templates/<name>/<filename>`` into ``home``, filling ``${key}`` from values.
 
     Files rendered without values are copied verbatim, so that their own ``${...}``
-    (Log4j, Logback) survive.
+    (Log4j, Logback) survive. Every file is readable by its owner only: a secured service's
+    configuration holds the keystore password, which the JVM must read in plain text.
     """
     text = _template(name, filename)
     if values:
         text = string.Template(text).substitute({k: str(v) for k, v in values.items()})
     target = home / filename
+    target.touch(mode=0o600)
+    target.chmod(0o600)
     target.write_text(text, encoding="utf-8")
     return target
 
