@@ -140,13 +140,16 @@ class LabelThresholds:
     image-level score (the best box, kept or dropped) is at most ``absent``: a threshold
     certified on images (:mod:`phenocascade.models.certify`), never above ``negative``.
     Records without ``absent`` (older artifacts) fall back to ``finds_all``: ``True``
-    reads "no kept box" as absent, ``False`` never decides absence.
+    reads "no kept box" as absent, ``False`` never decides absence. ``one_of`` marks a
+    classifier label of a group of which every image holds exactly one label (a softmax
+    group): such a group is never decided to hold none (:func:`pending_labels`).
     """
 
     positive: float
     negative: float
     finds_all: bool = True
     absent: float | None = None
+    one_of: bool = False
 
     @classmethod
     def from_record(cls, record: Mapping[str, float]) -> LabelThresholds:
@@ -157,6 +160,7 @@ class LabelThresholds:
             negative=record["negative"],
             finds_all=bool(record.get("finds_all", True)),
             absent=None if absent is None else float(absent),
+            one_of=bool(record.get("one_of", False)),
         )
 
     def __post_init__(self) -> None:
@@ -295,7 +299,9 @@ def pending_labels(
         routes to ``ANNOTATE``. A classifier label is pending when its score lies between
         its thresholds, unless another label of its group is confidently present (then it
         is absent: the labels exclude each other); every label of a group with two
-        confidently present labels is pending. A detector class is pending when one
+        confidently present labels is pending, and so is every label of a group whose
+        labels are all ``one_of`` (exactly one per image) and all confidently absent:
+        "none of them" contradicts the group. A detector class is pending when one
         of its kept boxes scores below its confident threshold, or when it has no
         confident box and its image-level score is not certified absent
         (:meth:`LabelThresholds.decides_absent`). The order is that of ``output.scores``,
@@ -324,6 +330,13 @@ def pending_labels(
             # Two exclusive labels confidently present contradict each other: ask.
             if len(said) > 1 or (unsure and not said):
                 uncertain.add(label)
+        for members in {tuple((groups or {}).get(label, (label,))) for label in output.scores}:
+            marked = [thresholds.get(m) for m in members]
+            none_of_one = all(t is not None and t.one_of for t in marked) and not (
+                set(members) & (present | uncertain)
+            )
+            if len(members) > 1 and none_of_one:
+                uncertain.update(members)
     else:
         for box in output.boxes:
             t = thresholds.get(box.label)

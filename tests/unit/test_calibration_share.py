@@ -34,6 +34,7 @@ def _run_of(
     root: Path,
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings | None = None,
+    **kwargs: Any,
 ) -> TrainingRun:
     """The TrainingRun ``train_tier`` hands to ``fit_and_save`` (nothing is trained)."""
     runs: list[TrainingRun] = []
@@ -43,7 +44,7 @@ def _run_of(
         return Path("unused")
 
     monkeypatch.setattr(bundled, "fit_and_save", capture)
-    bundled.train_tier(tier, settings=settings or Settings(datasets=root), progress=False)
+    bundled.train_tier(tier, settings=settings or Settings(datasets=root), progress=False, **kwargs)
     return runs[0]
 
 
@@ -102,6 +103,10 @@ def test_the_majority_head_adopts_a_segmenter_only_one_trained_on_its_own_images
     assert {s.image_id for s in run.train} == {s.image_id for s in minority.train}
     assert {s.image_id for s in run.val.samples} == {s.image_id for s in minority.val.samples}
     assert all(len(s.labels) == 2 for s in run.val.samples)  # the majority's own labels
+    # A sweep trial that samples its own segmenter settings trains that segmenter.
+    sampled = {"segmenter": {"crop_size": 192, "lr": 1e-3, "steps_per_epoch": 25}}
+    trial = _run_of("majority", root, monkeypatch, settings, config_overrides=sampled)
+    assert "segmenter_from" not in trial.config
 
     # A segmenter that saw other images, or a champion without one: the head's recipe
     # trains a segmenter of its own instead.

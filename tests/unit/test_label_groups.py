@@ -114,6 +114,7 @@ def test_a_group_is_certified_on_its_best_label_and_decided_by_it() -> None:
     assert record["decided"] > 100 and record["precision"] >= 0.95
     thresholds = {c: LabelThresholds.from_record(t) for c, t in stage.stored.items()}
     assert {t.positive for t in thresholds.values()} == {record["positive"]}
+    assert all(t.one_of for t in thresholds.values())  # every image holds one size
     # One confident size decides the whole group; a split decision asks all three.
     groups = exclusive_groups(group)
     sure = StageOutput(scores={"size:small": 0.999, "size:medium": 5e-4, "size:large": 5e-4})

@@ -69,6 +69,24 @@ def test_two_confident_labels_of_one_group_contradict_each_other_and_are_asked()
     assert pending == ("size:small", "size:large")
 
 
+def test_a_one_of_group_is_never_decided_to_hold_none_of_its_labels() -> None:
+    one_of = LabelThresholds(positive=0.9, negative=0.55, one_of=True)
+    scores = {"size:small": 0.45, "size:medium": 0.5, "size:large": 0.05, "density:sparse": 0.02}
+    groups = domain.exclusive_groups(list(scores))
+    thresholds = {**dict.fromkeys(scores, one_of), "density:sparse": T}
+    output = StageOutput(scores=scores)
+    # Each size label alone is below its "no" threshold, but every image has one size.
+    pending = domain.pending_labels(StageKind.CLASSIFIER, output, thresholds, groups=groups)
+    assert pending == ("size:small", "size:medium", "size:large")
+    # A group that may hold none of its labels (no one_of) keeps the three "no"s.
+    loose = {**dict.fromkeys(scores, LabelThresholds(positive=0.9, negative=0.55))}
+    assert domain.pending_labels(StageKind.CLASSIFIER, output, loose, groups=groups) == ()
+    # A confident member settles the group as before.
+    settled = StageOutput(scores={**scores, "size:large": 0.95})
+    assert domain.pending_labels(StageKind.CLASSIFIER, settled, thresholds, groups=groups) == ()
+    assert LabelThresholds.from_record({"positive": 0.9, "negative": 0.5, "one_of": True}).one_of
+
+
 probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
 

@@ -520,7 +520,10 @@ def _certify_groups(
     share one. It becomes each member's ``positive``, at least just above 0.5, so at most
     one member of a group is ever confidently present (a higher threshold is an earlier
     step of the certified sequence). The members' ``negative`` (certified on labels)
-    stays; their records' figures are those of the new pair. Returns the records and, per
+    stays; their records' figures are those of the new pair, and ``one_of`` marks them
+    (every image holds one label of the group), so that routing asks an expert instead of
+    declaring all of them absent. That takes decisions away from the certified set, each
+    time a set of which at least one member was wrong. Returns the records and, per
     group, its threshold, decisions and precision on the calibration images.
     """
     decisions: dict[tuple[str, ...], tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
@@ -557,7 +560,7 @@ def _certify_groups(
                 out[label]["negative"],
                 target_precision=target_precision,
                 delta=delta,
-            ).as_dict()
+            ).as_dict() | {"one_of": True}
         score, right = decisions[group]
         decided = score >= positive
         metrics["|".join(group)] = {

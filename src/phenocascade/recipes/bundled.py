@@ -511,7 +511,14 @@ def train_tier(
         train_set = dataclasses.replace(train_set, samples=tuple(train_samples))
     train = subset(train_set.samples, max_train or plan.max_train, seed) + tuple(extra_samples)
     name, config = backend_config(plan, backend, pretrained=pretrained, overrides=config_overrides)
-    if plan.segmenter_from is not None and name == plan.backend and "segmenter_from" not in config:
+    # Adopted only for the recipe's own segmenter: a sweep trial that samples segmenter
+    # settings trains the segmenter it asked for.
+    if (
+        plan.segmenter_from is not None
+        and name == plan.backend
+        and "segmenter_from" not in config
+        and config.get("segmenter") == plan.config.get("segmenter")
+    ):
         donor = _segmenter_donor(settings, plan.segmenter_from, tier, parent_version, train)
         if donor is not None and cross_fit:
             raise ConfigError(
