@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -47,6 +48,23 @@ def test_secrets_are_made_once_and_kept_private(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "IP Address:127.0.0.1" in shown
+    # The keystore opens with the stored password (given to openssl by environment).
+    opened = subprocess.run(
+        [
+            "openssl",
+            "pkcs12",
+            "-in",
+            str(made.folder / "server.p12"),
+            "-nokeys",
+            "-passin",
+            "env:P",
+        ],
+        env={**os.environ, "P": made.keystore_password},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert opened.returncode == 0 and "BEGIN CERTIFICATE" in opened.stdout, opened.stderr
 
 
 def test_clients_get_the_credentials_and_the_default_superuser_only_before_setup(

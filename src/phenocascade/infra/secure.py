@@ -42,11 +42,19 @@ USER = "phenocascade"
 # Cassandra's PasswordAuthenticator creates this superuser on first start.
 DEFAULT_SUPERUSER = ("cassandra", "cassandra")
 _PROVISIONED = "cassandra.provisioned"
+_PASSWORD_VARIABLE = "PHENOCASCADE_KEYSTORE_PASSWORD"
 
 
-def _openssl(*args: str, cwd: Path) -> None:
+def _openssl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
     try:
-        subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["openssl", *args],
+            cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except FileNotFoundError as exc:
         needed = "openssl is needed to make the local CA (apt-get install openssl)"
         raise InfraError(needed) from exc
@@ -107,8 +115,10 @@ def make_certificates(
     _openssl(
         "pkcs12", "-export", "-in", "server.pem", "-inkey", "server.key",
         "-certfile", "ca.pem", "-name", "server", "-out", "server.p12",
-        "-passout", f"pass:{keystore_password}",
+        # From the environment: a password on the command line shows in the process list.
+        "-passout", f"env:{_PASSWORD_VARIABLE}",
         cwd=folder,
+        env={_PASSWORD_VARIABLE: keystore_password},
     )  # fmt: skip
     for private in ("ca.key", "server.key", "server.p12"):
         (folder / private).chmod(0o600)
