@@ -82,9 +82,11 @@ def _up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     settings = get_settings()
     made = secure.ensure_secrets(settings.home) if args.secure else None
+    # Before the Cassandra role exists, its login is the default superuser.
+    client = made.client_settings(settings) if made is not None else settings
     with console.status("starting local infrastructure"):
         statuses = local.up(
-            made.client_settings(settings) if made is not None else settings,
+            client,
             services=_services(args),
             timeout_s=args.timeout,
             progress=console.log,
@@ -92,7 +94,7 @@ def _up(args: argparse.Namespace) -> int:
             cassandra_storage_port=args.cassandra_storage_port,
         )
         if made is not None and "cassandra" in _services(args):
-            secure.provision_cassandra(made.client_settings(settings), made)
+            secure.provision_cassandra(client, made)
     console.print(_table(statuses))
     console.print(f"ready in {time.monotonic() - started:.1f} s")
     if made is not None:

@@ -67,6 +67,7 @@ __all__ = [
     "local_cassandra",
     "status",
     "up",
+    "write_private",
 ]
 
 log = logging.getLogger(__name__)
@@ -573,8 +574,7 @@ def _broker_password(home: Path) -> str:
             "PHENOCASCADE_HOME"
         )
     password = secrets.token_urlsafe(24)
-    secret_file.touch(mode=0o600)
-    secret_file.write_text(password + "\n")
+    write_private(secret_file, password + "\n")
     return password
 
 
@@ -853,10 +853,16 @@ def _render(name: str, filename: str, home: Path, **values: object) -> Path:
     if values:
         text = string.Template(text).substitute({k: str(v) for k, v in values.items()})
     target = home / filename
-    target.touch(mode=0o600)
-    target.chmod(0o600)
-    target.write_text(text, encoding="utf-8")
+    write_private(target, text)
     return target
+
+
+def write_private(target: Path, text: str) -> None:
+    """Write ``text`` to ``target``, readable by its owner only from the first byte."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    target.chmod(0o600)  # a file that existed before keeps its mode through os.open
 
 
 def _append(target: Path, name: str, filename: str, **values: object) -> None:

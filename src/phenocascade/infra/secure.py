@@ -34,7 +34,7 @@ from cassandra import DriverException
 
 from phenocascade.config import Settings
 from phenocascade.errors import InfraError
-from phenocascade.infra.local import Security, local_cassandra
+from phenocascade.infra.local import Security, local_cassandra, write_private
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,8 @@ class LocalSecrets:
             "PHENOCASCADE_CASSANDRA__SSL_CA_FILE": str(self.ca_file),
         }
         target = self.folder / "client.env"
-        _write_private(target, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
+        write_private(target, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
         return target
-
-
-def _write_private(target: Path, text: str) -> None:
-    """Write ``text`` to ``target``, readable by its owner only from the first byte."""
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    target.chmod(0o600)
 
 
 def ensure_secrets(home: Path) -> LocalSecrets:
@@ -241,7 +233,7 @@ def ensure_secrets(home: Path) -> LocalSecrets:
         secrets.token_urlsafe(24),
     )
     make_certificates(folder, made.keystore_password)
-    _write_private(
+    write_private(
         stored,
         json.dumps(
             {
