@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from phenocascade.config import get_settings
-from phenocascade.infra import local, secure
+from phenocascade.errors import ConfigError
+from phenocascade.infra import local, nodes, secure
 
 
 def register(subparsers: Any) -> None:
@@ -51,7 +53,19 @@ def register(subparsers: Any) -> None:
         "--cassandra-storage-port",
         type=int,
         default=7000,
-        help="Cassandra's inter-node port on 127.0.0.1 (default: %(default)s)",
+        help="Cassandra's inter-node port on each node's address (default: %(default)s)",
+    )
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help=(
+            f"nodes per service, 1 to {nodes.MAX_NODES} (default: as many as this "
+            "PHENOCASCADE_HOME was started with, else 1). With 3: Kafka nodes on the "
+            "bootstrap port +0, +2, +4 and Cassandra nodes on 127.0.0.1-3, everything "
+            "replicated 3 times; prints the settings clients need (eval-able on stdout). "
+            "The size is kept in the home: another size needs a fresh PHENOCASCADE_HOME"
+        ),
     )
     up.set_defaults(func=_up)
 
@@ -81,6 +95,8 @@ def _up(args: argparse.Namespace) -> int:
     console = Console(stderr=True, log_path=False)
     started = time.monotonic()
     settings = get_settings()
+    if args.secure and args.nodes is not None and args.nodes > 1:
+        raise ConfigError("--secure starts one node per service; it cannot be used with --nodes")
     made = secure.ensure_secrets(settings.home) if args.secure else None
     # Before the Cassandra role exists, its login is the default superuser.
     client = made.client_settings(settings) if made is not None else settings
@@ -92,11 +108,21 @@ def _up(args: argparse.Namespace) -> int:
             progress=console.log,
             security=made.security() if made is not None else None,
             cassandra_storage_port=args.cassandra_storage_port,
+            nodes=args.nodes,
         )
         if made is not None and "cassandra" in _services(args):
             secure.provision_cassandra(client, made)
     console.print(_table(statuses))
     console.print(f"ready in {time.monotonic() - started:.1f} s")
+    size = local.cluster_size(settings)
+    if size > 1:
+        console.print(
+            f"a cluster of {size} nodes per service: clients need the settings below "
+            '(on stdout: eval "$(phenocascade infra up)" sets them)',
+            markup=False,
+        )
+        for key, value in nodes.client_env(settings, size).items():
+            print(f"export {key}={shlex.quote(value)}")
     if made is not None:
         env = made.write_env(settings)
         console.print(
@@ -134,7 +160,7 @@ def _table(statuses: dict[str, local.ServiceStatus]) -> Table:
         table.add_row(
             s.name,
             str(s.pid) if s.pid is not None else "-",
-            f"127.0.0.1:{s.port}",
+            f"{s.host}:{s.port}",
             _readiness(s),
             s.version or "-",
             _short(s.log),

@@ -6,12 +6,18 @@ configuration from the packaged templates (``phenocascade/infra/templates/<servi
 each answers a real client request. ``down`` stops them and ``status`` reports on them.
 
 Layout of ``<settings.home>/infra/<service>/``: the rendered configuration files, ``data/``,
-``logs/`` (the service's own log plus ``stdout.log``) and ``<service>.pid``.
+``logs/`` (the service's own log plus ``stdout.log``), ``<service>.pid`` and
+``command.json`` (the JVM's command, for :func:`start_node`).
 
-Everything listens on 127.0.0.1 only. Kafka's client port is the port of
+Everything listens on loopback only. Kafka's client port is the port of
 ``settings.kafka.bootstrap_servers`` (default 9092) and its controller listens on the next
 port; Cassandra's CQL port is ``settings.cassandra.port`` (default 9042) and its storage
 port is ``up``'s ``cassandra_storage_port`` (default 7000).
+
+``up(..., nodes=3)`` starts a replicated cluster instead: three Kafka nodes (each broker
+and controller) and three Cassandra nodes, each in ``<service>/node<i>/``, with the
+addresses of :mod:`phenocascade.infra.nodes`. :func:`stop_node` and :func:`start_node`
+kill and restart one of them, for failure tests.
 
 With ``up(..., security=Security(...))`` the services refuse anyone without credentials:
 Kafka's client listener is SASL_SSL (SCRAM-SHA-512 users made when its storage is
@@ -26,7 +32,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -57,15 +65,27 @@ from confluent_kafka.admin import AdminClient
 
 from phenocascade.config import CassandraSettings, Settings
 from phenocascade.errors import ConfigError, InfraError
+from phenocascade.infra.nodes import (
+    Node,
+    cassandra_token,
+    cluster_nodes,
+    kafka_properties,
+    remembered_size,
+    settle_size,
+)
 
 __all__ = [
     "SERVICES",
     "Security",
     "ServiceStatus",
     "cache_dir",
+    "cluster_size",
     "down",
     "local_cassandra",
+    "node_pid",
+    "start_node",
     "status",
+    "stop_node",
     "up",
     "write_private",
 ]
@@ -95,6 +115,10 @@ _MAIN_CLASS = {"kafka": "kafka.Kafka", "cassandra": "org.apache.cassandra.servic
 # The artifact whose version names the cache folder, e.g. kafka-4.1.1.
 _MAIN_ARTIFACT = {"kafka": "kafka_2.13", "cassandra": "cassandra-all"}
 _SERVICE_LOG = {"kafka": "server.log", "cassandra": "system.log"}
+_CONFIG_FILE = {"kafka": "server.properties", "cassandra": "cassandra.yaml"}
+_COMMAND_FILE = "command.json"
+# Heap of each node of a cluster (see _heap).
+_CLUSTER_HEAP = {"kafka": ["-Xms256m", "-Xmx512m"], "cassandra": ["-Xms768m", "-Xmx768m"]}
 
 Progress = Callable[[str], None]
 
@@ -167,17 +191,17 @@ class _RefusedError(InfraError):
 
 @dataclass(frozen=True)
 class ServiceStatus:
-    """What ``status`` knows about one local service.
+    """What ``status`` knows about one local service, or one node of a local cluster.
 
     Attributes
     ----------
     name : str
-        ``"kafka"`` or ``"cassandra"``.
+        ``"kafka"`` or ``"cassandra"``; in a cluster, the node's name (``"kafka-2"``).
     pid : int or None
         The process phenocascade started, if it is alive; ``None`` when no such process
         runs (the port may still be served by a process started some other way).
     port : int
-        The client port on 127.0.0.1 (Kafka's bootstrap port, Cassandra's CQL port).
+        The client port on ``host`` (Kafka's bootstrap port, Cassandra's CQL port).
     listening : bool
         Whether a TCP connection to the port succeeds.
     ready : bool
@@ -188,6 +212,8 @@ class ServiceStatus:
         Kafka protocol does not report it). ``None`` when not ready and not cached.
     log : pathlib.Path
         The service's main log file.
+    host : str, default "127.0.0.1"
+        The address the client port listens on (``127.0.0.<i>`` for Cassandra node i).
     """
 
     name: str
@@ -197,6 +223,7 @@ class ServiceStatus:
     ready: bool
     version: str | None
     log: Path
+    host: str = "127.0.0.1"
 
     @property
     def running(self) -> bool:
@@ -227,12 +254,13 @@ def up(
     progress: Progress | None = None,
     security: Security | None = None,
     cassandra_storage_port: int = _CASSANDRA_STORAGE_PORT,
+    nodes: int | None = None,
 ) -> dict[str, ServiceStatus]:
     """Start the local services that are not already running, and wait until they are ready.
 
-    Idempotent: a service whose port already answers a real client request is left alone,
-    whoever started it. The first call resolves the jars with Maven (network needed once);
-    later calls reuse the cached jars and need neither network nor Maven.
+    Idempotent: a service (or node) whose port already answers a real client request is
+    left alone, whoever started it. The first call resolves the jars with Maven (network
+    needed once); later calls reuse the cached jars and need neither network nor Maven.
 
     Parameters
     ----------
@@ -251,18 +279,24 @@ def up(
         Start the services with TLS and authentication; ``None``: plaintext, no
         authentication. Applies to services this call starts, not to running ones.
     cassandra_storage_port : int, default 7000
-        Cassandra's internode port (127.0.0.1); a second local Cassandra needs its own.
+        Cassandra's internode port (on each node's address); a second local Cassandra on
+        the same addresses needs its own.
+    nodes : int or None, default None
+        Nodes per service (1 to :data:`~phenocascade.infra.nodes.MAX_NODES`): with 3, a
+        replicated cluster (:mod:`phenocascade.infra.nodes`). ``None``: as many as the home
+        was made with, 1 in a fresh home. The size is remembered in the home.
 
     Returns
     -------
     dict of str to ServiceStatus
-        The status of each requested service, all ready.
+        The status of each requested service (of each node, by node name), all ready.
 
     Raises
     ------
     ConfigError
         If ``security`` is invalid (:meth:`Security.check`), or the client settings of
-        ``settings`` are (a missing CA file...).
+        ``settings`` are (a missing CA file...); if ``nodes`` is out of range, differs from
+        the size the home was made with, or is more than 1 with ``security``.
     InfraError
         If ``java`` (17 or newer) or, on the first start, ``mvn`` is missing; if Maven cannot
         resolve the jars; if a port is taken by something that is not a ready service; if a
@@ -271,33 +305,54 @@ def up(
     """
     wanted = _check_services(services)
     if security is not None:
+        if nodes is not None and nodes > 1:
+            raise ConfigError("a secured local cluster is not supported; use nodes=1")
         security.check()
     say = progress or (lambda message: log.info("%s", message))
     root = _infra_root(settings)
     with _locked(root):
-        pending: dict[str, int] = {}
+        size = settle_size(root, nodes)
+        launch = functools.partial(
+            _start_if_needed,
+            settings,
+            say=say,
+            security=security,
+            storage_port=cassandra_storage_port,
+        )
+        started = time.monotonic()
+        deadline = started + timeout_s
+        pending: dict[Node, int] = {}
+        joiners: list[Node] = []
         for name in _START_ORDER:
             if name not in wanted:
                 continue
-            port = _client_port(settings, name)
-            with contextlib.suppress(_RefusedError):  # still starting? _wait_ready tells
-                if _ready(name, settings) is not None:
-                    say(f"{name} is already running on 127.0.0.1:{port}")
-                    continue
-            pid = _live_pid(root, name)
-            if pid is None:
-                pid = _launch(
-                    settings,
-                    name,
-                    say,
-                    security=security,
-                    storage_port=cassandra_storage_port,
-                )
-            else:
-                say(f"{name} (pid {pid}) is still starting")
-            pending[name] = pid
-        _wait_ready(settings, pending, timeout_s=timeout_s, say=say)
-    return {name: s for name, s in status(settings).items() if name in wanted}
+            for node in cluster_nodes(settings, name, size):
+                # The other Cassandra nodes gossip with node 1 (the seed) to join the ring,
+                # so they start once it answers.
+                if name == "cassandra" and node.index > 1:
+                    joiners.append(node)
+                else:
+                    launch(node, pending)
+        seeds = [node for node in pending if node.service == "cassandra"]
+        wait = functools.partial(
+            _wait_ready, settings, pending, started=started, deadline=deadline, say=say
+        )
+        wait(until=seeds)
+        for node in joiners:
+            launch(node, pending)
+        wait(until=list(pending))
+    return _statuses(settings, wanted, size)
+
+
+def cluster_size(settings: Settings) -> int:
+    """Return how many nodes per service the local infra of ``settings.home`` has (1 if none).
+
+    Raises
+    ------
+    ConfigError
+        If the home's ``infra/cluster.json`` is damaged.
+    """
+    return remembered_size(_infra_root(settings)) or 1
 
 
 def down(
@@ -307,7 +362,7 @@ def down(
     timeout_s: float = _STOP_TIMEOUT_S,
     progress: Progress | None = None,
 ) -> dict[str, ServiceStatus]:
-    """Stop the services phenocascade started: SIGTERM, wait, then SIGKILL.
+    """Stop the services phenocascade started, every node of them: SIGTERM, wait, then SIGKILL.
 
     A service served by a process phenocascade did not start (no pid file of ours) is left
     alone. Pid files are removed.
@@ -326,36 +381,20 @@ def down(
     Returns
     -------
     dict of str to ServiceStatus
-        The status of each requested service after stopping.
+        The status of each requested service (each node) after stopping.
     """
     wanted = _check_services(services)
     say = progress or (lambda message: log.info("%s", message))
     root = _infra_root(settings)
     with _locked(root):
-        procs: dict[str, psutil.Process] = {}
-        for name in wanted:
-            pid = _live_pid(root, name)
-            if pid is None:
-                say(f"{name} is not running (nothing phenocascade started)")
-            else:
-                proc = psutil.Process(pid)
-                proc.send_signal(signal.SIGTERM)
-                say(f"{name} (pid {pid}) asked to stop")
-                procs[name] = proc
-        _gone, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
-        for proc in alive:
-            say(f"pid {proc.pid} still alive after {timeout_s:.0f} s; killing it")
-            proc.kill()
-        psutil.wait_procs(alive, timeout=10)
-        for name in wanted:
-            _pid_file(root, name).unlink(missing_ok=True)
-            if name in procs:
-                say(f"{name} stopped")
-    return {name: s for name, s in status(settings).items() if name in wanted}
+        size = cluster_size(settings)
+        targets = [node for name in wanted for node in cluster_nodes(settings, name, size)]
+        _stop(targets, kill=False, timeout_s=timeout_s, say=say)
+    return _statuses(settings, wanted, size)
 
 
 def status(settings: Settings) -> dict[str, ServiceStatus]:
-    """Report on every local service without changing anything.
+    """Report on every local service (every node of a cluster) without changing anything.
 
     Parameters
     ----------
@@ -365,7 +404,8 @@ def status(settings: Settings) -> dict[str, ServiceStatus]:
     Returns
     -------
     dict of str to ServiceStatus
-        One entry per name in :data:`SERVICES`.
+        One entry per name in :data:`SERVICES`; in a cluster, one per node, by node name
+        (``"kafka-1"``...).
 
     Raises
     ------
@@ -374,65 +414,275 @@ def status(settings: Settings) -> dict[str, ServiceStatus]:
     ConfigError
         If the client settings are unusable (a missing CA file...).
     """
-    root = _infra_root(settings)
-    out: dict[str, ServiceStatus] = {}
-    for name in SERVICES:
-        port = _client_port(settings, name)
-        listening = _listening(port)
-        version = _ready(name, settings) if listening else None
-        out[name] = ServiceStatus(
-            name=name,
-            pid=_live_pid(root, name),
-            port=port,
-            listening=listening,
-            ready=version is not None,
-            version=version or _cached_version(name),
-            log=root / name / "logs" / _SERVICE_LOG[name],
+    return _statuses(settings, SERVICES, cluster_size(settings))
+
+
+def node_pid(settings: Settings, service: str, node: int) -> int | None:
+    """Return the pid of the JVM phenocascade started for one node, if it is alive.
+
+    Parameters
+    ----------
+    settings : Settings
+        The home of the local infra and its ports.
+    service : str
+        ``"kafka"`` or ``"cassandra"``.
+    node : int
+        1-based node number (1 for a single-node home).
+
+    Returns
+    -------
+    int or None
+        ``None`` when no process of ours runs for that node.
+
+    Raises
+    ------
+    InfraError
+        If ``service`` is unknown or the home has no such node.
+    """
+    return _live_pid(_node(settings, service, node))
+
+
+def stop_node(
+    settings: Settings,
+    service: str,
+    node: int,
+    *,
+    kill: bool,
+    timeout_s: float = _STOP_TIMEOUT_S,
+) -> None:
+    """Stop one node of the local infra and wait until its process is gone.
+
+    For failure tests: ``kill=True`` is a crash (SIGKILL, no flush, no goodbye to the
+    other nodes); ``kill=False`` a clean stop (SIGTERM, then SIGKILL after ``timeout_s``).
+    Its data, configuration and ``command.json`` stay for :func:`start_node`. Nothing
+    happens if the node does not run.
+
+    Parameters
+    ----------
+    settings : Settings
+        The home of the local infra and its ports.
+    service : str
+        ``"kafka"`` or ``"cassandra"``.
+    node : int
+        1-based node number (1 for a single-node home).
+    kill : bool
+        SIGKILL at once instead of SIGTERM first.
+    timeout_s : float, default 60.0
+        Seconds to wait after SIGTERM before SIGKILL.
+
+    Raises
+    ------
+    InfraError
+        If ``service`` is unknown or the home has no such node.
+    """
+    target = _node(settings, service, node)
+    with _locked(_infra_root(settings)):
+        _stop([target], kill=kill, timeout_s=timeout_s, say=log.info)
+
+
+def start_node(
+    settings: Settings,
+    service: str,
+    node: int,
+    *,
+    timeout_s: float = 180.0,
+) -> ServiceStatus:
+    """Start one node again with the command, configuration and data ``up`` gave it.
+
+    Nothing is rendered or formatted again: the JVM is launched with the command ``up``
+    recorded in the node's ``command.json``, on the data the node left. Returns when the
+    node answers a client request (for Kafka: when it is back in the cluster's metadata,
+    i.e. registered and unfenced). A node that already runs is only waited for.
+
+    Parameters
+    ----------
+    settings : Settings
+        The home of the local infra, its ports and the client settings for readiness.
+    service : str
+        ``"kafka"`` or ``"cassandra"``.
+    node : int
+        1-based node number (1 for a single-node home).
+    timeout_s : float, default 180.0
+        Seconds to wait until the node is ready.
+
+    Returns
+    -------
+    ServiceStatus
+        The node's status, ready.
+
+    Raises
+    ------
+    InfraError
+        If ``service`` is unknown, the home has no such node, ``up`` never started it, it
+        dies while starting or is not ready within ``timeout_s``.
+    """
+    target = _node(settings, service, node)
+    with _locked(_infra_root(settings)):
+        pid = _live_pid(target)
+        if pid is None:
+            with contextlib.suppress(_RefusedError):
+                if _ready(target, settings) is not None:
+                    return _status_of(settings, target)
+            pid = _relaunch(target)
+            log.info("%s restarting (pid %d)", target.name, pid)
+        started = time.monotonic()
+        _wait_ready(
+            settings,
+            {target: pid},
+            until=[target],
+            started=started,
+            deadline=started + timeout_s,
+            say=log.info,
         )
-    return out
+    return _status_of(settings, target)
+
+
+def _node(settings: Settings, service: str, index: int) -> Node:
+    """Return node ``index`` of ``service`` in the home's cluster, or say which exist."""
+    _check_services([service])
+    size = cluster_size(settings)
+    if not 1 <= index <= size:
+        raise InfraError(
+            f"{service} node {index} does not exist: the local infra in {settings.home} has "
+            f"{size} node(s) per service (1 to {size})"
+        )
+    return cluster_nodes(settings, service, size)[index - 1]
+
+
+def _statuses(settings: Settings, services: Sequence[str], size: int) -> dict[str, ServiceStatus]:
+    return {
+        node.name: _status_of(settings, node)
+        for name in SERVICES
+        if name in services
+        for node in cluster_nodes(settings, name, size)
+    }
+
+
+def _status_of(settings: Settings, node: Node) -> ServiceStatus:
+    listening = _listening(node.host, node.port)
+    version = _ready(node, settings) if listening else None
+    return ServiceStatus(
+        name=node.name,
+        pid=_live_pid(node),
+        port=node.port,
+        listening=listening,
+        ready=version is not None,
+        version=version or _cached_version(node.service),
+        log=node.home / "logs" / _SERVICE_LOG[node.service],
+        host=node.host,
+    )
+
+
+def _stop(targets: Sequence[Node], *, kill: bool, timeout_s: float, say: Progress) -> None:
+    """Signal the live JVMs of ``targets``, wait until they are gone, remove their pid files."""
+    procs: list[psutil.Process] = []
+    stopped: list[str] = []
+    for node in targets:
+        pid = _live_pid(node)
+        if pid is None:
+            say(f"{node.name} is not running (nothing phenocascade started)")
+            continue
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        say(f"{node.name} (pid {pid}) {'killed' if kill else 'asked to stop'}")
+        procs.append(proc)
+        stopped.append(node.name)
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        say(f"pid {proc.pid} still alive after {timeout_s:.0f} s; killing it")
+        proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for node in targets:
+        node.pid_file.unlink(missing_ok=True)
+    if stopped:
+        say(", ".join(stopped) + " stopped")
 
 
 # --- starting -----------------------------------------------------------------------------
 
 
-def _launch(
-    settings: Settings, name: str, say: Progress, *, security: Security | None, storage_port: int
-) -> int:
-    """Resolve, configure and start one service; return its pid (not yet ready)."""
-    java = _java()
-    lib = _resolve_jars(name, say)
-    root = _infra_root(settings)
-    port = _client_port(settings, name)
-    if _listening(port):
-        raise InfraError(
-            f"127.0.0.1:{port} is taken by a process that is not a ready {name}; stop it, "
-            f"or point phenocascade at another port ({_port_setting(name)})"
-        )
-    home = root / name
-    for sub in ("data", "logs"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    if name == "kafka":
-        cmd = _kafka_command(java, lib, home, port, security)
+def _start_if_needed(
+    settings: Settings,
+    node: Node,
+    pending: dict[Node, int],
+    *,
+    say: Progress,
+    security: Security | None,
+    storage_port: int,
+) -> None:
+    """Launch ``node`` unless it answers already; add a JVM still starting to ``pending``."""
+    with contextlib.suppress(_RefusedError):  # still starting? _wait_ready tells
+        if _ready(node, settings) is not None:
+            say(f"{node.name} is already running on {node.host}:{node.port}")
+            return
+    pid = _live_pid(node)
+    if pid is None:
+        pid = _launch(settings, node, say, security=security, storage_port=storage_port)
     else:
-        cmd = _cassandra_command(java, lib, home, port, storage_port, security)
-    pid = _spawn_detached(cmd, cwd=home, out=home / "logs" / "stdout.log")
-    _pid_file(root, name).write_text(f"{pid}\n")
-    say(f"{name} starting (pid {pid}), logs in {home / 'logs'}")
+        say(f"{node.name} (pid {pid}) is still starting")
+    pending[node] = pid
+
+
+def _launch(
+    settings: Settings, node: Node, say: Progress, *, security: Security | None, storage_port: int
+) -> int:
+    """Resolve, configure and start one node; return its pid (not yet ready)."""
+    java = _java()
+    lib = _resolve_jars(node.service, say)
+    if _listening(node.host, node.port):
+        raise InfraError(
+            f"{node.host}:{node.port} is taken by a process that is not a ready {node.name}; "
+            f"stop it, or point phenocascade at another port ({_port_setting(node.service)})"
+        )
+    for sub in ("data", "logs"):
+        (node.home / sub).mkdir(parents=True, exist_ok=True)
+    if node.service == "kafka":
+        cmd = _kafka_command(settings, java, lib, node, security)
+    else:
+        cmd = _cassandra_command(java, lib, node, storage_port, security)
+    write_private(node.home / _COMMAND_FILE, json.dumps(cmd, indent=1) + "\n")
+    pid = _spawn_detached(cmd, cwd=node.home, out=node.home / "logs" / "stdout.log")
+    node.pid_file.write_text(f"{pid}\n")
+    say(f"{node.name} starting (pid {pid}), logs in {node.home / 'logs'}")
     return pid
 
 
+def _relaunch(node: Node) -> int:
+    """Start ``node`` again with the command ``up`` recorded; return its pid."""
+    path = node.home / _COMMAND_FILE
+    try:
+        cmd = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        raise InfraError(
+            f"{node.name} has no usable {path}: start it once with `phenocascade infra up`"
+        ) from None
+    pid = _spawn_detached(cmd, cwd=node.home, out=node.home / "logs" / "stdout.log")
+    node.pid_file.write_text(f"{pid}\n")
+    return pid
+
+
+def _heap(service: str, size: int) -> list[str]:
+    """Return the heap flags of one node: the template's, or a cluster's smaller ones."""
+    flags = _jvm_options(service)
+    if size == 1:
+        return flags
+    # Six JVMs share the machine (two cores and a few GiB in CI): a cluster's node gets a
+    # smaller heap than the single node's 1 GiB. Local test data is small, and Cassandra
+    # sizes its memtables and caches from the heap, so they shrink with it.
+    return [f for f in flags if not f.startswith(("-Xms", "-Xmx"))] + _CLUSTER_HEAP[service]
+
+
 def _kafka_command(
-    java: str, lib: Path, home: Path, port: int, security: Security | None
+    settings: Settings, java: str, lib: Path, node: Node, security: Security | None
 ) -> list[str]:
-    """Write Kafka's configuration, format its storage once, and return its command."""
+    """Write one Kafka node's configuration, format its storage once, return its command."""
+    home = node.home
     properties = _render(
         "kafka",
         "server.properties",
         home,
         listener="PLAINTEXT" if security is None else "SASL_SSL",
-        kafka_port=port,
-        controller_port=port + 1,
-        data_dir=home / "data",
+        **kafka_properties(node, cluster_nodes(settings, "kafka", node.size)),
     )
     scram: list[str] = []
     hidden: list[str] = []
@@ -453,7 +703,8 @@ def _kafka_command(
             scram += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
         hidden = list(users.values())
     log4j = _render("kafka", "log4j2.properties", home)
-    cluster_id_file = home / "cluster.id"
+    # One id for the whole cluster: every node's storage is formatted with it.
+    cluster_id_file = _infra_root(settings) / "kafka" / "cluster.id"
     if not cluster_id_file.is_file():
         cluster_id_file.write_text(_kafka_cluster_id() + "\n")
     classpath = str(lib / "*")
@@ -490,7 +741,7 @@ def _kafka_command(
         )
     return [
         java,
-        *_jvm_options("kafka"),
+        *_heap("kafka", node.size),
         f"-Dkafka.logs.dir={home / 'logs'}",
         f"-Dlog4j2.configurationFile={log4j}",
         "-cp",
@@ -501,19 +752,23 @@ def _kafka_command(
 
 
 def _cassandra_command(
-    java: str, lib: Path, home: Path, port: int, storage_port: int, security: Security | None
+    java: str, lib: Path, node: Node, storage_port: int, security: Security | None
 ) -> list[str]:
-    """Write Cassandra's configuration and return its command."""
-    if _listening(storage_port):
+    """Write one Cassandra node's configuration and return its command."""
+    home = node.home
+    if _listening(node.host, storage_port):
         raise InfraError(
-            f"Cassandra's storage port 127.0.0.1:{storage_port} is taken (another Cassandra?); "
-            "start this one with another cassandra_storage_port"
+            f"Cassandra's storage port {node.host}:{storage_port} is taken (another "
+            "Cassandra?); start this one with another cassandra_storage_port"
         )
+    token = cassandra_token(node)
     yaml_file = _render(
         "cassandra",
         "cassandra.yaml",
         home,
-        native_port=port,
+        address=node.host,
+        initial_token=token,
+        native_port=node.port,
         storage_port=storage_port,
         data_dir=home / "data",
         authenticator="AllowAllAuthenticator" if security is None else "PasswordAuthenticator",
@@ -535,7 +790,7 @@ def _cassandra_command(
         raise InfraError(f"no jamm jar in {lib}; delete that folder so that Maven fills it again")
     return [
         java,
-        *_jvm_options("cassandra"),
+        *_heap("cassandra", node.size),
         # Cassandra measures object sizes with jamm, which must be loaded as an agent.
         f"-javaagent:{jamm[0]}",
         "-Dcassandra-foreground=yes",
@@ -543,9 +798,12 @@ def _cassandra_command(
         f"-Dcassandra.storagedir={home / 'data'}",
         f"-Dcassandra.logdir={home / 'logs'}",
         f"-Dlogback.configurationFile={logback}",
-        # One node: nobody to gossip with, so do not wait for gossip to settle.
+        # Waiting for gossip to settle polls until the view of the ring stops changing
+        # (8 s at least). One node has nobody to gossip with; on loopback a cluster's
+        # gossip is exchanged within a second, and a node counts as ready only once its
+        # own CQL port answers, after it joined the ring.
         "-Dcassandra.skip_wait_for_gossip_to_settle=0",
-        "-Dcassandra.initial_token=0",
+        f"-Dcassandra.initial_token={token}",
         *secured,
         "-cp",
         str(lib / "*"),
@@ -602,72 +860,81 @@ def _spawn_detached(cmd: list[str], *, cwd: Path, out: Path) -> int:
 
 
 def _wait_ready(
-    settings: Settings, pending: dict[str, int], *, timeout_s: float, say: Progress
+    settings: Settings,
+    pending: dict[Node, int],
+    *,
+    until: Sequence[Node],
+    started: float,
+    deadline: float,
+    say: Progress,
 ) -> None:
-    """Poll until every pending service answers a client request, or fail with its log."""
-    root = _infra_root(settings)
-    started = time.monotonic()
-    deadline = started + timeout_s
-    refused_since: dict[str, float] = {}
-    while pending:
-        for name, pid in list(pending.items()):
+    """Poll the pending nodes until those in ``until`` answer a client request.
+
+    Nodes that become ready meanwhile are reported (with the seconds since ``started``)
+    and leave ``pending``; one that dies fails the call with its log; past ``deadline``
+    the call fails with the logs of the nodes still awaited.
+    """
+    refused_since: dict[Node, float] = {}
+    while any(node in pending for node in until):
+        for node, pid in list(pending.items()):
             try:
-                version = _ready(name, settings)
+                version = _ready(node, settings)
             except _RefusedError:
-                first = refused_since.setdefault(name, time.monotonic())
+                first = refused_since.setdefault(node, time.monotonic())
                 if time.monotonic() - first > _REFUSAL_GRACE_S:
                     raise
                 version = None
             if version is not None:
-                say(f"{name} {version} ready after {time.monotonic() - started:.1f} s")
-                del pending[name]
-            elif not _alive(pid, name):
-                _pid_file(root, name).unlink(missing_ok=True)
+                say(f"{node.name} {version} ready after {time.monotonic() - started:.1f} s")
+                del pending[node]
+            elif not _alive(pid, node):
+                node.pid_file.unlink(missing_ok=True)
                 raise InfraError(
-                    f"{name} (pid {pid}) exited while starting; last lines of its logs:\n"
-                    f"{_log_tail(root, name)}"
+                    f"{node.name} (pid {pid}) exited while starting; last lines of its logs:\n"
+                    f"{_log_tail(node)}"
                 )
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(sorted(pending))
+        waiting = [node for node in until if node in pending]
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(node.name for node in waiting)
             raise InfraError(
-                f"{names} not ready after {timeout_s:.0f} s (still running; `phenocascade infra"
-                f" down` stops it). Last lines of its logs:\n"
-                + "\n".join(_log_tail(root, name) for name in pending)
+                f"{names} not ready after {time.monotonic() - started:.0f} s (still running; "
+                f"`phenocascade infra down` stops it). Last lines of its logs:\n"
+                + "\n".join(_log_tail(node) for node in waiting)
             )
-        if pending:
+        if waiting:
             time.sleep(_POLL_S)
 
 
 # --- readiness ----------------------------------------------------------------------------
 
 
-def _ready(name: str, settings: Settings) -> str | None:
-    """Return the service's version if it answers a real client request, else ``None``.
+def _ready(node: Node, settings: Settings) -> str | None:
+    """Return the node's version if it answers a real client request, else ``None``.
 
-    The request is made with the client settings of ``settings``, credentials included.
+    The request goes to the node's own address only, with the client settings of
+    ``settings``, credentials included.
 
     Raises
     ------
     InfraError
-        If the service answers but refuses those credentials.
+        If the node answers but refuses those credentials.
     ConfigError
         If the client settings are unusable (a missing CA file...).
     """
-    port = _client_port(settings, name)
-    if not _listening(port):
+    if not _listening(node.host, node.port):
         return None
-    if name == "kafka":
-        return _kafka_ready(settings, port)
-    return _cassandra_ready(settings, port)
+    if node.service == "kafka":
+        return _kafka_ready(settings, node)
+    return _cassandra_ready(settings, node)
 
 
-def _kafka_ready(settings: Settings, port: int) -> str | None:
+def _kafka_ready(settings: Settings, node: Node) -> str | None:
     errors: list[KafkaError] = []
     try:
         admin = AdminClient(
             settings.kafka.config(
                 **{
-                    "bootstrap.servers": f"127.0.0.1:{port}",
+                    "bootstrap.servers": f"{node.host}:{node.port}",
                     # A broker that is still starting refuses connections; that is expected.
                     "log_level": 0,
                     "error_cb": errors.append,
@@ -680,28 +947,33 @@ def _kafka_ready(settings: Settings, port: int) -> str | None:
             f"{exc.args[0].str()}"
         ) from exc
     try:
-        admin.list_topics(timeout=3)
+        metadata = admin.list_topics(timeout=3)
     except KafkaException:
         admin.poll(0)  # serves the error callbacks still queued
         for error in errors:
             if error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
                 raise _RefusedError(
-                    f"kafka on 127.0.0.1:{port} refused the client settings "
+                    f"{node.name} on {node.host}:{node.port} refused the client settings "
                     f"(PHENOCASCADE_KAFKA__CLIENT): {error.str()}"
                 ) from None
+        return None
+    # A cluster's broker answers before the controllers have unfenced it; until then it
+    # leads no partition and is missing from the brokers the metadata lists.
+    if node.size > 1 and node.index not in metadata.brokers:
         return None
     # The Kafka protocol does not report the broker's release; the cached jars know it.
     return _cached_version("kafka") or "(version unknown)"
 
 
-def local_cassandra(cfg: CassandraSettings, port: int) -> Cluster:
-    """Return a driver ``Cluster`` for the local Cassandra on ``port`` with ``cfg``'s login and TLS.
+def local_cassandra(cfg: CassandraSettings, port: int, host: str = "127.0.0.1") -> Cluster:
+    """Return a driver ``Cluster`` for the local Cassandra node on ``host:port``.
 
-    Short timeouts: the node is local, and a readiness poll must not hang. The caller shuts
-    it down.
+    It logs in and speaks TLS as ``cfg`` says, and sends every request to that node only
+    (a readiness check must ask the node itself, not a peer). Short timeouts: the node is
+    local, and a readiness poll must not hang. The caller shuts it down.
     """
     return Cluster(
-        ["127.0.0.1"],
+        [host],
         port=port,
         auth_provider=(
             PlainTextAuthProvider(cfg.username, cfg.password) if cfg.username is not None else None
@@ -712,15 +984,15 @@ def local_cassandra(cfg: CassandraSettings, port: int) -> Cluster:
         control_connection_timeout=3,
         execution_profiles={
             EXEC_PROFILE_DEFAULT: ExecutionProfile(
-                load_balancing_policy=WhiteListRoundRobinPolicy(["127.0.0.1"]),
+                load_balancing_policy=WhiteListRoundRobinPolicy([host]),
                 request_timeout=5,
             )
         },
     )
 
 
-def _cassandra_ready(settings: Settings, port: int) -> str | None:
-    cluster = local_cassandra(settings.cassandra, port)
+def _cassandra_ready(settings: Settings, node: Node) -> str | None:
+    cluster = local_cassandra(settings.cassandra, node.port, node.host)
     try:
         session = cluster.connect()
         row = session.execute("SELECT release_version FROM system.local").one()
@@ -728,7 +1000,7 @@ def _cassandra_ready(settings: Settings, port: int) -> str | None:
         for error in exc.errors.values():
             if isinstance(error, AuthenticationFailed | ssl.SSLError):
                 raise _RefusedError(
-                    f"cassandra on 127.0.0.1:{port} refused the client settings "
+                    f"{node.name} on {node.host}:{node.port} refused the client settings "
                     f"(PHENOCASCADE_CASSANDRA__USERNAME, __PASSWORD, __SSL_CA_FILE): {error}"
                 ) from None
         return None
@@ -739,8 +1011,8 @@ def _cassandra_ready(settings: Settings, port: int) -> str | None:
     return str(row.release_version) if row is not None else None
 
 
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
         return True
     return False
 
@@ -752,27 +1024,27 @@ def _infra_root(settings: Settings) -> Path:
     return settings.home.resolve() / "infra"
 
 
-def _pid_file(root: Path, name: str) -> Path:
-    return root / name / f"{name}.pid"
-
-
-def _live_pid(root: Path, name: str) -> int | None:
-    """Return the pid in the service's pid file if that process is alive and is the service."""
-    path = _pid_file(root, name)
+def _live_pid(node: Node) -> int | None:
+    """Return the pid in the node's pid file if that process is alive and is the node."""
     try:
-        pid = int(path.read_text().strip())
+        pid = int(node.pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    return pid if _alive(pid, name) else None
+    return pid if _alive(pid, node) else None
 
 
-def _alive(pid: int, name: str) -> bool:
-    """Whether ``pid`` runs the service's main class (a recycled pid does not count)."""
+def _alive(pid: int, node: Node) -> bool:
+    """Whether ``pid`` runs the node's JVM (a recycled pid, or another node's, does not count)."""
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and _MAIN_CLASS[name] in proc.cmdline()
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+    # Each node's command names its own configuration file (in its own folder).
+    config = node.home / _CONFIG_FILE[node.service]
+    return _MAIN_CLASS[node.service] in cmdline and any(str(config) in arg for arg in cmdline)
 
 
 @contextlib.contextmanager
@@ -787,14 +1059,15 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _log_tail(root: Path, name: str) -> str:
-    """Return the error lines and the last lines of the service's log and stdout/stderr.
+def _log_tail(node: Node) -> str:
+    """Return the error lines and the last lines of the node's log and stdout/stderr.
 
     The error lines come first because a JVM that fails to start often logs its cause
     (``BindException: Address already in use``) long before its last words.
     """
     parts = []
-    for path in (root / name / "logs" / _SERVICE_LOG[name], root / name / "logs" / "stdout.log"):
+    logs = node.home / "logs"
+    for path in (logs / _SERVICE_LOG[node.service], logs / "stdout.log"):
         if not path.is_file():
             continue
         text = path.read_text(errors="replace")
@@ -803,7 +1076,7 @@ def _log_tail(root: Path, name: str) -> str:
             parts.append(f"--- errors in {path}\n" + "\n".join(errors[-_LOG_TAIL_LINES:]))
         if text.strip():
             parts.append(f"--- end of {path}\n{_tail(text)}")
-    return "\n".join(parts) or f"(no log output in {root / name / 'logs'})"
+    return "\n".join(parts) or f"(no log output in {logs})"
 
 
 def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
@@ -957,19 +1230,6 @@ def _check_services(services: Sequence[str]) -> list[str]:
     if unknown:
         raise InfraError(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
     return [name for name in SERVICES if name in services]
-
-
-def _client_port(settings: Settings, name: str) -> int:
-    if name == "cassandra":
-        return settings.cassandra.port
-    first = settings.kafka.bootstrap_servers.split(",")[0].strip()
-    host, _, port = first.rpartition(":")
-    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
-        raise InfraError(
-            f"the local Kafka serves 127.0.0.1 only, but PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS "
-            f"is {settings.kafka.bootstrap_servers!r}; use 127.0.0.1:<port> for local infra"
-        )
-    return int(port)
 
 
 def _port_setting(name: str) -> str:
