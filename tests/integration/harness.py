@@ -100,6 +100,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "PHENOCASCADE_CASSANDRA__HOSTS": json.dumps(settings.cassandra.hosts),
             "PHENOCASCADE_CASSANDRA__PORT": str(settings.cassandra.port),
             "PHENOCASCADE_CASSANDRA__KEYSPACE": settings.cassandra.keyspace,
+            "PHENOCASCADE_CASSANDRA__REPLICATION_FACTOR": str(
+                settings.cassandra.replication_factor
+            ),
         }
     )
     if settings.topology is not None:

@@ -6,11 +6,8 @@ keyspace. Simulated experts label the first images with the datasets' ground tru
 retrainer trains a quality challenger on them, promotes it, and the quality worker switches
 to it between batches while images keep streaming.
 
-A fair fight: the bootstrap quality champion scores AUROC 1.0 on the holdout, which no
-tiny challenger can strictly beat. The test therefore starts from a deliberately weakened
-champion, the same recipe with a from-scratch ``small_cnn`` trained for one step on four
-images. The challenger (pretrained MobileNetV2, 96 px, 2 epochs, 24 base images + the
-annotations) must beat it on the same fixed holdout. The gate routes at a fixed 0.5 (a
+It starts from a deliberately weak quality champion (``quality_loop``), which the
+challenger must beat on the same fixed holdout. The gate routes at a fixed 0.5 (a
 topology threshold override) so that images also run through the branch tiers: a weak
 model's certified thresholds would send nearly every image to annotation.
 
@@ -37,40 +34,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tifffile
 import yaml
 from harness import Cascade, settings_env
+from quality_loop import (
+    BUDGET,
+    BUDGET_ARGS,
+    HOLDOUT,
+    degraded_copies,
+    quality_annotation,
+    weak_champion,
+)
 
 from phenocascade.config import Settings, Topology
 from phenocascade.consumers.retrainer import HOLDOUT_REASON
-from phenocascade.data.datasets import quality_set, split_ids
-from phenocascade.data.labelled import load_pixels
-from phenocascade.learning import Budget, RecipeTrainer
+from phenocascade.data.datasets import split_ids
+from phenocascade.learning import RecipeTrainer
 from phenocascade.models.base import ArtifactMeta, champion_version
-from phenocascade.recipes import ensure_bootstrap, train_tier
+from phenocascade.recipes import ensure_bootstrap
 from phenocascade.store.annotations import annotations_by_tier
 from phenocascade.store.cassandra import connect
 from phenocascade.store.lineage import get_lineage, lineage_by_tier
-from phenocascade.streams import events
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.kafka import plain_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-HOLDOUT = 48
-BUDGET = Budget(
-    max_train=24, max_epochs=2, config={"input_size": 96, "batch_size": 8}, max_holdout=HOLDOUT
-)
-BUDGET_ARGS = [
-    "--max-train",
-    "24",
-    "--max-epochs",
-    "2",
-    "--config",
-    json.dumps(BUDGET.config),
-    "--holdout",
-    str(HOLDOUT),
-]
 
 
 def _wait_for(predicate: Any, timeout_s: float, what: str, cascade: Cascade) -> Any:
@@ -85,21 +72,6 @@ def _wait_for(predicate: Any, timeout_s: float, what: str, cascade: Cascade) -> 
     raise AssertionError(f"timed out waiting for {what}\n{cascade.log_tail()}")
 
 
-def _weak_champion(settings: Settings, trainer: RecipeTrainer) -> str:
-    """Train the deliberately weak quality champion: small_cnn from scratch, one step."""
-    train = quality_set(settings.datasets, "train", max_sources=2).samples[:4]
-    folder = train_tier(
-        "quality",
-        settings=settings,
-        train_samples=train,
-        val_samples=trainer.holdout("quality"),
-        max_epochs=1,
-        config_overrides={"backbone": "small_cnn", "pretrained": None, "input_size": 64},
-        progress=False,
-    )
-    return folder.name
-
-
 @pytest.fixture
 def loop(infra: Settings, tmp_path: Path) -> Iterator[tuple[Cascade, RecipeTrainer, str]]:
     ensure_bootstrap(infra)
@@ -111,7 +83,7 @@ def loop(infra: Settings, tmp_path: Path) -> Iterator[tuple[Cascade, RecipeTrain
         (artifacts / tier / "CHAMPION").write_text(version)
     local = infra.model_copy(update={"artifacts": artifacts, "home": tmp_path / "home"})
     trainer = RecipeTrainer(local, budget=BUDGET)
-    weak = _weak_champion(local, trainer)
+    weak = weak_champion(local, trainer)
     assert champion_version(artifacts, "quality") == weak
 
     cascade = Cascade(local, tmp_path / "loop")
@@ -155,34 +127,6 @@ def loop(infra: Settings, tmp_path: Path) -> Iterator[tuple[Cascade, RecipeTrain
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
 
 
-def _degraded_copies(settings: Settings, sources: list[str], folder: Path) -> list[Path]:
-    """Write severely degraded copies of DSB train images as files (ground truth: unclear)."""
-    wanted = {f"dsb2018:{s}" for s in sources}
-    paths = []
-    for sample in quality_set(settings.datasets, "train").samples:
-        if sample.group in wanted and sample.degradation:
-            wanted.discard(sample.group)
-            pixels = load_pixels(sample)
-            path = folder / f"degraded-{sample.group.split(':')[1]}.tif"
-            tifffile.imwrite(path, pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-            paths.append(path)
-    return paths
-
-
-def _annotation(image_id: str, path: Path, clear: bool, version: str) -> dict[str, Any]:
-    return {
-        "annotation_id": uuid.uuid4().hex,
-        "image_id": image_id,
-        "tier": "quality",
-        "annotator": "simulated-expert",
-        "labels": ["clear"] if clear else [],
-        "boxes": [],
-        "uri": str(path),
-        "model_version": version,
-        "created_at": events.now_ms(),
-    }
-
-
 def _burst_rate(cascade: Cascade, ids: list[str], submitted: float) -> float:
     """Images per second from submitting a burst to its last output."""
     outputs = {o["image_id"]: o for o in cascade.outputs()}
@@ -201,7 +145,7 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
     # Images nobody labels; val images (the holdout) are kept out of the stream.
     stream = iter(images / f"{i}.png" for i in [*train_ids[20:], *test_ids])
     clear_1 = [images / f"{i}.png" for i in train_ids[:12]]
-    degraded = _degraded_copies(cascade.settings, train_ids[12:20], cascade.roots)
+    degraded = degraded_copies(cascade.settings, train_ids[12:20], cascade.roots)
     assert len(degraded) == 8
     holdout_sources = sorted({s.path for s in trainer.holdout("quality") if s.path})[:2]
 
@@ -226,7 +170,7 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
     producer = plain_producer(cascade.settings.kafka)
     sent = []
     for image_id, path, clear in zip(ids_1, labelled, truth, strict=True):
-        record = _annotation(image_id, path, clear, weak)
+        record = quality_annotation(image_id, path, clear, weak)
         sent.append(record)
         producer.produce(
             cascade.topology.annotations_topic,

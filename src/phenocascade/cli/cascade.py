@@ -49,10 +49,13 @@ from phenocascade.store.cassandra import (
 )
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
+from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
+STALLED_EXIT = 75
+"""The joiner's exit status when it found itself stalled (``--stall-exit-s``)."""
 # Wide enough for the results table when output is not a terminal (CI logs, pipes).
 console = Console(width=max(140, shutil.get_terminal_size().columns))
 
@@ -86,6 +89,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         topology=topology,
         tier=tier,
         instance=args.instance or default_instance_id(),
+        slowdown=args.slowdown,
     )
     stats = worker.run(stop, max_images=args.max_images)
     log.info("worker %s stopped: %s", args.tier, stats)
@@ -98,8 +102,36 @@ def cmd_joiner(args: argparse.Namespace) -> int:
     topology = _topology(args)
     inputs = [t.result_topic for t in topology.tiers]
     start_metrics(args, settings, {topology.joiner.app_id: inputs})
+    if args.stall_exit_s > 0:
+        watch_stalls(
+            LagReader(settings.kafka),
+            topology.joiner.app_id,
+            [*inputs, topology.annotations_topic],
+            stall_s=args.stall_exit_s,
+            on_stall=_exit_stalled,
+        )
     run_joiner(settings, topology)
     return 0
+
+
+def _exit_stalled(partition: PartitionLag, seconds: float) -> None:
+    """End a stalled joiner at once, so that its supervisor starts a fresh one.
+
+    Safe as a kill -9 is: the open transaction is aborted and the restart resumes from
+    the committed offsets and the changelogged tables.
+    """
+    log.error(
+        "joiner stalled: %s[%d] has kept committed offset %s for %.0f s while %d records "
+        "wait; exiting with status %d so that its supervisor starts a fresh one",
+        partition.topic,
+        partition.partition,
+        partition.committed,
+        seconds,
+        partition.lag,
+        STALLED_EXIT,
+    )
+    logging.shutdown()
+    os._exit(STALLED_EXIT)
 
 
 def start_cascade(
@@ -523,9 +555,24 @@ def register(sub: Any) -> None:
     p.add_argument("tier")
     p.add_argument("--instance", help="stable instance id (default: host name)")
     p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="drill: take this many times as long per batch as the model needs, to watch "
+        "backpressure (phenocascade status shows the group's lag growing; nothing is dropped)",
+    )
     add_metrics_port(p)
 
-    add_metrics_port(add("joiner", cmd_joiner, "run the joiner (faust)"))
+    p = add("joiner", cmd_joiner, "run the joiner (faust)")
+    p.add_argument(
+        "--stall-exit-s",
+        type=float,
+        default=120.0,
+        help="exit (status 75, for the supervisor to restart it) when a partition has had "
+        "records waiting this long without a commit; 0: never (default: %(default)s)",
+    )
+    add_metrics_port(p)
     p = add("run", cmd_run, "run the whole cascade on this machine (restarts what dies)")
     add_metrics_port(p)
     p.add_argument(

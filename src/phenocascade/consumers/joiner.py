@@ -188,8 +188,12 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 RESULTS_IN.labels(result["tier"]).inc()
                 new_state, output = merge(topology, state, result)
             if output is not None:
-                # Store and publish before the table records the emission: a crash in
-                # between re-emits (the Cassandra upsert is idempotent) instead of losing it.
+                # Store and publish, and wait until the in-sync replicas acknowledged the
+                # output, before the table records the emission: a crash in between re-emits
+                # (the Cassandra upsert is idempotent) instead of losing it. Without the
+                # wait, an output for a partition whose leader is down sits in the producer's
+                # buffer while the table's changelog, led by another broker, may already
+                # record it as emitted.
                 while "session" not in session_holder:
                     await asyncio.sleep(0.1)
                 await loop.run_in_executor(
@@ -198,7 +202,10 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                         save_output, session=session_holder["session"], output=output
                     ),
                 )
-                await results.send(key=image_id.encode(), value=codec.encode("ImageOutput", output))
+                sent = await results.send(
+                    key=image_id.encode(), value=codec.encode("ImageOutput", output)
+                )
+                await sent
                 observe_output(result, output)
             table[image_id] = new_state
 

@@ -30,7 +30,7 @@ from phenocascade.domain import (
     pending_labels,
     route,
 )
-from phenocascade.errors import BadInputError, NoChampionError, PhenocascadeError
+from phenocascade.errors import BadInputError, ConfigError, NoChampionError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
@@ -162,6 +162,9 @@ class TierWorker:
     stage_loader : callable or None, default None
         ``version -> Stage`` (``None`` = champion); defaults to loading artifacts from
         ``settings.artifacts`` on the tier's device.
+    slowdown : float, default 1.0
+        A drill setting: each batch takes this many times as long as its model needs (the
+        worker sleeps the rest), to watch backpressure on the other tiers and the joiner.
     """
 
     def __init__(
@@ -172,7 +175,11 @@ class TierWorker:
         tier: TierSpec,
         instance: str,
         stage_loader: StageLoader | None = None,
+        slowdown: float = 1.0,
     ) -> None:
+        if slowdown < 1.0:
+            raise ConfigError(f"a worker's slowdown must be at least 1, not {slowdown}")
+        self.slowdown = slowdown
         self.settings = settings
         self.topology = topology
         self.tier = tier
@@ -332,7 +339,10 @@ class TierWorker:
             )
         thresholds = self._thresholds(stage)
         groups = exclusive_groups(stage.classes, self.tier.groups)
+        started = time.monotonic()
         outputs = self._predict(stage, images)
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.monotonic() - started))
         routes: list[Route] = []
         pending: list[tuple[str, ...]] = []
         for o in outputs:

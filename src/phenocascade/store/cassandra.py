@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from cassandra import AuthenticationFailed
+from cassandra import AuthenticationFailed, ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
@@ -120,10 +120,13 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         ssl_context=settings.ssl_context(),
         protocol_version=5,
         execution_profiles={
+            # Quorum reads and writes: with the keyspace at RF 3 a write is acknowledged by
+            # two replicas and a read sees it with one node down (at RF 1, one replica).
             EXEC_PROFILE_DEFAULT: ExecutionProfile(
                 load_balancing_policy=TokenAwarePolicy(
                     DCAwareRoundRobinPolicy(local_dc=settings.local_dc)
-                )
+                ),
+                consistency_level=ConsistencyLevel.LOCAL_QUORUM,
             )
         },
     )

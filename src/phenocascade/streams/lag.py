@@ -10,7 +10,10 @@ it counts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import (
@@ -24,6 +27,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from phenocascade.config import KafkaSettings
 from phenocascade.errors import InfraError
 from phenocascade.streams.kafka import client_settings_checked
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,3 +143,84 @@ class LagReader:
             (p.topic, p.partition): (-1 if p.committed is None else p.committed, p.lag)
             for p in self.lag(group, topics)
         }
+
+
+class StallWatch:
+    """Notice a consumer group that stopped committing on a partition with records waiting.
+
+    A consumer can stall without dying: a client library that lost a partition's fetcher
+    in a broker restart (seen with the joiner's aiokafka in the chaos drill: one partition
+    stuck for good, every other one served) keeps its process alive and its group
+    membership, so no supervisor restarts it and no rebalance moves the partition. From
+    outside, through the committed offsets, the stall shows: records wait (lag above 1; 1
+    is the marker that ends the last transaction) while the committed offset stays put.
+
+    Parameters
+    ----------
+    stall_s : float
+        Seconds a partition may wait with an unchanged committed offset before it counts
+        as stalled. Allow for a slow batch and for the consumer's own start (a joiner
+        restoring its tables commits nothing meanwhile).
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        if stall_s <= 0:
+            raise ValueError(f"stall_s must be positive, not {stall_s}")
+        self.stall_s = stall_s
+        self._since: dict[tuple[str, int], tuple[int | None, float]] = {}
+
+    def check(self, lags: Sequence[PartitionLag], now: float) -> list[tuple[PartitionLag, float]]:
+        """Return the stalled partitions of one reading, with the seconds each has stalled.
+
+        Parameters
+        ----------
+        lags : sequence of PartitionLag
+            One reading of the group (:meth:`LagReader.lag`).
+        now : float
+            The reading's time, in the seconds of a monotonic clock.
+        """
+        stalled = []
+        for p in lags:
+            key = (p.topic, p.partition)
+            seen = self._since.get(key)
+            if p.lag <= 1:
+                self._since.pop(key, None)
+            elif seen is None or seen[0] != p.committed:
+                self._since[key] = (p.committed, now)
+            elif now - seen[1] >= self.stall_s:
+                stalled.append((p, now - seen[1]))
+        return stalled
+
+
+def watch_stalls(
+    reader: LagReader,
+    group: str,
+    topics: Sequence[str],
+    *,
+    stall_s: float,
+    on_stall: Callable[[PartitionLag, float], None],
+    interval_s: float = 10.0,
+) -> threading.Thread:
+    """Read ``group``'s lag every ``interval_s`` and call ``on_stall`` on a stalled partition.
+
+    Returns the started daemon thread. A failed reading is logged and the next one tries
+    again (a broker restart is no stall); ``on_stall`` is called once, for the first
+    stalled partition, and the thread ends.
+    """
+    watch = StallWatch(stall_s)
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                lags = reader.lag(group, topics)
+            except InfraError as exc:
+                log.warning("cannot read the offsets of group %s: %s", group, exc)
+                continue
+            for partition, seconds in watch.check(lags, time.monotonic()):
+                on_stall(partition, seconds)
+                return
+
+    thread = threading.Thread(target=loop, name=f"stalls-{group}", daemon=True)
+    thread.start()
+    return thread
