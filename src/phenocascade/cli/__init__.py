@@ -8,8 +8,10 @@ one-line message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import importlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -64,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A process that dies of a signal from native code (a segfault in a library) writes
     # every thread's Python stack to its log before it goes, for whoever reads that log.
-    faulthandler.enable()
+    # (An embedding caller's stderr may be no file, as under pytest's capture: no stacks.)
+    with contextlib.suppress(io.UnsupportedOperation):
+        faulthandler.enable()
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, default_log_dir())
