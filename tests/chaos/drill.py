@@ -252,15 +252,11 @@ def _events(settings: Settings, topic: str, event: str) -> list[dict[str, Any]]:
     ]
 
 
-def _group_lag(settings: Settings, topology: Topology) -> dict[str, int]:
-    """Each consumer group's largest partition lag.
-
-    A group that has read everything may lag by one on a partition: the marker that ends
-    the last transaction there takes an offset, which a commit does not always cover.
-    """
-    reader = LagReader(settings.kafka)
-    snapshot = take_snapshot(reader, topology_groups(topology))
-    return {group: max((p.lag for p in parts), default=0) for group, parts in snapshot.items()}
+def _caught_up(settings: Settings, topology: Topology, lag: dict[str, int]) -> bool:
+    """Whether every consumer group has read everything; ``lag`` gets each one's largest."""
+    snapshot = take_snapshot(LagReader(settings.kafka), topology_groups(topology))
+    lag.update({group: max((p.lag for p in parts), default=0) for group, parts in snapshot.items()})
+    return all(p.caught_up for parts in snapshot.values() for p in parts)
 
 
 def _first_after(times: Sequence[float], at: float) -> float | None:
@@ -437,12 +433,11 @@ def run_drill(
                 "the retrainer's promotion",
             )
             lag: dict[str, int] = {}
-
-            def settled() -> bool:
-                lag.update(_group_lag(cascade.settings, cascade.topology))
-                return all(v <= 1 for v in lag.values())
-
-            _wait(settled, 120, "every consumer group to catch up")
+            _wait(
+                lambda: _caught_up(cascade.settings, cascade.topology, lag),
+                120,
+                "every consumer group to catch up",
+            )
             restarts = dict(supervised.supervisor.restarts)
         return _report(
             cascade,

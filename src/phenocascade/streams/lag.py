@@ -57,6 +57,15 @@ class PartitionLag:
         done = self.start if self.committed is None else max(self.committed, self.start)
         return max(0, self.end - done)
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether the group has read every record: a lag of at most 1.
+
+        The marker that ends the last transaction written to a partition takes an offset,
+        which a consumer's commit does not always cover, so 1 is no record waiting.
+        """
+        return self.lag <= 1
+
 
 class LagReader:
     """Measure consumer groups' lag with one admin client.
@@ -152,8 +161,8 @@ class StallWatch:
     in a broker restart (seen with the joiner's aiokafka in the chaos drill: one partition
     stuck for good, every other one served) keeps its process alive and its group
     membership, so no supervisor restarts it and no rebalance moves the partition. From
-    outside, through the committed offsets, the stall shows: records wait (lag above 1; 1
-    is the marker that ends the last transaction) while the committed offset stays put.
+    outside, through the committed offsets, the stall shows: records wait (the partition
+    is not :attr:`~PartitionLag.caught_up`) while the committed offset stays put.
 
     Parameters
     ----------
@@ -183,7 +192,7 @@ class StallWatch:
         for p in lags:
             key = (p.topic, p.partition)
             seen = self._since.get(key)
-            if p.lag <= 1:
+            if p.caught_up:
                 self._since.pop(key, None)
             elif seen is None or seen[0] != p.committed:
                 self._since[key] = (p.committed, now)
