@@ -290,6 +290,9 @@ class Topology(BaseModel):
     topics: list[TopicSpec]
     tiers: list[TierSpec]
     joiner: JoinerSpec = Field(default_factory=JoinerSpec)
+    # The consumer groups of the annotation loop: the sink's and the retrainer's.
+    sink_group: str = "phenocascade-annotation-sink"
+    retrainer_group: str = "phenocascade-retrainer"
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
@@ -357,6 +360,8 @@ class Topology(BaseModel):
             tier["routes"] = {k: rename(v) for k, v in tier["routes"].items()}
         data["joiner"]["app_id"] = rename(data["joiner"]["app_id"])
         data["joiner"]["results_topic"] = rename(data["joiner"]["results_topic"])
+        data["sink_group"] = rename(data["sink_group"])
+        data["retrainer_group"] = rename(data["retrainer_group"])
         return Topology.model_validate(data)
 
     def tier(self, name: str) -> TierSpec:

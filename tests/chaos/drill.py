@@ -29,6 +29,7 @@ stream stalled).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -42,9 +43,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import yaml
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable
 from confluent_kafka import KafkaException
 from harness import Cascade, settings_env
 from quality_loop import (
@@ -319,6 +322,21 @@ def _cascade(local: Settings, workdir: Path) -> Cascade:
     return cascade
 
 
+_T = TypeVar("_T")
+
+
+def _patiently(read: Callable[[], _T], timeout_s: float = 120.0) -> _T:
+    """Return ``read()``, tried again while a loaded ring times out (as a client would)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return read()
+        except (DriverException, NoHostAvailable):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 3.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -451,7 +469,12 @@ def run_drill(
             lag,
         )
     finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {cascade.settings.cassandra.keyspace}")
+        keyspace = cascade.settings.cassandra.keyspace
+        try:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+        except (DriverException, NoHostAvailable) as exc:  # never hide the drill's own error
+            say(f"keyspace {keyspace} left in place: {exc}")
+        session.cluster.shutdown()
 
 
 def _inject(
@@ -508,7 +531,7 @@ def _report(
     from_cassandra = {
         (o["image_id"], versions_key(o["model_versions"], o["annotators"]), o["status"])
         for i in wanted
-        for o in get_outputs(session=session, image_id=i)
+        for o in _patiently(functools.partial(get_outputs, session=session, image_id=i))
     }
     output_times = sorted(to_epoch_ms(o["produced_at"]) / 1000 for o in outputs)
     results = {t.name: _events(settings, t.result_topic, "TierResult") for t in topology.tiers}

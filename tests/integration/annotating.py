@@ -100,7 +100,6 @@ class AnnotationWorld:
                 settings=self.settings,
                 topology=self.topology,
                 session=self.session,
-                group=f"{self.prefix}annotation-sink",
             )
             return sink.run(stop, until_caught_up=True)
         finally:

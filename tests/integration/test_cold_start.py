@@ -120,7 +120,6 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
             settings=cascade.settings,
             topology=topology,
             session=session,
-            group=f"{cascade.prefix}annotation-sink",
         )
         assert sink.run(threading.Event(), until_caught_up=True).created == len(ids)
         username = f"expert-{tag}"
@@ -170,7 +169,6 @@ def test_a_cascade_without_models_asks_experts_then_learns_its_first_model(
             every=len(ids),
             tiers=[gate.name],
             session=session,
-            group=f"{cascade.prefix}retrainer",
         )
         stats = retrainer.run(threading.Event(), until_caught_up=True)
         assert [o.decision for o in stats.outcomes] == ["promoted"], stats

@@ -4,7 +4,8 @@ from typing import Any
 import pytest
 
 from phenocascade.config import load_topology
-from phenocascade.consumers.joining import empty_state, merge, merge_annotation
+from phenocascade.consumers.joining import merge, merge_annotation
+from phenocascade.store.join_state import empty_state
 
 TOPOLOGY = load_topology()
 

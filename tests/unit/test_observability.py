@@ -24,7 +24,6 @@ from phenocascade.cli.logs import ConsoleFilter
 from phenocascade.cli.metrics import child_metrics_ports, with_metrics_ports
 from phenocascade.cli.status import rates, status_record, topology_groups
 from phenocascade.config import LIBRDKAFKA_LOGGER, load_topology
-from phenocascade.consumers import RETRAINER_GROUP, SINK_GROUP
 from phenocascade.consumers.joiner import observe_output
 from phenocascade.consumers.worker import _BatchTally, label_decision
 from phenocascade.domain import LabelThresholds, Route, StageKind, StageOutput
@@ -176,8 +175,8 @@ def test_status_names_every_group_of_the_topology_with_its_inputs() -> None:
     for tier in topology.tiers:
         assert tier.input in groups[tier.group]
     assert groups[topology.joiner.app_id] == [t.result_topic for t in topology.tiers]
-    assert groups[SINK_GROUP] == [topology.annotate_topic]
-    assert groups[RETRAINER_GROUP] == [topology.annotations_topic]
+    assert groups[topology.sink_group] == [topology.annotate_topic]
+    assert groups[topology.retrainer_group] == [topology.annotations_topic]
 
 
 def test_status_rate_is_the_change_of_committed_offsets_per_second() -> None:

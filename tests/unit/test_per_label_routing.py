@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from phenocascade import domain
 from phenocascade.cli.cascade import automation
 from phenocascade.config import load_topology
-from phenocascade.consumers.joining import empty_state, merge
+from phenocascade.consumers.joining import merge
 from phenocascade.domain import Box, LabelThresholds, OutputStatus, Route, StageKind, StageOutput
+from phenocascade.store.join_state import empty_state
 from phenocascade.streams import events
 from phenocascade.streams.serde import EventCodec, default_schema_dir
 

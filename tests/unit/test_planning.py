@@ -198,6 +198,11 @@ def test_tiers_name_their_labels_dataset_artifact_and_namespaced_topics() -> Non
         "cells.images.usable",
     )
     assert (size.group, size.result_topic) == ("cells.phenocascade-size", "cells.tier.size")
+    # The annotation loop's groups too: two cascades on one cluster share no group.
+    assert (topology.sink_group, topology.retrainer_group) == (
+        "cells.phenocascade-annotation-sink",
+        "cells.phenocascade-retrainer",
+    )
     assert {t.threads for t in topology.tiers} == {max(1, (os.cpu_count() or 1) // 5)}
     topics = {t.name: (t.partitions, t.retention_ms, t.cleanup_policy) for t in topology.topics}
     assert topics["cells.images.submitted"][0] == topics["cells.images.usable"][0] == 4

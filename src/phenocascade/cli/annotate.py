@@ -17,7 +17,7 @@ from rich.table import Table
 
 from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Topology, get_settings, load_topology
-from phenocascade.consumers.annotation_sink import SINK_GROUP, AnnotationSink
+from phenocascade.consumers.annotation_sink import AnnotationSink
 from phenocascade.errors import ConflictError, NotFoundError, ValidationError
 from phenocascade.store.cassandra import connect
 from phenocascade.store.users import add_user, change_user_studies, delete_user, list_users
@@ -166,7 +166,7 @@ def register(sub: Any) -> None:
     """Register the sink, ui and users sub-commands."""
     p = sub.add_parser("sink", help="materialise the annotate topic into the annotation queue")
     p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
-    p.add_argument("--group", default=SINK_GROUP, help=f"consumer group (default {SINK_GROUP})")
+    p.add_argument("--group", help="consumer group (default: the topology's sink_group)")
     p.add_argument(
         "--until-caught-up",
         action="store_true",

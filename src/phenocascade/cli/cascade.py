@@ -118,7 +118,7 @@ def _exit_stalled(partition: PartitionLag, seconds: float) -> None:
     """End a stalled joiner at once, so that its supervisor starts a fresh one.
 
     Safe as a kill -9 is: the open transaction is aborted and the restart resumes from
-    the committed offsets and the changelogged tables.
+    the committed offsets and the join state in Cassandra.
     """
     log.error(
         "joiner stalled: %s[%d] has kept committed offset %s for %.0f s while %d records "

@@ -22,7 +22,6 @@ from rich.live import Live
 from rich.table import Table
 
 from phenocascade.config import Settings, Topology, get_settings, load_topology
-from phenocascade.consumers import RETRAINER_GROUP, SINK_GROUP
 from phenocascade.models.base import champion_version
 from phenocascade.streams.lag import LagReader, PartitionLag
 
@@ -37,8 +36,8 @@ def topology_groups(topology: Topology) -> dict[str, list[str]]:
     for tier in topology.tiers:
         groups.setdefault(tier.group, []).append(tier.input)
     groups[topology.joiner.app_id] = [t.result_topic for t in topology.tiers]
-    groups[SINK_GROUP] = [topology.annotate_topic]
-    groups[RETRAINER_GROUP] = [topology.annotations_topic]
+    groups[topology.sink_group] = [topology.annotate_topic]
+    groups[topology.retrainer_group] = [topology.annotations_topic]
     return groups
 
 

@@ -1,8 +1,5 @@
 """phenocascade.consumers: the processes that consume the cascade's topics.
 
-The consumer groups of the tier workers and of the joiner are named in the topology; those
-of the annotation loop are these.
+Every consumer group is named in the topology: the tier workers', the joiner's, and the
+annotation loop's (``sink_group``, ``retrainer_group``).
 """
-
-SINK_GROUP = "phenocascade-annotation-sink"
-RETRAINER_GROUP = "phenocascade-retrainer"

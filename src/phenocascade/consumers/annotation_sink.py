@@ -1,6 +1,6 @@
 """The annotation sink: materialise the ``annotate`` topic into the annotation task table.
 
-One consumer group (``phenocascade-annotation-sink``) reads ``AnnotationRequest`` events
+One consumer group (the topology's ``sink_group``) reads ``AnnotationRequest`` events
 and writes each as a task (:func:`~phenocascade.store.annotations.add_task`, idempotent per
 image and tier). Offsets are committed only after the batch's writes (and dead letters) are
 done, so a crash replays the batch and the replay changes nothing. A message that cannot
@@ -20,7 +20,6 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from prometheus_client import Counter
 
 from phenocascade.config import Settings, Topology
-from phenocascade.consumers import SINK_GROUP
 from phenocascade.errors import BadInputError, InfraError, SchemaError
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.annotations import add_task
@@ -56,8 +55,8 @@ class AnnotationSink:
         Names the annotate and dead-letter topics and the known tiers.
     session : cassandra.cluster.Session or None, default None
         Cassandra session; ``None`` connects with ``settings.cassandra``.
-    group : str, default "phenocascade-annotation-sink"
-        Consumer group id.
+    group : str or None, default None
+        Consumer group id; ``None`` takes the topology's ``sink_group``.
     batch_size : int, default 64
         Most messages handled per commit.
     """
@@ -68,12 +67,12 @@ class AnnotationSink:
         settings: Settings,
         topology: Topology,
         session: Session | None = None,
-        group: str = SINK_GROUP,
+        group: str | None = None,
         batch_size: int = 64,
     ) -> None:
         self.settings = settings
         self.topology = topology
-        self.group = group
+        self.group = group or topology.sink_group
         self.batch_size = batch_size
         self.codec = EventCodec()
         self.stats = SinkStats()

@@ -1,11 +1,12 @@
-"""The joiner: a faust-streaming app with a table, merging tier results into outputs.
+"""The joiner: a faust-streaming app merging tier results into outputs.
 
 It reads every tier's result topic and the experts' annotations topic (all co-partitioned
-by image id), keeps each image's partial results and expert answers in a changelogged
-table, and when :func:`~phenocascade.consumers.joining.merge` (or
+by image id), keeps each image's partial results and expert answers in Cassandra
+(:mod:`phenocascade.store.join_state`), and when
+:func:`~phenocascade.consumers.joining.merge` (or
 :func:`~phenocascade.consumers.joining.merge_annotation`) says an output is due, writes it
-to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored in
-the table make re-delivered results and annotations harmless.
+to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored
+with the state make re-delivered results and annotations harmless.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import faust
+from aiokafka.errors import KafkaError
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable, Session
+from faust.exceptions import ProducerSendError
 from faust.types.auth import CredentialsT
 from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
-from phenocascade.consumers.joining import empty_state, merge, merge_annotation
+from phenocascade.consumers.joining import merge, merge_annotation
 from phenocascade.errors import ConfigError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
+from phenocascade.store.join_state import EMITTED, changed_parts, load_state, save_part
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.serde import EventCodec
 
@@ -159,7 +165,6 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
     results = app.topic(
         spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw"
     )
-    table = app.Table("pending", default=None, partitions=n, key_type=str)
     session_holder: dict[str, Any] = {}
 
     @app.task
@@ -167,9 +172,13 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         loop = asyncio.get_running_loop()
         session_holder["session"] = await loop.run_in_executor(None, connect, settings.cassandra)
 
+    async def session() -> Session:
+        while "session" not in session_holder:
+            await asyncio.sleep(0.1)
+        return cast(Session, session_holder["session"])
+
     @app.agent(source)
     async def join(stream: Any) -> None:
-        loop = asyncio.get_running_loop()
         async for key, value in stream.items():
             try:
                 event, result = codec.decode(value)
@@ -180,36 +189,89 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             if event not in ("TierResult", "Annotation") or not isinstance(image_id, str):
                 log.warning("joiner skipped a %s message (key %r)", event, key)
                 continue
-            state = table.get(image_id) or empty_state()
+            where = {"session": await session(), "app_id": spec.app_id, "image_id": image_id}
+            # Every step below is done before the next message is taken (faust commits an
+            # offset once the message after it is taken), and retried until it is done: the
+            # state a successor reads is never behind the offsets this joiner commits.
+            state = await _durably(f"reading {image_id}'s state", load_state, **where)
             if event == "Annotation":
                 ANSWERS_IN.labels(result["tier"]).inc()
                 new_state, output = merge_annotation(topology, state, result)
             else:
                 RESULTS_IN.labels(result["tier"]).inc()
                 new_state, output = merge(topology, state, result)
-            if output is not None:
-                # Store and publish, and wait until the in-sync replicas acknowledged the
-                # output, before the table records the emission: a crash in between re-emits
-                # (the Cassandra upsert is idempotent) instead of losing it. Without the
-                # wait, an output for a partition whose leader is down sits in the producer's
-                # buffer while the table's changelog, led by another broker, may already
-                # record it as emitted.
-                while "session" not in session_holder:
-                    await asyncio.sleep(0.1)
-                await loop.run_in_executor(
-                    None,
-                    functools.partial(
-                        save_output, session=session_holder["session"], output=output
-                    ),
+            for part, name, part_value in changed_parts(state, new_state):
+                await _durably(
+                    f"recording {image_id}'s {part} {name}",
+                    save_part,
+                    **where,
+                    part=part,
+                    name=name,
+                    value=part_value,
                 )
-                sent = await results.send(
-                    key=image_id.encode(), value=codec.encode("ImageOutput", output)
-                )
-                await sent
-                observe_output(result, output)
-            table[image_id] = new_state
+            if output is None:
+                continue
+            # Store and publish the output, and record its emission only once the in-sync
+            # replicas acknowledged it: a crash in between emits it again (the Cassandra
+            # upsert is idempotent) rather than losing it.
+            await _durably(
+                f"storing {image_id}'s output",
+                save_output,
+                session=where["session"],
+                output=output,
+            )
+            await _published(results, image_id, codec.encode("ImageOutput", output))
+            observe_output(result, output)
+            await _durably(
+                f"recording {image_id}'s emission",
+                save_part,
+                **where,
+                part=EMITTED,
+                name=new_state["emitted"][-1],
+            )
 
     return app
+
+
+_T = TypeVar("_T")
+_RETRY_S = (0.5, 10.0)  # first and longest pause between tries
+
+
+async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:
+    """Return ``call(**kwargs)``, run in a thread and tried until Cassandra takes it.
+
+    A joiner that cannot reach its state stops where it is, committing nothing past it;
+    one stopped for ``--stall-exit-s`` exits (:class:`~phenocascade.streams.lag.StallWatch`)
+    for its supervisor to start a fresh one.
+    """
+    loop = asyncio.get_running_loop()
+    pause = _RETRY_S[0]
+    while True:
+        try:
+            return await loop.run_in_executor(None, functools.partial(call, **kwargs))
+        except (DriverException, NoHostAvailable) as exc:
+            log.warning("joiner: %s failed (%s); trying again in %.1f s", what, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _RETRY_S[1])
+
+
+async def _published(topic: Any, image_id: str, value: bytes) -> None:
+    """Send an output and wait until the in-sync replicas acknowledged it, trying until so."""
+    pause = _RETRY_S[0]
+    while True:
+        try:
+            sent = await topic.send(key=image_id.encode(), value=value)
+            await sent
+            return
+        except (KafkaError, ProducerSendError) as exc:
+            log.warning(
+                "joiner: sending %s's output failed (%s); trying again in %.1f s",
+                image_id,
+                exc,
+                pause,
+            )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _RETRY_S[1])
 
 
 def run_joiner(settings: Settings, topology: Topology) -> None:

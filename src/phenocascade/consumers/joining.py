@@ -15,11 +15,6 @@ from phenocascade.store.cassandra import versions_key
 from phenocascade.streams import events
 
 
-def empty_state() -> dict[str, Any]:
-    """Return the table value of an image nothing is known about."""
-    return {"tiers": {}, "experts": {}, "emitted": []}
-
-
 def merge(
     topology: Topology, state: Mapping[str, Any], result: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -1,6 +1,6 @@
 """The retraining consumer: expert annotations in, challengers trained, better models promoted.
 
-One consumer group (``phenocascade-retrainer``) reads ``Annotation`` events from the
+One consumer group (the topology's ``retrainer_group``) reads ``Annotation`` events from the
 ``annotations`` topic and stores each in Cassandra
 (:func:`~phenocascade.store.annotations.save_annotation`, idempotent per annotation id), so
 the store holds every annotation, those of the browser app and those of third-party
@@ -56,7 +56,6 @@ from confluent_kafka import Consumer, Message, Producer
 from prometheus_client import Counter
 
 from phenocascade.config import Settings, TierSpec, Topology
-from phenocascade.consumers import RETRAINER_GROUP
 from phenocascade.consumers.annotation_sink import AnnotationSink
 from phenocascade.domain import Box, Sample
 from phenocascade.errors import (
@@ -456,8 +455,8 @@ class Retrainer:
         tier are stored regardless.
     session : cassandra.cluster.Session or None, default None
         Cassandra session; ``None`` connects with ``settings.cassandra``.
-    group : str, default "phenocascade-retrainer"
-        Consumer group id.
+    group : str or None, default None
+        Consumer group id; ``None`` takes the topology's ``retrainer_group``.
     batch_size : int, default 64
         Most messages handled per commit.
     keep_rejected : bool, default False
@@ -474,7 +473,7 @@ class Retrainer:
         every: int | None = None,
         tiers: Sequence[str] | None = None,
         session: Session | None = None,
-        group: str = RETRAINER_GROUP,
+        group: str | None = None,
         batch_size: int = 64,
         keep_rejected: bool = False,
     ) -> None:
@@ -487,7 +486,7 @@ class Retrainer:
         self.specs: dict[str, TierSpec] = {
             t.name: t for t in topology.tiers if tiers is None or t.name in tiers
         }
-        self.group = group
+        self.group = group or topology.retrainer_group
         self.batch_size = batch_size
         self.keep_rejected = keep_rejected
         self.codec = EventCodec()

@@ -31,7 +31,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
 from phenocascade.config import CassandraSettings
 from phenocascade.errors import InfraError
-from phenocascade.store import lineage, logins, users
+from phenocascade.store import join_state, lineage, logins, users
 from phenocascade.store.annotations import create_tables
 from phenocascade.store.cql import (
     add_missing_columns,
@@ -148,6 +148,7 @@ def connect(settings: CassandraSettings, *, create_schema: bool = True) -> Sessi
         users.create_tables(session)
         lineage.create_tables(session)
         logins.create_tables(session)
+        join_state.create_tables(session)
     return session
 
 
