@@ -79,6 +79,8 @@ LABELLED = 20
 every this many answers."""
 CASSANDRA_DOWN_S = 30.0
 BROKER_DOWN_S = 10.0
+HELD = 50
+"""The last streamed images, submitted only once the gate's challenger is promoted."""
 
 Say = Callable[[str], None]
 
@@ -219,20 +221,38 @@ class _Supervised:
 
 
 class _Pacer(threading.Thread):
-    """Submits images evenly over a time span, five at a time, from a thread."""
+    """Submits images evenly over a time span, five at a time, from a thread.
 
-    def __init__(self, cascade: Cascade, paths: Sequence[Path], seconds: float) -> None:
+    The last ``held`` images wait, once their time comes, until ``release()`` is true (the
+    retrainer's promotion), so that the gate scores images with both models whatever the
+    machine's speed; the wait ends in an error after ``hold_s``.
+    """
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        paths: Sequence[Path],
+        seconds: float,
+        *,
+        held: int = 0,
+        release: Callable[[], bool] = lambda: True,
+        hold_s: float = 900.0,
+    ) -> None:
         super().__init__(daemon=True)
         self.cascade, self.paths, self.seconds = cascade, paths, seconds
+        self.held, self.release, self.hold_s = held, release, hold_s
         self.ids: list[str] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         chunks = [self.paths[i : i + 5] for i in range(0, len(self.paths), 5)]
+        first_held = len(self.paths) - self.held
         began = time.monotonic()
         try:
             for n, chunk in enumerate(chunks):
                 time.sleep(max(0.0, began + n * self.seconds / len(chunks) - time.monotonic()))
+                if self.held and n * 5 >= first_held and not self.release():
+                    _wait(self.release, self.hold_s, "the promotion the last images wait for")
                 self.ids += self.cascade.submit(chunk, prefix="stream-", study="chaos")
         except BaseException as exc:  # handed to the drill, which raises it
             self.error = exc
@@ -253,6 +273,12 @@ def _events(settings: Settings, topic: str, event: str) -> list[dict[str, Any]]:
         codec.decode(v, expected=event)[1]
         for _, v in scan_topic(settings.kafka, topic, timeout_s=60.0, must_finish=True)
     ]
+
+
+def _promoted(cascade: Cascade) -> bool:
+    """Whether the retrainer has announced a promoted gate."""
+    models = _events(cascade.settings, cascade.topology.models_topic, "ModelPromoted")
+    return any(p["tier"] == "quality" for p in models)
 
 
 def _caught_up(settings: Settings, topology: Topology, lag: dict[str, int]) -> bool:
@@ -428,7 +454,7 @@ def run_drill(
             assert producer.flush(30) == 0
             say(f"{len(ids_1)} labelled images done and answered; streaming {len(stream)} more")
             started = time.time()
-            pacer = _Pacer(cascade, stream, stream_s)
+            pacer = _Pacer(cascade, stream, stream_s, held=HELD, release=lambda: _promoted(cascade))
             pacer.start()
             if control is not None:
                 faults = _inject(supervised, control, seed=seed, gap_s=gap_s, say=say)
@@ -440,16 +466,7 @@ def run_drill(
                 "every image's output",
                 every_s=5.0,
             )
-            _wait(
-                lambda: any(
-                    p["tier"] == "quality"
-                    for p in _events(
-                        cascade.settings, cascade.topology.models_topic, "ModelPromoted"
-                    )
-                ),
-                600,
-                "the retrainer's promotion",
-            )
+            _wait(lambda: _promoted(cascade), 600, "the retrainer's promotion")
             lag: dict[str, int] = {}
             _wait(
                 lambda: _caught_up(cascade.settings, cascade.topology, lag),
