@@ -437,6 +437,21 @@ class TierWorker:
         self.stats.batches += 1
         self.stats.images += len(msgs)
 
+    def _models_end(self, models: Consumer) -> TopicPartition:
+        """Return the models topic's partition at its current end (or at "end" if unknown)."""
+        partition = TopicPartition(self.topology.models_topic, 0)
+        try:
+            _, end = models.get_watermark_offsets(partition, timeout=10)
+        except KafkaException as exc:
+            log.warning(
+                "tier %s: the end of %s is unknown (%s); promotions from its end when read",
+                self.tier.name,
+                partition.topic,
+                exc,
+            )
+            return TopicPartition(partition.topic, 0, OFFSET_END)
+        return TopicPartition(partition.topic, 0, end)
+
     @staticmethod
     def _rewind(consumer: Consumer) -> None:
         """After an aborted transaction, go back to the last committed offsets."""
@@ -458,6 +473,13 @@ class TierWorker:
         kafka = self.settings.kafka
         if self.tier.threads is not None:
             set_compute_threads(self.tier.threads)
+        # Promotions are read from the end the models topic has *before* the champion is
+        # loaded: one announced while it loads (a minute on a loaded machine) is then
+        # applied at once, instead of waiting for this worker's next restart.
+        models = group_consumer(
+            kafka, f"{self.tier.group}-models-{self.instance}", **{"auto.offset.reset": "latest"}
+        )
+        models.assign([self._models_end(models)])
         try:
             self.stage = self._load(None)
             log.info(
@@ -472,10 +494,6 @@ class TierWorker:
         self._show_model()
         consumer = group_consumer(kafka, self.tier.group)
         producer = transactional_producer(kafka, f"{self.tier.group}-{self.instance}")
-        models = group_consumer(
-            kafka, f"{self.tier.group}-models-{self.instance}", **{"auto.offset.reset": "latest"}
-        )
-        models.assign([TopicPartition(self.topology.models_topic, 0, OFFSET_END)])
         consumer.subscribe([self.tier.input])
         try:
             while not stop.is_set():
