@@ -440,17 +440,22 @@ class TierWorker:
     def _models_end(self, models: Consumer) -> TopicPartition:
         """Return the models topic's partition at its current end (or at "end" if unknown)."""
         partition = TopicPartition(self.topology.models_topic, 0)
-        try:
-            _, end = models.get_watermark_offsets(partition, timeout=10)
-        except KafkaException as exc:
-            log.warning(
-                "tier %s: the end of %s is unknown (%s); promotions from its end when read",
-                self.tier.name,
-                partition.topic,
-                exc,
-            )
-            return TopicPartition(partition.topic, 0, OFFSET_END)
-        return TopicPartition(partition.topic, 0, end)
+        deadline = time.monotonic() + 30  # a new topic's leader may not be known yet
+        while True:
+            try:
+                _, end = models.get_watermark_offsets(partition, timeout=10)
+                return TopicPartition(partition.topic, 0, end)
+            except KafkaException as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                log.warning(
+                    "tier %s: the end of %s is unknown (%s); promotions from its end when read",
+                    self.tier.name,
+                    partition.topic,
+                    exc,
+                )
+                return TopicPartition(partition.topic, 0, OFFSET_END)
 
     @staticmethod
     def _rewind(consumer: Consumer) -> None:
