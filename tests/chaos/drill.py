@@ -43,13 +43,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import yaml
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
 from confluent_kafka import KafkaException
-from harness import Cascade, settings_env
+from harness import Cascade, settings_env, until_cassandra_answers
 from quality_loop import (
     BUDGET,
     BUDGET_ARGS,
@@ -348,21 +348,6 @@ def _cascade(local: Settings, workdir: Path) -> Cascade:
     return cascade
 
 
-_T = TypeVar("_T")
-
-
-def _patiently(read: Callable[[], _T], timeout_s: float = 120.0) -> _T:
-    """Return ``read()``, tried again while a loaded ring times out (as a client would)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return read()
-        except (DriverException, NoHostAvailable):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
 def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, every_s: float = 3.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -548,7 +533,9 @@ def _report(
     from_cassandra = {
         (o["image_id"], versions_key(o["model_versions"], o["annotators"]), o["status"])
         for i in wanted
-        for o in _patiently(functools.partial(get_outputs, session=session, image_id=i))
+        for o in until_cassandra_answers(
+            functools.partial(get_outputs, session=session, image_id=i), f"{i}'s outputs", 120, 2
+        )
     }
     output_times = sorted(to_epoch_ms(o["produced_at"]) / 1000 for o in outputs)
     results = {t.name: _events(settings, t.result_topic, "TierResult") for t in topology.tiers}

@@ -11,13 +11,14 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from cassandra.cluster import Session
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable, Session
 
 from phenocascade.cli.cascade import (
     cascade_commands,
@@ -37,6 +38,28 @@ from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
 TEST_KEYSPACE = "phenocascade_test"
+
+
+_T = TypeVar("_T")
+
+
+def until_cassandra_answers(
+    read: Callable[[], _T], what: str, timeout_s: float, every_s: float = 1.0
+) -> _T:
+    """Return ``read()``, tried again while the ring fails it, as a client would.
+
+    Until a coordinator's failure detector convicts a killed node it may still pick that
+    node as a replica, and a loaded ring times out: both are a ``DriverException``
+    (``Unavailable``, ``ReadTimeout``, ``OperationTimedOut``) or ``NoHostAvailable``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return read()
+        except (DriverException, NoHostAvailable) as exc:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{what} still failing after {timeout_s:.0f} s") from exc
+            time.sleep(every_s)
 
 
 @contextmanager

@@ -12,23 +12,21 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import pytest
-from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+from cassandra import ConsistencyLevel
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import SimpleStatement
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from harness import until_cassandra_answers
 
 from phenocascade.config import CassandraSettings, KafkaSettings, Settings
 from phenocascade.infra.local import node_pid, start_node, status, stop_node
-
-_T = TypeVar("_T")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -226,17 +224,6 @@ def test_kafka_keeps_every_acknowledged_record_through_a_killed_broker(cluster: 
     _wait_isr(admin, topic, 3, timeout_s=60)  # it caught up from the others
 
 
-def _eventually(read: Callable[[], _T], what: str, timeout_s: float) -> _T:
-    """Return ``read()`` once it stops failing for the ring's failure detection."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return read()
-        except (Unavailable, ReadTimeout, OperationTimedOut, NoHostAvailable):
-            assert time.monotonic() < deadline, f"{what} still failing after {timeout_s:.0f} s"
-            time.sleep(1)
-
-
 def test_cassandra_writes_at_quorum_with_a_killed_node(cluster: Settings) -> None:
     cfg = cluster.cassandra
     # SimpleSnitch puts every node in datacenter1.
@@ -268,7 +255,9 @@ def test_cassandra_writes_at_quorum_with_a_killed_node(cluster: Settings) -> Non
         # A range read may still pick node 3 as a replica and time out until the
         # coordinator's failure detector convicts it (some seconds, more under load), as
         # any client sees; after that, two live replicas of three answer every range.
-        rows = _eventually(lambda: session.execute(quorum, timeout=30), "QUORUM read", 90)
+        rows = until_cassandra_answers(
+            lambda: session.execute(quorum, timeout=30), "QUORUM read", 90
+        )
         assert {(r.k, r.v) for r in rows} == {(k, f"v{k}") for k in range(20)}
 
         restarted = start_node(cluster, "cassandra", 3)
@@ -278,7 +267,9 @@ def test_cassandra_writes_at_quorum_with_a_killed_node(cluster: Settings) -> Non
         every = SimpleStatement(
             f"SELECT v FROM {keyspace}.kv WHERE k = 7", consistency_level=ConsistencyLevel.ALL
         )
-        row = _eventually(lambda: session.execute(every).one(), "CL=ALL read of node 3", 90)
+        row = until_cassandra_answers(
+            lambda: session.execute(every).one(), "CL=ALL read of node 3", 90
+        )
         assert row.v == "v7"
     finally:
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")

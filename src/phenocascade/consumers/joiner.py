@@ -16,7 +16,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import faust
@@ -237,41 +237,45 @@ _T = TypeVar("_T")
 _RETRY_S = (0.5, 10.0)  # first and longest pause between tries
 
 
-async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:
-    """Return ``call(**kwargs)``, run in a thread and tried until Cassandra takes it.
+async def _until_done(
+    what: str, attempt: Callable[[], Awaitable[_T]], errors: tuple[type[Exception], ...]
+) -> _T:
+    """Return ``await attempt()``, tried again after each of ``errors`` until it is done.
 
-    A joiner that cannot reach its state stops where it is, committing nothing past it;
-    one stopped for ``--stall-exit-s`` exits (:class:`~phenocascade.streams.lag.StallWatch`)
-    for its supervisor to start a fresh one.
+    The pause between tries starts at ``_RETRY_S[0]`` and doubles up to ``_RETRY_S[1]``. A
+    joiner that cannot reach its state or its results topic stops where it is, committing
+    nothing past it; one stopped for ``--stall-exit-s`` exits
+    (:class:`~phenocascade.streams.lag.StallWatch`) for its supervisor to start a fresh one.
+    Any other error propagates.
     """
-    loop = asyncio.get_running_loop()
     pause = _RETRY_S[0]
     while True:
         try:
-            return await loop.run_in_executor(None, functools.partial(call, **kwargs))
-        except (DriverException, NoHostAvailable) as exc:
+            return await attempt()
+        except errors as exc:
             log.warning("joiner: %s failed (%s); trying again in %.1f s", what, exc, pause)
             await asyncio.sleep(pause)
             pause = min(2 * pause, _RETRY_S[1])
 
 
+async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:
+    """Return ``call(**kwargs)``, run in a thread and tried until Cassandra takes it."""
+    loop = asyncio.get_running_loop()
+
+    def attempt() -> Awaitable[_T]:
+        return loop.run_in_executor(None, functools.partial(call, **kwargs))
+
+    return await _until_done(what, attempt, (DriverException, NoHostAvailable))
+
+
 async def _published(topic: Any, image_id: str, value: bytes) -> None:
     """Send an output and wait until the in-sync replicas acknowledged it, trying until so."""
-    pause = _RETRY_S[0]
-    while True:
-        try:
-            sent = await topic.send(key=image_id.encode(), value=value)
-            await sent
-            return
-        except (KafkaError, ProducerSendError) as exc:
-            log.warning(
-                "joiner: sending %s's output failed (%s); trying again in %.1f s",
-                image_id,
-                exc,
-                pause,
-            )
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, _RETRY_S[1])
+
+    async def attempt() -> None:
+        sent = await topic.send(key=image_id.encode(), value=value)
+        await sent
+
+    await _until_done(f"sending {image_id}'s output", attempt, (KafkaError, ProducerSendError))
 
 
 def run_joiner(settings: Settings, topology: Topology) -> None:

@@ -68,7 +68,13 @@ class PartitionLag:
 
 
 class LagReader:
-    """Measure consumer groups' lag with one admin client.
+    """Measure consumer groups' lag, with a fresh admin client for each reading.
+
+    A long-lived admin client is what librdkafka's open reports of crashes in
+    ``ListConsumerGroupOffsets`` and ``DescribeConsumerGroups`` after a broker restart
+    have in common (confluentinc/librdkafka#4605 and #3663, where the reporters' way out
+    is a new client per request). A reading is one request every few seconds at most, so
+    a new client costs little, and one that timed out is never reused.
 
     Parameters
     ----------
@@ -81,12 +87,15 @@ class LagReader:
     def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
         self.kafka = kafka
         self.timeout_s = timeout_s
-        with client_settings_checked():
-            self._admin = AdminClient(kafka.config())
+        self._admin()  # refuses bad client settings at once, with one line
 
-    def partitions(self, topics: Sequence[str]) -> list[TopicPartition]:
+    def _admin(self) -> AdminClient:
+        with client_settings_checked():
+            return AdminClient(self.kafka.config())
+
+    def _partitions(self, admin: AdminClient, topics: Sequence[str]) -> list[TopicPartition]:
         """Return every partition of ``topics`` (a topic that does not exist has none)."""
-        meta = self._admin.list_topics(timeout=self.timeout_s).topics
+        meta = admin.list_topics(timeout=self.timeout_s).topics
         return [
             TopicPartition(t, p)
             for t in topics
@@ -94,17 +103,21 @@ class LagReader:
             for p in sorted(meta[t].partitions)
         ]
 
-    def _offsets(self, parts: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
-        futures = self._admin.list_offsets(
+    def _offsets(
+        self, admin: AdminClient, parts: list[TopicPartition], spec: OffsetSpec
+    ) -> dict[tuple[str, int], int]:
+        futures = admin.list_offsets(
             {tp: spec for tp in parts},
             isolation_level=IsolationLevel.READ_COMMITTED,
             request_timeout=self.timeout_s,
         )
         return {(tp.topic, tp.partition): int(f.result().offset) for tp, f in futures.items()}
 
-    def _committed(self, group: str, parts: list[TopicPartition]) -> dict[tuple[str, int], int]:
+    def _committed(
+        self, admin: AdminClient, group: str, parts: list[TopicPartition]
+    ) -> dict[tuple[str, int], int]:
         request = [ConsumerGroupTopicPartitions(group, parts)]
-        futures = self._admin.list_consumer_group_offsets(request, request_timeout=self.timeout_s)
+        futures = admin.list_consumer_group_offsets(request, request_timeout=self.timeout_s)
         return {
             (tp.topic, tp.partition): tp.offset
             for tp in futures[group].result().topic_partitions
@@ -120,13 +133,14 @@ class LagReader:
             If Kafka does not answer.
         """
         try:
-            parts = self.partitions(topics)
+            admin = self._admin()
+            parts = self._partitions(admin, topics)
             if not parts:
                 return []
-            starts = self._offsets(parts, OffsetSpec.earliest())
-            ends = self._offsets(parts, OffsetSpec.latest())
-            committed = self._committed(group, parts)
-            self._admin.poll(0)  # hands queued client log lines to the librdkafka logger
+            starts = self._offsets(admin, parts, OffsetSpec.earliest())
+            ends = self._offsets(admin, parts, OffsetSpec.latest())
+            committed = self._committed(admin, group, parts)
+            admin.poll(0)  # hands queued client log lines to the librdkafka logger
         except KafkaException as exc:
             raise InfraError(
                 f"cannot read the offsets of group {group} at {self.kafka.bootstrap_servers} "
