@@ -47,6 +47,7 @@ from phenocascade.store.cassandra import (
     latest_outputs_of_study,
     latest_status_by_image,
 )
+from phenocascade.store.images import ImageStore, configured_store
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
@@ -279,8 +280,12 @@ def submit_paths(
     inline: bool = False,
     prefix: str = "",
     progress: bool = True,
+    store: ImageStore | None = None,
 ) -> list[str]:
-    """Publish one ``ImageSubmitted`` per file; return the image ids in order."""
+    """Publish one ``ImageSubmitted`` per file; return the image ids in order.
+
+    With ``store``, each file's bytes are kept there first (for ``replay``).
+    """
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -288,14 +293,14 @@ def submit_paths(
         task = bar.add_task("submitting", total=len(paths))
         for path in paths:
             image_id = image_id_for(path, prefix)
+            fmt = events.format_of(path.name)
+            data = path.read_bytes() if inline or store is not None else None
             if inline:
-                record = events.image_submitted(
-                    image_id, inline=path.read_bytes(), fmt=events.format_of(path.name), meta=meta
-                )
+                record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=meta)
             else:
-                record = events.image_submitted(
-                    image_id, uri=str(path), fmt=events.format_of(path.name), meta=meta
-                )
+                record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
+            if store is not None and data is not None:
+                store.put(record, data)
             producer.produce(
                 topology.submitted_topic,
                 key=image_id.encode(),
@@ -318,7 +323,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         study=args.study, specimen=args.specimen, modality=args.modality, stain=args.stain
     )
     ids = submit_paths(
-        settings, _topology(args), paths, meta=meta, inline=args.inline, prefix=args.prefix
+        settings,
+        _topology(args),
+        paths,
+        meta=meta,
+        inline=args.inline,
+        prefix=args.prefix,
+        store=configured_store(settings.home),
     )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
