@@ -29,6 +29,7 @@ _COMMAND_MODULES = (
     "phenocascade.cli.cascade",
     "phenocascade.cli.watch",
     "phenocascade.cli.export",
+    "phenocascade.cli.replay",
     "phenocascade.cli.annotate",
     "phenocascade.cli.demo",
     "phenocascade.cli.learning",

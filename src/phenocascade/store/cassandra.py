@@ -289,3 +289,15 @@ def latest_status_by_image(*, session: Session) -> dict[str, tuple[str, bool]]:
         if seen is None or r.produced_at > seen[0]:
             latest[r.image_id] = (r.produced_at, r.status, bool(r.annotators))
     return {image_id: (status, expert) for image_id, (_, status, expert) in latest.items()}
+
+
+def all_outputs(*, session: Session, study: str | None = None) -> list[dict[str, Any]]:
+    """Return every output (each set of versions and experts) of ``study``, or of all studies.
+
+    Without ``study``, a full scan: for reports and ``diff``.
+    """
+    if study is not None:
+        ids = sorted({row["image_id"] for row in outputs_by_study(session=session, study=study)})
+        return [o for i in ids for o in get_outputs(session=session, image_id=i)]
+    scan = qualified(session, "SELECT * FROM {ks}.outputs_by_image")
+    return [_row_to_output(r) for r in session.execute(scan)]
