@@ -1,0 +1,254 @@
+"""Replay after a promotion on the real Kafka and Cassandra: old and new outputs both kept,
+and ``diff`` lists exactly the images the new model changed.
+
+The three tier workers run in this process on stand-in models whose answers depend only
+on an image's grey level (and, for the detector, on its version), so which images a
+promotion changes is known in advance; the joiner is a real ``phenocascade joiner``
+process. Images are submitted with ``submit_paths`` into the image store, the detector is
+promoted as the retrainer does (``CHAMPION``, then ``ModelPromoted``), and ``replay`` and
+``diff`` run as commands.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import yaml
+from cassandra.cluster import Session
+from harness import TEST_KEYSPACE, settings_env
+from PIL import Image
+
+import phenocascade.cli.replay as replay_cli
+from phenocascade.cli import main
+from phenocascade.cli.cascade import start_process, stop_cascade, submit_paths
+from phenocascade.config import Settings, Topology, load_topology
+from phenocascade.consumers.worker import TierWorker
+from phenocascade.domain import Box, DecodedImage, ImageMeta, LabelThresholds, StageKind
+from phenocascade.domain import StageOutput as Output
+from phenocascade.models.base import Stage
+from phenocascade.store.cassandra import all_outputs, connect, versions_key
+from phenocascade.store.images import configured_store
+from phenocascade.streams.kafka import create_topics, plain_producer
+from phenocascade.streams.serde import EventCodec
+
+pytestmark = [pytest.mark.integration]
+
+V1 = "20261201T000000-0001"
+V2 = "20261201T000000-0002"
+CONFIDENT = LabelThresholds(positive=0.9, negative=0.3)
+# Grey levels of the images: 10 is unusable; the promoted detector loses the box of 80
+# and is unsure of the one of 200 (it goes to an expert); the others it sees as before.
+LEVELS = (10, 40, 80, 160, 200, 240)
+CHANGED = {80: ["boxes"], 200: ["route"]}
+
+
+class StandIn:
+    """A stage whose answer depends on the image's grey level and its own version."""
+
+    model_name = "stand-in"
+    gate_label = "clear"
+
+    def __init__(self, kind: StageKind, label: str, version: str) -> None:
+        self.kind = kind
+        self.classes = (label,)
+        self.version = version
+        self.thresholds = {label: CONFIDENT}
+
+    def predict(self, images: Sequence[DecodedImage]) -> list[Output]:
+        return [self._one(round(float(np.mean(img.pixels)))) for img in images]
+
+    def _one(self, level: int) -> Output:
+        label = self.classes[0]
+        if self.kind is StageKind.GATE:
+            return Output(scores={label: 0.01 if level < 20 else 0.99})
+        if self.kind is StageKind.CLASSIFIER:
+            return Output(scores={label: 0.95 if level > 128 else 0.05})
+        score = 0.5 if (self.version == V2 and level == 200) else 0.95
+        boxes = () if (self.version == V2 and level == 80) else (Box(2, 2, 12, 12, label, score),)
+        return Output(scores={label: max([b.score for b in boxes], default=1e-6)}, boxes=boxes)
+
+
+_KINDS = {
+    "quality": (StageKind.GATE, "clear"),
+    "majority": (StageKind.CLASSIFIER, "bright"),
+    "minority": (StageKind.DETECTOR, "giant"),
+}
+
+
+@dataclass
+class Lab:
+    settings: Settings
+    topology: Topology
+    session: Session
+    workers: dict[str, TierWorker]
+    study: str
+    root: Path
+
+
+def _wait(what: str, timeout_s: float, found: Callable[[], bool], lab: Lab) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not found():
+        if time.monotonic() > deadline:
+            logs = "\n".join(
+                p.read_text(errors="replace")[-3000:] for p in (lab.root / "logs").glob("*.log")
+            )
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(1.0)
+
+
+@pytest.fixture
+def lab(infra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    data = load_topology().namespaced(f"rp{uuid.uuid4().hex[:8]}-").model_dump()
+    for tier in data["tiers"]:
+        tier.update(replicas=1, threads=None)
+    topology = Topology.model_validate(data)
+    topo_file = tmp_path / "topology.yaml"
+    topo_file.write_text(yaml.safe_dump(topology.model_dump()))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    settings = infra.model_copy(
+        update={
+            "topology": topo_file,
+            "home": tmp_path / "home",
+            "artifacts": tmp_path / "artifacts",
+            "allowed_roots": [scans],
+            "cassandra": infra.cassandra.model_copy(update={"keyspace": TEST_KEYSPACE}),
+        }
+    )
+    monkeypatch.delenv("PHENOCASCADE_IMAGE_STORE", raising=False)
+    monkeypatch.setattr(replay_cli, "get_settings", lambda: settings)
+    create_topics(settings.kafka, topology)
+    session = connect(settings.cassandra)
+    for tier, version in (("quality", V1), ("majority", V1), ("minority", V1)):
+        (settings.artifacts / tier).mkdir(parents=True)
+        (settings.artifacts / tier / "CHAMPION").write_text(version)
+
+    def loader(name: str) -> Callable[[str | None], Stage]:
+        kind, label = _KINDS[name]
+        return lambda version: cast(Stage, StandIn(kind, label, version or V1))
+
+    stop = threading.Event()
+    workers = {
+        t.name: TierWorker(
+            settings=settings, topology=topology, tier=t, instance="0", stage_loader=loader(t.name)
+        )
+        for t in topology.tiers
+    }
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers.values()]
+    for thread in threads:
+        thread.start()
+    joiner = start_process(
+        "joiner", ["joiner", "--metrics-port", "0"], tmp_path / "logs", settings_env(settings)
+    )
+    try:
+        yield Lab(settings, topology, session, workers, f"replay-{uuid.uuid4().hex[:8]}", tmp_path)
+    finally:
+        stop.set()
+        stop_cascade({"joiner": joiner})
+        for thread in threads:
+            thread.join(30)
+
+
+def _image(path: Path, level: int) -> Path:
+    Image.fromarray(np.full((24, 32), level, np.uint8)).save(path)
+    return path
+
+
+def _outputs(lab: Lab) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{image id: {versions key: output}}`` of the study, from Cassandra."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for o in all_outputs(session=lab.session, study=lab.study):
+        found.setdefault(o["image_id"], {})[versions_key(o["model_versions"])] = o
+    return found
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_replay_after_a_promotion_keeps_both_outputs_and_diff_lists_the_changed(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scans = lab.settings.allowed_roots[0]
+    store = configured_store(lab.settings.home)
+    meta = ImageMeta(study=lab.study)
+    paths = [_image(scans / f"level{level:03d}.png", level) for level in LEVELS]
+    ids = submit_paths(
+        lab.settings, lab.topology, paths[:-1], meta=meta, progress=False, store=store
+    )
+    ids += submit_paths(
+        lab.settings, lab.topology, paths[-1:], meta=meta, inline=True, progress=False, store=store
+    )
+    level_of = dict(zip(ids, LEVELS, strict=True))
+    skipped = ids[0]
+    old = {"quality": V1, "majority": V1, "minority": V1}
+    new = {**old, "minority": V2}
+    _wait("the first outputs", 90, lambda: len(_outputs(lab)) == len(ids), lab)
+    first = _outputs(lab)
+    assert set(first[skipped]) == {f"quality={V1}"}
+    assert all(set(first[i]) == {versions_key(old)} for i in ids[1:])
+
+    # The retrainer's promotion: the champion first, then the announcement.
+    (lab.settings.artifacts / "minority" / "CHAMPION").write_text(V2)
+    producer = plain_producer(lab.settings.kafka)
+    promoted = {"tier": "minority", "version": V2, "parent_version": V1, "metrics": {}}
+    producer.produce(
+        lab.topology.models_topic,
+        key=b"minority",
+        value=EventCodec().encode("ModelPromoted", {**promoted, "promoted_at": 0}),
+    )
+    assert producer.flush(30) == 0
+    minority = lab.workers["minority"]
+    _wait("the detector's swap", 60, lambda: minority.stats.swaps == [V2], lab)
+
+    said = " ".join(_cli(capsys, "replay", "--study", lab.study, "--tiers", "minority").split())
+    assert "replayed 5 images" in said and "(1 inline, 4 path)" in said, said
+    assert "1 already scored by the champions of minority" in said, said
+
+    def replayed() -> bool:
+        now = _outputs(lab)
+        return all(versions_key(new) in now[i] for i in ids[1:])
+
+    _wait("the replayed outputs", 90, replayed, lab)
+    second = _outputs(lab)
+    assert set(second[skipped]) == {f"quality={V1}"}
+    for image_id in ids[1:]:
+        assert set(second[image_id]) == {versions_key(old), versions_key(new)}
+        # The old output is kept as it was.
+        assert second[image_id][versions_key(old)] == first[image_id][versions_key(old)]
+    inline_output = second[ids[-1]][versions_key(new)]
+    assert inline_output["uri"] is None and inline_output["labels"] == {"bright": 0.95}
+
+    report = json.loads(
+        _cli(
+            capsys,
+            "diff",
+            "--from",
+            versions_key(old),
+            "--to",
+            versions_key(new),
+            "--study",
+            lab.study,
+            "--json",
+        )
+    )
+    changed = {c["image_id"]: c["changed"] for c in report["changed"]}
+    assert changed == {i: CHANGED[level_of[i]] for i in ids if level_of[i] in CHANGED}
+    assert report["compared"] == len(ids) and report["unchanged"] == len(ids) - 2
+    assert report["only_from"] == [] and report["only_to"] == []
+    by_id = {c["image_id"]: c for c in report["changed"]}
+    unsure = next(i for i in ids if level_of[i] == 200)
+    assert by_id[unsure]["routes"] == {"minority": ["PASS", "ANNOTATE"]}
+    assert by_id[unsure]["status"] == ["analyzed", "awaiting_annotation"]
+    lost = next(i for i in ids if level_of[i] == 80)
+    assert [b["label"] for b in by_id[lost]["boxes"]["removed"]] == ["giant"]
