@@ -138,7 +138,8 @@ class LabelThresholds:
     between is uncertain. For detectors, ``negative`` is the keep threshold of boxes, and
     an image without a confident box of the class is confidently free of it when its
     image-level score (the best box, kept or dropped) is at most ``absent``: a threshold
-    certified on images (:mod:`phenocascade.models.certify`), never above ``negative``.
+    certified on images (:mod:`phenocascade.models.certify`), below ``positive``; such an
+    image shows no box of the class, even one above ``negative``.
     Records without ``absent`` (older artifacts) fall back to ``finds_all``: ``True``
     reads "no kept box" as absent, ``False`` never decides absence. ``one_of`` marks a
     classifier label of a group of which every image holds exactly one label (a softmax
@@ -169,10 +170,10 @@ class LabelThresholds:
                 f"thresholds must satisfy 0 <= negative <= positive <= 1, got "
                 f"negative={self.negative}, positive={self.positive}"
             )
-        if self.absent is not None and not 0.0 <= self.absent <= self.negative:
+        if self.absent is not None and not 0.0 <= self.absent < self.positive:
             raise ValueError(
-                f"the absence threshold must satisfy 0 <= absent <= negative, got "
-                f"absent={self.absent}, negative={self.negative}"
+                f"the absence threshold must satisfy 0 <= absent < positive, got "
+                f"absent={self.absent}, positive={self.positive}"
             )
 
     def decides_absent(self, score: float) -> bool:

@@ -46,10 +46,12 @@ def cascade(trained: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     c.stop()
 
 
-def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> None:
+def test_real_test_split_images_each_give_exactly_one_output(cascade: Cascade) -> None:
     datasets = cascade.settings.datasets.resolve()
-    images = sample_images(datasets, dsb=30, bccd=15, bbbc006_unclear=15, bbbc006_clear=0)
-    assert len(images) == 60
+    # The whole DSB test split: the bootstrap models of a fresh 2-core machine (2026-12)
+    # decide every label of about 1 in 100 DSB test images at 0.95, none of the first 30.
+    images = sample_images(datasets, dsb=132, bccd=15, bbbc006_unclear=15, bbbc006_clear=0)
+    assert len(images) == 162
     ids = cascade.submit(images, prefix="real-")
     counts = cascade.wait_until_done(ids, timeout_s=600)
     assert sorted(counts) == sorted(ids), cascade.log_tail()
@@ -72,7 +74,7 @@ def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> Non
 
     # `phenocascade report --prefix`: this run's images, each in exactly one terminal state.
     report = build_report(cascade.settings, cascade.topology, prefix=cascade.prefix + "real-")
-    assert report["submitted"] == 60 and report["balanced"], report
+    assert report["submitted"] == 162 and report["balanced"], report
     assert report["dead_lettered"] == 0, report
     automatic = report["automatic"]
     assert automatic["images"] == report["analyzed"] + report["unusable"], report
@@ -112,8 +114,9 @@ def test_sixty_real_images_each_give_exactly_one_output(cascade: Cascade) -> Non
                     )
                     decided += 1
                     wrong += said != any(b.label == label for b in rare[path.stem].boxes)
-        if "BloodImage" in path.name and final:
-            # Blood smears: a modality the majority classifier never saw.
+        if "BloodImage" in path.name and set(final) & set(majority.classes):
+            # Blood smears: a modality the majority classifier never saw. (The gate may pass
+            # them: they are sharp, and stained fields were among its training images.)
             smears_decided.append(image_id)
     # The shift detector flagged all 60 BCCD test smears (docs/routing.md); one of these 15
     # slipping through would be a false negative of it, two a broken guard.

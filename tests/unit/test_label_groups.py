@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from stand_ins import FixedBoxes, FixedScores
 
 from phenocascade.domain import (
@@ -26,7 +27,9 @@ from phenocascade.domain import (
     exclusive_groups,
     pending_labels,
 )
+from phenocascade.models.backends._common import CalibratedDetector
 from phenocascade.models.backends.multilabel_cnn import MultiLabelCNN
+from phenocascade.models.calibration import Temperature
 from phenocascade.models.certify import calibrate_stage
 
 CLASSES = ("size:small", "size:medium", "size:large", "mitotic")
@@ -147,7 +150,7 @@ def test_absence_is_certified_on_images_not_on_boxes(unproposed: int, certified:
     calibrate_stage(stage, images, samples, target_precision=0.95, novelty_alpha=None)
     stored = stage.stored["x"]
     t = {"x": LabelThresholds.from_record(stored)}
-    assert 0.0 <= stored["absent"] <= stored["negative"]
+    assert 0.0 <= stored["absent"] < stored["positive"]
     low = StageOutput(scores={"x": 1e-6})
     if certified:
         assert stored["absent_images"] >= 200 and stored["absent_precision"] >= 0.95
@@ -157,9 +160,69 @@ def test_absence_is_certified_on_images_not_on_boxes(unproposed: int, certified:
         assert pending_labels(StageKind.DETECTOR, low, t) == ("x",)
 
 
+def test_absence_is_certified_on_images_when_the_box_level_skip_rule_is_not() -> None:
+    # 300 images, each with two false boxes at one raw score; 60 also hold two true
+    # objects: one proposed with a high score, one at that same low score. The low tie
+    # holds 60 true boxes of 660 (9 %), so no box-level keep threshold is certified at
+    # 0.95; yet every image whose best box is that low is free of the class.
+    rng = np.random.default_rng(1)
+    truths = (Box(10.0, 10.0, 30.0, 30.0, "x"), Box(50.0, 50.0, 70.0, 70.0, "x"))
+    samples, boxes = [], {}
+    for i in range(300):
+        holds = i < 60
+        samples.append(Sample(f"im{i}", Path("x.png"), boxes=truths if holds else ()))
+        false = [Box(0.0, 0.0, 8.0, 8.0, "x", 0.05), Box(80.0, 0.0, 88.0, 8.0, "x", 0.05)]
+        found = [
+            Box(11.0, 10.0, 30.0, 31.0, "x", float(rng.uniform(0.6, 0.95))),
+            Box(50.0, 51.0, 70.0, 70.0, "x", 0.05),
+        ]
+        boxes[f"im{i}"] = false + (found if holds else [])
+    stage = FixedBoxes(boxes)
+    images = [DecodedImage(s.image_id, np.zeros((90, 90, 1), np.uint8)) for s in samples]
+    calibrate_stage(stage, images, samples, target_precision=0.95, novelty_alpha=None)
+    stored = stage.stored["x"]
+    assert stored["negative"] == 0.0  # no box is dropped
+    assert stored["negative"] < stored["absent"] < stored["positive"]
+    assert stored["absent_images"] >= 200 and stored["absent_precision"] >= 0.95
+
+
+class _Detector(CalibratedDetector):
+    """A one-class detector with an identity calibrator and given thresholds."""
+
+    kind = StageKind.DETECTOR
+    model_name = "stand-in"
+
+    def __init__(self, thresholds: dict[str, float]) -> None:
+        self.classes_ = ["x"]
+        self.calibrators_ = {"x": Temperature(1.0)}
+        self.thresholds_ = {"x": thresholds}
+
+    def get_config(self) -> dict[str, object]:
+        return {}
+
+    def _artifact_network(self) -> tuple[torch.nn.Module, int]:
+        raise NotImplementedError
+
+
+def test_an_image_certified_free_of_a_class_shows_none_of_its_boxes() -> None:
+    detector = _Detector({"positive": 0.9, "negative": 0.1, "absent": 0.3})
+    image = DecodedImage("a", np.zeros((40, 40, 1), np.uint8))
+    low = detector._boxes_output(image, [(0, 0, 8, 8, "x", 0.2), (9, 9, 20, 20, "x", 0.05)], True)
+    # Its best box (0.2) is kept by the box rule but the image is decided free of "x".
+    assert low.boxes == () and low.scores["x"] == pytest.approx(0.2)
+    pending = pending_labels(StageKind.DETECTOR, low, detector.thresholds)
+    assert pending == ()
+    high = detector._boxes_output(image, [(0, 0, 8, 8, "x", 0.2), (9, 9, 20, 20, "x", 0.5)], True)
+    assert [b.score for b in high.boxes] == pytest.approx([0.2, 0.5])  # asked, both shown
+    assert pending_labels(StageKind.DETECTOR, high, detector.thresholds) == ("x",)
+    raw = detector._boxes_output(image, [(0, 0, 8, 8, "x", 0.2)], False)
+    assert len(raw.boxes) == 1  # uncalibrated outputs keep every box
+
+
 def test_absence_threshold_is_checked_and_old_records_keep_finds_all() -> None:
     with pytest.raises(ValueError, match="absent"):
-        LabelThresholds(positive=0.9, negative=0.2, absent=0.3)
+        LabelThresholds(positive=0.9, negative=0.2, absent=0.9)
+    assert LabelThresholds(positive=0.9, negative=0.2, absent=0.3).decides_absent(0.25)
     old = LabelThresholds.from_record({"positive": 0.9, "negative": 0.2, "finds_all": True})
     assert old.absent is None and old.decides_absent(0.15)
     blind = LabelThresholds.from_record({"positive": 0.9, "negative": 0.2, "finds_all": False})

@@ -294,12 +294,12 @@ def test_too_few_images_warn_what_the_rate_needs_and_still_flag_another_modality
 ) -> None:
     rng = np.random.default_rng(12)
     gate = ConfidentGate()
-    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(24)]
+    val = [DecodedImage(f"f{i}", _fluorescence(rng)) for i in range(12)]
     with caplog.at_level(logging.WARNING, logger="phenocascade.models.novelty"):
         novelty = StageNovelty.fit(gate, [val])
     (message,) = [r.getMessage() for r in caplog.records]
-    assert "24 calibration images are too few for a novelty false-alarm rate of 0.02" in message
-    assert "(49 are needed)" in message and "at most about 0.04" in message
+    assert "12 calibration images are too few for a novelty false-alarm rate of 0.05" in message
+    assert "(19 are needed)" in message and "at most about 0.0769" in message
     ((_, detector),) = novelty.parts
     assert novelty.summary()["threshold"] == {"descriptor": detector.threshold_}
     em = [DecodedImage(f"em{i}", _electron_microscopy(rng)) for i in range(5)]

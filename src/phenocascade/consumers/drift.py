@@ -18,7 +18,7 @@ from typing import Any
 from phenocascade.models.thresholds import binomial_cdf
 
 # A study is flagged when its novel count has a tail probability below this under the
-# tier's false-alarm rate: with alpha = 0.02, 3 novel images of 10 (p = 0.0009).
+# tier's false-alarm rate: with alpha = 0.05, 5 novel images of 10 (p = 0.00006).
 DRIFT_LEVEL = 0.001
 
 

@@ -297,7 +297,7 @@ def calibrate_stage(
         :mod:`phenocascade.models.thresholds`).
     p_value : {"binomial", "hoeffding-bentkus"}, default "binomial"
         The test of each threshold candidate.
-    novelty_alpha : float or None, default 0.02
+    novelty_alpha : float or None, default 0.05
         False-alarm rate of the shift detector, fitted when the stage has ``set_novelty``
         (:class:`~phenocascade.models.novelty.NoveltyHolder`); ``None`` fits none.
     seed : int, default 0
@@ -621,11 +621,15 @@ def _certify_absence(
     is its best out-of-fold calibrated box of the class (``1e-6`` with none), its truth
     whether it holds a true box, and the SKIP side of :func:`select_thresholds` on those
     pairs certifies the largest score at or below which the images are free of the
-    class at ``target_precision``. It is capped at the keep threshold (``negative``), so
-    an image decided free of a class never shows a kept box of it; a lower threshold is an
-    earlier step of the same fixed sequence, so the certificate still holds. ``absent``
-    is 0 (no image decided) when nothing certifies. ``absent_images`` and
-    ``absent_precision`` say how many calibration images it decided, and how rightly.
+    class at ``target_precision``. It is kept below the confident threshold
+    (``positive``), so an image with a confident box is never decided free of its class;
+    a lower threshold is an earlier step of the same fixed sequence, so the certificate
+    still holds. It is not capped at the keep threshold (``negative``): the claim is about
+    the image, so an image decided free of a class shows none of its boxes, kept or not
+    (``CalibratedDetector._decided``), and a box-level SKIP rule that certified nothing
+    (a weak detector's boxes tie at the score floor) does not stop it. ``absent`` is 0
+    (no image decided) when nothing certifies. ``absent_images`` and ``absent_precision``
+    say how many calibration images it decided, and how rightly.
     """
     out: dict[str, dict[str, float]] = {}
     for label, record in thresholds.items():
@@ -640,7 +644,9 @@ def _certify_absence(
             starts=starts,
             p_value=p_value,
         )
-        absent = min(images.negative, record["negative"])
+        absent = images.negative
+        if record["positive"] < 1.0:
+            absent = min(absent, float(np.nextafter(record["positive"], 0.0)))
         decided = best <= absent  # scores are >= 1e-6, so absent = 0 decides none
         out[label] = dict(record) | {
             "absent": absent,

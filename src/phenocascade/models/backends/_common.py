@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -208,6 +209,25 @@ class CalibratedDetector(CalibratedStage):
         p = self.calibrated_score(label, raw_score)
         return p, p > self.thresholds_[label]["negative"]
 
+    def _decided(self, output: StageOutput, calibrated: bool) -> StageOutput:
+        """Drop the boxes of every class that ``output`` is certified free of.
+
+        A class whose image-level score (its best box, kept or dropped) is at most its
+        ``absent`` threshold is decided absent from the image (certified on images,
+        :mod:`phenocascade.models.certify`), so none of its boxes is shown, even one above
+        the keep threshold. Raw outputs (``calibrated=False``) are returned unchanged.
+        """
+        if not calibrated:
+            return output
+        absent = {
+            label
+            for label, score in output.scores.items()
+            if score <= float(self.thresholds_.get(label, {}).get("absent") or 0.0)
+        }
+        if not absent:
+            return output
+        return replace(output, boxes=tuple(b for b in output.boxes if b.label not in absent))
+
     def _boxes_output(
         self,
         img: DecodedImage,
@@ -249,4 +269,4 @@ class CalibratedDetector(CalibratedStage):
                     score=p,
                 )
             )
-        return StageOutput(scores=best, boxes=tuple(kept))
+        return self._decided(StageOutput(scores=best, boxes=tuple(kept)), calibrated)

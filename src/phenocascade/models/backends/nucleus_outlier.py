@@ -171,7 +171,8 @@ class SizeOutlierComposite(CalibratedDetector):
             Pixels ``(H, W, C)``, ``uint8`` or ``uint16``, grey or RGB.
         calibrated : bool, default True
             ``True`` applies the fitted calibrator and drops boxes at or below the keep
-            threshold (``negative``); ``False`` returns every outlier with its raw score.
+            threshold (``negative``), and every box of an image certified free of the
+            class (``absent``); ``False`` returns every outlier with its raw score.
 
         Returns
         -------
@@ -190,7 +191,9 @@ class SizeOutlierComposite(CalibratedDetector):
                 if not keep:
                     continue
                 kept.append(replace(box, label=label, score=p))
-            outputs.append(StageOutput(scores={label: best}, boxes=tuple(kept)))
+            outputs.append(
+                self._decided(StageOutput(scores={label: best}, boxes=tuple(kept)), calibrated)
+            )
         return outputs
 
     def complete_annotations(
