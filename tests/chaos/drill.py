@@ -453,11 +453,14 @@ def run_drill(
             )
             _wait(lambda: _promoted(cascade), 600, "the retrainer's promotion")
             lag: dict[str, int] = {}
-            _wait(
-                lambda: _caught_up(cascade.settings, cascade.topology, lag),
-                120,
-                "every consumer group to catch up",
-            )
+            try:
+                _wait(
+                    lambda: _caught_up(cascade.settings, cascade.topology, lag),
+                    120,
+                    "every consumer group to catch up",
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; largest lag per group: {lag}") from None
             restarts = dict(supervised.supervisor.restarts)
         return _report(
             cascade,

@@ -46,8 +46,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
     settings = get_settings()
     topology = _topology(args)
     create_topics(settings.kafka, topology)
-    start_metrics(args, settings, {args.group: [topology.annotate_topic]})
     sink = AnnotationSink(settings=settings, topology=topology, group=args.group)
+    start_metrics(args, settings, {sink.group: [topology.annotate_topic]})
     stats = sink.run(stop, until_caught_up=args.until_caught_up)
     log.info("annotation sink stopped: %s", stats)
     return 0

@@ -1,7 +1,8 @@
 """Consumer lag: a group's committed offsets against its topics' ends (no torch here).
 
-Lag is measured from outside the consumer, through the admin API, so one reader serves a
-worker reporting its own group and ``phenocascade status`` reporting every group alike.
+Lag is measured from outside the consumer, by a client that reads the group's committed
+offsets without joining it, so one reader serves a worker reporting its own group and
+``phenocascade status`` reporting every group alike.
 The end of a partition is its last stable offset (``read_committed``): records of an open
 transaction are not yet lag. A group that has committed nothing on a partition starts
 from its beginning (``auto.offset.reset=earliest`` everywhere in phenocascade), so all of
@@ -16,13 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
-    IsolationLevel,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from phenocascade.config import KafkaSettings
 from phenocascade.errors import InfraError
@@ -68,91 +63,87 @@ class PartitionLag:
 
 
 class LagReader:
-    """Measure consumer groups' lag, with a fresh admin client for each reading.
+    """Measure consumer groups' lag through a consumer that never joins the group.
 
-    A long-lived admin client is what librdkafka's open reports of crashes in
-    ``ListConsumerGroupOffsets`` and ``DescribeConsumerGroups`` after a broker restart
-    have in common (confluentinc/librdkafka#4605 and #3663, where the reporters' way out
-    is a new client per request). A reading is one request every few seconds at most, so
-    a new client costs little, and one that timed out is never reused.
+    Each reading makes a consumer with the group's id that subscribes to nothing: its
+    ``committed`` asks the group coordinator for the committed offsets (OffsetFetch) and
+    its ``get_watermark_offsets`` the partitions' ends, which a ``read_committed``
+    consumer gets as last stable offsets (librdkafka 1.8 and later). The consumer is
+    closed after the reading. The admin client's ``list_consumer_group_offsets`` is not
+    used: after a broker restart its timed-out requests abort the process
+    (``rd_kafka_enq_once_del_source_return: Assertion `eonce->refcnt > 0' failed``,
+    confluentinc/librdkafka#4605 and #3663), which killed the joiner of the chaos drill
+    through its stall watch.
 
     Parameters
     ----------
     kafka : KafkaSettings
         How to reach Kafka.
     timeout_s : float, default 10.0
-        How long each admin request may take.
+        How long each request may take.
     """
 
     def __init__(self, kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
         self.kafka = kafka
         self.timeout_s = timeout_s
-        self._admin()  # refuses bad client settings at once, with one line
+        self._consumer("phenocascade-lag").close()  # bad client settings: one line, now
 
-    def _admin(self) -> AdminClient:
+    def _consumer(self, group: str) -> Consumer:
         with client_settings_checked():
-            return AdminClient(self.kafka.config())
-
-    def _partitions(self, admin: AdminClient, topics: Sequence[str]) -> list[TopicPartition]:
-        """Return every partition of ``topics`` (a topic that does not exist has none)."""
-        meta = admin.list_topics(timeout=self.timeout_s).topics
-        return [
-            TopicPartition(t, p)
-            for t in topics
-            if t in meta and meta[t].error is None
-            for p in sorted(meta[t].partitions)
-        ]
-
-    def _offsets(
-        self, admin: AdminClient, parts: list[TopicPartition], spec: OffsetSpec
-    ) -> dict[tuple[str, int], int]:
-        futures = admin.list_offsets(
-            {tp: spec for tp in parts},
-            isolation_level=IsolationLevel.READ_COMMITTED,
-            request_timeout=self.timeout_s,
-        )
-        return {(tp.topic, tp.partition): int(f.result().offset) for tp, f in futures.items()}
-
-    def _committed(
-        self, admin: AdminClient, group: str, parts: list[TopicPartition]
-    ) -> dict[tuple[str, int], int]:
-        request = [ConsumerGroupTopicPartitions(group, parts)]
-        futures = admin.list_consumer_group_offsets(request, request_timeout=self.timeout_s)
-        return {
-            (tp.topic, tp.partition): tp.offset
-            for tp in futures[group].result().topic_partitions
-            if tp.offset >= 0
-        }
+            return Consumer(
+                self.kafka.config(
+                    **{
+                        "group.id": group,
+                        "enable.auto.commit": False,
+                        "isolation.level": "read_committed",
+                    }
+                )
+            )
 
     def lag(self, group: str, topics: Sequence[str]) -> list[PartitionLag]:
         """Return where ``group`` stands on every partition of ``topics``.
+
+        A topic that does not exist has no partitions.
 
         Raises
         ------
         InfraError
             If Kafka does not answer.
         """
+        consumer = self._consumer(group)
         try:
-            admin = self._admin()
-            parts = self._partitions(admin, topics)
+            meta = consumer.list_topics(timeout=self.timeout_s).topics
+            parts = [
+                TopicPartition(t, p)
+                for t in topics
+                if t in meta and meta[t].error is None
+                for p in sorted(meta[t].partitions)
+            ]
             if not parts:
                 return []
-            starts = self._offsets(admin, parts, OffsetSpec.earliest())
-            ends = self._offsets(admin, parts, OffsetSpec.latest())
-            committed = self._committed(admin, group, parts)
-            admin.poll(0)  # hands queued client log lines to the librdkafka logger
+            committed = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in consumer.committed(parts, timeout=self.timeout_s)
+                if tp.offset >= 0
+            }
+            marks = {
+                (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
+                for tp in parts
+            }
         except KafkaException as exc:
             raise InfraError(
                 f"cannot read the offsets of group {group} at {self.kafka.bootstrap_servers} "
                 f"({exc}); is Kafka up (`phenocascade infra status`)?"
             ) from exc
+        finally:
+            consumer.close()
         return [
             PartitionLag(
                 tp.topic,
                 tp.partition,
                 committed.get((tp.topic, tp.partition)),
-                starts[(tp.topic, tp.partition)],
-                ends[(tp.topic, tp.partition)],
+                int(marks[(tp.topic, tp.partition)][0]),
+                int(marks[(tp.topic, tp.partition)][1]),
             )
             for tp in parts
         ]
