@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,9 +42,7 @@ from phenocascade.store.output_diff import ImageChange, diff_outputs, parse_vers
 from phenocascade.streams import events
 from phenocascade.streams.kafka import plain_producer
 from phenocascade.streams.serde import EventCodec
-
-# Any printable text: ids are chosen by submitters (file stems may hold spaces).
-_IMAGE_ID = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
+from phenocascade.ui.validation import IMAGE_ID_MAX_LEN, check_image_id
 
 
 def _topology(args: argparse.Namespace, settings: Settings) -> Topology:
@@ -104,11 +101,13 @@ def read_image_ids(path: Path) -> list[str]:
         image_id = line.strip()
         if not image_id or image_id.startswith("#"):
             continue
-        if not _IMAGE_ID.fullmatch(image_id):
+        try:
+            check_image_id(image_id)
+        except ValidationError:
             raise ValidationError(
                 f"--images {path}, line {number}: {image_id[:40]!r} is not an image id "
-                "(printable text up to 1024 characters)"
-            )
+                f"(1 to {IMAGE_ID_MAX_LEN} characters, none a control one)"
+            ) from None
         ids.append(image_id)
     if not ids:
         raise ValidationError(f"--images {path} lists no image id (one a line)")
