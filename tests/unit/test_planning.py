@@ -311,6 +311,11 @@ def test_the_plan_command_writes_the_topology_and_says_what_next(
     text = (tmp_path / "topology-em.yaml").read_text()
     assert f"# From dataset em version 1, fingerprint {stored.fingerprint}\n" in text
     assert "phenocascade train rare --dataset em" in out
+    # At 80 columns each label's row keeps its tier on its own line, and its reason follows.
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
+    assert rows["large_vesicle"].split("│")[-2].strip() == "rare"
+    assert rows["mitochondrion"].split("│")[-2].strip() == "-"
+    assert "  large_vesicle (em): " in out
     assert out.rstrip().endswith("phenocascade run")
     assert main(["plan", "em", "--json", "--out", "t.yaml", "--prefix", ""]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -74,6 +74,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(out), "prefix": plan.prefix, "rows": rows}, indent=2))
         return 0
     console.print(plan_table(plan))
+    # The reasons are sentences: beneath the table, where they never squeeze its columns.
+    for row in plan.rows:
+        why = f"{row.label} ({row.dataset}): {row.why}"
+        console.print(f"  {escape(why)}", soft_wrap=True, highlight=False)
     console.print(f"wrote {escape(str(out))}; next:")
     for step in next_steps(plan, out):
         # Commands to copy: never wrapped at the terminal's width.
@@ -98,23 +102,25 @@ def _header(args: argparse.Namespace, plan: CascadePlan, datasets: list[StoredDa
 
 
 def plan_table(plan: CascadePlan) -> Table:
-    """Return a rich table of the plan: one row per label, and the tier that decides it."""
+    """Return a rich table of the plan: one row per label, and the tier that decides it.
+
+    Every cell is short and never wrapped; the reasons (``PlanRow.why``) are printed
+    beneath it. A ``dataset`` column appears when the plan reads more than one dataset.
+    """
     tiers = len(plan.topology.tiers)
+    several = len({row.dataset for row in plan.rows}) > 1
     table = Table(title=f"{tiers} tiers (prefix {plan.prefix!r})")
-    for column in ("dataset", "label", "kind", "images", "objects", "fraction(s)", "tier", "why"):
-        table.add_column(column, justify="right" if column in ("images", "objects") else "left")
+    columns = ["dataset"] if several else []
+    columns += ["label", "kind", "images", "objects", "% images", "% objects", "tier"]
+    for column in columns:
+        numeric = column in ("images", "objects", "% images", "% objects")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
     for row in plan.rows:
-        fractions = f"{row.image_fraction:.1%} of images"
-        if row.object_fraction is not None:
-            fractions += f", {row.object_fraction:.1%} of objects"
-        table.add_row(
-            *(escape(v) for v in (row.dataset, row.label, row.kind)),
-            str(row.images),
-            str(row.objects),
-            fractions,
-            escape(row.tier or "-"),
-            escape(row.why),
-        )
+        objects = "-" if row.object_fraction is None else f"{row.object_fraction:.1%}"
+        cells = [row.dataset] if several else []
+        cells += [row.label, row.kind, str(row.images), str(row.objects)]
+        cells += [f"{row.image_fraction:.1%}", objects, row.tier or "-"]
+        table.add_row(*(escape(cell) for cell in cells))
     return table
 
 
