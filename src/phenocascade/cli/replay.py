@@ -1,15 +1,20 @@
-"""Sub-commands ``replay``, ``diff`` and ``images prune``: re-score stored images.
+"""Sub-commands ``replay``, ``diff``, ``images prune`` and ``rescorer``: re-score stored images.
 
 ``replay`` publishes images kept in the image store (:mod:`phenocascade.store.images`) to
 the submitted topic again, under their own ids, so the tiers score them with the models
 they serve now; the joiner adds an output under the new versions and keeps the old ones.
 ``diff`` reports what changed between the outputs of two sets of model versions.
+``rescorer`` does this by itself after each promotion for the images still waiting for an
+expert (:mod:`phenocascade.consumers.rescorer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +23,9 @@ from typing import Any
 from rich.table import Table
 
 from phenocascade.cli.cascade import console
+from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Settings, Topology, get_settings, load_topology
+from phenocascade.consumers.rescorer import RESCORE_ENV, Rescorer, RescoreSettings
 from phenocascade.consumers.resubmit import plan_replay, publish
 from phenocascade.errors import ConfigError, NotFoundError, ValidationError
 from phenocascade.models.base import champion_version
@@ -318,8 +325,37 @@ def cmd_images_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rescorer ------------------------------------------------------------------------------
+def cmd_rescorer(args: argparse.Namespace) -> int:
+    """Re-score the unanswered annotation images after each promotion, until SIGTERM/SIGINT."""
+    rescore = RescoreSettings.from_env()
+    if not rescore.on_promotion:
+        raise ConfigError(
+            f"{RESCORE_ENV} is off, so promotions re-score nothing; set it to 1 to run the rescorer"
+        )
+    settings = get_settings()
+    rescorer = Rescorer(
+        settings=settings,
+        topology=_topology(args, settings),
+        store=_store(settings),
+        wait_s=rescore.wait_s,
+    )
+    start_metrics(args, settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    done = rescorer.run(stop)
+    logging.getLogger(__name__).info(
+        "rescorer stopped after %d promotions: %d images re-scored, %d tasks superseded",
+        len(done),
+        sum(len(job.sent) for job in done),
+        sum(len(job.superseded) for job in done),
+    )
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Register ``replay``, ``diff`` and ``images``."""
+    """Register ``replay``, ``diff``, ``images`` and ``rescorer``."""
     p = sub.add_parser(
         "replay", help="re-score stored images with the current champions (same ids, same topics)"
     )
@@ -361,3 +397,14 @@ def register(sub: Any) -> None:
     )
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     prune.set_defaults(func=cmd_images_prune)
+
+    p = sub.add_parser(
+        "rescorer",
+        help=f"after each promotion, re-score the images no expert has answered ({RESCORE_ENV})",
+        description="Read ModelPromoted events; re-publish from the image store the images "
+        "of the tier's unanswered annotation tasks, follow them until the new model's "
+        "output is in, and withdraw the tasks of those it decides on its own.",
+    )
+    p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
+    add_metrics_port(p)
+    p.set_defaults(func=cmd_rescorer)
