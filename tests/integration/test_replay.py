@@ -300,8 +300,9 @@ def _answer(lab: Lab, image_id: str, expert: str) -> None:
 
 def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) -> None:
     """Levels: 40 the old detector decided; 50, 55, 60 and 70 it asked about. An expert
-    answered 70 and holds a claim on 55. The new detector decides 50 and 55 and is unsure
-    of 60: 50's task is withdrawn, 55's stays with its expert, 60's stays open."""
+    answered 70 and another holds a claim on 55. The new detector decides 50 and 55 and is
+    unsure of 60: 50's task is withdrawn, 55's stays with its expert, 60's stays open with
+    the new detector's question."""
     stop = threading.Event()
     sink = AnnotationSink(settings=lab.settings, topology=lab.topology, session=lab.session)
     rescorer = Rescorer(
@@ -352,6 +353,8 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
         assert rescorer.positioned.wait(30)
         _promote_detector(lab)
         _wait("the rescorer's work", 120, lambda: len(rescorer.done) == 1, lab)
+        # The new detector asks about 60 too: its request renews the open task.
+        _wait("the renewed task", 60, lambda: (task(60) or {})["model_version"] == V2, lab)
     finally:
         stop.set()
         for thread in threads:
@@ -377,7 +380,7 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
     status = {level: cast(dict[str, Any], task(level)) for level in (50, 55, 60, 70)}
     assert status[50]["status"] == "superseded" and status[50]["superseded_by"] == V2
     assert status[55]["status"] == "claimed" and status[55]["claimed_by"] == "bob"
-    assert status[60]["status"] == "open"
+    assert status[60]["status"] == "open" and status[60]["scores"] == {"giant": 0.5}
     assert status[70]["status"] == "done" and status[70]["completed_by"] == "ann"
     with pytest.raises(ConflictError, match=f"withdrawn: model {V2} now decides"):
         claim_task(session=lab.session, image_id=by_level[50], tier="minority", user="ann")

@@ -52,7 +52,7 @@ from phenocascade.store.annotations import (
 )
 from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.store.images import ImageStore
-from phenocascade.streams.kafka import group_consumer
+from phenocascade.streams.kafka import group_consumer, partition_end
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -302,10 +302,7 @@ class Rescorer:
         """Resume after the group's last committed promotion, or at the topic's end."""
         part = TopicPartition(self.topology.models_topic, 0)
         (committed,) = consumer.committed([part], timeout=30)
-        offset = committed.offset
-        if offset < 0:
-            _, offset = consumer.get_watermark_offsets(part, timeout=30)
-        consumer.assign([TopicPartition(part.topic, 0, offset)])
+        consumer.assign([committed if committed.offset >= 0 else partition_end(consumer, part)])
         self.positioned.set()
 
     def run(self, stop: threading.Event) -> list[Rescore]:

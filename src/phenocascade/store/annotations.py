@@ -243,9 +243,11 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     """Create the task of one ``AnnotationRequest`` unless ``(image_id, tier)`` has one.
 
     A repeated request neither duplicates nor reopens a task; it only re-writes the queue
-    entry of a task that is not closed, which repairs a queue write lost in a crash. The
-    one exception: a request made after the task was superseded (a model asks about the
-    image again) opens it again, with this request's scores, boxes and model.
+    entry of a task that is not closed, which repairs a queue write lost in a crash. A
+    newer request from another model (a promoted one re-scored the image) renews the
+    task instead: an unanswered task takes the request's scores, boxes, labels asked,
+    priority, model and time (a claim on it stays), and a superseded task opens again
+    with them. A done task is never touched.
 
     Parameters
     ----------
@@ -257,7 +259,7 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     Returns
     -------
     bool
-        ``True`` if this call created the task (or opened a superseded one again).
+        ``True`` if this call created the task or opened a superseded one again.
     """
     task = {
         "image_id": request["image_id"],
@@ -310,30 +312,46 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
         _write_queue_entry(session, task)
         return True
     existing = get_task(session=session, image_id=task["image_id"], tier=task["tier"])
-    if existing is None:
+    if existing is None or existing["status"] == TASK_DONE:
         return False
-    if existing["status"] == TASK_SUPERSEDED and task["created_at"] > existing["completed_at"]:
-        return _reopen(session, existing, task)
-    if existing["status"] not in _CLOSED:
+    if existing["status"] == TASK_SUPERSEDED:
+        return task["created_at"] > existing["completed_at"] and _renew(session, existing, task)
+    if task["model_version"] != existing["model_version"] and (
+        task["created_at"] > existing["created_at"]
+    ):
+        _renew(session, existing, task)
+    else:
         _write_queue_entry(session, existing)
     return False
 
 
-def _reopen(session: Session, existing: Mapping[str, Any], task: dict[str, Any]) -> bool:
-    """Open a superseded task again with a newer request's fields; whether this call did."""
+def _renew(session: Session, existing: Mapping[str, Any], task: dict[str, Any]) -> bool:
+    """Give a task a newer request's fields (reopening a superseded one); whether it took.
+
+    An unanswered task keeps its status and claim; a superseded one opens, unclaimed. The
+    change is a compare-and-set on the revision, and the queue entry moves with it.
+    """
+    if existing["status"] != TASK_SUPERSEDED:
+        task.update(
+            status=existing["status"],
+            claimed_by=existing["claimed_by"],
+            claim_expires_at=existing["claim_expires_at"],
+        )
     task["revision"] = existing["revision"] + 1
     result = session.execute(
         prepare(
             session,
-            "UPDATE {ks}.annotation_tasks SET status = ?, revision = ?, claimed_by = null, "
-            "claim_expires_at = null, priority = ?, scores = ?, boxes = ?, classes = ?, "
+            "UPDATE {ks}.annotation_tasks SET status = ?, revision = ?, claimed_by = ?, "
+            "claim_expires_at = ?, priority = ?, scores = ?, boxes = ?, classes = ?, "
             "model_name = ?, model_version = ?, study = ?, uri = ?, inline = ?, submitted = ?, "
             "created_at = ?, ask = ?, completed_at = null, superseded_by = null "
             "WHERE image_id = ? AND tier = ? IF revision = ?",
         ),
         (
-            TASK_OPEN,
+            task["status"],
             task["revision"],
+            task["claimed_by"],
+            task["claim_expires_at"],
             task["priority"],
             task["scores"],
             json.dumps(task["boxes"]),
@@ -351,9 +369,12 @@ def _reopen(session: Session, existing: Mapping[str, Any], task: dict[str, Any])
             existing["revision"],
         ),
     )
-    if result.was_applied:
-        _write_queue_entry(session, task)
-    return bool(result.was_applied)
+    if not result.was_applied:
+        return False
+    if existing["status"] != TASK_SUPERSEDED:
+        _delete_queue_entry(session, existing)
+    _write_queue_entry(session, task)
+    return True
 
 
 def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | None:
