@@ -52,7 +52,7 @@ from phenocascade.store.annotations import (
 )
 from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.store.images import ImageStore
-from phenocascade.streams.kafka import group_consumer, partition_end
+from phenocascade.streams.kafka import consumer_error, group_consumer, partition_end
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class Rescorer:
             self._position(consumer)
             while not stop.is_set():
                 msg = consumer.poll(0.5)
-                if msg is None or self._error(msg):
+                if msg is None or consumer_error(msg):
                     continue
                 self._handle(msg, stop)
                 if not stop.is_set():
@@ -328,10 +328,3 @@ class Rescorer:
             log.warning("ignoring unreadable message on %s: %s", msg.topic(), exc)
             return
         self.done.append(self.rescore(promoted, stop))
-
-    @staticmethod
-    def _error(msg: Message) -> bool:
-        if msg.error() is None:
-            return False
-        log.warning("consumer error: %s", msg.error())
-        return True

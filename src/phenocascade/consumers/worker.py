@@ -36,6 +36,7 @@ from phenocascade.models.base import Stage, load_stage, set_compute_threads, tie
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
+    consumer_error,
     group_consumer,
     partition_end,
     plain_producer,
@@ -485,7 +486,7 @@ class TierWorker:
             while not stop.is_set():
                 self._poll_promotions(models)
                 msgs = consumer.consume(self.tier.batch_size, self.tier.max_wait_ms / 1000)
-                msgs = [m for m in msgs if not self._is_error(m)]
+                msgs = [m for m in msgs if not consumer_error(m)]
                 if not msgs:
                     continue
                 started = time.perf_counter()
@@ -506,10 +507,3 @@ class TierWorker:
             models.close()
             producer.flush(10)
         return self.stats
-
-    @staticmethod
-    def _is_error(msg: Message) -> bool:
-        if msg.error() is None:
-            return False
-        log.warning("consumer error: %s", msg.error())
-        return True

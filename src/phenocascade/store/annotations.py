@@ -239,6 +239,28 @@ def _delete_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
     )
 
 
+# The columns of a task that its request sets (what was asked, by which model, of what).
+_ASKED = (
+    "priority",
+    "scores",
+    "boxes",
+    "classes",
+    "model_name",
+    "model_version",
+    "study",
+    "uri",
+    "inline",
+    "submitted",
+    "created_at",
+    "ask",
+)
+
+
+def _asked(task: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return the values of :data:`_ASKED` of ``task``, as bound in CQL."""
+    return tuple(json.dumps(task[c]) if c == "boxes" else task[c] for c in _ASKED)
+
+
 def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     """Create the task of one ``AnnotationRequest`` unless ``(image_id, tier)`` has one.
 
@@ -284,29 +306,10 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     result = session.execute(
         prepare(
             session,
-            "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, priority, "
-            "scores, boxes, classes, model_name, model_version, study, uri, inline, submitted, "
-            "created_at, ask) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "IF NOT EXISTS",
+            "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, "
+            f"{', '.join(_ASKED)}) VALUES (?, ?, ?, ?{', ?' * len(_ASKED)}) IF NOT EXISTS",
         ),
-        (
-            task["image_id"],
-            task["tier"],
-            task["status"],
-            task["revision"],
-            task["priority"],
-            task["scores"],
-            json.dumps(task["boxes"]),
-            task["classes"],
-            task["model_name"],
-            task["model_version"],
-            task["study"],
-            task["uri"],
-            task["inline"],
-            task["submitted"],
-            task["created_at"],
-            task["ask"],
-        ),
+        (task["image_id"], task["tier"], task["status"], task["revision"], *_asked(task)),
     )
     if result.was_applied:
         _write_queue_entry(session, task)
@@ -342,28 +345,15 @@ def _renew(session: Session, existing: Mapping[str, Any], task: dict[str, Any]) 
         prepare(
             session,
             "UPDATE {ks}.annotation_tasks SET status = ?, revision = ?, claimed_by = ?, "
-            "claim_expires_at = ?, priority = ?, scores = ?, boxes = ?, classes = ?, "
-            "model_name = ?, model_version = ?, study = ?, uri = ?, inline = ?, submitted = ?, "
-            "created_at = ?, ask = ?, completed_at = null, superseded_by = null "
-            "WHERE image_id = ? AND tier = ? IF revision = ?",
+            f"claim_expires_at = ?, {' = ?, '.join(_ASKED)} = ?, completed_at = null, "
+            "superseded_by = null WHERE image_id = ? AND tier = ? IF revision = ?",
         ),
         (
             task["status"],
             task["revision"],
             task["claimed_by"],
             task["claim_expires_at"],
-            task["priority"],
-            task["scores"],
-            json.dumps(task["boxes"]),
-            task["classes"],
-            task["model_name"],
-            task["model_version"],
-            task["study"],
-            task["uri"],
-            task["inline"],
-            task["submitted"],
-            task["created_at"],
-            task["ask"],
+            *_asked(task),
             task["image_id"],
             task["tier"],
             existing["revision"],

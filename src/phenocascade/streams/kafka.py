@@ -264,6 +264,14 @@ def produce_dead_letter(
     log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
 
 
+def consumer_error(msg: Message) -> bool:
+    """Whether a consumed message is an error event (then logged) rather than a record."""
+    if msg.error() is None:
+        return False
+    log.warning("consumer error: %s", msg.error())
+    return True
+
+
 def partition_end(
     consumer: Consumer, partition: TopicPartition, *, timeout_s: float = 30.0
 ) -> TopicPartition:
