@@ -86,6 +86,7 @@ _TABLES = (
         completed_at timestamp,
         annotation_id text,
         ask list<text>,
+        superseded_by text,
         PRIMARY KEY ((image_id), tier)
     )
     """,
