@@ -340,7 +340,7 @@ def cmd_rescorer(args: argparse.Namespace) -> int:
         store=_store(settings),
         wait_s=rescore.wait_s,
     )
-    start_metrics(args, settings)
+    start_metrics(args, settings, {rescorer.group: [rescorer.topology.models_topic]})
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
