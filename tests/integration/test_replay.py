@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,7 +38,7 @@ from phenocascade.consumers.rescorer import Rescorer
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import Box, DecodedImage, ImageMeta, LabelThresholds, StageKind
 from phenocascade.domain import StageOutput as Output
-from phenocascade.errors import ConflictError
+from phenocascade.errors import ArtifactError, ConflictError
 from phenocascade.models.base import Stage
 from phenocascade.store.annotations import claim_task, complete_task, get_task
 from phenocascade.store.cassandra import all_outputs, connect, versions_key
@@ -100,6 +101,8 @@ class Lab:
     workers: dict[str, TierWorker]
     study: str
     root: Path
+    # Versions the next load refuses once, as a broken artifact would be refused.
+    refuse_once: set[str] = field(default_factory=set)
 
 
 def _wait(what: str, timeout_s: float, found: Callable[[], bool], lab: Lab) -> None:
@@ -140,9 +143,18 @@ def lab(infra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         (settings.artifacts / tier).mkdir(parents=True)
         (settings.artifacts / tier / "CHAMPION").write_text(version)
 
+    refuse_once: set[str] = set()
+
     def loader(name: str) -> Callable[[str | None], Stage]:
         kind, label = _KINDS[name]
-        return lambda version: cast(Stage, StandIn(kind, label, version or V1))
+
+        def load(version: str | None) -> Stage:
+            if version in refuse_once:
+                refuse_once.discard(version)
+                raise ArtifactError(f"{name} {version} does not load (on purpose)")
+            return cast(Stage, StandIn(kind, label, version or V1))
+
+        return load
 
     stop = threading.Event()
     workers = {
@@ -158,7 +170,8 @@ def lab(infra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         "joiner", ["joiner", "--metrics-port", "0"], tmp_path / "logs", settings_env(settings)
     )
     try:
-        yield Lab(settings, topology, session, workers, f"replay-{uuid.uuid4().hex[:8]}", tmp_path)
+        study = f"replay-{uuid.uuid4().hex[:8]}"
+        yield Lab(settings, topology, session, workers, study, tmp_path, refuse_once)
     finally:
         stop.set()
         stop_cascade({"joiner": joiner})
@@ -298,11 +311,9 @@ def _answer(lab: Lab, image_id: str, expert: str) -> None:
     )
 
 
-def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) -> None:
-    """Levels: 40 the old detector decided; 50, 55, 60 and 70 it asked about. An expert
-    answered 70 and another holds a claim on 55. The new detector decides 50 and 55 and is
-    unsure of 60: 50's task is withdrawn, 55's stays with its expert, 60's stays open with
-    the new detector's question."""
+@contextmanager
+def _rescoring(lab: Lab) -> Iterator[Rescorer]:
+    """Run the annotation sink and a rescorer (following each promotion for 90 s) meanwhile."""
     stop = threading.Event()
     sink = AnnotationSink(settings=lab.settings, topology=lab.topology, session=lab.session)
     rescorer = Rescorer(
@@ -311,7 +322,7 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
         store=configured_store(lab.settings.home),
         session=lab.session,
         wait_s=90,
-        resend_s=5,
+        resend_s=3,
         poll_s=0.5,
     )
     threads = [
@@ -321,21 +332,44 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
     for thread in threads:
         thread.start()
     try:
-        scans = lab.settings.allowed_roots[0]
-        levels = (40, 50, 55, 60, 70)
-        paths = [_image(scans / f"level{level:03d}.png", level) for level in levels]
-        ids = submit_paths(
-            lab.settings,
-            lab.topology,
-            paths,
-            meta=ImageMeta(study=lab.study),
-            progress=False,
-            store=configured_store(lab.settings.home),
-        )
-        by_level = dict(zip(levels, ids, strict=True))
+        assert rescorer.positioned.wait(60)
+        yield rescorer
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def _submit_levels(lab: Lab, levels: Sequence[int]) -> dict[int, str]:
+    """Submit one image per grey level into the image store; ``{level: image id}``."""
+    scans = lab.settings.allowed_roots[0]
+    paths = [_image(scans / f"level{level:03d}.png", level) for level in levels]
+    ids = submit_paths(
+        lab.settings,
+        lab.topology,
+        paths,
+        meta=ImageMeta(study=lab.study),
+        progress=False,
+        store=configured_store(lab.settings.home),
+    )
+    return dict(zip(levels, ids, strict=True))
+
+
+def _task(lab: Lab, image_id: str) -> dict[str, Any] | None:
+    return get_task(session=lab.session, image_id=image_id, tier="minority")
+
+
+def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) -> None:
+    """Levels: 40 the old detector decided; 50, 55, 60 and 70 it asked about. An expert
+    answered 70 and another holds a claim on 55. The new detector decides 50 and 55 and is
+    unsure of 60: 50's task is withdrawn, 55's stays with its expert, 60's stays open with
+    the new detector's question."""
+    with _rescoring(lab) as rescorer:
+        by_level = _submit_levels(lab, (40, 50, 55, 60, 70))
+        ids = list(by_level.values())
 
         def task(level: int) -> dict[str, Any] | None:
-            return get_task(session=lab.session, image_id=by_level[level], tier="minority")
+            return _task(lab, by_level[level])
 
         _wait("the first outputs", 90, lambda: len(_outputs(lab)) == len(ids), lab)
         _wait("the detector's tasks", 60, lambda: all(task(lv) for lv in (50, 55, 60, 70)), lab)
@@ -350,15 +384,10 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
         _wait("the expert's output", 60, lambda: answered in _outputs(lab)[by_level[70]], lab)
         first = _outputs(lab)
 
-        assert rescorer.positioned.wait(30)
         _promote_detector(lab)
         _wait("the rescorer's work", 120, lambda: len(rescorer.done) == 1, lab)
         # The new detector asks about 60 too: its request renews the open task.
         _wait("the renewed task", 60, lambda: (task(60) or {})["model_version"] == V2, lab)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
 
     job = rescorer.done[0]
     assert (job.tier_artifact, job.version) == ("minority", V2)
@@ -384,3 +413,28 @@ def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) ->
     assert status[70]["status"] == "done" and status[70]["completed_by"] == "ann"
     with pytest.raises(ConflictError, match=f"withdrawn: model {V2} now decides"):
         claim_task(session=lab.session, image_id=by_level[50], tier="minority", user="ann")
+
+
+def test_images_a_worker_scored_before_it_swapped_models_are_sent_again(lab: Lab) -> None:
+    """The detector's worker refuses the promotion at first and scores the re-sent image
+    with the old model (no new output); once the promotion is announced again and applied,
+    the rescorer's next sending settles it."""
+    with _rescoring(lab) as rescorer:
+        image_id = _submit_levels(lab, (50,))[50]
+        _wait("the detector's task", 90, lambda: _task(lab, image_id) is not None, lab)
+        minority = lab.workers["minority"]
+        lab.refuse_once.add(V2)
+        _promote_detector(lab)
+        # The first image, then at least two sendings scored by the old model.
+        _wait("the old model's re-scoring", 60, lambda: minority.stats.images >= 3, lab)
+        assert minority.stats.swaps == [] and len(_outputs(lab)[image_id]) == 1
+        assert rescorer.done == []
+        _promote_detector(lab)  # as a restarted retrainer announces its champion again
+        _wait("both promotions handled", 120, lambda: len(rescorer.done) == 2, lab)
+    assert minority.stats.swaps == [V2]
+    job, again = rescorer.done
+    assert job.sent == {image_id: "minority"} and job.superseded == [image_id]
+    assert job.unfinished == [] and again.sent == {}
+    new = versions_key({"quality": V1, "majority": V1, "minority": V2})
+    assert _outputs(lab)[image_id][new]["status"] == "analyzed"
+    assert (_task(lab, image_id) or {})["status"] == "superseded"
