@@ -240,6 +240,8 @@ class Rescorer:
             len(records),
             len(job.left_out),
         )
+        for image_id, reason in list(job.left_out.items())[:10]:
+            log.warning("not re-scored: %s: %s", image_id, reason)
         self._follow(job, records, stop)
         return job
 
