@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from annotating import AnnotationWorld
@@ -18,6 +19,8 @@ from phenocascade.store.annotations import (
     complete_task,
     get_task,
     list_open_tasks,
+    supersede_task,
+    unanswered_tasks,
 )
 from phenocascade.streams.scan import scan_topic
 
@@ -170,6 +173,85 @@ def test_a_claim_expires_and_only_one_of_two_claimants_wins(
     winner = next(u for u, o in outcomes.items() if o == "won")
     stored = get_task(session=world.session, image_id=second, tier="quality")
     assert stored is not None and stored["claimed_by"] == winner
+
+
+def test_a_superseded_task_leaves_the_queue_and_only_a_newer_request_opens_it(
+    world: AnnotationWorld, image: Path
+) -> None:
+    study = f"{world.study}-supersede"
+    request, _ = world.request(
+        "sup-1", tier="majority", path=image, scores={"dense": 0.5}, classes=["dense"], study=study
+    )
+    image_id = request["image_id"]
+    assert add_task(session=world.session, request=request)
+
+    def queued() -> list[tuple[str, float]]:
+        entries = list_open_tasks(session=world.session, study=study, user="alice")
+        return [(t["model_version"], t["priority"]) for t in entries if t["image_id"] == image_id]
+
+    def task() -> dict[str, Any]:
+        found = get_task(session=world.session, image_id=image_id, tier="majority")
+        assert found is not None
+        return found
+
+    # A newer model's request renews the unanswered task (and its queue entry) in place.
+    t0 = datetime.now(tz=UTC)
+    renewed = {**request, "model_version": "v-2", "priority": 0.9, "created_at": t0}
+    assert not add_task(session=world.session, request=renewed)
+    assert task()["model_version"] == "v-2" and task()["status"] == "open"
+    assert queued() == [("v-2", 0.9)]
+
+    # An expert's live claim keeps the task theirs; once it lapses, the model takes it.
+    claim_task(session=world.session, image_id=image_id, tier="majority", user="alice", now=t0)
+    assert (
+        supersede_task(
+            session=world.session, image_id=image_id, tier="majority", model_version="v-3"
+        )
+        is None
+    )
+    assert task()["status"] == "claimed"
+    lapsed = t0 + timedelta(hours=1)
+    superseded = supersede_task(
+        session=world.session, image_id=image_id, tier="majority", model_version="v-3", now=lapsed
+    )
+    assert superseded is not None and task()["status"] == "superseded"
+    assert task()["superseded_by"] == "v-3" and queued() == []
+    assert image_id not in [
+        t["image_id"] for t in unanswered_tasks(session=world.session, tier="majority")
+    ]
+    with pytest.raises(ConflictError, match="withdrawn: model v-3 now decides"):
+        claim_task(session=world.session, image_id=image_id, tier="majority", user="alice")
+    assert (
+        supersede_task(
+            session=world.session, image_id=image_id, tier="majority", model_version="v-3"
+        )
+        is None
+    )
+
+    # A request from before (a redelivery) changes nothing; one made since opens it again.
+    assert not add_task(session=world.session, request=renewed)
+    assert task()["status"] == "superseded"
+    asked_again = {
+        **request,
+        "model_version": "v-4",
+        "priority": 0.7,
+        "created_at": datetime.now(tz=UTC) + timedelta(hours=2),
+    }
+    assert add_task(session=world.session, request=asked_again)
+    assert (task()["status"], task()["claimed_by"], task()["superseded_by"]) == ("open", None, None)
+    assert queued() == [("v-4", 0.7)]
+
+    # A done task is never renewed.
+    complete_task(
+        session=world.session, image_id=image_id, tier="majority", user="bob", annotation_id="a-9"
+    )
+    later = {
+        **asked_again,
+        "model_version": "v-5",
+        "created_at": asked_again["created_at"] + timedelta(hours=1),
+    }
+    assert not add_task(session=world.session, request=later)
+    assert (task()["status"], task()["model_version"]) == ("done", "v-4") and queued() == []
 
 
 def test_sink_dead_letters_bad_messages_and_goes_on(world: AnnotationWorld, image: Path) -> None:

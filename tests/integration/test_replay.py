@@ -1,5 +1,6 @@
 """Replay after a promotion on the real Kafka and Cassandra: old and new outputs both kept,
-and ``diff`` lists exactly the images the new model changed.
+and ``diff`` lists exactly the images the new model changed; with re-scoring on
+promotion, exactly the images no expert has answered are re-scored by themselves.
 
 The three tier workers run in this process on stand-in models whose answers depend only
 on an image's grey level (and, for the detector, on its version), so which images a
@@ -16,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,12 +33,17 @@ import phenocascade.cli.replay as replay_cli
 from phenocascade.cli import main
 from phenocascade.cli.cascade import start_process, stop_cascade, submit_paths
 from phenocascade.config import Settings, Topology, load_topology
+from phenocascade.consumers.annotation_sink import AnnotationSink
+from phenocascade.consumers.rescorer import Rescorer
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import Box, DecodedImage, ImageMeta, LabelThresholds, StageKind
 from phenocascade.domain import StageOutput as Output
+from phenocascade.errors import ArtifactError, ConflictError
 from phenocascade.models.base import Stage
+from phenocascade.store.annotations import claim_task, complete_task, get_task
 from phenocascade.store.cassandra import all_outputs, connect, versions_key
 from phenocascade.store.images import configured_store
+from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.serde import EventCodec
 
@@ -49,6 +56,8 @@ CONFIDENT = LabelThresholds(positive=0.9, negative=0.3)
 # and is unsure of the one of 200 (it goes to an expert); the others it sees as before.
 LEVELS = (10, 40, 80, 160, 200, 240)
 CHANGED = {80: ["boxes"], 200: ["route"]}
+# Levels whose giant each detector version is unsure of (it asks an expert).
+UNSURE = {V1: {50, 55, 60, 70}, V2: {60, 200}}
 
 
 class StandIn:
@@ -72,7 +81,7 @@ class StandIn:
             return Output(scores={label: 0.01 if level < 20 else 0.99})
         if self.kind is StageKind.CLASSIFIER:
             return Output(scores={label: 0.95 if level > 128 else 0.05})
-        score = 0.5 if (self.version == V2 and level == 200) else 0.95
+        score = 0.5 if level in UNSURE[self.version] else 0.95
         boxes = () if (self.version == V2 and level == 80) else (Box(2, 2, 12, 12, label, score),)
         return Output(scores={label: max([b.score for b in boxes], default=1e-6)}, boxes=boxes)
 
@@ -92,6 +101,8 @@ class Lab:
     workers: dict[str, TierWorker]
     study: str
     root: Path
+    # Versions the next load refuses once, as a broken artifact would be refused.
+    refuse_once: set[str] = field(default_factory=set)
 
 
 def _wait(what: str, timeout_s: float, found: Callable[[], bool], lab: Lab) -> None:
@@ -132,9 +143,18 @@ def lab(infra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         (settings.artifacts / tier).mkdir(parents=True)
         (settings.artifacts / tier / "CHAMPION").write_text(version)
 
+    refuse_once: set[str] = set()
+
     def loader(name: str) -> Callable[[str | None], Stage]:
         kind, label = _KINDS[name]
-        return lambda version: cast(Stage, StandIn(kind, label, version or V1))
+
+        def load(version: str | None) -> Stage:
+            if version in refuse_once:
+                refuse_once.discard(version)
+                raise ArtifactError(f"{name} {version} does not load (on purpose)")
+            return cast(Stage, StandIn(kind, label, version or V1))
+
+        return load
 
     stop = threading.Event()
     workers = {
@@ -150,7 +170,8 @@ def lab(infra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         "joiner", ["joiner", "--metrics-port", "0"], tmp_path / "logs", settings_env(settings)
     )
     try:
-        yield Lab(settings, topology, session, workers, f"replay-{uuid.uuid4().hex[:8]}", tmp_path)
+        study = f"replay-{uuid.uuid4().hex[:8]}"
+        yield Lab(settings, topology, session, workers, study, tmp_path, refuse_once)
     finally:
         stop.set()
         stop_cascade({"joiner": joiner})
@@ -164,11 +185,25 @@ def _image(path: Path, level: int) -> Path:
 
 
 def _outputs(lab: Lab) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{image id: {versions key: output}}`` of the study, from Cassandra."""
+    """``{image id: {versions key (with the experts): output}}`` of the study, from Cassandra."""
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for o in all_outputs(session=lab.session, study=lab.study):
-        found.setdefault(o["image_id"], {})[versions_key(o["model_versions"])] = o
+        key = versions_key(o["model_versions"], o["annotators"])
+        found.setdefault(o["image_id"], {})[key] = o
     return found
+
+
+def _promote_detector(lab: Lab) -> None:
+    """Promote the detector to V2 as the retrainer does: the champion, then the event."""
+    (lab.settings.artifacts / "minority" / "CHAMPION").write_text(V2)
+    producer = plain_producer(lab.settings.kafka)
+    promoted = {"tier": "minority", "version": V2, "parent_version": V1, "metrics": {}}
+    producer.produce(
+        lab.topology.models_topic,
+        key=b"minority",
+        value=EventCodec().encode("ModelPromoted", {**promoted, "promoted_at": 0}),
+    )
+    assert producer.flush(30) == 0
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -198,16 +233,7 @@ def test_replay_after_a_promotion_keeps_both_outputs_and_diff_lists_the_changed(
     assert set(first[skipped]) == {f"quality={V1}"}
     assert all(set(first[i]) == {versions_key(old)} for i in ids[1:])
 
-    # The retrainer's promotion: the champion first, then the announcement.
-    (lab.settings.artifacts / "minority" / "CHAMPION").write_text(V2)
-    producer = plain_producer(lab.settings.kafka)
-    promoted = {"tier": "minority", "version": V2, "parent_version": V1, "metrics": {}}
-    producer.produce(
-        lab.topology.models_topic,
-        key=b"minority",
-        value=EventCodec().encode("ModelPromoted", {**promoted, "promoted_at": 0}),
-    )
-    assert producer.flush(30) == 0
+    _promote_detector(lab)
     minority = lab.workers["minority"]
     _wait("the detector's swap", 60, lambda: minority.stats.swaps == [V2], lab)
 
@@ -252,3 +278,163 @@ def test_replay_after_a_promotion_keeps_both_outputs_and_diff_lists_the_changed(
     assert by_id[unsure]["status"] == ["analyzed", "awaiting_annotation"]
     lost = next(i for i in ids if level_of[i] == 80)
     assert [b["label"] for b in by_id[lost]["boxes"]["removed"]] == ["giant"]
+
+
+def _answer(lab: Lab, image_id: str, expert: str) -> None:
+    """Answer the detector's task of an image as the annotation app does."""
+    task = claim_task(session=lab.session, image_id=image_id, tier="minority", user=expert)
+    assert task is not None
+    annotation = {
+        "annotation_id": uuid.uuid4().hex,
+        "image_id": image_id,
+        "tier": "minority",
+        "annotator": expert,
+        "labels": ["giant"],
+        "boxes": [events.box_record(Box(2, 2, 12, 12, "giant", 1.0))],
+        "uri": task["uri"],
+        "model_version": task["model_version"],
+        "created_at": events.now_ms(),
+    }
+    producer = plain_producer(lab.settings.kafka)
+    producer.produce(
+        lab.topology.annotations_topic,
+        key=image_id.encode(),
+        value=EventCodec().encode("Annotation", annotation),
+    )
+    assert producer.flush(30) == 0
+    complete_task(
+        session=lab.session,
+        image_id=image_id,
+        tier="minority",
+        user=expert,
+        annotation_id=annotation["annotation_id"],
+    )
+
+
+@contextmanager
+def _rescoring(lab: Lab) -> Iterator[Rescorer]:
+    """Run the annotation sink and a rescorer (following each promotion for 90 s) meanwhile."""
+    stop = threading.Event()
+    sink = AnnotationSink(settings=lab.settings, topology=lab.topology, session=lab.session)
+    rescorer = Rescorer(
+        settings=lab.settings,
+        topology=lab.topology,
+        store=configured_store(lab.settings.home),
+        session=lab.session,
+        wait_s=90,
+        resend_s=3,
+        poll_s=0.5,
+    )
+    threads = [
+        threading.Thread(target=sink.run, args=(stop,), daemon=True),
+        threading.Thread(target=rescorer.run, args=(stop,), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        assert rescorer.positioned.wait(60)
+        yield rescorer
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def _submit_levels(lab: Lab, levels: Sequence[int]) -> dict[int, str]:
+    """Submit one image per grey level into the image store; ``{level: image id}``."""
+    scans = lab.settings.allowed_roots[0]
+    paths = [_image(scans / f"level{level:03d}.png", level) for level in levels]
+    ids = submit_paths(
+        lab.settings,
+        lab.topology,
+        paths,
+        meta=ImageMeta(study=lab.study),
+        progress=False,
+        store=configured_store(lab.settings.home),
+    )
+    return dict(zip(levels, ids, strict=True))
+
+
+def _task(lab: Lab, image_id: str) -> dict[str, Any] | None:
+    return get_task(session=lab.session, image_id=image_id, tier="minority")
+
+
+def test_a_promotion_rescores_exactly_the_images_no_expert_answered(lab: Lab) -> None:
+    """Levels: 40 the old detector decided; 50, 55, 60 and 70 it asked about. An expert
+    answered 70 and another holds a claim on 55. The new detector decides 50 and 55 and is
+    unsure of 60: 50's task is withdrawn, 55's stays with its expert, 60's stays open with
+    the new detector's question."""
+    with _rescoring(lab) as rescorer:
+        by_level = _submit_levels(lab, (40, 50, 55, 60, 70))
+        ids = list(by_level.values())
+
+        def task(level: int) -> dict[str, Any] | None:
+            return _task(lab, by_level[level])
+
+        _wait("the first outputs", 90, lambda: len(_outputs(lab)) == len(ids), lab)
+        _wait("the detector's tasks", 60, lambda: all(task(lv) for lv in (50, 55, 60, 70)), lab)
+        assert task(40) is None
+        _answer(lab, by_level[70], "ann")
+        claim_task(session=lab.session, image_id=by_level[55], tier="minority", user="bob")
+        old = versions_key({"quality": V1, "majority": V1, "minority": V1})
+        new = versions_key({"quality": V1, "majority": V1, "minority": V2})
+        answered = versions_key(
+            {"quality": V1, "majority": V1, "minority": V1}, {"minority": "ann"}
+        )
+        _wait("the expert's output", 60, lambda: answered in _outputs(lab)[by_level[70]], lab)
+        first = _outputs(lab)
+
+        _promote_detector(lab)
+        _wait("the rescorer's work", 120, lambda: len(rescorer.done) == 1, lab)
+        # The new detector asks about 60 too: its request renews the open task.
+        _wait("the renewed task", 60, lambda: (task(60) or {})["model_version"] == V2, lab)
+
+    job = rescorer.done[0]
+    assert (job.tier_artifact, job.version) == ("minority", V2)
+    assert set(job.sent) == {by_level[level] for level in (50, 55, 60)}
+    assert job.superseded == [by_level[50]] and job.asked == [by_level[60]]
+    # Unanswered tasks other tests left in the keyspace are of images not in this store.
+    assert not set(job.left_out) & set(ids) and job.unfinished == []
+
+    now = _outputs(lab)
+    for level, image_id in by_level.items():
+        expected = {old, new} if level in (50, 55, 60) else set(first[image_id])
+        assert set(now[image_id]) == expected, level
+        # Old outputs are kept as they were.
+        assert all(now[image_id][key] == first[image_id][key] for key in first[image_id])
+    assert set(first[by_level[70]]) == {old, answered}
+    assert now[by_level[50]][new]["status"] == "analyzed"
+    assert now[by_level[60]][new]["routes"]["minority"] == "ANNOTATE"
+
+    status = {level: cast(dict[str, Any], task(level)) for level in (50, 55, 60, 70)}
+    assert status[50]["status"] == "superseded" and status[50]["superseded_by"] == V2
+    assert status[55]["status"] == "claimed" and status[55]["claimed_by"] == "bob"
+    assert status[60]["status"] == "open" and status[60]["scores"] == {"giant": 0.5}
+    assert status[70]["status"] == "done" and status[70]["completed_by"] == "ann"
+    with pytest.raises(ConflictError, match=f"withdrawn: model {V2} now decides"):
+        claim_task(session=lab.session, image_id=by_level[50], tier="minority", user="ann")
+
+
+def test_images_a_worker_scored_before_it_swapped_models_are_sent_again(lab: Lab) -> None:
+    """The detector's worker refuses the promotion at first and scores the re-sent image
+    with the old model (no new output); once the promotion is announced again and applied,
+    the rescorer's next sending settles it."""
+    with _rescoring(lab) as rescorer:
+        image_id = _submit_levels(lab, (50,))[50]
+        _wait("the detector's task", 90, lambda: _task(lab, image_id) is not None, lab)
+        minority = lab.workers["minority"]
+        lab.refuse_once.add(V2)
+        _promote_detector(lab)
+        # The first image, then at least two sendings scored by the old model.
+        _wait("the old model's re-scoring", 60, lambda: minority.stats.images >= 3, lab)
+        assert minority.stats.swaps == [] and len(_outputs(lab)[image_id]) == 1
+        assert rescorer.done == []
+        _promote_detector(lab)  # as a restarted retrainer announces its champion again
+        _wait("both promotions handled", 120, lambda: len(rescorer.done) == 2, lab)
+    assert minority.stats.swaps == [V2]
+    job, again = rescorer.done
+    assert job.sent == {image_id: "minority"} and job.superseded == [image_id]
+    assert job.unfinished == [] and again.sent == {}
+    new = versions_key({"quality": V1, "majority": V1, "minority": V2})
+    assert _outputs(lab)[image_id][new]["status"] == "analyzed"
+    assert (_task(lab, image_id) or {})["status"] == "superseded"

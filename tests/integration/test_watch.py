@@ -1,6 +1,7 @@
 """``phenocascade watch`` on the real Kafka: a scanner writing slowly, a watcher killed with
 SIGKILL and restarted, a file rewritten, a broker away. Every distinct content must land on
-the submitted topic exactly once, and no partial file ever."""
+the submitted topic exactly once, and no partial file ever; each is kept in the image
+store, where replay reads it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.consumers.watcher import FolderWatcher, WatchConfig
 from phenocascade.consumers.watching import Ledger, content_id
 from phenocascade.domain import ImageMeta
+from phenocascade.store.images import configured_store
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
 from phenocascade.streams.kafka import create_topics, transactional_producer
@@ -138,8 +140,11 @@ def digest_id(data: bytes) -> str:
     return content_id(hashlib.sha256(data).hexdigest())
 
 
-def assert_exactly_once(lab: Lab, written: list[bytes]) -> None:
-    """Every distinct written content is on the topic once, whole, and nothing else is."""
+def assert_exactly_once(lab: Lab, written: list[bytes], *, stored: bool = True) -> None:
+    """Every distinct written content is on the topic once, whole, and nothing else is.
+
+    With ``stored``, each is also in the watcher's image store, whole, with its study.
+    """
     expected = {digest_id(d): d for d in written}
     records = lab.published()
     counts = Counter(r["image_id"] for r in records)
@@ -152,6 +157,14 @@ def assert_exactly_once(lab: Lab, written: list[bytes]) -> None:
         assert data == expected[str(r["image_id"])], f"{r['image_id']} is not a complete file"
         assert r["metadata"]["study"] == lab.study  # type: ignore[index]
         Image.open(io.BytesIO(data)).load()
+    if not stored:
+        return
+    store = configured_store(lab.settings.home, lab.env)
+    assert store is not None
+    kept = {i.image_id: i for i in store.images()}
+    assert set(kept) == set(expected)
+    for image_id, image in kept.items():
+        assert store.read(image) == expected[image_id] and image.study == lab.study
 
 
 def test_a_scanner_writing_slowly_with_the_watcher_killed_and_restarted(lab: Lab) -> None:
@@ -271,7 +284,8 @@ def test_a_batch_committed_before_the_crash_is_not_sent_again_and_an_open_one_is
         ledger.close()
         del orphan
     assert watcher.counts.published == 2, "only f2 (aborted) and f3 (new) are sent again"
-    assert_exactly_once(lab, contents)
+    # The crashed process is this test, which kept nothing; the watcher ran without a store.
+    assert_exactly_once(lab, contents, stored=False)
 
 
 def test_a_broker_outage_fills_the_bounded_queue_then_everything_goes_once(lab: Lab) -> None:

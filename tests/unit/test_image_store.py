@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from phenocascade.domain import ImageMeta
-from phenocascade.errors import ConfigError, NotFoundError
+from phenocascade.errors import ConfigError, NotFoundError, ValidationError
 from phenocascade.store.images import ImageStore, configured_store
 from phenocascade.streams import events
 
@@ -44,6 +44,28 @@ def test_a_stored_image_reads_back_with_its_manifest(store: ImageStore) -> None:
     assert (got.uri, got.size, got.format, got.study) == ("/scans/a.png", 11, "PNG", "s1")
     assert store.read(got) == b"pixels of a"
     assert store.get("never-stored") is None
+
+
+def test_a_file_is_copied_in_chunks_and_refused_if_it_changed(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("phenocascade.store.images._CHUNK_BYTES", 7)
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(b"pixels written by a scanner")
+    digest = hashlib.sha256(scan.read_bytes()).hexdigest()
+    stored = store.put_file(_record("f", uri=str(scan), at=1), scan, sha256=digest)
+    assert stored is not None and stored.size == 27 and store.get("f") == stored
+    assert store.read(stored) == b"pixels written by a scanner"
+
+    scan.write_bytes(b"pixels written by a scanner, and more")
+    with pytest.raises(ValidationError, match="changed while it was copied"):
+        store.put_file(_record("g", uri=str(scan), at=2), scan, sha256="0" * 64)
+    # Nothing is kept of it: no manifest, no blob, no temporary file.
+    assert store.get("g") is None
+    assert store.prune(10, dry_run=True).blobs == 0
+    local = store.local_path(stored)
+    if local is not None:
+        assert [p.name for p in local.parents[1].rglob("*") if p.is_file()] == [local.name]
 
 
 def test_ids_with_any_characters_are_kept_apart(store: ImageStore) -> None:

@@ -11,6 +11,7 @@ import pytest
 import phenocascade.cli.replay as replay_cli
 from phenocascade.cli import main
 from phenocascade.config import Settings
+from phenocascade.consumers import resubmit
 from phenocascade.domain import ImageMeta
 from phenocascade.store.images import ImageStore
 from phenocascade.streams import events
@@ -97,7 +98,7 @@ def test_each_image_goes_as_it_came_while_its_file_is_unchanged(
     (scans / "c.png").unlink()
 
     images = sorted(store.images(), key=lambda i: i.submitted_at)
-    plan = replay_cli.plan_replay(settings, store, images)
+    plan = resubmit.plan_replay(settings, store, images)
     sent = {r["image_id"]: r for r in plan.records}
     assert sent["by-path"]["uri"] == str(scans / "a.png") and sent["by-path"]["inline"] is None
     assert sent["by-path"]["metadata"]["stain"] == "H&E"
@@ -108,7 +109,7 @@ def test_each_image_goes_as_it_came_while_its_file_is_unchanged(
     assert "exceed PHENOCASCADE_MAX_INLINE_BYTES" in plan.left_out["large-rewritten"]
     # Under them, the stored blob goes by its path.
     roomy = settings.model_copy(update={"allowed_roots": [scans, settings.home]})
-    record, how = replay_cli.replay_record(roomy, store, images[-1])
+    record, how = resubmit.replay_record(roomy, store, images[-1])
     assert how == "store" and Path(record["uri"]).read_bytes() == b"L" * 100
     for record in plan.records:
         assert record["metadata"]["study"] == "s1"

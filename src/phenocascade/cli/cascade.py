@@ -35,6 +35,7 @@ from phenocascade.cli.supervise import Supervisor
 from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
+from phenocascade.consumers.rescorer import RescoreSettings
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
@@ -202,9 +203,15 @@ def stop_cascade(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float = 3
             proc.wait()
 
 
-def learning_commands(every: int) -> dict[str, list[str]]:
-    """Return the processes of the annotation loop: the task sink, the app, the retrainer."""
-    return {"sink": ["sink"], "ui": ["ui"], "retrainer": ["retrainer", "--every", str(every)]}
+def learning_commands(every: int, *, rescore: bool = False) -> dict[str, list[str]]:
+    """Return the processes of the annotation loop: the task sink, the app, the retrainer.
+
+    With ``rescore`` (``PHENOCASCADE_RESCORE_ON_PROMOTION``), also the rescorer.
+    """
+    commands = {"sink": ["sink"], "ui": ["ui"], "retrainer": ["retrainer", "--every", str(every)]}
+    if rescore:
+        commands["rescorer"] = ["rescorer"]
+    return commands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,7 +229,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         env["PHENOCASCADE_TOPOLOGY"] = str(Path(args.topology).resolve())
     commands = cascade_commands(topology)
     if args.learning:
-        commands.update(learning_commands(args.every))
+        rescore = RescoreSettings.from_env().on_promotion
+        commands.update(learning_commands(args.every, rescore=rescore))
     base = metrics_port(args, settings)
     commands = with_metrics_ports(commands, base)
     log_dir = settings.home / "logs"

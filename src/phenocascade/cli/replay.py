@@ -1,18 +1,21 @@
-"""Sub-commands ``replay``, ``diff`` and ``images prune``: re-score stored images.
+"""Sub-commands ``replay``, ``diff``, ``images prune`` and ``rescorer``: re-score stored images.
 
 ``replay`` publishes images kept in the image store (:mod:`phenocascade.store.images`) to
 the submitted topic again, under their own ids, so the tiers score them with the models
 they serve now; the joiner adds an output under the new versions and keeps the old ones.
 ``diff`` reports what changed between the outputs of two sets of model versions.
+``rescorer`` does this by itself after each promotion for the images still waiting for an
+expert (:mod:`phenocascade.consumers.rescorer`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import logging
+import signal
+import threading
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,15 +23,11 @@ from typing import Any
 from rich.table import Table
 
 from phenocascade.cli.cascade import console
+from phenocascade.cli.metrics import add_metrics_port, start_metrics
 from phenocascade.config import Settings, Topology, get_settings, load_topology
-from phenocascade.errors import (
-    ConfigError,
-    NotFoundError,
-    PathNotAllowedError,
-    PhenocascadeError,
-    ValidationError,
-)
-from phenocascade.imaging import resolve_under_roots
+from phenocascade.consumers.rescorer import RESCORE_ENV, Rescorer, RescoreSettings
+from phenocascade.consumers.resubmit import plan_replay, publish
+from phenocascade.errors import ConfigError, NotFoundError, ValidationError
 from phenocascade.models.base import champion_version
 from phenocascade.store.cassandra import all_outputs, connect, get_outputs
 from phenocascade.store.images import (
@@ -40,8 +39,6 @@ from phenocascade.store.images import (
 )
 from phenocascade.store.output_diff import ImageChange, diff_outputs, parse_versions
 from phenocascade.streams import events
-from phenocascade.streams.kafka import plain_producer
-from phenocascade.streams.serde import EventCodec
 from phenocascade.ui.validation import IMAGE_ID_MAX_LEN, check_image_id
 
 
@@ -222,100 +219,6 @@ def stale_only(
     return kept, current, unscored
 
 
-# -- publishing ----------------------------------------------------------------------------
-@dataclass
-class ReplayPlan:
-    """The submissions to publish again, and the images left out with the reason."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    carried: dict[str, int] = field(default_factory=dict)
-    left_out: dict[str, str] = field(default_factory=dict)
-
-
-def _unchanged_path(image: StoredImage, roots: Sequence[Path]) -> Path | None:
-    """Return the image's original file if it is allowed and still holds the stored bytes."""
-    if image.uri is None:
-        return None
-    try:
-        path = resolve_under_roots(image.uri, roots)
-        data = path.read_bytes()
-    except (PathNotAllowedError, OSError):
-        return None
-    return path if hashlib.sha256(data).hexdigest() == image.sha256 else None
-
-
-def replay_record(
-    settings: Settings, store: ImageStore, image: StoredImage
-) -> tuple[dict[str, Any], str]:
-    """Return the ``ImageSubmitted`` that submits ``image`` again, and how it carries it.
-
-    As it was first sent where possible: by its original path while that file is under the
-    allowed roots and holds the same bytes (``"path"``); otherwise the stored bytes go
-    inline when they fit ``max_inline_bytes`` (``"inline"``), or by the blob's path when
-    the store is a local folder under the allowed roots (``"store"``).
-
-    Raises
-    ------
-    PhenocascadeError
-        If the bytes cannot be read from the store, or can be sent no way.
-    """
-    roots = settings.roots()
-    path = _unchanged_path(image, roots)
-    if path is not None:
-        record = events.image_submitted(image.image_id, uri=image.uri, fmt=image.format)
-        how = "path"
-    else:
-        data = store.read(image)
-        blob = store.local_path(image)
-        if len(data) <= settings.max_inline_bytes:
-            record = events.image_submitted(image.image_id, inline=data, fmt=image.format)
-            how = "inline"
-        elif blob is not None and any(blob.resolve().is_relative_to(r) for r in roots):
-            record = events.image_submitted(image.image_id, uri=str(blob), fmt=image.format)
-            how = "store"
-        else:
-            raise ValidationError(
-                f"{len(data)} bytes exceed PHENOCASCADE_MAX_INLINE_BYTES and its file has "
-                "changed; put the image store's folder under PHENOCASCADE_ALLOWED_ROOTS"
-            )
-    record["metadata"] = {**record["metadata"], **image.metadata}
-    return record, how
-
-
-def plan_replay(settings: Settings, store: ImageStore, images: Iterable[StoredImage]) -> ReplayPlan:
-    """Build the submissions of ``images``; an image that cannot be sent is left out."""
-    plan = ReplayPlan()
-    for image in images:
-        try:
-            record, how = replay_record(settings, store, image)
-        except PhenocascadeError as exc:
-            plan.left_out[image.image_id] = str(exc)
-            continue
-        plan.records.append(record)
-        plan.carried[how] = plan.carried.get(how, 0) + 1
-    return plan
-
-
-def publish(settings: Settings, topic: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Produce ``ImageSubmitted`` records keyed by image id; wait for every acknowledgement.
-
-    Raises
-    ------
-    ValidationError
-        If Kafka did not acknowledge them all within 60 s.
-    """
-    codec = EventCodec()
-    producer = plain_producer(settings.kafka)
-    for record in records:
-        producer.produce(
-            topic, key=record["image_id"].encode(), value=codec.encode("ImageSubmitted", record)
-        )
-        producer.poll(0)
-    remaining = producer.flush(60)
-    if remaining:
-        raise ValidationError(f"{remaining} replayed images were not acknowledged by Kafka in 60 s")
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     """Publish stored images again so that the current champions score them."""
     if args.until is not None and args.since is None:
@@ -422,8 +325,37 @@ def cmd_images_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rescorer ------------------------------------------------------------------------------
+def cmd_rescorer(args: argparse.Namespace) -> int:
+    """Re-score the unanswered annotation images after each promotion, until SIGTERM/SIGINT."""
+    rescore = RescoreSettings.from_env()
+    if not rescore.on_promotion:
+        raise ConfigError(
+            f"{RESCORE_ENV} is off, so promotions re-score nothing; set it to 1 to run the rescorer"
+        )
+    settings = get_settings()
+    rescorer = Rescorer(
+        settings=settings,
+        topology=_topology(args, settings),
+        store=_store(settings),
+        wait_s=rescore.wait_s,
+    )
+    start_metrics(args, settings, {rescorer.group: [rescorer.topology.models_topic]})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    done = rescorer.run(stop)
+    logging.getLogger(__name__).info(
+        "rescorer stopped after %d promotions: %d images re-scored, %d tasks superseded",
+        len(done),
+        sum(len(job.sent) for job in done),
+        sum(len(job.superseded) for job in done),
+    )
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Register ``replay``, ``diff`` and ``images``."""
+    """Register ``replay``, ``diff``, ``images`` and ``rescorer``."""
     p = sub.add_parser(
         "replay", help="re-score stored images with the current champions (same ids, same topics)"
     )
@@ -465,3 +397,14 @@ def register(sub: Any) -> None:
     )
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     prune.set_defaults(func=cmd_images_prune)
+
+    p = sub.add_parser(
+        "rescorer",
+        help=f"after each promotion, re-score the images no expert has answered ({RESCORE_ENV})",
+        description="Read ModelPromoted events; re-publish from the image store the images "
+        "of the tier's unanswered annotation tasks, follow them until the new model's "
+        "output is in, and withdraw the tasks of those it decides on its own.",
+    )
+    p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
+    add_metrics_port(p)
+    p.set_defaults(func=cmd_rescorer)

@@ -17,6 +17,7 @@ from phenocascade.consumers.watching import DEFAULT_PATTERNS, Ledger, read_statu
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, PathNotAllowedError, ValidationError
 from phenocascade.imaging import resolve_under_roots
+from phenocascade.store.images import configured_store
 from phenocascade.streams.ingest import TransactionalPublisher
 
 
@@ -80,6 +81,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         report_s=args.report_s,
     )
+    store = configured_store(settings.home)
     ledger = Ledger(state, topic)
     publisher = TransactionalPublisher(
         settings.kafka, topic, f"phenocascade-watch-{state.name}", timeout_s=args.kafka_timeout_s
@@ -88,7 +90,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        FolderWatcher(config, publisher, ledger, state / "status.json").run(stop)
+        FolderWatcher(config, publisher, ledger, state / "status.json", store).run(stop)
     finally:
         ledger.close()
     return 0

@@ -24,7 +24,12 @@ from phenocascade.errors import BadInputError, InfraError, SchemaError
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.annotations import add_task
 from phenocascade.store.cassandra import connect
-from phenocascade.streams.kafka import group_consumer, plain_producer, produce_dead_letter
+from phenocascade.streams.kafka import (
+    consumer_error,
+    group_consumer,
+    plain_producer,
+    produce_dead_letter,
+)
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -184,7 +189,7 @@ class AnnotationSink:
         consumer.subscribe([self.topology.annotate_topic])
         try:
             while not stop.is_set():
-                msgs = [m for m in consumer.consume(self.batch_size, 0.5) if not self._error(m)]
+                msgs = [m for m in consumer.consume(self.batch_size, 0.5) if not consumer_error(m)]
                 if msgs:
                     self.process(session, producer, msgs)
                     consumer.commit(asynchronous=False)
@@ -196,10 +201,3 @@ class AnnotationSink:
             consumer.close()
             producer.flush(10)
         return self.stats
-
-    @staticmethod
-    def _error(msg: Message) -> bool:
-        if msg.error() is None:
-            return False
-        log.warning("consumer error: %s", msg.error())
-        return True

@@ -79,7 +79,12 @@ from phenocascade.store.lineage import (
     save_lineage,
 )
 from phenocascade.streams import events
-from phenocascade.streams.kafka import group_consumer, plain_producer, produce_dead_letter
+from phenocascade.streams.kafka import (
+    consumer_error,
+    group_consumer,
+    plain_producer,
+    produce_dead_letter,
+)
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
@@ -915,7 +920,7 @@ class Retrainer:
             self._load_counts(tier)
         try:
             while not stop.is_set():
-                msgs = [m for m in consumer.consume(self.batch_size, 0.5) if not self._error(m)]
+                msgs = [m for m in consumer.consume(self.batch_size, 0.5) if not consumer_error(m)]
                 if msgs:
                     self.store(msgs)
                     consumer.commit(asynchronous=False)
@@ -942,10 +947,3 @@ class Retrainer:
             if self._producer is not None:
                 self._producer.flush(10)
         return self.stats
-
-    @staticmethod
-    def _error(msg: Message) -> bool:
-        if msg.error() is None:
-            return False
-        log.warning("consumer error: %s", msg.error())
-        return True

@@ -5,7 +5,10 @@ A watchdog observer (inotify, or a polling one for network shares) reports file 
 bytes name it (:func:`~phenocascade.consumers.watching.content_id`); a bounded local queue
 holds what Kafka has not taken yet; batches go out in Kafka transactions
 (:class:`~phenocascade.streams.ingest.TransactionalPublisher`); the
-:class:`~phenocascade.consumers.watching.Ledger` remembers what is on the topic.
+:class:`~phenocascade.consumers.watching.Ledger` remembers what is on the topic. Each
+image's bytes are kept in the image store (:mod:`phenocascade.store.images`) before it is
+queued, as ``phenocascade submit`` keeps them, so ``phenocascade replay`` can score it
+again.
 
 Guarantee: each distinct content seen complete in the folder is committed to the
 submitted topic exactly once, as a ``read_committed`` reader (every tier worker) sees it,
@@ -54,7 +57,8 @@ from phenocascade.consumers.watching import (
     write_status,
 )
 from phenocascade.domain import ImageMeta
-from phenocascade.errors import InfraError
+from phenocascade.errors import InfraError, ValidationError
+from phenocascade.store.images import ImageStore
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
 
@@ -181,6 +185,9 @@ class FolderWatcher:
         The watcher's state (open, hence locked, for the watcher's lifetime).
     status_path : pathlib.Path
         Where the status JSON is written about once a second (``watch --status``).
+    store : ImageStore or None, default None
+        Where each image is kept before it is queued; ``None`` keeps none. A file the
+        store cannot take waits on disk and is taken again after the settle time.
     """
 
     def __init__(
@@ -189,11 +196,13 @@ class FolderWatcher:
         publisher: TransactionalPublisher,
         ledger: Ledger,
         status_path: Path,
+        store: ImageStore | None = None,
     ) -> None:
         self.config = config
         self.publisher = publisher
         self.ledger = ledger
         self.status_path = status_path
+        self.store = store
         self.tracker = SettleTracker(config.settle_s, config.marker)
         self.kafka = _Kafka()
         self.counts = _Counts()
@@ -287,7 +296,29 @@ class FolderWatcher:
             record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=self.config.meta)
         else:
             record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=self.config.meta)
-        self._queue[image_id] = _Queued(image_id, digest, path, record, len(data or b""), sig)
+        if self._kept(record, path, digest, now):
+            self._queue[image_id] = _Queued(image_id, digest, path, record, len(data or b""), sig)
+
+    def _kept(self, record: dict[str, Any], path: Path, digest: str, now: float) -> bool:
+        """Keep a taken file in the image store; whether it may be queued.
+
+        A file written to meanwhile, or that the store refuses, is followed again from
+        ``now`` (so it is retried after the settle time); one deleted is dropped.
+        """
+        if self.store is None:
+            return True
+        try:
+            self.store.put_file(record, path, sha256=digest)
+        except FileNotFoundError:
+            return False
+        except ValidationError:
+            self.tracker.touch(path, now)
+            return False
+        except InfraError as exc:
+            log.warning("%s waits on disk: %s", path, exc)
+            self.tracker.touch(path, now)
+            return False
+        return True
 
     def _set_full(self, full: bool) -> None:
         if full and not self._full:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Histogram, Info
 
 from phenocascade.config import Settings, TierSpec, Topology
@@ -36,7 +36,9 @@ from phenocascade.models.base import Stage, load_stage, set_compute_threads, tie
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
+    consumer_error,
     group_consumer,
+    partition_end,
     plain_producer,
     produce_dead_letter,
     transactional_producer,
@@ -437,26 +439,6 @@ class TierWorker:
         self.stats.batches += 1
         self.stats.images += len(msgs)
 
-    def _models_end(self, models: Consumer) -> TopicPartition:
-        """Return the models topic's partition at its current end (or at "end" if unknown)."""
-        partition = TopicPartition(self.topology.models_topic, 0)
-        deadline = time.monotonic() + 30  # a new topic's leader may not be known yet
-        while True:
-            try:
-                _, end = models.get_watermark_offsets(partition, timeout=10)
-                return TopicPartition(partition.topic, 0, end)
-            except KafkaException as exc:
-                if time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    continue
-                log.warning(
-                    "tier %s: the end of %s is unknown (%s); promotions from its end when read",
-                    self.tier.name,
-                    partition.topic,
-                    exc,
-                )
-                return TopicPartition(partition.topic, 0, OFFSET_END)
-
     @staticmethod
     def _rewind(consumer: Consumer) -> None:
         """After an aborted transaction, go back to the last committed offsets."""
@@ -484,7 +466,7 @@ class TierWorker:
         models = group_consumer(
             kafka, f"{self.tier.group}-models-{self.instance}", **{"auto.offset.reset": "latest"}
         )
-        models.assign([self._models_end(models)])
+        models.assign([partition_end(models, TopicPartition(self.topology.models_topic, 0))])
         try:
             self.stage = self._load(None)
             log.info(
@@ -504,7 +486,7 @@ class TierWorker:
             while not stop.is_set():
                 self._poll_promotions(models)
                 msgs = consumer.consume(self.tier.batch_size, self.tier.max_wait_ms / 1000)
-                msgs = [m for m in msgs if not self._is_error(m)]
+                msgs = [m for m in msgs if not consumer_error(m)]
                 if not msgs:
                     continue
                 started = time.perf_counter()
@@ -525,10 +507,3 @@ class TierWorker:
             models.close()
             producer.flush(10)
         return self.stats
-
-    @staticmethod
-    def _is_error(msg: Message) -> bool:
-        if msg.error() is None:
-            return False
-        log.warning("consumer error: %s", msg.error())
-        return True

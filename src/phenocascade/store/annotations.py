@@ -5,7 +5,9 @@ Tables are designed around the queries they serve:
 * ``annotation_tasks``: one row per ``(image_id, tier)``, the authority on a task's
   state. Every write to it is a lightweight transaction (``IF NOT EXISTS`` /
   ``IF revision = ?``), so a replayed request never duplicates or reopens a task and two
-  annotators never both hold a claim.
+  annotators never both hold a claim. A task ends once: ``done`` (an expert answered) or
+  ``superseded`` (a newer model decides the image on its own, :func:`supersede_task`);
+  only a superseded one opens again, when a model asks about the image once more.
 * ``annotation_queue``: the tasks not done yet, one partition per ``(tier, study)``,
   clustered by ``priority DESC, created_at ASC`` so a partition reads in serving order
   and ``priority >= ?`` is a slice. ``annotation_queue_partitions`` lists the
@@ -42,10 +44,15 @@ from phenocascade.store.cql import add_missing_columns, prepare, qualified
 TASK_OPEN = "open"
 TASK_CLAIMED = "claimed"
 TASK_DONE = "done"
+TASK_SUPERSEDED = "superseded"
+_CLOSED = (TASK_DONE, TASK_SUPERSEDED)
 DEFAULT_CLAIM_S = 15 * 60
 
 # Columns added after the tables were first made (see add_missing_columns).
-_ADDED_COLUMNS = (("annotation_tasks", "ask", "list<text>"),)
+_ADDED_COLUMNS = (
+    ("annotation_tasks", "ask", "list<text>"),
+    ("annotation_tasks", "superseded_by", "text"),
+)
 
 # Annotation rows read per page when a listing is filtered by study, and the most read in
 # all before it stops (a reviewer granted a rare study gets what the newest rows hold).
@@ -79,6 +86,7 @@ _TABLES = (
         completed_at timestamp,
         annotation_id text,
         ask list<text>,
+        superseded_by text,
         PRIMARY KEY ((image_id), tier)
     )
     """,
@@ -190,6 +198,7 @@ def _row_to_task(row: Any) -> dict[str, Any]:
         "completed_at": _utc(row.completed_at),
         "annotation_id": row.annotation_id,
         "ask": list(row.ask or []),
+        "superseded_by": row.superseded_by,
     }
 
 
@@ -220,11 +229,48 @@ def _write_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
     )
 
 
+def _delete_queue_entry(session: Session, task: Mapping[str, Any]) -> None:
+    session.execute(
+        prepare(
+            session,
+            "DELETE FROM {ks}.annotation_queue WHERE tier = ? AND study = ? AND priority = ? "
+            "AND created_at = ? AND image_id = ?",
+        ),
+        (task["tier"], task["study"], task["priority"], task["created_at"], task["image_id"]),
+    )
+
+
+# The columns of a task that its request sets (what was asked, by which model, of what).
+_ASKED = (
+    "priority",
+    "scores",
+    "boxes",
+    "classes",
+    "model_name",
+    "model_version",
+    "study",
+    "uri",
+    "inline",
+    "submitted",
+    "created_at",
+    "ask",
+)
+
+
+def _asked(task: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Return the values of :data:`_ASKED` of ``task``, as bound in CQL."""
+    return tuple(json.dumps(task[c]) if c == "boxes" else task[c] for c in _ASKED)
+
+
 def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     """Create the task of one ``AnnotationRequest`` unless ``(image_id, tier)`` has one.
 
     A repeated request neither duplicates nor reopens a task; it only re-writes the queue
-    entry of a task that is not done, which repairs a queue write lost in a crash.
+    entry of a task that is not closed, which repairs a queue write lost in a crash. A
+    newer request from another model (a promoted one re-scored the image) renews the
+    task instead: an unanswered task takes the request's scores, boxes, labels asked,
+    priority, model and time (a claim on it stays), and a superseded task opens again
+    with them. A done task is never touched.
 
     Parameters
     ----------
@@ -236,7 +282,7 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     Returns
     -------
     bool
-        ``True`` if this call created the task.
+        ``True`` if this call created the task or opened a superseded one again.
     """
     task = {
         "image_id": request["image_id"],
@@ -261,37 +307,65 @@ def add_task(*, session: Session, request: Mapping[str, Any]) -> bool:
     result = session.execute(
         prepare(
             session,
-            "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, priority, "
-            "scores, boxes, classes, model_name, model_version, study, uri, inline, submitted, "
-            "created_at, ask) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "IF NOT EXISTS",
+            "INSERT INTO {ks}.annotation_tasks (image_id, tier, status, revision, "
+            f"{', '.join(_ASKED)}) VALUES (?, ?, ?, ?{', ?' * len(_ASKED)}) IF NOT EXISTS",
         ),
-        (
-            task["image_id"],
-            task["tier"],
-            task["status"],
-            task["revision"],
-            task["priority"],
-            task["scores"],
-            json.dumps(task["boxes"]),
-            task["classes"],
-            task["model_name"],
-            task["model_version"],
-            task["study"],
-            task["uri"],
-            task["inline"],
-            task["submitted"],
-            task["created_at"],
-            task["ask"],
-        ),
+        (task["image_id"], task["tier"], task["status"], task["revision"], *_asked(task)),
     )
     if result.was_applied:
         _write_queue_entry(session, task)
         return True
     existing = get_task(session=session, image_id=task["image_id"], tier=task["tier"])
-    if existing is not None and existing["status"] != TASK_DONE:
+    if existing is None or existing["status"] == TASK_DONE:
+        return False
+    if existing["status"] == TASK_SUPERSEDED:
+        return task["created_at"] > existing["completed_at"] and _renew(session, existing, task)
+    if task["model_version"] != existing["model_version"] and (
+        task["created_at"] > existing["created_at"]
+    ):
+        _renew(session, existing, task)
+    else:
         _write_queue_entry(session, existing)
     return False
+
+
+def _renew(session: Session, existing: Mapping[str, Any], task: dict[str, Any]) -> bool:
+    """Give a task a newer request's fields (reopening a superseded one); whether it took.
+
+    An unanswered task keeps its status and claim; a superseded one opens, unclaimed. The
+    change is a compare-and-set on the revision, and the queue entry moves with it.
+    """
+    if existing["status"] != TASK_SUPERSEDED:
+        task.update(
+            status=existing["status"],
+            claimed_by=existing["claimed_by"],
+            claim_expires_at=existing["claim_expires_at"],
+        )
+    task["revision"] = existing["revision"] + 1
+    result = session.execute(
+        prepare(
+            session,
+            "UPDATE {ks}.annotation_tasks SET status = ?, revision = ?, claimed_by = ?, "
+            f"claim_expires_at = ?, {' = ?, '.join(_ASKED)} = ?, completed_at = null, "
+            "superseded_by = null WHERE image_id = ? AND tier = ? IF revision = ?",
+        ),
+        (
+            task["status"],
+            task["revision"],
+            task["claimed_by"],
+            task["claim_expires_at"],
+            *_asked(task),
+            task["image_id"],
+            task["tier"],
+            existing["revision"],
+        ),
+    )
+    if not result.was_applied:
+        return False
+    if existing["status"] != TASK_SUPERSEDED:
+        _delete_queue_entry(session, existing)
+    _write_queue_entry(session, task)
+    return True
 
 
 def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | None:
@@ -300,11 +374,12 @@ def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | 
     Returns
     -------
     dict or None
-        Keys: ``image_id, tier, status ("open" | "claimed" | "done"), revision,
-        claimed_by, claim_expires_at, priority, scores, boxes, classes, ask (the labels asked;
-        empty: all), model_name,
-        model_version, study, uri, inline, submitted, created_at, completed_by,
-        completed_at, annotation_id``. A ``"claimed"`` task whose ``claim_expires_at`` has
+        Keys: ``image_id, tier, status ("open" | "claimed" | "done" | "superseded"),
+        revision, claimed_by, claim_expires_at, priority, scores, boxes, classes, ask (the
+        labels asked; empty: all), model_name, model_version, study, uri, inline,
+        submitted, created_at, completed_by, completed_at (when it was done or
+        superseded), annotation_id, superseded_by`` (the model version that decides the
+        image now, for a superseded task). A ``"claimed"`` task whose ``claim_expires_at`` has
         passed is claimable again (see :func:`is_claimable`).
     """
     row = session.execute(
@@ -320,10 +395,10 @@ def get_task(*, session: Session, image_id: str, tier: str) -> dict[str, Any] | 
 def is_claimable(task: Mapping[str, Any], *, user: str, now: datetime | None = None) -> bool:
     """Whether ``user`` may claim (or save) ``task`` now.
 
-    True for an open task, an expired claim, or ``user``'s own claim; false for a done task
-    or another user's live claim.
+    True for an open task, an expired claim, or ``user``'s own claim; false for a done or
+    superseded task or another user's live claim.
     """
-    if task["status"] == TASK_DONE:
+    if task["status"] in _CLOSED:
         return False
     if task["claimed_by"] == user:
         return True
@@ -370,6 +445,34 @@ def list_open_tasks(
         ascending, then ``image_id``.
     """
     at = _now(now)
+    waiting = (
+        e
+        for e in _queue(session, tier=tier, study=study, studies=studies, min_priority=min_priority)
+        if e["claimed_by"] == user or not _claim_is_live(e["claimed_by"], e["claim_expires_at"], at)
+    )
+    return list(itertools.islice(waiting, limit))
+
+
+def unanswered_tasks(*, session: Session, tier: str) -> list[dict[str, Any]]:
+    """Return every task of ``tier`` that is neither done nor superseded, claimed ones too.
+
+    Returns
+    -------
+    list of dict
+        As :func:`list_open_tasks` gives them, in serving order.
+    """
+    return list(_queue(session, tier=tier))
+
+
+def _queue(
+    session: Session,
+    *,
+    tier: str | None = None,
+    study: str | None = None,
+    studies: Collection[str] | None = None,
+    min_priority: float | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the queue entries (tasks not closed) in serving order, whoever claimed them."""
     partitions = [
         (r.tier, r.study)
         for r in session.execute(
@@ -407,16 +510,10 @@ def list_open_tasks(
                 "model_version": r.model_version or "",
             }
 
-    merged = heapq.merge(
+    return heapq.merge(
         *(entries(p) for p in partitions),
         key=lambda e: (-e["priority"], e["created_at"], e["image_id"]),
     )
-    waiting = (
-        e
-        for e in merged
-        if e["claimed_by"] == user or not _claim_is_live(e["claimed_by"], e["claim_expires_at"], at)
-    )
-    return list(itertools.islice(waiting, limit))
 
 
 def claim_task(
@@ -476,6 +573,11 @@ def _check_claimable(task: Mapping[str, Any], *, user: str, now: datetime) -> No
     where = f"task {task['tier']}/{task['image_id']}"
     if task["status"] == TASK_DONE:
         raise ConflictError(f"{where} is already done (by {task['completed_by']}); pick another")
+    if task["status"] == TASK_SUPERSEDED:
+        raise ConflictError(
+            f"{where} was withdrawn: model {task['superseded_by']} now decides this image "
+            "without an expert; pick another"
+        )
     if not is_claimable(task, user=user, now=now):
         raise ConflictError(
             f"{where} is claimed by {task['claimed_by']} until "
@@ -533,20 +635,62 @@ def complete_task(
         raise ConflictError(
             f"task {tier}/{image_id} changed while {user} completed it; reload the queue"
         )
-    session.execute(
-        prepare(
-            session,
-            "DELETE FROM {ks}.annotation_queue WHERE tier = ? AND study = ? AND priority = ? "
-            "AND created_at = ? AND image_id = ?",
-        ),
-        (tier, task["study"], task["priority"], task["created_at"], image_id),
-    )
+    _delete_queue_entry(session, task)
     task.update(
         status=TASK_DONE,
         completed_by=user,
         completed_at=at,
         annotation_id=annotation_id,
         revision=task["revision"] + 1,
+    )
+    return task
+
+
+def supersede_task(
+    *,
+    session: Session,
+    image_id: str,
+    tier: str,
+    model_version: str,
+    now: datetime | None = None,
+) -> dict[str, Any] | None:
+    """Withdraw a task no expert answered: model ``model_version`` decides the image itself.
+
+    The task leaves the queue and ends ``superseded``; an expert who then tries to claim
+    or save it is told why. A task an expert holds a live claim on is left to them (their
+    answer still counts), and so is one done or superseded already. The change is a
+    compare-and-set on the revision, so of an expert's answer and this at most one wins.
+
+    Returns
+    -------
+    dict or None
+        The superseded task, or ``None`` if it was left as it is (or there is none).
+    """
+    at = _now(now)
+    task = get_task(session=session, image_id=image_id, tier=tier)
+    if (
+        task is None
+        or task["status"] in _CLOSED
+        or _claim_is_live(task["claimed_by"], task["claim_expires_at"], at)
+    ):
+        return None
+    revision = task["revision"]
+    result = session.execute(
+        prepare(
+            session,
+            "UPDATE {ks}.annotation_tasks SET status = ?, superseded_by = ?, completed_at = ?, "
+            "revision = ? WHERE image_id = ? AND tier = ? IF revision = ?",
+        ),
+        (TASK_SUPERSEDED, model_version, at, revision + 1, image_id, tier, revision),
+    )
+    if not result.was_applied:
+        return None
+    _delete_queue_entry(session, task)
+    task.update(
+        status=TASK_SUPERSEDED,
+        superseded_by=model_version,
+        completed_at=at,
+        revision=revision + 1,
     )
     return task
 

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,14 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from phenocascade.errors import ConfigError, InfraError, NotFoundError
+from phenocascade.errors import ConfigError, InfraError, NotFoundError, ValidationError
 
 STORE_ENV = "PHENOCASCADE_IMAGE_STORE"
 INLINE_DAYS_ENV = "PHENOCASCADE_IMAGE_STORE_INLINE_DAYS"
 DEFAULT_INLINE_DAYS = 30.0
 OFF = "off"
 _DAY_MS = 86_400_000
+_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,12 @@ class StoredImage:
         return self.metadata.get("study", "")
 
     @classmethod
-    def from_submission(cls, record: Mapping[str, Any], data: bytes) -> StoredImage:
-        """Return the manifest of an ``ImageSubmitted`` record whose bytes are ``data``."""
+    def from_submission(cls, record: Mapping[str, Any], *, sha256: str, size: int) -> StoredImage:
+        """Return the manifest of an ``ImageSubmitted`` record whose bytes have this digest."""
         return cls(
             image_id=record["image_id"],
-            sha256=hashlib.sha256(data).hexdigest(),
-            size=len(data),
+            sha256=sha256,
+            size=size,
             format=record["format"],
             uri=record["uri"],
             submitted_at=int(record["submitted_at"]),
@@ -175,23 +176,85 @@ class ImageStore:
         InfraError
             If the store cannot be written.
         """
-        image = StoredImage.from_submission(record, data)
+        image = StoredImage.from_submission(
+            record, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+        )
+        return self._keep(image, lambda tmp: self._fs.pipe_file(tmp, data))
+
+    def put_file(self, record: Mapping[str, Any], path: Path, *, sha256: str) -> StoredImage | None:
+        """Keep a submission whose bytes are the file at ``path``, copied in chunks.
+
+        As :meth:`put`, with memory bounded by the chunk size however large the file.
+
+        Parameters
+        ----------
+        record : Mapping
+            The ``ImageSubmitted`` record as published (its ``inline`` is not read).
+        path : pathlib.Path
+            The file holding the image's encoded bytes.
+        sha256 : str
+            Hex SHA-256 the file's bytes were found to have when it was taken.
+
+        Raises
+        ------
+        ValidationError
+            If the file no longer holds those bytes (it was written to since); nothing is
+            kept.
+        FileNotFoundError
+            If the file is gone.
+        InfraError
+            If the file or the store cannot be read or written.
+        """
+        size = path.stat().st_size
+        image = StoredImage.from_submission(record, sha256=sha256, size=size)
+
+        def copy(tmp: str) -> None:
+            digest = hashlib.sha256()
+            with path.open("rb") as src, self._fs.open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK_BYTES):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise ValidationError(
+                    f"{path} changed while it was copied to the image store {self.url}; it is "
+                    "taken again once it is complete"
+                )
+
+        return self._keep(image, copy)
+
+    def _keep(self, image: StoredImage, write: Callable[[str], None]) -> StoredImage | None:
+        """Write the blob of ``image`` (unless kept already) and its manifest.
+
+        ``write`` writes the bytes at a temporary name beside the blob; the manifest is
+        written before that file becomes the blob (see the module's notes).
+        """
         if image.uri is None and self.inline_days == 0:
             return None
+        blob = self._blob(image.sha256)
+        tmp = None
         try:
-            self._write(self._manifest(image.image_id), json.dumps(asdict(image)).encode())
-            blob = self._blob(image.sha256)
             if not self._fs.exists(blob):
-                self._write(blob, data)
+                tmp = self._temporary(blob)
+                write(tmp)
+            self._write(self._manifest(image.image_id), json.dumps(asdict(image)).encode())
+            if tmp is not None:
+                self._fs.mv(tmp, blob)
         except OSError as exc:
             raise InfraError(f"cannot write to the image store {self.url}: {exc}") from exc
+        finally:
+            if tmp is not None and self._fs.exists(tmp):
+                self._fs.rm_file(tmp)
         return image
+
+    def _temporary(self, path: str) -> str:
+        """Return a fresh temporary name beside ``path`` (its folder made if missing)."""
+        parent = path.rsplit("/", 1)[0]
+        self._fs.makedirs(parent, exist_ok=True)
+        return f"{parent}/.tmp-{uuid.uuid4().hex}"
 
     def _write(self, path: str, data: bytes) -> None:
         """Write ``data`` at ``path`` whole or not at all (a temporary name, then a move)."""
-        parent = path.rsplit("/", 1)[0]
-        self._fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        tmp = self._temporary(path)
         self._fs.pipe_file(tmp, data)
         self._fs.mv(tmp, path)
 

@@ -10,7 +10,15 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from phenocascade.config import KafkaSettings, Topology
@@ -254,6 +262,42 @@ def produce_dead_letter(
     )
     producer.produce(topic, key=msg.key(), value=codec.encode("DeadLetter", record))
     log.warning("dead-lettered %s/%s@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+
+
+def consumer_error(msg: Message) -> bool:
+    """Whether a consumed message is an error event (then logged) rather than a record."""
+    if msg.error() is None:
+        return False
+    log.warning("consumer error: %s", msg.error())
+    return True
+
+
+def partition_end(
+    consumer: Consumer, partition: TopicPartition, *, timeout_s: float = 30.0
+) -> TopicPartition:
+    """Return ``partition`` at its current end, to read what is produced from now on.
+
+    A fresh topic's leader may not be known for a while (``NOT_LEADER_FOR_PARTITION``), so
+    the end is asked for again until ``timeout_s``; if it is still unknown then, the
+    partition comes back at the logical end (:data:`~confluent_kafka.OFFSET_END`), which
+    the consumer resolves when it first reads.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, end = consumer.get_watermark_offsets(partition, timeout=10)
+            return TopicPartition(partition.topic, partition.partition, end)
+        except KafkaException as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            log.warning(
+                "the end of %s[%d] is unknown (%s); reading from its end when first read",
+                partition.topic,
+                partition.partition,
+                exc,
+            )
+            return TopicPartition(partition.topic, partition.partition, OFFSET_END)
 
 
 def default_instance_id() -> str:
