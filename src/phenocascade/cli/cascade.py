@@ -38,7 +38,7 @@ from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
-from phenocascade.imaging import read_image
+from phenocascade.imaging import read_image, resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.overlay import render_overlay
 from phenocascade.store.cassandra import (
@@ -48,11 +48,13 @@ from phenocascade.store.cassandra import (
     latest_status_by_image,
 )
 from phenocascade.store.images import ImageStore, configured_store
+from phenocascade.store.slides import Slide, is_slide, open_slide
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import Tiling, routing_key, tile_submissions
 
 log = logging.getLogger(__name__)
 STALLED_EXIT = 75
@@ -281,11 +283,36 @@ def submit_paths(
     prefix: str = "",
     progress: bool = True,
     store: ImageStore | None = None,
+    tiling: Tiling | None = None,
 ) -> list[str]:
-    """Publish one ``ImageSubmitted`` per file; return the image ids in order.
+    """Publish one ``ImageSubmitted`` per file, or per tile of a slide; return the image ids.
 
-    With ``store``, each file's bytes are kept there first (for ``replay``).
+    A slide (:func:`~phenocascade.store.slides.is_slide`: a pyramidal TIFF, or one over
+    ``settings.max_image_pixels``) is published as its tiles (``tiling``, default
+    :class:`~phenocascade.streams.tiling.Tiling`), each keyed by the slide's id; its id is
+    returned once, and the joiner emits one output for it. Every slide is opened (its
+    header only) before anything is published, so a slide that cannot be tiled submits
+    nothing. With ``store``, each other file's bytes are kept there first (for ``replay``);
+    slides are not copied into the store (they are read from their path).
+
+    Raises
+    ------
+    ValidationError
+        If a slide is submitted inline, or its tiling asks for a level it lacks.
+    BadInputError
+        If a slide's file cannot be read as a slide (with the reason and what to do).
     """
+    tiling = tiling or Tiling()
+    slides = {
+        path: _slide_levels(path)
+        for path in paths
+        if is_slide(path, max_pixels=settings.max_image_pixels)
+    }
+    if slides and inline:
+        raise ValidationError(
+            f"{next(iter(slides))} is a slide; slides are tiled from their files: submit "
+            "them without --inline"
+        )
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -294,25 +321,37 @@ def submit_paths(
         for path in paths:
             image_id = image_id_for(path, prefix)
             fmt = events.format_of(path.name)
-            data = path.read_bytes() if inline or store is not None else None
-            if inline:
-                record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=meta)
-            else:
+            if path in slides:
                 record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
-            if store is not None and data is not None:
-                store.put(record, data)
-            producer.produce(
-                topology.submitted_topic,
-                key=image_id.encode(),
-                value=codec.encode("ImageSubmitted", record),
-            )
-            producer.poll(0)
+                records = tile_submissions(record, levels=slides[path], tiling=tiling)
+            else:
+                data = path.read_bytes() if inline or store is not None else None
+                if inline:
+                    record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=meta)
+                else:
+                    record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
+                if store is not None and data is not None:
+                    store.put(record, data)
+                records = [record]
+            for r in records:
+                producer.produce(
+                    topology.submitted_topic,
+                    key=routing_key(r),
+                    value=codec.encode("ImageSubmitted", r),
+                )
+                producer.poll(0)
             ids.append(image_id)
             bar.advance(task)
     remaining = producer.flush(60)
     if remaining:
         raise ValidationError(f"{remaining} submissions were not acknowledged by Kafka in 60 s")
     return ids
+
+
+def _slide_levels(path: Path) -> list[tuple[int, int, float]]:
+    """Return ``(width, height, downsample)`` of each pyramid level of a slide."""
+    with Slide(path) as slide:
+        return [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -330,6 +369,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         inline=args.inline,
         prefix=args.prefix,
         store=configured_store(settings.home),
+        tiling=Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level),
     )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
@@ -383,20 +423,34 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_output(settings: Settings, output: dict[str, Any], dest: Path) -> Path:
-    """Write the overlay PNG of one output to ``dest``."""
+def render_output(
+    settings: Settings, output: dict[str, Any], dest: Path, *, slide_side: int = 2048
+) -> Path:
+    """Write the overlay PNG of one output to ``dest``.
+
+    A slide is drawn downsampled, its longer side about ``slide_side`` pixels, read from
+    the smallest pyramid level that large (never the whole slide at full resolution).
+    """
     if not output["uri"]:
         raise NotFoundError(
             f"image {output['image_id']} was submitted inline; its pixels are not stored"
         )
-    pixels = read_image(
-        output["uri"],
-        roots=settings.roots(),
-        max_pixels=settings.max_image_pixels,
-        max_bytes=settings.max_file_bytes,
-    )
+    path = resolve_under_roots(output["uri"], settings.roots())
+    scale = 1.0
+    if is_slide(path, max_pixels=settings.max_image_pixels):
+        with open_slide(path, roots=settings.roots(), max_bytes=settings.max_file_bytes) as slide:
+            pixels, scale = slide.thumbnail(slide_side)
+    else:
+        pixels = read_image(
+            path,
+            roots=settings.roots(),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_file_bytes,
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    render_overlay(pixels, output["labels"], output["boxes"], status=output["status"]).save(dest)
+    render_overlay(
+        pixels, output["labels"], output["boxes"], status=output["status"], scale=scale
+    ).save(dest)
     return dest
 
 
@@ -606,6 +660,28 @@ def register(sub: Any) -> None:
     p.add_argument("--stain", default="")
     p.add_argument("--prefix", default="", help="prefix of the generated image ids")
     p.add_argument("--inline", action="store_true", help="send the bytes instead of the path")
+    defaults = Tiling()
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=defaults.size,
+        help="slides (pyramidal TIFFs, or TIFFs over PHENOCASCADE_MAX_IMAGE_PIXELS) are "
+        "scored as tiles of this many pixels a side, of the level read (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=defaults.overlap,
+        help="least overlap of neighbouring tiles, in pixels: objects up to this size cut by "
+        "a tile border are whole in a neighbour (default: %(default)s)",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        default=defaults.level,
+        help="pyramid level of slides to score: 0 is full resolution, each level up is "
+        "usually half as large (default: %(default)s)",
+    )
 
     p = add("results", cmd_results, "show outputs")
     group = p.add_mutually_exclusive_group(required=True)

@@ -7,6 +7,11 @@ by image id), keeps each image's partial results and expert answers in Cassandra
 :func:`~phenocascade.consumers.joining.merge_annotation`) says an output is due, writes it
 to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored
 with the state make re-delivered results and annotations harmless.
+
+A tile of a slide (its results carry a ``tile`` record, and are keyed by the slide's id) is
+joined as an image, but its output is not published: it is folded into the slide's state
+(:func:`~phenocascade.consumers.tiles.fold_tile`), and the slide's one output is emitted
+once every tile of the slide has one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import merge, merge_annotation
+from phenocascade.consumers.tiles import fold_tile, tile_of
 from phenocascade.errors import ConfigError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
 from phenocascade.store.join_state import EMITTED, changed_parts, load_state, save_part
@@ -211,17 +217,11 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 )
             if output is None:
                 continue
-            # Store and publish the output, and record its emission only once the in-sync
-            # replicas acknowledged it: a crash in between emits it again (the Cassandra
-            # upsert is idempotent) rather than losing it.
-            await _durably(
-                f"storing {image_id}'s output",
-                save_output,
-                session=where["session"],
-                output=output,
-            )
-            await _published(results, image_id, codec.encode("ImageOutput", output))
-            observe_output(result, output)
+            tile = tile_of(new_state)
+            if tile is not None:
+                await _fold_tile(where, tile, new_state["emitted"][-1], output, result)
+            else:
+                await _emitted(where["session"], result, output)
             await _durably(
                 f"recording {image_id}'s emission",
                 save_part,
@@ -229,6 +229,52 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 part=EMITTED,
                 name=new_state["emitted"][-1],
             )
+
+    async def _fold_tile(
+        where: dict[str, Any],
+        tile: dict[str, Any],
+        key: str,
+        output: dict[str, Any],
+        result: Mapping[str, Any],
+    ) -> None:
+        """Fold a tile's output into its slide's state; emit the slide's output when due.
+
+        The tile's output is written to the slide's state before the tile's emission is
+        recorded: a crash in between folds it again, which changes nothing.
+        """
+        slide = {**where, "image_id": tile["parent_id"]}
+        state = await _durably(f"reading slide {slide['image_id']}'s state", load_state, **slide)
+        new_state, slide_output = fold_tile(state, tile, key, output)
+        for part, name, part_value in changed_parts(state, new_state):
+            await _durably(
+                f"recording slide {slide['image_id']}'s {part} {name}",
+                save_part,
+                **slide,
+                part=part,
+                name=name,
+                value=part_value,
+            )
+        if slide_output is not None:
+            await _emitted(where["session"], result, slide_output)
+            await _durably(
+                f"recording slide {slide['image_id']}'s emission",
+                save_part,
+                **slide,
+                part=EMITTED,
+                name=new_state["emitted"][-1],
+            )
+
+    async def _emitted(session: Session, result: Mapping[str, Any], output: dict[str, Any]) -> None:
+        """Store and publish an output.
+
+        Its emission is recorded (by the caller) only once the in-sync replicas
+        acknowledged it: a crash in between emits it again (the Cassandra upsert is
+        idempotent) rather than losing it.
+        """
+        image_id = output["image_id"]
+        await _durably(f"storing {image_id}'s output", save_output, session=session, output=output)
+        await _published(results, image_id, codec.encode("ImageOutput", output))
+        observe_output(result, output)
 
     return app
 

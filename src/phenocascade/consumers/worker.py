@@ -30,10 +30,17 @@ from phenocascade.domain import (
     pending_labels,
     route,
 )
-from phenocascade.errors import BadInputError, ConfigError, NoChampionError, PhenocascadeError
-from phenocascade.imaging import decode_bytes, read_image
+from phenocascade.errors import (
+    BadInputError,
+    ConfigError,
+    DecompressionBombError,
+    NoChampionError,
+    PhenocascadeError,
+)
+from phenocascade.imaging import Pixels, decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
+from phenocascade.store.slides import open_slide
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
     group_consumer,
@@ -42,6 +49,7 @@ from phenocascade.streams.kafka import (
     transactional_producer,
 )
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import routing_key
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +279,10 @@ class TierWorker:
     # -- input -----------------------------------------------------------------------------
     def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:
         image_id = submitted["image_id"]
-        if submitted["inline"] is not None:
+        tile = submitted.get("tile")
+        if tile is not None:
+            pixels = self._tile_pixels(submitted["uri"], tile, image_id)
+        elif submitted["inline"] is not None:
             data: bytes = submitted["inline"]
             if len(data) > self.settings.max_inline_bytes:
                 raise BadInputError(
@@ -289,6 +300,22 @@ class TierWorker:
         else:
             raise BadInputError(f"{image_id}: the submission has neither uri nor inline bytes")
         return DecodedImage(image_id=image_id, pixels=pixels)
+
+    def _tile_pixels(self, uri: str | None, tile: dict[str, Any], image_id: str) -> Pixels:
+        """Read one tile of a slide lazily: only the slide's segments under the tile."""
+        if uri is None:
+            raise BadInputError(f"{image_id}: a tile without the uri of its slide")
+        area = tile["width"] * tile["height"]
+        if area > self.settings.max_image_pixels:
+            raise DecompressionBombError(
+                f"{image_id}: tile of {tile['width']}x{tile['height']} px exceeds the limit of "
+                f"{self.settings.max_image_pixels} pixels; submit the slide with a smaller "
+                "--tile-size"
+            )
+        with open_slide(
+            uri, roots=self.settings.roots(), max_bytes=self.settings.max_file_bytes
+        ) as slide:
+            return slide.read(tile["level"], tile["x"], tile["y"], tile["width"], tile["height"])
 
     def _dead_letter(
         self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None
@@ -373,7 +400,8 @@ class TierWorker:
             image_id = raw_key.decode("utf-8", "replace") if raw_key else None
             try:
                 _, submitted = self.codec.decode(msg.value(), expected="ImageSubmitted")
-                image_id = submitted["image_id"]
+                # A slide's tile fails its slide: the slide is the image that was submitted.
+                image_id = routing_key(submitted).decode()
                 good.append((msg, submitted, self._pixels(submitted)))
             except BadInputError as exc:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
@@ -389,12 +417,12 @@ class TierWorker:
                     producer,
                     msg,
                     "model_error",
-                    f"{type(output).__name__}: {output}",
-                    submitted["image_id"],
+                    f"{submitted['image_id']}: {type(output).__name__}: {output}",
+                    routing_key(submitted).decode(),
                 )
                 tally.dead["model_error"] = tally.dead.get("model_error", 0) + 1
                 continue
-            key = submitted["image_id"].encode()
+            key = routing_key(submitted)
             result = events.tier_result(
                 submitted,
                 tier=self.tier.name,
