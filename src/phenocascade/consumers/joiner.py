@@ -206,15 +206,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             else:
                 RESULTS_IN.labels(result["tier"]).inc()
                 new_state, output = merge(topology, state, result)
-            for part, name, part_value in changed_parts(state, new_state):
-                await _durably(
-                    f"recording {image_id}'s {part} {name}",
-                    save_part,
-                    **where,
-                    part=part,
-                    name=name,
-                    value=part_value,
-                )
+            await _saved(where, state, new_state)
             if output is None:
                 continue
             tile = tile_of(new_state)
@@ -222,13 +214,27 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 await _fold_tile(where, tile, new_state["emitted"][-1], output, result)
             else:
                 await _emitted(where["session"], result, output)
+            await _record_emission(where, new_state["emitted"][-1])
+
+    async def _saved(
+        where: dict[str, Any], state: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        """Write the parts of an image's join state that ``new`` changed."""
+        for part, name, value in changed_parts(state, new):
             await _durably(
-                f"recording {image_id}'s emission",
+                f"recording {where['image_id']}'s {part} {name}",
                 save_part,
                 **where,
-                part=EMITTED,
-                name=new_state["emitted"][-1],
+                part=part,
+                name=name,
+                value=value,
             )
+
+    async def _record_emission(where: dict[str, Any], key: str) -> None:
+        """Record that an image's output of emission key ``key`` is stored and published."""
+        await _durably(
+            f"recording {where['image_id']}'s emission", save_part, **where, part=EMITTED, name=key
+        )
 
     async def _fold_tile(
         where: dict[str, Any],
@@ -243,26 +249,12 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         recorded: a crash in between folds it again, which changes nothing.
         """
         slide = {**where, "image_id": tile["parent_id"]}
-        state = await _durably(f"reading slide {slide['image_id']}'s state", load_state, **slide)
+        state = await _durably(f"reading {slide['image_id']}'s state", load_state, **slide)
         new_state, slide_output = fold_tile(state, tile, key, output)
-        for part, name, part_value in changed_parts(state, new_state):
-            await _durably(
-                f"recording slide {slide['image_id']}'s {part} {name}",
-                save_part,
-                **slide,
-                part=part,
-                name=name,
-                value=part_value,
-            )
+        await _saved(slide, state, new_state)
         if slide_output is not None:
             await _emitted(where["session"], result, slide_output)
-            await _durably(
-                f"recording slide {slide['image_id']}'s emission",
-                save_part,
-                **slide,
-                part=EMITTED,
-                name=new_state["emitted"][-1],
-            )
+            await _record_emission(slide, new_state["emitted"][-1])
 
     async def _emitted(session: Session, result: Mapping[str, Any], output: dict[str, Any]) -> None:
         """Store and publish an output.
