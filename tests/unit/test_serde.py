@@ -199,14 +199,10 @@ def test_reason_evolves_compatibly_both_ways(name: str, tmp_path: Path) -> None:
 def _tile_events() -> dict[str, dict]:
     slide = events.image_submitted("slide-1", uri="/scans/slide.ome.tif", fmt="TIFF")
     [tile, *_] = tile_submissions(slide, levels=[(4096, 4096, 1.0)], tiling=Tiling())
+    passed = StageOutput(scores={"clear": 0.99})
+    common = {"tier": "quality", "model_name": "m", "model_version": "v1"}
     result = events.tier_result(
-        tile,
-        tier="quality",
-        kind=StageKind.GATE,
-        route=Route.PASS,
-        output=StageOutput(scores={"clear": 0.99}),
-        model_name="m",
-        model_version="v1",
+        tile, kind=StageKind.GATE, route=Route.PASS, output=passed, **common
     )
     return {"ImageSubmitted": tile, "TierResult": result}
 
