@@ -333,3 +333,44 @@ def test_an_object_on_a_tile_border_is_one_box_in_slide_pixels(
     assert output["routes"] == {"quality": "PASS", "majority": "PASS", "minority": "PASS"}
     got = sorted([b["x_min"], b["y_min"], b["x_max"], b["y_max"]] for b in output["boxes"])
     assert got == expected  # one box per object, in level-0 pixels of the slide
+
+
+def test_a_slide_with_a_corrupt_segment_ends_as_one_dead_letter_and_no_output(
+    blob_cascade: tuple[Settings, Topology],
+) -> None:
+    settings, topology = blob_cascade
+    path = settings.allowed_roots[0] / "corrupt.ome.tif"
+    grey = np.full((1_000, 1_000), 20, np.uint8)
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(grey, tile=(256, 256), compression="zlib", subifds=1)
+        tif.write(grey[::2, ::2], tile=(256, 256), compression="zlib", subfiletype=1)
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.series[0].levels[0].keyframe.dataoffsets[10]  # x and y 512 to 768
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 16)  # no longer a zlib stream
+    prefix = f"bad-{uuid.uuid4().hex[:8]}-"
+    # Tiles of 512 with 64 of overlap start at 0, 244 and 488: the tiles of the second and
+    # third rows and columns touch the broken segment, four of the nine.
+    tiling = Tiling(size=512, overlap=64)
+    [slide_id] = submit_paths(
+        settings, topology, [path], meta=ImageMeta(study="bad"), prefix=prefix,
+        progress=False, tiling=tiling,
+    )  # fmt: skip
+
+    deadline = time.monotonic() + 120
+    while len(dead := read_events(settings, topology.dead_letter_topic, "DeadLetter")) < 4:
+        assert time.monotonic() < deadline, dead
+        time.sleep(1.0)
+    assert {d["image_id"] for d in dead} == {slide_id}
+    assert {d["error_kind"] for d in dead} == {"corrupt_image"}
+    assert sorted(d["message"].split(":")[0] for d in dead) == [
+        f"tile {slide_id}#tile-{i}" for i in (4, 5, 7, 8)
+    ]
+    assert all("segment 10 of level 0 does not decode" in d["message"] for d in dead)
+    time.sleep(3.0)
+    outputs = read_events(settings, topology.joiner.results_topic, "ImageOutput")
+    assert [o for o in outputs if o["image_id"].startswith(slide_id)] == []
+    report = build_report(settings, topology, prefix=prefix)
+    assert report["submitted"] == 1 and report["dead_lettered"] == 1, report
+    assert report["balanced"], report

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 from hypothesis import given
 from hypothesis import strategies as st
 
-from phenocascade.errors import ValidationError
+from phenocascade.cli.cascade import submit_paths
+from phenocascade.config import KafkaSettings, Settings, load_topology
+from phenocascade.domain import ImageMeta
+from phenocascade.errors import UnsupportedImageError, ValidationError
 from phenocascade.streams import events
 from phenocascade.streams.tiling import Tiling, box_in_slide, grid, routing_key, tile_submissions
 
@@ -95,3 +101,24 @@ def test_a_box_maps_to_level_0_pixels_of_the_slide_clipped() -> None:
         "x_max": 20_000.0,  # past the slide's edge: clipped
         "y_max": (tile["y"] + 40) * 2.0,
     }
+
+
+def test_submit_refuses_a_slide_it_cannot_tile_before_publishing_anything(tmp_path: Path) -> None:
+    # No broker at this address: a refusal must come before any producer is made.
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"))
+    good = tmp_path / "good.ome.tif"
+    with tifffile.TiffWriter(good, ome=True) as tif:
+        tif.write(np.zeros((256, 256), np.uint8), tile=(128, 128), subifds=1)
+        tif.write(np.zeros((128, 128), np.uint8), tile=(128, 128), subfiletype=1)
+    floats = tmp_path / "floats.tif"
+    tifffile.imwrite(floats, np.zeros((300, 300), np.float32), tile=(128, 128))
+    small = settings.model_copy(update={"max_image_pixels": 256 * 256})
+    meta = ImageMeta(study="s")
+    with pytest.raises(UnsupportedImageError, match=r"floats.tif: dtype float32.*8- or 16-bit"):
+        submit_paths(small, load_topology(), [good, floats], meta=meta, progress=False)
+    with pytest.raises(ValidationError, match=r"good.ome.tif is a slide.*without --inline"):
+        submit_paths(settings, load_topology(), [good], meta=meta, inline=True, progress=False)
+    with pytest.raises(ValidationError, match="level 2 does not exist"):
+        submit_paths(
+            settings, load_topology(), [good], meta=meta, progress=False, tiling=Tiling(level=2)
+        )

@@ -37,7 +37,7 @@ from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
-from phenocascade.errors import NotFoundError, ValidationError
+from phenocascade.errors import NotFoundError, PhenocascadeError, ValidationError
 from phenocascade.imaging import read_image, resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.overlay import render_overlay
@@ -302,17 +302,9 @@ def submit_paths(
     BadInputError
         If a slide's file cannot be read as a slide (with the reason and what to do).
     """
-    tiling = tiling or Tiling()
-    slides = {
-        path: _slide_levels(path)
-        for path in paths
-        if is_slide(path, max_pixels=settings.max_image_pixels)
-    }
-    if slides and inline:
-        raise ValidationError(
-            f"{next(iter(slides))} is a slide; slides are tiled from their files: submit "
-            "them without --inline"
-        )
+    tiles = _slide_tiles(
+        settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling or Tiling()
+    )
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -321,9 +313,8 @@ def submit_paths(
         for path in paths:
             image_id = image_id_for(path, prefix)
             fmt = events.format_of(path.name)
-            if path in slides:
-                record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
-                records = tile_submissions(record, levels=slides[path], tiling=tiling)
+            if path in tiles:
+                records = tiles[path]
             else:
                 data = path.read_bytes() if inline or store is not None else None
                 if inline:
@@ -348,10 +339,31 @@ def submit_paths(
     return ids
 
 
-def _slide_levels(path: Path) -> list[tuple[int, int, float]]:
-    """Return ``(width, height, downsample)`` of each pyramid level of a slide."""
-    with Slide(path) as slide:
-        return [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
+def _slide_tiles(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    meta: ImageMeta,
+    inline: bool,
+    prefix: str,
+    tiling: Tiling,
+) -> dict[Path, list[dict[str, Any]]]:
+    """Return the tiles' ``ImageSubmitted`` of each slide among ``paths`` (headers only)."""
+    slides = [path for path in paths if is_slide(path, max_pixels=settings.max_image_pixels)]
+    if slides and inline:
+        raise ValidationError(
+            f"{slides[0]} is a slide; slides are tiled from their files: submit them without "
+            "--inline"
+        )
+    tiles = {}
+    for path in slides:
+        with Slide(path) as slide:
+            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
+        record = events.image_submitted(
+            image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
+        )
+        tiles[path] = tile_submissions(record, levels=levels, tiling=tiling)
+    return tiles
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -467,9 +479,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def build_report(settings: Settings, topology: Topology, prefix: str = "") -> dict[str, Any]:
     """Count submissions, outputs by status, annotation requests and dead letters.
 
-    ``submitted`` counts distinct image ids on the submitted topic; outputs come from
-    Cassandra (the newest output of each image); ``dead_lettered`` counts distinct
-    dead-lettered messages of the submitted topic, the only ones that end an image. With
+    ``submitted`` counts distinct image ids on the submitted topic (its keys: a slide's
+    tiles are keyed by the slide's id); outputs come from Cassandra (the newest output of
+    each image); ``dead_lettered`` counts distinct dead-lettered messages of the submitted
+    topic, the only ones that end an image, and a slide's dead tiles once. With
     ``prefix``, only image ids that start with it count (one run of ``submit --prefix``).
     """
     codec = EventCodec()
@@ -491,14 +504,14 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
             if status == "awaiting_annotation":
                 found = get_latest_output(session=session, image_id=image_id)
                 awaiting += [found] if found is not None else []
-    dead: set[tuple[int, int]] = set()
+    dead: set[tuple[int, int] | str] = set()
     dead_kinds: dict[str, int] = {}
     for _, value in scan_topic(settings.kafka, topology.dead_letter_topic):
         _, record = codec.decode(value, expected="DeadLetter")
         if record["origin_topic"] == topology.submitted_topic and (
             record["image_id"] or ""
         ).startswith(prefix):
-            dead.add((record["origin_partition"], record["origin_offset"]))
+            dead.add(_dead_image(codec, record))
             dead_kinds[record["error_kind"]] = dead_kinds.get(record["error_kind"], 0) + 1
     requests = {
         (k, codec.decode(v)[1]["tier"])
@@ -527,6 +540,20 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
         "flagged": [d.as_dict() for d in drifts if d.flagged],
     }
     return report
+
+
+def _dead_image(codec: EventCodec, record: Mapping[str, Any]) -> tuple[int, int] | str:
+    """Return the image a dead letter of the submitted topic ends.
+
+    A tile's ends its slide (by id), so a slide whose several tiles failed counts once;
+    any other ends its message, by ``(partition, offset)``.
+    """
+    try:
+        _, submitted = codec.decode(record["payload"], expected="ImageSubmitted")
+    except PhenocascadeError:  # an unreadable message, or one truncated to 64 KiB
+        submitted = {}
+    tile = submitted.get("tile")
+    return str(tile["parent_id"]) if tile else (record["origin_partition"], record["origin_offset"])
 
 
 def novelty_alphas(settings: Settings, topology: Topology) -> dict[str, float]:

@@ -312,10 +312,15 @@ class TierWorker:
                 f"{self.settings.max_image_pixels} pixels; submit the slide with a smaller "
                 "--tile-size"
             )
-        with open_slide(
-            uri, roots=self.settings.roots(), max_bytes=self.settings.max_file_bytes
-        ) as slide:
-            return slide.read(tile["level"], tile["x"], tile["y"], tile["width"], tile["height"])
+        try:
+            with open_slide(
+                uri, roots=self.settings.roots(), max_bytes=self.settings.max_file_bytes
+            ) as slide:
+                return slide.read(
+                    tile["level"], tile["x"], tile["y"], tile["width"], tile["height"]
+                )
+        except BadInputError as exc:  # the dead letter is the slide's: name the tile
+            raise type(exc)(f"tile {image_id}: {exc}") from exc
 
     def _dead_letter(
         self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None
