@@ -120,5 +120,6 @@ def test_state_is_kept_per_joiner_app(sessions: tuple[Session, Session]) -> None
     assert load_state(session=session, app_id="joiner-other", image_id=image_id) == {
         "tiers": {},
         "experts": {},
+        "tile_outputs": {},
         "emitted": [],
     }

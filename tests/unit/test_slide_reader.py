@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 import tifffile
 
+from phenocascade.config import Settings
 from phenocascade.errors import (
     DecompressionBombError,
     PathNotAllowedError,
     UnsupportedImageError,
 )
-from phenocascade.store.slides import Slide, is_slide, open_slide
+from phenocascade.store.slides import Slide, is_slide, open_slide, read_tile
+from phenocascade.streams import events
+from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import Tiling, tile_submissions
+from phenocascade.ui.images import task_pixels
 
 RNG = np.random.default_rng(5)
 RGB = RNG.integers(0, 255, (1_100, 1_300, 3), dtype=np.uint8)
@@ -104,3 +109,27 @@ def test_bad_slides_and_regions_say_what_to_do(pyramid: Path, tmp_path: Path) ->
         open_slide(pyramid, roots=[tmp_path / "elsewhere"])
     with pytest.raises(DecompressionBombError, match="max_file_bytes"):
         open_slide(pyramid, roots=[pyramid.parent], max_bytes=100)
+
+
+def test_a_tile_task_shows_the_tile_and_a_bad_tile_names_itself(pyramid: Path) -> None:
+    settings = Settings(allowed_roots=[pyramid.parent])
+    slide = events.image_submitted("s1", uri=str(pyramid), fmt="TIFF")
+    tile = tile_submissions(
+        slide,
+        levels=[(1_300, 1_100, 1.0), (650, 550, 2.0)],
+        tiling=Tiling(size=256, overlap=32, level=1),
+    )[4]
+    task = {"image_id": tile["image_id"], "uri": str(pyramid), "inline": None,
+            "submitted": EventCodec().encode("ImageSubmitted", tile)}  # fmt: skip
+    t = tile["tile"]
+    np.testing.assert_array_equal(
+        task_pixels(settings, task),
+        RGB[::2, ::2][t["y"] : t["y"] + t["height"], t["x"] : t["x"] + t["width"]],
+    )
+    with pytest.raises(DecompressionBombError, match=r"^tile s1#tile-4: 256x256 px exceed"):
+        read_tile(
+            str(pyramid),
+            t,
+            settings=settings.model_copy(update={"max_image_pixels": 1_000}),
+            what=tile["image_id"],
+        )

@@ -37,7 +37,7 @@ from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
-from phenocascade.errors import NotFoundError, PhenocascadeError, ValidationError
+from phenocascade.errors import NotFoundError, ValidationError
 from phenocascade.imaging import read_image, resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.overlay import render_overlay
@@ -54,7 +54,7 @@ from phenocascade.streams.kafka import create_topics, default_instance_id, plain
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
-from phenocascade.streams.tiling import Tiling, routing_key, tile_submissions
+from phenocascade.streams.tiling import Tiling, routing_key, submission_tile, tile_submissions
 
 log = logging.getLogger(__name__)
 STALLED_EXIT = 75
@@ -548,11 +548,7 @@ def _dead_image(codec: EventCodec, record: Mapping[str, Any]) -> tuple[int, int]
     A tile's ends its slide (by id), so a slide whose several tiles failed counts once;
     any other ends its message, by ``(partition, offset)``.
     """
-    try:
-        _, submitted = codec.decode(record["payload"], expected="ImageSubmitted")
-    except PhenocascadeError:  # an unreadable message, or one truncated to 64 KiB
-        submitted = {}
-    tile = submitted.get("tile")
+    tile = submission_tile(codec, record["payload"])
     return str(tile["parent_id"]) if tile else (record["origin_partition"], record["origin_offset"])
 
 

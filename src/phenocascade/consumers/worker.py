@@ -30,17 +30,11 @@ from phenocascade.domain import (
     pending_labels,
     route,
 )
-from phenocascade.errors import (
-    BadInputError,
-    ConfigError,
-    DecompressionBombError,
-    NoChampionError,
-    PhenocascadeError,
-)
-from phenocascade.imaging import Pixels, decode_bytes, read_image
+from phenocascade.errors import BadInputError, ConfigError, NoChampionError, PhenocascadeError
+from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
-from phenocascade.store.slides import open_slide
+from phenocascade.store.slides import read_tile
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
     group_consumer,
@@ -281,7 +275,7 @@ class TierWorker:
         image_id = submitted["image_id"]
         tile = submitted.get("tile")
         if tile is not None:
-            pixels = self._tile_pixels(submitted["uri"], tile, image_id)
+            pixels = read_tile(submitted["uri"], tile, settings=self.settings, what=image_id)
         elif submitted["inline"] is not None:
             data: bytes = submitted["inline"]
             if len(data) > self.settings.max_inline_bytes:
@@ -300,27 +294,6 @@ class TierWorker:
         else:
             raise BadInputError(f"{image_id}: the submission has neither uri nor inline bytes")
         return DecodedImage(image_id=image_id, pixels=pixels)
-
-    def _tile_pixels(self, uri: str | None, tile: dict[str, Any], image_id: str) -> Pixels:
-        """Read one tile of a slide lazily: only the slide's segments under the tile."""
-        if uri is None:
-            raise BadInputError(f"{image_id}: a tile without the uri of its slide")
-        area = tile["width"] * tile["height"]
-        if area > self.settings.max_image_pixels:
-            raise DecompressionBombError(
-                f"{image_id}: tile of {tile['width']}x{tile['height']} px exceeds the limit of "
-                f"{self.settings.max_image_pixels} pixels; submit the slide with a smaller "
-                "--tile-size"
-            )
-        try:
-            with open_slide(
-                uri, roots=self.settings.roots(), max_bytes=self.settings.max_file_bytes
-            ) as slide:
-                return slide.read(
-                    tile["level"], tile["x"], tile["y"], tile["width"], tile["height"]
-                )
-        except BadInputError as exc:  # the dead letter is the slide's: name the tile
-            raise type(exc)(f"tile {image_id}: {exc}") from exc
 
     def _dead_letter(
         self, producer: Any, msg: Message, kind: str, reason: str, image_id: str | None

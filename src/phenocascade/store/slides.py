@@ -14,16 +14,22 @@ convert it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import tifffile
 
-from phenocascade.errors import CorruptImageError, DecompressionBombError, UnsupportedImageError
+from phenocascade.config import Settings
+from phenocascade.errors import (
+    BadInputError,
+    CorruptImageError,
+    DecompressionBombError,
+    UnsupportedImageError,
+)
 from phenocascade.imaging import DECODER_ERRORS, Pixels, resolve_under_roots, sniff_format
 
 # The largest TIFF segment (tile or strip) decoded while reading a region: a file stored in
@@ -278,6 +284,42 @@ def open_slide(path: str | Path, *, roots: Sequence[Path], max_bytes: int | None
             "PHENOCASCADE_MAX_FILE_BYTES if such slides are expected"
         )
     return Slide(resolved)
+
+
+def read_tile(uri: str | None, tile: Mapping[str, Any], *, settings: Settings, what: str) -> Pixels:
+    """Read one tile of a slide: only the slide's segments under the tile.
+
+    Parameters
+    ----------
+    uri : str or None
+        The slide's path or ``file://`` URI (an ``ImageSubmitted``'s ``uri``).
+    tile : Mapping
+        The submission's ``tile`` record: ``level``, ``x``, ``y``, ``width``, ``height``.
+    settings : Settings
+        The allowed roots and the limits: a file over ``max_file_bytes``, or a tile over
+        ``max_image_pixels`` (the decode limit of one image), is refused.
+    what : str
+        Names the tile in errors (its image id).
+
+    Raises
+    ------
+    BadInputError
+        Any reason the tile cannot be read (the subclasses of :func:`open_slide` and
+        :meth:`Slide.read`), its message starting with ``tile <what>:``.
+    """
+    max_pixels = settings.max_image_pixels
+    try:
+        if uri is None:
+            raise CorruptImageError("no uri of its slide")
+        if tile["width"] * tile["height"] > max_pixels:
+            raise DecompressionBombError(
+                f"{tile['width']}x{tile['height']} px exceed the limit of {max_pixels} pixels; "
+                "submit the slide with a smaller --tile-size"
+            )
+        with open_slide(uri, roots=settings.roots(), max_bytes=settings.max_file_bytes) as slide:
+            return slide.read(tile["level"], tile["x"], tile["y"], tile["width"], tile["height"])
+    except BadInputError as exc:  # a dead letter names the slide: name the tile
+        raise type(exc)(f"tile {what}: {exc}") from exc
 
 
 def is_slide(path: Path, *, max_pixels: int) -> bool:

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from phenocascade.errors import ValidationError
+from phenocascade.errors import PhenocascadeError, ValidationError
+from phenocascade.streams.serde import EventCodec
 
 TILE_SEPARATOR = "#tile-"
 
@@ -148,6 +149,21 @@ def routing_key(record: Mapping[str, Any]) -> bytes:
     """
     tile = record.get("tile")
     return str(tile["parent_id"] if tile else record["image_id"]).encode()
+
+
+def submission_tile(codec: EventCodec, submitted: bytes | None) -> dict[str, Any] | None:
+    """Return the ``tile`` record of an encoded ``ImageSubmitted``.
+
+    ``None`` for a whole image, and for bytes that are no readable ``ImageSubmitted`` (a
+    dead letter's payload may be cut at 64 KiB; an annotation task may lack its
+    submission).
+    """
+    try:
+        _, record = codec.decode(submitted, expected="ImageSubmitted")
+    except PhenocascadeError:
+        return None
+    tile: dict[str, Any] | None = record.get("tile")
+    return tile
 
 
 def box_in_slide(box: Mapping[str, Any], tile: Mapping[str, Any]) -> dict[str, Any]:
