@@ -10,8 +10,8 @@ with the state make re-delivered results and annotations harmless.
 
 A tile of a slide (its results carry a ``tile`` record, and are keyed by the slide's id) is
 joined as an image, but its output is not published: it is folded into the slide's state
-(:func:`~phenocascade.consumers.tiles.fold_tile`), and the slide's one output is emitted
-once every tile of the slide has one.
+(:func:`~phenocascade.consumers.tiles.tile_part`), and the slide's one output is emitted
+once every tile of the slide has one (:func:`~phenocascade.consumers.tiles.slide_emission`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,17 @@ from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import merge, merge_annotation
-from phenocascade.consumers.tiles import fold_tile, tile_of
+from phenocascade.consumers.tiles import slide_emission, tile_of, tile_part
 from phenocascade.errors import ConfigError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
-from phenocascade.store.join_state import EMITTED, changed_parts, load_state, save_part
+from phenocascade.store.join_state import (
+    EMITTED,
+    TILE,
+    changed_parts,
+    count_parts,
+    load_state,
+    save_part,
+)
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.serde import EventCodec
 
@@ -243,18 +250,25 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         output: dict[str, Any],
         result: Mapping[str, Any],
     ) -> None:
-        """Fold a tile's output into its slide's state; emit the slide's output when due.
+        """Store a tile's output in its slide's state; emit the slide's output when due.
 
         The tile's output is written to the slide's state before the tile's emission is
-        recorded: a crash in between folds it again, which changes nothing.
+        recorded: a crash in between writes it again, the same value. The slide's state is
+        read whole only once all its tiles have an output (until then, its tiles are
+        counted), so a slide of n tiles costs n small reads, not n whole ones.
         """
         slide = {**where, "image_id": tile["parent_id"]}
+        name, value = tile_part(tile, key, output)
+        what = f"{slide['image_id']}'s tile {name}"
+        await _durably(f"recording {what}", save_part, **slide, part=TILE, name=name, value=value)
+        done = await _durably(f"counting {what}", count_parts, **slide, part=TILE)
+        if done < tile["count"]:
+            return
         state = await _durably(f"reading {slide['image_id']}'s state", load_state, **slide)
-        new_state, slide_output = fold_tile(state, tile, key, output)
-        await _saved(slide, state, new_state)
-        if slide_output is not None:
-            await _emitted(where["session"], result, slide_output)
-            await _record_emission(slide, new_state["emitted"][-1])
+        emission = slide_emission(state, tile)
+        if emission is not None:
+            await _emitted(where["session"], result, emission[1])
+            await _record_emission(slide, emission[0])
 
     async def _emitted(session: Session, result: Mapping[str, Any], output: dict[str, Any]) -> None:
         """Store and publish an output.

@@ -2,9 +2,9 @@
 
 Each tile of a slide is joined as an image of its own
 (:func:`~phenocascade.consumers.joining.merge`); the joiner publishes none of those tile
-outputs, but folds each into the slide's state with :func:`fold_tile`, which returns the
-slide's output once every tile of the slide has one. Kept free of faust and Cassandra, as
-:mod:`~phenocascade.consumers.joining` is.
+outputs, but stores each in the slide's state (:func:`tile_part`), and once every tile of
+the slide has one, :func:`slide_emission` gives the slide's output. Kept free of faust and
+Cassandra, as :mod:`~phenocascade.consumers.joining` is.
 """
 
 from __future__ import annotations
@@ -34,16 +34,13 @@ def tile_of(state: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def fold_tile(
-    state: Mapping[str, Any], tile: Mapping[str, Any], key: str, output: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Fold one tile's output into its slide's join state.
+def tile_part(
+    tile: Mapping[str, Any], key: str, output: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Return the ``(name, value)`` of a tile's output in its slide's join state.
 
     Parameters
     ----------
-    state : Mapping
-        The slide's join state: ``{"tile_outputs": {tile id: compact output},
-        "emitted": [emission keys]}`` (other keys are kept).
     tile : Mapping
         The tile's ``tile`` record (parent id, offset, level, count...).
     key : str
@@ -54,17 +51,11 @@ def fold_tile(
 
     Returns
     -------
-    tuple of (dict, dict or None)
-        The new slide state, and the slide's ``ImageOutput`` to emit now, if any: once
-        ``tile["count"]`` tiles have an output, and again when a tile's output changes.
-
-    Notes
-    -----
-    The slide's output is :func:`slide_output` of its tiles' outputs. Its emission key
-    covers every tile's key, so a re-delivered tile result emits nothing twice.
+    tuple of (str, dict)
+        The tile's id, and its output without its time, boxes in level-0 pixels of the
+        slide: the same value for a re-delivered result.
     """
-    tiles = dict(state.get("tile_outputs", {}))
-    tiles[output["image_id"]] = {
+    return output["image_id"], {
         "key": key,
         "index": tile["index"],
         "status": output["status"],
@@ -78,20 +69,39 @@ def fold_tile(
         "study": output["study"],
         "uri": output["uri"],
     }
-    emitted = list(state.get("emitted", []))
-    new_state = {**state, "tile_outputs": tiles, "emitted": emitted}
+
+
+def slide_emission(
+    state: Mapping[str, Any], tile: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]] | None:
+    """Return the slide's output due now, with its emission key; ``None`` if none is.
+
+    Parameters
+    ----------
+    state : Mapping
+        The slide's join state: ``{"tile_outputs": {tile id: tile_part value},
+        "emitted": [emission keys]}``.
+    tile : Mapping
+        The ``tile`` record of any tile of the slide (its ``parent_id`` and ``count``).
+
+    Notes
+    -----
+    An output is due once ``tile["count"]`` tiles have an output, and again whenever a
+    tile's output changes. The emission key covers every tile's key, so a re-delivered
+    tile result emits nothing twice. The output is :func:`slide_output`.
+    """
+    tiles = state.get("tile_outputs", {})
     if len(tiles) < tile["count"]:
-        return new_state, None
-    slide_key = (
+        return None
+    key = (
         "tiles:"
         + hashlib.sha256(
             json.dumps(sorted((name, t["key"]) for name, t in tiles.items())).encode()
         ).hexdigest()[:24]
     )
-    if slide_key in emitted:
-        return new_state, None
-    slide = slide_output(tile["parent_id"], list(tiles.values()))
-    return {**new_state, "emitted": [*emitted, slide_key]}, slide
+    if key in state.get("emitted", []):
+        return None
+    return key, slide_output(tile["parent_id"], list(tiles.values()))
 
 
 def slide_output(slide_id: str, tiles: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

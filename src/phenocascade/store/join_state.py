@@ -98,6 +98,18 @@ def save_part(
     )
 
 
+def count_parts(*, session: Session, app_id: str, image_id: str, part: str) -> int:
+    """Return how many parts of kind ``part`` an image's join state holds (values unread)."""
+    row = session.execute(
+        prepare(
+            session,
+            "SELECT COUNT(*) FROM {ks}.join_state WHERE app_id = ? AND image_id = ? AND part = ?",
+        ),
+        (app_id, image_id, part),
+    ).one()
+    return int(row[0]) if row is not None else 0
+
+
 def changed_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
     """Return the ``(part, name, value)`` of the results, answers and tiles ``new`` changed.
 
