@@ -133,3 +133,19 @@ def test_a_tile_task_shows_the_tile_and_a_bad_tile_names_itself(pyramid: Path) -
             settings=settings.model_copy(update={"max_image_pixels": 1_000}),
             what=tile["image_id"],
         )
+
+
+def test_jpeg_slides_read_and_a_forged_jpeg_frame_is_a_bomb(tmp_path: Path) -> None:
+    path = tmp_path / "jpeg.tif"
+    tifffile.imwrite(path, RGB[:512, :512], tile=(256, 256), compression="jpeg")
+    with Slide(path) as slide:
+        got = slide.read(0, 100, 100, 200, 200)
+    np.testing.assert_array_equal(got, tifffile.imread(path)[100:300, 100:300])  # lossy, alike
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[3], tif.pages[0].databytecounts[3]
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0", offset, offset + count)
+    data[frame + 5 : frame + 9] = b"\xff\xff\xff\xff"  # 65535 x 65535 px
+    path.write_bytes(bytes(data))
+    with Slide(path) as slide, pytest.raises(DecompressionBombError, match=r"segment 3 .* forged"):
+        slide.read(0, 300, 300, 10, 10)

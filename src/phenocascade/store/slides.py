@@ -30,7 +30,16 @@ from phenocascade.errors import (
     DecompressionBombError,
     UnsupportedImageError,
 )
-from phenocascade.imaging import DECODER_ERRORS, Pixels, resolve_under_roots, sniff_format
+
+# The frame-header reader of the decoder's own JPEG check: one parser of JPEG headers.
+from phenocascade.imaging import (
+    _TIFF_JPEG_COMPRESSIONS,
+    DECODER_ERRORS,
+    Pixels,
+    _jpeg_frame_size,
+    resolve_under_roots,
+    sniff_format,
+)
 
 # The largest TIFF segment (tile or strip) decoded while reading a region: a file stored in
 # strips spanning its whole width would otherwise make every region read the whole row band.
@@ -221,6 +230,7 @@ class Slide:
         try:
             handle.seek(offset)
             data = handle.read(count)
+            self._check_frame(page, data, index, level)
             decoded, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         except DECODER_ERRORS as exc:
             raise CorruptImageError(
@@ -230,6 +240,24 @@ class Slide:
         if decoded is None:
             return None
         return np.asarray(decoded).reshape(decoded.shape[-3:])
+
+    def _check_frame(self, page: tifffile.TiffPage, data: bytes, index: int, level: int) -> None:
+        """Refuse a JPEG segment whose stream declares more pixels than the segment holds.
+
+        The JPEG codec allocates what the stream's frame header says, whatever the TIFF
+        declares: a forged header would be a decompression bomb.
+        """
+        if page.compression not in _TIFF_JPEG_COMPRESSIONS:
+            return
+        frame = _jpeg_frame_size(data)
+        rows = page.tilelength if page.is_tiled else page.rowsperstrip
+        columns = page.tilewidth if page.is_tiled else page.imagewidth
+        if frame is not None and frame[0] * frame[1] > rows * columns:
+            raise DecompressionBombError(
+                f"{self.path}: JPEG segment {index} of level {level} declares "
+                f"{frame[0]}x{frame[1]} px in a segment of {columns}x{rows}; the file is forged "
+                "or corrupt"
+            )
 
     def thumbnail(self, max_side: int) -> tuple[Pixels, float]:
         """Return the slide downsampled so that its longer side is at most about ``max_side``.
