@@ -112,12 +112,14 @@ def test_submit_refuses_a_slide_it_cannot_tile_before_publishing_anything(tmp_pa
         tif.write(np.zeros((128, 128), np.uint8), tile=(128, 128), subfiletype=1)
     floats = tmp_path / "floats.tif"
     tifffile.imwrite(floats, np.zeros((300, 300), np.float32), tile=(128, 128))
-    small = settings.model_copy(update={"max_image_pixels": 256 * 256})
+    small = settings.model_copy(update={"max_image_pixels": 256 * 256 - 1})
     meta = ImageMeta(study="s")
     with pytest.raises(UnsupportedImageError, match=r"floats.tif: dtype float32.*8- or 16-bit"):
         submit_paths(small, load_topology(), [good, floats], meta=meta, progress=False)
     with pytest.raises(ValidationError, match=r"good.ome.tif is a slide.*without --inline"):
         submit_paths(settings, load_topology(), [good], meta=meta, inline=True, progress=False)
+    with pytest.raises(ValidationError, match="choose a smaller --tile-size"):
+        submit_paths(small, load_topology(), [good], meta=meta, progress=False)
     with pytest.raises(ValidationError, match="level 2 does not exist"):
         submit_paths(
             settings, load_topology(), [good], meta=meta, progress=False, tiling=Tiling(level=2)

@@ -363,6 +363,14 @@ def _slide_tiles(
             image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
         )
         tiles[path] = tile_submissions(record, levels=levels, tiling=tiling)
+    largest = max(
+        (r["tile"]["width"] * r["tile"]["height"] for rs in tiles.values() for r in rs), default=0
+    )
+    if largest > settings.max_image_pixels:
+        raise ValidationError(
+            f"tiles of {tiling.size} px a side exceed PHENOCASCADE_MAX_IMAGE_PIXELS="
+            f"{settings.max_image_pixels}; choose a smaller --tile-size"
+        )
     return tiles
 
 
