@@ -30,16 +30,22 @@ class Tiling:
 
     Attributes
     ----------
-    size : int
+    size : int, default 1024
         Side of a tile, in pixels of the level read (tiles at the slide's edges are as
         large, moved inwards, unless the level itself is smaller).
-    overlap : int
+    overlap : int, default 128
         Least overlap of neighbouring tiles, in pixels of the level: an object up to this
         size that a tile border cuts lies whole in a neighbour, and the joiner merges the
         two detections.
-    level : int
+    level : int, default 0
         Pyramid level scored: 0 is full resolution; each level up is usually half the
         size. A level the slide lacks is refused.
+
+    Raises
+    ------
+    ValidationError
+        If the size is below 64, the overlap negative or not below half the size, or the
+        level negative, naming the ``submit`` option to change.
     """
 
     size: int = 1024
