@@ -7,8 +7,8 @@ Cassandra. Level 1 (10000 x 10000, read from the slide's first SubIFD) is scored
 ``submit``'s default tiles, 1024 px with 128 px of overlap: 144 tiles, about a minute.
 Level 0 in the same tiles is 529 tiles, four minutes on 2 busy cores (2026-12-01), with
 the same worker peaks: a worker's memory depends on the tile size and its tier's batch
-size, not on the level or the slide (2048 px tiles took the batched tiers to 2.4 GiB). Each worker's peak resident memory is read from
-the kernel (``VmHWM``) before it stops.
+size, not on the level or the slide (2048 px tiles took the batched tiers to 2.4 GiB).
+Each worker's peak resident memory is read from the kernel (``VmHWM``) before it stops.
 """
 
 from __future__ import annotations
