@@ -38,6 +38,7 @@ def render_overlay(
     *,
     status: str = "",
     min_label_score: float = 0.5,
+    scale: float = 1.0,
 ) -> Image.Image:
     """Draw an ``ImageOutput`` over its image.
 
@@ -54,16 +55,25 @@ def render_overlay(
         The output status, written above the labels.
     min_label_score : float, default 0.5
         Labels below this score are not listed.
+    scale : float, default 1.0
+        Pixels of the boxes' image per pixel of ``pixels``: a slide is drawn downsampled
+        (:meth:`~phenocascade.store.slides.Slide.thumbnail`), its boxes in level-0 pixels.
     """
     image = to_display(pixels)
     draw = ImageDraw.Draw(image)
     size = max(12, image.height // 40)
     font = ImageFont.load_default(size=size)
     for box in boxes:
-        xy = (box["x_min"], box["y_min"], box["x_max"] - 1, box["y_max"] - 1)
+        x_min, y_min = box["x_min"] / scale, box["y_min"] / scale
+        xy = (
+            x_min,
+            y_min,
+            max(x_min, box["x_max"] / scale - 1),
+            max(y_min, box["y_max"] / scale - 1),
+        )
         draw.rectangle(xy, outline=BOX_COLOUR, width=max(2, image.height // 300))
         draw.text(
-            (box["x_min"], max(0, box["y_min"] - size - 2)),
+            (x_min, max(0, y_min - size - 2)),
             f"{box['label']} {box['score']:.2f}",
             fill=BOX_COLOUR,
             font=font,

@@ -36,6 +36,7 @@ from phenocascade.store.cassandra import connect
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import Tiling
 
 TEST_KEYSPACE = "phenocascade_test"
 
@@ -217,8 +218,13 @@ class Cascade:
             )
         return "\n".join(parts)
 
-    def submit(self, paths: Sequence[Path], prefix: str, study: str = "it") -> list[str]:
-        """Submit files; ids start with this cascade's namespace, so reruns never collide."""
+    def submit(
+        self, paths: Sequence[Path], prefix: str, study: str = "it", tiling: Tiling | None = None
+    ) -> list[str]:
+        """Submit files; ids start with this cascade's namespace, so reruns never collide.
+
+        Slides are tiled as ``tiling`` says (default: ``submit``'s).
+        """
         return submit_paths(
             self.settings,
             self.topology,
@@ -226,6 +232,7 @@ class Cascade:
             meta=ImageMeta(study=self.prefix + study),
             prefix=self.prefix + prefix,
             progress=False,
+            tiling=tiling,
         )
 
     def produce_raw(self, key: str, value: bytes) -> None:

@@ -18,7 +18,14 @@ from cassandra.cluster import Session
 from phenocascade.config import Settings, load_topology
 from phenocascade.consumers.joining import merge, merge_annotation
 from phenocascade.store.cassandra import connect
-from phenocascade.store.join_state import EMITTED, changed_parts, load_state, save_part
+from phenocascade.store.join_state import (
+    EMITTED,
+    TILE,
+    changed_parts,
+    count_parts,
+    load_state,
+    save_part,
+)
 
 pytestmark = [pytest.mark.integration]
 
@@ -120,5 +127,21 @@ def test_state_is_kept_per_joiner_app(sessions: tuple[Session, Session]) -> None
     assert load_state(session=session, app_id="joiner-other", image_id=image_id) == {
         "tiers": {},
         "experts": {},
+        "tile_outputs": {},
         "emitted": [],
     }
+
+
+def test_a_slides_tiles_are_counted_without_reading_them(sessions: tuple[Session, Session]) -> None:
+    first, second = sessions
+    where = {"app_id": f"joiner-{uuid.uuid4().hex[:8]}", "image_id": uuid.uuid4().hex}
+    for name in ("s#tile-0", "s#tile-1", "s#tile-1"):  # the second is written again
+        save_part(session=first, **where, part=TILE, name=name, value={"key": name})
+    save_part(session=first, **where, part=EMITTED, name="tiles:abc")
+    assert count_parts(session=second, **where, part=TILE) == 2
+    state = load_state(session=second, **where)
+    assert state["tile_outputs"] == {
+        "s#tile-0": {"key": "s#tile-0"},
+        "s#tile-1": {"key": "s#tile-1"},
+    }
+    assert state["emitted"] == ["tiles:abc"]

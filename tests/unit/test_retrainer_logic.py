@@ -71,6 +71,22 @@ def test_samples_leave_out_holdout_foreign_unknown_and_missing_images(tmp_path: 
     assert set(excluded) == {"2", "2c", "3", "4", "6", "7"}
 
 
+def test_a_tile_trains_on_its_own_pixels_never_its_slide(tmp_path: Path) -> None:
+    slide = tmp_path / "slide.ome.tif"
+    slide.write_bytes(b"the whole slide, gigabytes of it")
+    tile = _ann("1", "s#tile-3", str(slide), labels=["clear"])
+    samples, excluded = annotation_samples(
+        [tile],
+        classes=["clear"],
+        holdout_keys=frozenset(),
+        roots=[tmp_path],
+        inline_bytes=lambda _: b"the tile, read from the slide",
+        cache_dir=tmp_path / "cache",
+    )
+    assert excluded == {} and samples[0].path is not None
+    assert samples[0].path.read_bytes() == b"the tile, read from the slide"
+
+
 def test_detector_annotations_keep_their_boxes_as_human_boxes(tmp_path: Path) -> None:
     image = tmp_path / "img.png"
     image.write_bytes(b"x")

@@ -13,6 +13,7 @@ from phenocascade.streams.serde import (
     default_schema_dir,
     schema_fingerprint,
 )
+from phenocascade.streams.tiling import Tiling, tile_submissions
 
 
 def _crc64_avro(data: bytes) -> int:
@@ -192,3 +193,37 @@ def test_reason_evolves_compatibly_both_ways(name: str, tmp_path: Path) -> None:
     # new to new keeps it
     _, back = EventCodec().decode(EventCodec().encode(name, record))
     assert back["reason"] == "novel"
+
+
+# -- the tile field (added for slides) against the packaged history -----------------------
+def _tile_events() -> dict[str, dict]:
+    slide = events.image_submitted("slide-1", uri="/scans/slide.ome.tif", fmt="TIFF")
+    [tile, *_] = tile_submissions(slide, levels=[(4096, 4096, 1.0)], tiling=Tiling())
+    passed = StageOutput(scores={"clear": 0.99})
+    common = {"tier": "quality", "model_name": "m", "model_version": "v1"}
+    result = events.tier_result(
+        tile, kind=StageKind.GATE, route=Route.PASS, output=passed, **common
+    )
+    return {"ImageSubmitted": tile, "TierResult": result}
+
+
+@pytest.mark.parametrize(("name", "old_version"), [("ImageSubmitted", 1), ("TierResult", 4)])
+def test_tile_evolves_compatibly_both_ways(name: str, old_version: int, tmp_path: Path) -> None:
+    record = _tile_events()[name]
+    old = json.loads((default_schema_dir() / "history" / f"{name}.v{old_version}.avsc").read_text())
+    old_fields = {f["name"] for f in old["fields"]}
+    assert "tile" not in old_fields
+    # new reader, old writer: a whole image (no tile)
+    old_writer = EventCodec(_write_dir(tmp_path / "old", old, []))
+    without = {k: v for k, v in record.items() if k in old_fields}
+    _, back = EventCodec().decode(old_writer.encode(name, without))
+    assert back["tile"] is None and back["image_id"] == record["image_id"]
+    # old reader, new writer (the new schema deployed to the reader first): the tile is
+    # dropped, and an old worker would read the whole slide: upgrade the workers and the
+    # joiner before the submitters that tile (docs/lab.md)
+    old_reader = EventCodec(_write_dir(tmp_path / "old-reader", old, [_current(name)]))
+    _, back = old_reader.decode(EventCodec().encode(name, record))
+    assert "tile" not in back and back["image_id"] == record["image_id"]
+    # new to new keeps it
+    _, back = EventCodec().decode(EventCodec().encode(name, record))
+    assert back["tile"] == record["tile"] and back["tile"]["parent_id"] == "slide-1"

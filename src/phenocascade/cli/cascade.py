@@ -39,7 +39,7 @@ from phenocascade.consumers.rescorer import RescoreSettings
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
-from phenocascade.imaging import read_image
+from phenocascade.imaging import read_image, resolve_under_roots
 from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.overlay import render_overlay
 from phenocascade.store.cassandra import (
@@ -49,11 +49,13 @@ from phenocascade.store.cassandra import (
     latest_status_by_image,
 )
 from phenocascade.store.images import ImageStore, configured_store
+from phenocascade.store.slides import Slide, is_slide, open_slide
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import Tiling, routing_key, submission_tile, tile_submissions
 
 log = logging.getLogger(__name__)
 STALLED_EXIT = 75
@@ -289,11 +291,28 @@ def submit_paths(
     prefix: str = "",
     progress: bool = True,
     store: ImageStore | None = None,
+    tiling: Tiling | None = None,
 ) -> list[str]:
-    """Publish one ``ImageSubmitted`` per file; return the image ids in order.
+    """Publish one ``ImageSubmitted`` per file, or per tile of a slide; return the image ids.
 
-    With ``store``, each file's bytes are kept there first (for ``replay``).
+    A slide (:func:`~phenocascade.store.slides.is_slide`: a pyramidal TIFF, or one over
+    ``settings.max_image_pixels``) is published as its tiles (``tiling``, default
+    :class:`~phenocascade.streams.tiling.Tiling`), each keyed by the slide's id; its id is
+    returned once, and the joiner emits one output for it. Every slide is opened (its
+    header only) before anything is published, so a slide that cannot be tiled submits
+    nothing. With ``store``, each other file's bytes are kept there first (for ``replay``);
+    slides are not copied into the store (they are read from their path).
+
+    Raises
+    ------
+    ValidationError
+        If a slide is submitted inline, or its tiling asks for a level it lacks.
+    BadInputError
+        If a slide's file cannot be read as a slide (with the reason and what to do).
     """
+    tiles = _slide_tiles(
+        settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling or Tiling()
+    )
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -302,25 +321,65 @@ def submit_paths(
         for path in paths:
             image_id = image_id_for(path, prefix)
             fmt = events.format_of(path.name)
-            data = path.read_bytes() if inline or store is not None else None
-            if inline:
-                record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=meta)
+            if path in tiles:
+                records = tiles[path]
             else:
-                record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
-            if store is not None and data is not None:
-                store.put(record, data)
-            producer.produce(
-                topology.submitted_topic,
-                key=image_id.encode(),
-                value=codec.encode("ImageSubmitted", record),
-            )
-            producer.poll(0)
+                data = path.read_bytes() if inline or store is not None else None
+                if inline:
+                    record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=meta)
+                else:
+                    record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=meta)
+                if store is not None and data is not None:
+                    store.put(record, data)
+                records = [record]
+            for r in records:
+                producer.produce(
+                    topology.submitted_topic,
+                    key=routing_key(r),
+                    value=codec.encode("ImageSubmitted", r),
+                )
+                producer.poll(0)
             ids.append(image_id)
             bar.advance(task)
     remaining = producer.flush(60)
     if remaining:
         raise ValidationError(f"{remaining} submissions were not acknowledged by Kafka in 60 s")
     return ids
+
+
+def _slide_tiles(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    meta: ImageMeta,
+    inline: bool,
+    prefix: str,
+    tiling: Tiling,
+) -> dict[Path, list[dict[str, Any]]]:
+    """Return the tiles' ``ImageSubmitted`` of each slide among ``paths`` (headers only)."""
+    slides = [path for path in paths if is_slide(path, max_pixels=settings.max_image_pixels)]
+    if slides and inline:
+        raise ValidationError(
+            f"{slides[0]} is a slide; slides are tiled from their files: submit them without "
+            "--inline"
+        )
+    tiles = {}
+    for path in slides:
+        with Slide(path) as slide:
+            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
+        record = events.image_submitted(
+            image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
+        )
+        tiles[path] = tile_submissions(record, levels=levels, tiling=tiling)
+    largest = max(
+        (r["tile"]["width"] * r["tile"]["height"] for rs in tiles.values() for r in rs), default=0
+    )
+    if largest > settings.max_image_pixels:
+        raise ValidationError(
+            f"tiles of {tiling.size} px a side exceed PHENOCASCADE_MAX_IMAGE_PIXELS="
+            f"{settings.max_image_pixels}; choose a smaller --tile-size"
+        )
+    return tiles
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -338,6 +397,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         inline=args.inline,
         prefix=args.prefix,
         store=configured_store(settings.home),
+        tiling=Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level),
     )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
@@ -391,20 +451,34 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_output(settings: Settings, output: dict[str, Any], dest: Path) -> Path:
-    """Write the overlay PNG of one output to ``dest``."""
+def render_output(
+    settings: Settings, output: dict[str, Any], dest: Path, *, slide_side: int = 2048
+) -> Path:
+    """Write the overlay PNG of one output to ``dest``.
+
+    A slide is drawn downsampled, its longer side about ``slide_side`` pixels, read from
+    the smallest pyramid level that large (never the whole slide at full resolution).
+    """
     if not output["uri"]:
         raise NotFoundError(
             f"image {output['image_id']} was submitted inline; its pixels are not stored"
         )
-    pixels = read_image(
-        output["uri"],
-        roots=settings.roots(),
-        max_pixels=settings.max_image_pixels,
-        max_bytes=settings.max_file_bytes,
-    )
+    path = resolve_under_roots(output["uri"], settings.roots())
+    scale = 1.0
+    if is_slide(path, max_pixels=settings.max_image_pixels):
+        with open_slide(path, roots=settings.roots(), max_bytes=settings.max_file_bytes) as slide:
+            pixels, scale = slide.thumbnail(slide_side)
+    else:
+        pixels = read_image(
+            path,
+            roots=settings.roots(),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_file_bytes,
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    render_overlay(pixels, output["labels"], output["boxes"], status=output["status"]).save(dest)
+    render_overlay(
+        pixels, output["labels"], output["boxes"], status=output["status"], scale=scale
+    ).save(dest)
     return dest
 
 
@@ -421,9 +495,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def build_report(settings: Settings, topology: Topology, prefix: str = "") -> dict[str, Any]:
     """Count submissions, outputs by status, annotation requests and dead letters.
 
-    ``submitted`` counts distinct image ids on the submitted topic; outputs come from
-    Cassandra (the newest output of each image); ``dead_lettered`` counts distinct
-    dead-lettered messages of the submitted topic, the only ones that end an image. With
+    ``submitted`` counts distinct image ids on the submitted topic (its keys: a slide's
+    tiles are keyed by the slide's id); outputs come from Cassandra (the newest output of
+    each image); ``dead_lettered`` counts distinct dead-lettered messages of the submitted
+    topic, the only ones that end an image, and a slide's dead tiles once. With
     ``prefix``, only image ids that start with it count (one run of ``submit --prefix``).
     """
     codec = EventCodec()
@@ -445,14 +520,14 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
             if status == "awaiting_annotation":
                 found = get_latest_output(session=session, image_id=image_id)
                 awaiting += [found] if found is not None else []
-    dead: set[tuple[int, int]] = set()
+    dead: set[tuple[int, int] | str] = set()
     dead_kinds: dict[str, int] = {}
     for _, value in scan_topic(settings.kafka, topology.dead_letter_topic):
         _, record = codec.decode(value, expected="DeadLetter")
         if record["origin_topic"] == topology.submitted_topic and (
             record["image_id"] or ""
         ).startswith(prefix):
-            dead.add((record["origin_partition"], record["origin_offset"]))
+            dead.add(_dead_image(codec, record))
             dead_kinds[record["error_kind"]] = dead_kinds.get(record["error_kind"], 0) + 1
     requests = {
         (k, codec.decode(v)[1]["tier"])
@@ -481,6 +556,16 @@ def build_report(settings: Settings, topology: Topology, prefix: str = "") -> di
         "flagged": [d.as_dict() for d in drifts if d.flagged],
     }
     return report
+
+
+def _dead_image(codec: EventCodec, record: Mapping[str, Any]) -> tuple[int, int] | str:
+    """Return the image a dead letter of the submitted topic ends.
+
+    A tile's ends its slide (by id), so a slide whose several tiles failed counts once;
+    any other ends its message, by ``(partition, offset)``.
+    """
+    tile = submission_tile(codec, record["payload"])
+    return str(tile["parent_id"]) if tile else (record["origin_partition"], record["origin_offset"])
 
 
 def novelty_alphas(settings: Settings, topology: Topology) -> dict[str, float]:
@@ -614,6 +699,28 @@ def register(sub: Any) -> None:
     p.add_argument("--stain", default="")
     p.add_argument("--prefix", default="", help="prefix of the generated image ids")
     p.add_argument("--inline", action="store_true", help="send the bytes instead of the path")
+    defaults = Tiling()
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=defaults.size,
+        help="slides (pyramidal TIFFs, or TIFFs over PHENOCASCADE_MAX_IMAGE_PIXELS) are "
+        "scored as tiles of this many pixels a side, of the level read (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=defaults.overlap,
+        help="least overlap of neighbouring tiles, in pixels: objects up to this size cut by "
+        "a tile border are whole in a neighbour (default: %(default)s)",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        default=defaults.level,
+        help="pyramid level of slides to score: 0 is full resolution, each level up is "
+        "usually half as large (default: %(default)s)",
+    )
 
     p = add("results", cmd_results, "show outputs")
     group = p.add_mutually_exclusive_group(required=True)

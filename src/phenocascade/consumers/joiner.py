@@ -7,6 +7,11 @@ by image id), keeps each image's partial results and expert answers in Cassandra
 :func:`~phenocascade.consumers.joining.merge_annotation`) says an output is due, writes it
 to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored
 with the state make re-delivered results and annotations harmless.
+
+A tile of a slide (its results carry a ``tile`` record, and are keyed by the slide's id) is
+joined as an image, but its output is not published: it is folded into the slide's state
+(:func:`~phenocascade.consumers.tiles.tile_part`), and the slide's one output is emitted
+once every tile of the slide has one (:func:`~phenocascade.consumers.tiles.slide_emission`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import merge, merge_annotation
+from phenocascade.consumers.tiles import slide_emission, tile_of, tile_part
 from phenocascade.errors import ConfigError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
-from phenocascade.store.join_state import EMITTED, changed_parts, load_state, save_part
+from phenocascade.store.join_state import (
+    EMITTED,
+    TILE,
+    changed_parts,
+    count_parts,
+    load_state,
+    save_part,
+)
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.serde import EventCodec
 
@@ -200,35 +213,74 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             else:
                 RESULTS_IN.labels(result["tier"]).inc()
                 new_state, output = merge(topology, state, result)
-            for part, name, part_value in changed_parts(state, new_state):
-                await _durably(
-                    f"recording {image_id}'s {part} {name}",
-                    save_part,
-                    **where,
-                    part=part,
-                    name=name,
-                    value=part_value,
-                )
+            await _saved(where, state, new_state)
             if output is None:
                 continue
-            # Store and publish the output, and record its emission only once the in-sync
-            # replicas acknowledged it: a crash in between emits it again (the Cassandra
-            # upsert is idempotent) rather than losing it.
+            tile = tile_of(new_state)
+            if tile is not None:
+                await _fold_tile(where, tile, new_state["emitted"][-1], output, result)
+            else:
+                await _emitted(where["session"], result, output)
+            await _record_emission(where, new_state["emitted"][-1])
+
+    async def _saved(
+        where: dict[str, Any], state: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        """Write the parts of an image's join state that ``new`` changed."""
+        for part, name, value in changed_parts(state, new):
             await _durably(
-                f"storing {image_id}'s output",
-                save_output,
-                session=where["session"],
-                output=output,
-            )
-            await _published(results, image_id, codec.encode("ImageOutput", output))
-            observe_output(result, output)
-            await _durably(
-                f"recording {image_id}'s emission",
+                f"recording {where['image_id']}'s {part} {name}",
                 save_part,
                 **where,
-                part=EMITTED,
-                name=new_state["emitted"][-1],
+                part=part,
+                name=name,
+                value=value,
             )
+
+    async def _record_emission(where: dict[str, Any], key: str) -> None:
+        """Record that an image's output of emission key ``key`` is stored and published."""
+        await _durably(
+            f"recording {where['image_id']}'s emission", save_part, **where, part=EMITTED, name=key
+        )
+
+    async def _fold_tile(
+        where: dict[str, Any],
+        tile: dict[str, Any],
+        key: str,
+        output: dict[str, Any],
+        result: Mapping[str, Any],
+    ) -> None:
+        """Store a tile's output in its slide's state; emit the slide's output when due.
+
+        The tile's output is written to the slide's state before the tile's emission is
+        recorded: a crash in between writes it again, the same value. The slide's state is
+        read whole only once all its tiles have an output (until then, its tiles are
+        counted), so a slide of n tiles costs n small reads, not n whole ones.
+        """
+        slide = {**where, "image_id": tile["parent_id"]}
+        name, value = tile_part(tile, key, output)
+        what = f"{slide['image_id']}'s tile {name}"
+        await _durably(f"recording {what}", save_part, **slide, part=TILE, name=name, value=value)
+        done = await _durably(f"counting {what}", count_parts, **slide, part=TILE)
+        if done < tile["count"]:
+            return
+        state = await _durably(f"reading {slide['image_id']}'s state", load_state, **slide)
+        emission = slide_emission(state, tile)
+        if emission is not None:
+            await _emitted(where["session"], result, emission[1])
+            await _record_emission(slide, emission[0])
+
+    async def _emitted(session: Session, result: Mapping[str, Any], output: dict[str, Any]) -> None:
+        """Store and publish an output.
+
+        Its emission is recorded (by the caller) only once the in-sync replicas
+        acknowledged it: a crash in between emits it again (the Cassandra upsert is
+        idempotent) rather than losing it.
+        """
+        image_id = output["image_id"]
+        await _durably(f"storing {image_id}'s output", save_output, session=session, output=output)
+        await _published(results, image_id, codec.encode("ImageOutput", output))
+        observe_output(result, output)
 
     return app
 

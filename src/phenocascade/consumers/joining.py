@@ -65,6 +65,8 @@ def merge(
         "study": result["study"],
         "uri": result["uri"],
         "pending": list(result.get("pending") or []),
+        # A tile's output is folded into its slide's (consumers.tiles), not published.
+        **({"tile": result["tile"]} if result.get("tile") else {}),
     }
     return _emit(topology, {**_state(state), "tiers": tiers}, result["image_id"])
 

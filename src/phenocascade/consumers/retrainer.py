@@ -40,6 +40,7 @@ command line wires in :class:`phenocascade.learning.RecipeTrainer`.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import shutil
 import threading
@@ -51,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import tifffile
 from cassandra.cluster import Session
 from confluent_kafka import Consumer, Message, Producer
 from prometheus_client import Counter
@@ -78,6 +80,7 @@ from phenocascade.store.lineage import (
     lineage_by_tier,
     save_lineage,
 )
+from phenocascade.store.slides import read_tile
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
     consumer_error,
@@ -87,6 +90,7 @@ from phenocascade.streams.kafka import (
 )
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import submission_tile
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +381,9 @@ def annotation_samples(
     roots : sequence of pathlib.Path
         Allowed roots: a URI outside them is left out (as a worker would dead-letter it).
     inline_bytes : callable
-        ``annotation -> bytes or None``: the pixels of an image that has no URI (the task
-        row's inline bytes); ``None`` leaves the annotation out.
+        ``annotation -> bytes or None``: the encoded image when it is not its URI's file
+        (the task row's inline bytes, or a slide's tile read from the slide); ``None``:
+        the URI's file, and an annotation with neither is left out.
     cache_dir : pathlib.Path
         Where inline images are written (named by their key) so training reads them from
         a file like any other sample.
@@ -402,19 +407,19 @@ def annotation_samples(
             excluded[aid] = f"labels {unknown} are not classes of the model {sorted(known)}"
             continue
         try:
-            if a["uri"]:
-                path = resolve_under_roots(a["uri"], roots)
-                data = path.read_bytes()
-            else:
-                inline = inline_bytes(a)
-                if inline is None:
-                    excluded[aid] = "no URI and no inline bytes in the annotation task"
-                    continue
+            inline = inline_bytes(a)
+            if inline is not None:
                 data = inline
                 path = cache_dir / f"{image_key(inline)}.img"
                 if not path.is_file():
                     cache_dir.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(inline)
+            elif a["uri"]:
+                path = resolve_under_roots(a["uri"], roots)
+                data = path.read_bytes()
+            else:
+                excluded[aid] = "no URI and no inline bytes in the annotation task"
+                continue
         except BadInputError as exc:
             excluded[aid] = str(exc)
             continue
@@ -607,12 +612,26 @@ class Retrainer:
 
     # -- retraining ------------------------------------------------------------------------
     def _inline_bytes(self, annotation: Mapping[str, Any]) -> bytes | None:
+        """Return an annotated image's bytes when they are not its URI's file.
+
+        The task's inline bytes; for a slide's tile, the tile read from the slide and
+        encoded as a TIFF (a sample is a whole image, never the slide).
+        """
         task = get_task(
             session=self.session, image_id=annotation["image_id"], tier=annotation["tier"]
         )
-        if task is None or task["inline"] is None:
+        if task is None:
             return None
-        data: bytes = task["inline"]
+        tile = submission_tile(self.codec, task["submitted"])
+        if tile is not None:
+            pixels = read_tile(task["uri"], tile, settings=self.settings, what=task["image_id"])
+            buf = io.BytesIO()
+            rgb = pixels.shape[2] == 3
+            tifffile.imwrite(
+                buf, pixels if rgb else pixels[:, :, 0], photometric="rgb" if rgb else None
+            )
+            return buf.getvalue()
+        data: bytes | None = task["inline"]
         return data
 
     def retrain(self, tier: str, *, trigger: str = "manual") -> Outcome:

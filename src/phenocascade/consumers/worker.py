@@ -34,6 +34,7 @@ from phenocascade.errors import BadInputError, ConfigError, NoChampionError, Phe
 from phenocascade.imaging import decode_bytes, read_image
 from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
+from phenocascade.store.slides import read_tile
 from phenocascade.streams import events
 from phenocascade.streams.kafka import (
     consumer_error,
@@ -44,6 +45,7 @@ from phenocascade.streams.kafka import (
     transactional_producer,
 )
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import routing_key
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +275,10 @@ class TierWorker:
     # -- input -----------------------------------------------------------------------------
     def _pixels(self, submitted: dict[str, Any]) -> DecodedImage:
         image_id = submitted["image_id"]
-        if submitted["inline"] is not None:
+        tile = submitted.get("tile")
+        if tile is not None:
+            pixels = read_tile(submitted["uri"], tile, settings=self.settings, what=image_id)
+        elif submitted["inline"] is not None:
             data: bytes = submitted["inline"]
             if len(data) > self.settings.max_inline_bytes:
                 raise BadInputError(
@@ -375,7 +380,8 @@ class TierWorker:
             image_id = raw_key.decode("utf-8", "replace") if raw_key else None
             try:
                 _, submitted = self.codec.decode(msg.value(), expected="ImageSubmitted")
-                image_id = submitted["image_id"]
+                # A slide's tile fails its slide: the slide is the image that was submitted.
+                image_id = routing_key(submitted).decode()
                 good.append((msg, submitted, self._pixels(submitted)))
             except BadInputError as exc:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
@@ -391,12 +397,12 @@ class TierWorker:
                     producer,
                     msg,
                     "model_error",
-                    f"{type(output).__name__}: {output}",
-                    submitted["image_id"],
+                    f"{submitted['image_id']}: {type(output).__name__}: {output}",
+                    routing_key(submitted).decode(),
                 )
                 tally.dead["model_error"] = tally.dead.get("model_error", 0) + 1
                 continue
-            key = submitted["image_id"].encode()
+            key = routing_key(submitted)
             result = events.tier_result(
                 submitted,
                 tier=self.tier.name,

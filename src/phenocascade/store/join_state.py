@@ -10,6 +10,8 @@ One table, ``join_state``, partitioned by joiner app and image, with one row per
 
 * ``("tier", name)``: the compact result of tier ``name``;
 * ``("expert", name)``: the newest expert answer to tier ``name``'s question;
+* ``("tile", tile id)``: the compact output of one tile, in its slide's state
+  (:mod:`phenocascade.consumers.tiles`);
 * ``("emitted", key)``: an output emitted for the versions key ``key``.
 
 Each part is written whole and on its own, so a re-delivered result rewrites the same row.
@@ -29,8 +31,9 @@ from phenocascade.store.cql import prepare, qualified
 
 TIER = "tier"
 EXPERT = "expert"
+TILE = "tile"
 EMITTED = "emitted"
-_STATE_KEYS = {TIER: "tiers", EXPERT: "experts"}
+_STATE_KEYS = {TIER: "tiers", EXPERT: "experts", TILE: "tile_outputs"}
 
 _TABLE = """
     CREATE TABLE IF NOT EXISTS {ks}.join_state (
@@ -51,7 +54,7 @@ def create_tables(session: Session) -> None:
 
 def empty_state() -> dict[str, Any]:
     """Return the join state of an image nothing is known about."""
-    return {"tiers": {}, "experts": {}, "emitted": []}
+    return {"tiers": {}, "experts": {}, "tile_outputs": {}, "emitted": []}
 
 
 def load_state(*, session: Session, app_id: str, image_id: str) -> dict[str, Any]:
@@ -61,7 +64,9 @@ def load_state(*, session: Session, app_id: str, image_id: str) -> dict[str, Any
     -------
     dict
         ``{"tiers": {tier: compact result}, "experts": {tier: compact answer},
-        "emitted": [emission keys]}``, as :mod:`phenocascade.consumers.joining` reads it.
+        "tile_outputs": {tile id: compact output}, "emitted": [emission keys]}``, as
+        :mod:`phenocascade.consumers.joining` and :mod:`phenocascade.consumers.tiles` read
+        it.
     """
     state = empty_state()
     rows = session.execute(
@@ -93,14 +98,26 @@ def save_part(
     )
 
 
+def count_parts(*, session: Session, app_id: str, image_id: str, part: str) -> int:
+    """Return how many parts of kind ``part`` an image's join state holds (values unread)."""
+    row = session.execute(
+        prepare(
+            session,
+            "SELECT COUNT(*) FROM {ks}.join_state WHERE app_id = ? AND image_id = ? AND part = ?",
+        ),
+        (app_id, image_id, part),
+    ).one()
+    return int(row[0]) if row is not None else 0
+
+
 def changed_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
-    """Return the ``(part, name, value)`` of the tier results and answers ``new`` changed.
+    """Return the ``(part, name, value)`` of the results, answers and tiles ``new`` changed.
 
     Emissions are left out: the joiner records one only once its output was acknowledged.
     """
     return [
         (part, name, value)
         for part, key in _STATE_KEYS.items()
-        for name, value in new[key].items()
+        for name, value in new.get(key, {}).items()
         if old.get(key, {}).get(name) != value
     ]

@@ -104,6 +104,7 @@ def tier_result(
         "reason": route_reason(output),
         "submitted_at": submitted["submitted_at"],
         "pending": list(pending),
+        "tile": submitted.get("tile"),
     }
 
 

@@ -1,13 +1,15 @@
 """The pixels of a task's image, and their display windowing for the browser.
 
 Pixels come only from the task's stored inline bytes or from its URI resolved under
-``settings.roots()``; a URI anywhere else is refused. The browser gets an 8-bit PNG windowed
+``settings.roots()``; a URI anywhere else is refused. A task of a slide's tile shows the
+tile, read from the slide. The browser gets an 8-bit PNG windowed
 on the server (``low`` -> black, ``high`` -> white in raw units), so 16-bit images keep their
 full depth until the moment they are shown.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from collections import OrderedDict
@@ -21,6 +23,9 @@ from PIL import Image
 from phenocascade.config import Settings
 from phenocascade.errors import BadInputError, NotFoundError
 from phenocascade.imaging import Pixels, decode_bytes, read_image
+from phenocascade.store.slides import read_tile
+from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import submission_tile
 
 
 def window(pixels: Pixels, low: float, high: float) -> npt.NDArray[np.uint8]:
@@ -91,7 +96,7 @@ def image_info(pixels: Pixels) -> dict[str, Any]:
 
 
 def task_pixels(settings: Settings, task: Mapping[str, Any]) -> Pixels:
-    """Decode the image of an annotation task.
+    """Decode the image of an annotation task (of a slide's tile: that tile, read lazily).
 
     Raises
     ------
@@ -101,6 +106,9 @@ def task_pixels(settings: Settings, task: Mapping[str, Any]) -> Pixels:
         If the URI is outside ``settings.roots()`` or the bytes do not decode.
     """
     what = f"image {task['image_id']}"
+    tile = submission_tile(_codec(), task.get("submitted"))
+    if tile is not None:
+        return read_tile(task["uri"], tile, settings=settings, what=task["image_id"])
     if task["inline"] is not None:
         if len(task["inline"]) > settings.max_inline_bytes:
             raise BadInputError(
@@ -116,6 +124,11 @@ def task_pixels(settings: Settings, task: Mapping[str, Any]) -> Pixels:
             max_bytes=settings.max_file_bytes,
         )
     raise NotFoundError(f"{what} has neither inline bytes nor a URI; its pixels are not stored")
+
+
+@functools.cache
+def _codec() -> EventCodec:
+    return EventCodec()
 
 
 class PixelCache:
