@@ -81,7 +81,7 @@ from phenocascade.domain import (
     route,
 )
 from phenocascade.models.base import load_stage
-from phenocascade.models.calibration import SCORE_CLIP, Calibrator, Temperature, logit, sigmoid
+from phenocascade.models.calibration import SCORE_CLIP, Calibrator, Temperature, logit
 from phenocascade.models.certify import calibrate_stage, match_boxes
 from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
@@ -102,9 +102,12 @@ STRICT_TARGET = 0.99
 class Replay:
     """A stage that replays one model's raw outputs under other calibrations and thresholds.
 
-    Classifiers keep their logits (``image_id -> (n_classes,)``), detectors their raw boxes,
-    so :func:`evaluate_stage`, :func:`calibrate_stage` and :func:`route` can run on any
-    variant without a second inference pass.
+    Gates and classifiers keep their raw scores (``image_id -> (n_classes,)``: the
+    backend's uncalibrated output, a softmax within each exclusive group and sigmoids
+    elsewhere), detectors their raw boxes, so :func:`evaluate_stage`,
+    :func:`calibrate_stage` and :func:`route` can run on any variant without a second
+    inference pass. A variant's calibrators read the logit of a raw score, as the backends'
+    do.
     """
 
     kind: StageKind
@@ -114,7 +117,7 @@ class Replay:
     gate_label: str
     calibrators: dict[str, Calibrator]
     thresholds: dict[str, LabelThresholds]
-    logits: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
+    raw: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     boxes: dict[str, StageOutput] = field(default_factory=dict)
 
     def calibrated_score(self, label: str, raw_score: float) -> float:
@@ -129,10 +132,9 @@ class Replay:
         if self.kind is not StageKind.DETECTOR:
             outs = []
             for img in images:
-                row = self.logits[img.image_id]
-                probs = sigmoid(row)
+                probs = self.raw[img.image_id]
                 if calibrated:
-                    pairs = zip(self.classes, row, strict=True)
+                    pairs = zip(self.classes, logit(probs), strict=True)
                     probs = np.array([self.calibrators[c](z) for c, z in pairs])
                 probs = np.clip(probs, SCORE_CLIP, 1 - SCORE_CLIP)
                 outs.append(
@@ -194,7 +196,7 @@ def decode_set(data: LabelledSet, *, slopes: bool = False) -> Pass:
 
 def replay(stage: Any, images: Sequence[DecodedImage]) -> Replay:
     """Run ``stage`` once on ``images`` and keep its raw outputs."""
-    logits: dict[str, npt.NDArray[np.float64]] = {}
+    raw: dict[str, npt.NDArray[np.float64]] = {}
     boxes: dict[str, StageOutput] = {}
     for start in range(0, len(images), 32):
         chunk = list(images[start : start + 32])
@@ -202,8 +204,10 @@ def replay(stage: Any, images: Sequence[DecodedImage]) -> Replay:
             for img, out in zip(chunk, stage.predict(chunk, calibrated=False), strict=True):
                 boxes[img.image_id] = out
         else:
-            for img, row in zip(chunk, stage.decision_logits(chunk), strict=True):
-                logits[img.image_id] = row
+            # The raw scores, not the logits: a softmax group's scores are not the sigmoids
+            # of its logits, and calibrators read the logit of the raw score.
+            for img, out in zip(chunk, stage.predict(chunk, calibrated=False), strict=True):
+                raw[img.image_id] = np.array([out.scores[c] for c in stage.classes])
     return Replay(
         kind=stage.kind,
         classes=tuple(stage.classes),
@@ -212,16 +216,14 @@ def replay(stage: Any, images: Sequence[DecodedImage]) -> Replay:
         gate_label=stage.gate_label,
         calibrators=dict(stage.calibrators_),
         thresholds=dict(stage.thresholds),
-        logits=logits,
+        raw=raw,
         boxes=boxes,
     )
 
 
 def extend(model: Replay, more: Replay) -> Replay:
     """``model`` with ``more``'s raw outputs added (same model, another image set)."""
-    return replace(
-        model, logits={**model.logits, **more.logits}, boxes={**model.boxes, **more.boxes}
-    )
+    return replace(model, raw={**model.raw, **more.raw}, boxes={**model.boxes, **more.boxes})
 
 
 # -- routing figures --------------------------------------------------------------------------
@@ -388,7 +390,7 @@ class Bench:
         self.models["quality"] = extend(model, model_real)
         for key, data, m in (("degraded", degraded, model), ("bbbc006", real, model_real)):
             truth = ["clear" in s.labels for s in data.samples]
-            scores = [float(m.logits[i.image_id][0]) for i in data.images]
+            scores = [float(m.raw[i.image_id][0]) for i in data.images]
             _set(self.out, f"quality.auroc_{key}", auroc(scores, truth))
             _set(self.out, f"quality.classical_auroc_{key}", auroc(data.slopes, truth))
             _set(
@@ -676,7 +678,7 @@ class Bench:
 
 def _gate_auroc(model: Replay, data: Pass) -> float:
     truth = ["clear" in s.labels for s in data.samples]
-    return auroc([float(model.logits[i.image_id][0]) for i in data.images], truth)
+    return auroc([float(model.raw[i.image_id][0]) for i in data.images], truth)
 
 
 def _macro_f1(outs: Sequence[StageOutput], samples: Sequence[Sample]) -> float | None:
