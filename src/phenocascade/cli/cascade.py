@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.rescorer import RescoreSettings
+from phenocascade.consumers.watching import read_digest
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
@@ -49,7 +51,7 @@ from phenocascade.store.cassandra import (
     latest_status_by_image,
 )
 from phenocascade.store.images import ImageStore, configured_store
-from phenocascade.store.slides import Slide, is_slide, open_slide
+from phenocascade.store.slides import is_slide, open_slide, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
@@ -300,8 +302,8 @@ def submit_paths(
     :class:`~phenocascade.streams.tiling.Tiling`), each keyed by the slide's id; its id is
     returned once, and the joiner emits one output for it. Every slide is opened (its
     header only) before anything is published, so a slide that cannot be tiled submits
-    nothing. With ``store``, each other file's bytes are kept there first (for ``replay``);
-    slides are not copied into the store (they are read from their path).
+    nothing. With ``store``, each file's bytes are kept there first (for ``replay``); a
+    slide is copied in chunks, with its tiling, and its tiles are still read from its path.
 
     Raises
     ------
@@ -310,9 +312,8 @@ def submit_paths(
     BadInputError
         If a slide's file cannot be read as a slide (with the reason and what to do).
     """
-    tiles = _slide_tiles(
-        settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling or Tiling()
-    )
+    tiling = tiling or Tiling()
+    slides = _slide_tiles(settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling)
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -321,8 +322,11 @@ def submit_paths(
         for path in paths:
             image_id = image_id_for(path, prefix)
             fmt = events.format_of(path.name)
-            if path in tiles:
-                records = tiles[path]
+            if path in slides:
+                slide, records = slides[path]
+                if store is not None:
+                    _, digest = read_digest(path, keep=False)
+                    store.put_file(slide, path, sha256=digest, tiling=asdict(tiling))
             else:
                 data = path.read_bytes() if inline or store is not None else None
                 if inline:
@@ -355,8 +359,11 @@ def _slide_tiles(
     inline: bool,
     prefix: str,
     tiling: Tiling,
-) -> dict[Path, list[dict[str, Any]]]:
-    """Return the tiles' ``ImageSubmitted`` of each slide among ``paths`` (headers only)."""
+) -> dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Return the slide's and its tiles' ``ImageSubmitted`` of each slide among ``paths``.
+
+    Reads the slides' headers only.
+    """
     slides = [path for path in paths if is_slide(path, max_pixels=settings.max_image_pixels)]
     if slides and inline:
         raise ValidationError(
@@ -365,14 +372,13 @@ def _slide_tiles(
         )
     tiles = {}
     for path in slides:
-        with Slide(path) as slide:
-            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
         record = events.image_submitted(
             image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
         )
-        tiles[path] = tile_submissions(record, levels=levels, tiling=tiling)
+        tiles[path] = record, tile_submissions(record, levels=pyramid(path), tiling=tiling)
     largest = max(
-        (r["tile"]["width"] * r["tile"]["height"] for rs in tiles.values() for r in rs), default=0
+        (r["tile"]["width"] * r["tile"]["height"] for _, rs in tiles.values() for r in rs),
+        default=0,
     )
     if largest > settings.max_image_pixels:
         raise ValidationError(

@@ -54,6 +54,7 @@ from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.store.images import ImageStore
 from phenocascade.streams.kafka import consumer_error, group_consumer, partition_end
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import TILE_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,13 @@ class Rescorer:
                     job.sent.setdefault(entry["image_id"], tier)
         images = []
         for image_id in list(job.sent):
+            if TILE_SEPARATOR in image_id:
+                slide = image_id.split(TILE_SEPARATOR)[0]
+                job.left_out[image_id] = (
+                    f"a tile of slide {slide}: slides are re-scored whole, with "
+                    f"`phenocascade replay --tiers {job.sent[image_id]}`; its task stays open"
+                )
+                continue
             image = self.store.get(image_id)
             if image is None:
                 job.left_out[image_id] = f"not in the image store {self.store.url}"

@@ -283,6 +283,20 @@ class Slide:
         return cast(Pixels, np.concatenate(rows, axis=0)), lv.downsample * step
 
 
+def pyramid(path: Path) -> list[tuple[int, int, float]]:
+    """Return ``(width, height, downsample)`` of each level of a slide, level 0 first.
+
+    Reads the file's header only.
+
+    Raises
+    ------
+    CorruptImageError, UnsupportedImageError
+        As :class:`Slide`.
+    """
+    with Slide(path) as slide:
+        return [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
+
+
 def open_slide(path: str | Path, *, roots: Sequence[Path], max_bytes: int | None = None) -> Slide:
     """Open a slide that must lie under ``roots``.
 
