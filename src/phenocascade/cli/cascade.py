@@ -370,21 +370,16 @@ def _slide_tiles(
             f"{slides[0]} is a slide; slides are tiled from their files: submit them without "
             "--inline"
         )
+    levels = {path: pyramid(path) for path in slides}  # every slide opens, or none is tiled
     tiles = {}
     for path in slides:
         record = events.image_submitted(
             image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
         )
-        tiles[path] = record, tile_submissions(record, levels=pyramid(path), tiling=tiling)
-    largest = max(
-        (r["tile"]["width"] * r["tile"]["height"] for _, rs in tiles.values() for r in rs),
-        default=0,
-    )
-    if largest > settings.max_image_pixels:
-        raise ValidationError(
-            f"tiles of {tiling.size} px a side exceed PHENOCASCADE_MAX_IMAGE_PIXELS="
-            f"{settings.max_image_pixels}; choose a smaller --tile-size"
+        cut = tile_submissions(
+            record, levels=levels[path], tiling=tiling, max_pixels=settings.max_image_pixels
         )
+        tiles[path] = record, cut
     return tiles
 
 
@@ -403,7 +398,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         inline=args.inline,
         prefix=args.prefix,
         store=configured_store(settings.home),
-        tiling=Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level),
+        tiling=tiling_of(args),
     )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
@@ -705,6 +700,27 @@ def register(sub: Any) -> None:
     p.add_argument("--stain", default="")
     p.add_argument("--prefix", default="", help="prefix of the generated image ids")
     p.add_argument("--inline", action="store_true", help="send the bytes instead of the path")
+    add_tiling_options(p)
+
+    p = add("results", cmd_results, "show outputs")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--image")
+    group.add_argument("--study")
+    p.add_argument("--json", action="store_true")
+
+    p = add("render", cmd_render, "render an output overlay")
+    p.add_argument("image_id")
+    p.add_argument("-o", "--output", required=True)
+
+    p = add("report", cmd_report, "count submissions, outputs and dead letters")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--prefix", default="", help="only images whose id starts with this (one submission run)"
+    )
+
+
+def add_tiling_options(p: argparse.ArgumentParser) -> None:
+    """Add ``--tile-size``, ``--tile-overlap`` and ``--level`` (how slides are tiled)."""
     defaults = Tiling()
     p.add_argument(
         "--tile-size",
@@ -728,18 +744,13 @@ def register(sub: Any) -> None:
         "usually half as large (default: %(default)s)",
     )
 
-    p = add("results", cmd_results, "show outputs")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--image")
-    group.add_argument("--study")
-    p.add_argument("--json", action="store_true")
 
-    p = add("render", cmd_render, "render an output overlay")
-    p.add_argument("image_id")
-    p.add_argument("-o", "--output", required=True)
+def tiling_of(args: argparse.Namespace) -> Tiling:
+    """Return the tiling that ``--tile-size``, ``--tile-overlap`` and ``--level`` ask for.
 
-    p = add("report", cmd_report, "count submissions, outputs and dead letters")
-    p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--prefix", default="", help="only images whose id starts with this (one submission run)"
-    )
+    Raises
+    ------
+    ValidationError
+        If they are out of range (:class:`~phenocascade.streams.tiling.Tiling`).
+    """
+    return Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level)
