@@ -51,7 +51,7 @@ from phenocascade.store.cassandra import (
     latest_status_by_image,
 )
 from phenocascade.store.images import ImageStore, configured_store
-from phenocascade.store.slides import is_slide, open_slide, pyramid
+from phenocascade.store.slides import is_slide, is_zarr, open_slide, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
@@ -263,13 +263,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- submit --------------------------------------------------------------------------------
 def iter_images(paths: Iterable[Path]) -> list[Path]:
-    """Expand files and folders into image files, sorted, deduplicated."""
+    """Expand files and folders into image files, sorted, deduplicated.
+
+    A Zarr folder (an OME-Zarr slide) is an image, not a folder to look into.
+    """
     found: set[Path] = set()
     for path in paths:
-        if path.is_dir():
+        if is_zarr(path):
+            found.add(path)
+        elif path.is_dir():
             found |= {
                 p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             }
+            found |= {p for p in path.rglob("*.zarr") if is_zarr(p)}
         elif path.is_file():
             found.add(path)
         else:
@@ -304,6 +310,7 @@ def submit_paths(
     header only) before anything is published, so a slide that cannot be tiled submits
     nothing. With ``store``, each file's bytes are kept there first (for ``replay``); a
     slide is copied in chunks, with its tiling, and its tiles are still read from its path.
+    An OME-Zarr slide (a folder) is not kept: replay cannot re-score it.
 
     Raises
     ------
@@ -324,7 +331,7 @@ def submit_paths(
             fmt = events.format_of(path.name)
             if path in slides:
                 slide, records = slides[path]
-                if store is not None:
+                if store is not None and path.is_file():
                     _, digest = read_digest(path, keep=False)
                     store.put_file(slide, path, sha256=digest, tiling=asdict(tiling))
             else:
