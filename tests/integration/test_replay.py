@@ -282,9 +282,8 @@ def test_replay_after_a_promotion_keeps_both_outputs_and_diff_lists_the_changed(
     assert [b["label"] for b in by_id[lost]["boxes"]["removed"]] == ["giant"]
 
 
-def _slide(path: Path, level: int) -> Path:
-    """A 3000 x 3000 pyramidal OME-TIFF of one grey level, its level 1 in a SubIFD."""
-    grey = np.full((3_000, 3_000), level, np.uint8)
+def _slide(path: Path, grey: np.ndarray) -> Path:
+    """A pyramidal OME-TIFF of ``grey``, its level 1 (half as large) in a SubIFD."""
     with tifffile.TiffWriter(path, ome=True) as tif:
         tif.write(grey, tile=(256, 256), compression="zlib", subifds=1)
         tif.write(grey[::2, ::2], tile=(256, 256), compression="zlib", subfiletype=1)
@@ -299,7 +298,8 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     monkeypatch.setenv("PHENOCASCADE_IMAGE_STORE", str(scans / "store"))
     store = configured_store(lab.settings.home)
     assert store is not None
-    path = _slide(scans / "slide.ome.tif", 80)  # the new detector loses the boxes of 80
+    # 3000 x 3000 of grey 80, whose boxes the new detector loses.
+    path = _slide(scans / "slide.ome.tif", np.full((3_000, 3_000), 80, np.uint8))
     tiling = Tiling(size=1024, overlap=128, level=1)  # level 1 is 1500 x 1500: 2 x 2 tiles
     [slide_id] = submit_paths(
         lab.settings, lab.topology, [path], meta=ImageMeta(study=lab.study), progress=False,
@@ -338,6 +338,47 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     # One output per slide and versions: none for a tile, none half re-scored.
     assert [o["model_versions"]["minority"] for o in published] == [V1, V2]
     assert {o["image_id"] for o in published} == {slide_id}
+
+
+def test_a_promotion_rescores_a_slide_whose_tiles_await_an_expert(lab: Lab) -> None:
+    """A slide whose top half is grey 55 and bottom half 60, in four tiles: the old detector
+    asks about all four; the new one decides the top two (their tasks are withdrawn) and
+    asks about the bottom two (their tasks are renewed). The slide is re-scored whole,
+    into one new output."""
+    grey = np.full((3_000, 3_000), 55, np.uint8)
+    grey[1_500:] = 60
+    path = _slide(lab.settings.allowed_roots[0] / "half.ome.tif", grey)
+    with _rescoring(lab) as rescorer:
+        [slide_id] = submit_paths(
+            lab.settings, lab.topology, [path], meta=ImageMeta(study=lab.study), progress=False,
+            store=configured_store(lab.settings.home), tiling=Tiling(size=750, overlap=0, level=1),
+        )  # fmt: skip
+        tiles = [f"{slide_id}#tile-{i}" for i in range(4)]  # top left, top right, bottom...
+        _wait("the slide's output", 90, lambda: slide_id in _outputs(lab), lab)
+        _wait("the tiles' tasks", 60, lambda: all(_task(lab, t) for t in tiles), lab)
+        _promote_detector(lab)
+        _wait("the rescorer's work", 120, lambda: len(rescorer.done) == 1, lab)
+
+        def renewed() -> bool:
+            return all((_task(lab, t) or {}).get("model_version") == V2 for t in tiles[2:])
+
+        _wait("the renewed tasks", 60, renewed, lab)
+
+    job = rescorer.done[0]
+    # Other tests' unanswered tasks are of images not in this store: left out.
+    assert set(job.sent) == set(tiles) and job.unfinished == []
+    assert sorted(job.superseded) == tiles[:2] and sorted(job.asked) == tiles[2:]
+    old = versions_key({"quality": V1, "majority": V1, "minority": V1})
+    new = versions_key({"quality": V1, "majority": V1, "minority": V2})
+    outputs = _outputs(lab)[slide_id]
+    assert set(outputs) == {old, new}
+    assert outputs[new]["status"] == "awaiting_annotation"
+    assert outputs[new]["routes"]["minority"] == "ANNOTATE"
+    published = read_events(lab.settings, lab.topology.joiner.results_topic, "ImageOutput")
+    assert [o["model_versions"]["minority"] for o in published] == [V1, V2]
+    status = {t: cast(dict[str, Any], _task(lab, t)) for t in tiles}
+    assert [status[t]["status"] for t in tiles] == ["superseded", "superseded", "open", "open"]
+    assert {status[t]["superseded_by"] for t in tiles[:2]} == {V2}
 
 
 def _ids_file(lab: Lab, *ids: str) -> Path:

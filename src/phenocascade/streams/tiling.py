@@ -157,6 +157,11 @@ def tile_submissions(
     ]
 
 
+def stored_id(image_id: str) -> str:
+    """Return the id an image is kept under: its slide's for a tile, else its own."""
+    return image_id.split(TILE_SEPARATOR, 1)[0]
+
+
 def routing_key(record: Mapping[str, Any]) -> bytes:
     """Return the Kafka key of an event about ``record``'s image: its slide's id for a tile.
 
