@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
+import zarr
 from harness import TEST_KEYSPACE, Cascade, read_events, settings_env
 from PIL import Image
 
@@ -286,8 +287,29 @@ def blob_cascade(infra: Settings, tmp_path: Path) -> Iterator[tuple[Settings, To
             thread.join(30)
 
 
+def write_levels(path: Path, levels: Sequence[np.ndarray]) -> Path:
+    """Write grey ``levels`` (largest first) as an OME-TIFF (SubIFDs) or, for a ``.zarr``
+    path, an OME-Zarr folder (OME-NGFF 0.5), both in 256 px tiles or chunks."""
+    if path.suffix != ".zarr":
+        with tifffile.TiffWriter(path, ome=True) as tif:
+            tif.write(levels[0], tile=(256, 256), compression="zlib", subifds=len(levels) - 1)
+            for level in levels[1:]:
+                tif.write(level, tile=(256, 256), compression="zlib", subfiletype=1)
+        return path
+    group = zarr.open_group(path, mode="w")
+    for i, level in enumerate(levels):
+        array = group.create_array(str(i), shape=level.shape, chunks=(256, 256), dtype=level.dtype)
+        array[:] = level
+    axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    scales = [{"type": "scale", "scale": [2.0**i] * 2} for i in range(len(levels))]
+    datasets = [{"path": str(i), "coordinateTransformations": [t]} for i, t in enumerate(scales)]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    return path
+
+
+@pytest.mark.parametrize("name", ["blobs.ome.tif", "blobs.ome.zarr"])
 def test_an_object_on_a_tile_border_is_one_box_in_slide_pixels(
-    blob_cascade: tuple[Settings, Topology],
+    blob_cascade: tuple[Settings, Topology], name: str
 ) -> None:
     settings, topology = blob_cascade
     # 3000 x 2000 at level 0; level 1 (1500 x 1000) is scored in tiles of 512 with 96 px of
@@ -303,10 +325,7 @@ def test_an_object_on_a_tile_border_is_one_box_in_slide_pixels(
     ]
     for cx, cy in centres:
         slide[(xx - cx) ** 2 + (yy - cy) ** 2 <= 40**2] = 230
-    path = settings.allowed_roots[0] / "blobs.ome.tif"
-    with tifffile.TiffWriter(path, ome=True) as tif:
-        tif.write(slide, tile=(256, 256), compression="zlib", subifds=1)
-        tif.write(slide[::2, ::2], tile=(256, 256), compression="zlib", subfiletype=1)
+    path = write_levels(settings.allowed_roots[0] / name, [slide, slide[::2, ::2]])
     expected = sorted(b.as_list() for b in blob_boxes(slide[::2, ::2], "giant", scale=2.0))
     assert len(expected) == len(centres)
 
@@ -339,11 +358,8 @@ def test_a_slide_with_a_corrupt_segment_ends_as_one_dead_letter_and_no_output(
     blob_cascade: tuple[Settings, Topology],
 ) -> None:
     settings, topology = blob_cascade
-    path = settings.allowed_roots[0] / "corrupt.ome.tif"
     grey = np.full((1_000, 1_000), 20, np.uint8)
-    with tifffile.TiffWriter(path, ome=True) as tif:
-        tif.write(grey, tile=(256, 256), compression="zlib", subifds=1)
-        tif.write(grey[::2, ::2], tile=(256, 256), compression="zlib", subfiletype=1)
+    path = write_levels(settings.allowed_roots[0] / "corrupt.ome.tif", [grey, grey[::2, ::2]])
     with tifffile.TiffFile(path) as tif:
         offset = tif.series[0].levels[0].keyframe.dataoffsets[10]  # x and y 512 to 768
     with path.open("r+b") as f:

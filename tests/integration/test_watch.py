@@ -18,9 +18,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 from harness import read_events, settings_env
 from PIL import Image
@@ -34,6 +36,7 @@ from phenocascade.store.images import configured_store
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
 from phenocascade.streams.kafka import create_topics, transactional_producer
+from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -88,6 +91,15 @@ class Lab:
 
     def published(self) -> list[dict[str, object]]:
         return read_events(self.settings, self.topic, "ImageSubmitted")
+
+    def keyed(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(Kafka key, ImageSubmitted)`` of every committed submission."""
+        codec = EventCodec()
+        return [
+            (key.decode(), codec.decode(value, expected="ImageSubmitted")[1])
+            for key, value in scan_topic(self.settings.kafka, self.topic)
+            if key is not None
+        ]
 
     def log(self) -> str:
         return (self.logs / "watch.log").read_text(errors="replace")[-6000:]
@@ -327,3 +339,81 @@ def test_a_broker_outage_fills_the_bounded_queue_then_everything_goes_once(lab: 
         watcher.send_signal(signal.SIGTERM)
         watcher.wait(30)
     assert_exactly_once(lab, written)
+
+
+def slide_bytes(path: Path, seed: int, channels: int = 0) -> bytes:
+    """A 3000 x 3000 pyramidal OME-TIFF (level 1 in a SubIFD), distinct per seed.
+
+    With ``channels``, a multichannel one, which cannot be tiled.
+    """
+    grey = np.full((3_000, 3_000), 40, np.uint8)
+    grey[:64, :64] = np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+    plane = np.stack([grey] * channels) if channels else grey
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(plane, tile=(256, 256), compression="zlib", subifds=1)
+        tif.write(plane[..., ::2, ::2], tile=(256, 256), compression="zlib", subfiletype=1)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_slides_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
+    # Level 1 of the slides is 1500 x 1500: tiles of 512 with 64 of overlap, 4 x 4.
+    tiling = ("--tile-size", "512", "--tile-overlap", "64", "--level", "1")
+    staging = lab.inputs.parent / "staging"
+    staging.mkdir()
+    slides = [slide_bytes(staging / f"s{i}.ome.tif", seed=i) for i in range(2)]
+    unusable = slide_bytes(staging / "multichannel.ome.tif", seed=9, channels=2)
+    png = image_bytes(400)
+    watcher = lab.start_watcher(*tiling)
+    writer = threading.Thread(target=write_slowly, args=(lab.inputs / "s1.ome.tif", slides[1]))
+    try:
+        write_slowly(lab.inputs / "s0.ome.tif", slides[0])
+        (lab.inputs / "plate.png").write_bytes(png)
+        (lab.inputs / "multichannel.ome.tif").write_bytes(unusable)
+        wait_for(
+            lambda: (s := lab.status()) is not None and int(str(s["published_total"])) >= 2,
+            120,
+            "the first slide and the image",
+            lab.log,
+        )
+        writer.start()  # the scanner writes the second slide while no watcher runs
+        watcher.send_signal(signal.SIGKILL)
+        watcher.wait()
+        writer.join()
+        watcher = lab.start_watcher(*tiling)
+        wait_for(
+            lambda: digest_id(slides[1]) in {k for k, _ in lab.keyed()},
+            120,
+            "the second slide",
+            lab.log,
+        )
+        time.sleep(2 * SETTLE_S + 1)  # room for a duplicate to appear, if one were coming
+    finally:
+        writer.join()
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(30)
+
+    keyed = lab.keyed()
+    tiles = Counter((key, r["tile"]["index"]) for key, r in keyed if r["tile"])
+    assert {k: n for k, n in tiles.items() if n != 1} == {}, "a tile published twice"
+    for data, name in zip(slides, ("s0", "s1"), strict=True):
+        slide_id = digest_id(data)
+        mine = [r for key, r in keyed if key == slide_id]
+        # Keyed by the slide's content id, by path (not inline), 16 tiles of level 1.
+        assert sorted(r["tile"]["index"] for r in mine) == list(range(16))
+        assert {r["image_id"] for r in mine} == {f"{slide_id}#tile-{i}" for i in range(16)}
+        assert {(r["uri"], r["inline"]) for r in mine} == {
+            (str(lab.inputs / f"{name}.ome.tif"), None)
+        }
+        assert {(r["tile"]["level"], r["tile"]["width"]) for r in mine} == {(1, 512)}
+    whole = [r for key, r in keyed if not r["tile"]]
+    assert [r["image_id"] for r in whole] == [digest_id(png)] and whole[0]["inline"] == png
+    assert digest_id(unusable) not in {key for key, _ in keyed}
+    assert "cannot be tiled as a slide" in lab.log() and "save each channel" in lab.log()
+    store = configured_store(lab.settings.home, lab.env)
+    assert store is not None
+    kept = {i.image_id: i for i in store.images()}
+    for data in slides:
+        assert kept[digest_id(data)].tiling == {"size": 512, "overlap": 64, "level": 1}
+        assert store.read(kept[digest_id(data)]) == data

@@ -6,12 +6,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import tifffile
 
 import phenocascade.cli.replay as replay_cli
 from phenocascade.cli import main
 from phenocascade.config import Settings
 from phenocascade.consumers import resubmit
+from phenocascade.consumers.watching import read_digest
 from phenocascade.domain import ImageMeta
 from phenocascade.store.images import ImageStore
 from phenocascade.streams import events
@@ -109,7 +112,7 @@ def test_each_image_goes_as_it_came_while_its_file_is_unchanged(
     assert "exceed PHENOCASCADE_MAX_INLINE_BYTES" in plan.left_out["large-rewritten"]
     # Under them, the stored blob goes by its path.
     roomy = settings.model_copy(update={"allowed_roots": [scans, settings.home]})
-    record, how = resubmit.replay_record(roomy, store, images[-1])
+    [record], how = resubmit.replay_records(roomy, store, images[-1])
     assert how == "store" and Path(record["uri"]).read_bytes() == b"L" * 100
     for record in plan.records:
         assert record["metadata"]["study"] == "s1"
@@ -140,3 +143,51 @@ def test_only_images_an_old_model_scored_need_rescoring() -> None:
     assert replay_cli.needs_rescoring([new, old], champions) is False
     # Skipped by the gate: the detector never saw it, a new detector changes nothing.
     assert replay_cli.needs_rescoring([_out({"quality": "q1"}, 0)], champions) is False
+
+
+def _stored_slide(store: ImageStore, path: Path) -> None:
+    """Keep a 600 x 400 two-level slide at ``path``, tiled 256/32 at level 0, in ``store``."""
+    grey = np.full((400, 600), 90, np.uint8)
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(grey, tile=(128, 128), subifds=1)
+        tif.write(grey[::2, ::2], tile=(128, 128), subfiletype=1)
+    record = events.image_submitted("slide", uri=str(path), fmt="TIFF", meta=ImageMeta("s1"))
+    _, digest = read_digest(path, keep=False)
+    tiling = {"size": 256, "overlap": 32, "level": 0}
+    store.put_file(record, path, sha256=digest, tiling=tiling)
+
+
+def test_a_slide_goes_as_tiles_of_its_file_or_of_its_stored_copy(
+    settings: Settings, tmp_path: Path
+) -> None:
+    scans = settings.allowed_roots[0]
+    store = ImageStore(str(scans / "store"))
+    _stored_slide(store, scans / "slide.ome.tif")
+    [image] = store.images()
+    records, how = resubmit.replay_records(settings, store, image)
+    assert how == "path" and {r["uri"] for r in records} == {str(scans / "slide.ome.tif")}
+    assert [r["tile"]["index"] for r in records] == list(range(6))  # 3 x 2 tiles of 256
+    assert {r["image_id"].split("#")[0] for r in records} == {"slide"}
+    assert all(r["metadata"]["study"] == "s1" and r["inline"] is None for r in records)
+    (scans / "slide.ome.tif").unlink()
+    records, how = resubmit.replay_records(settings, store, image)
+    assert how == "store" and {r["uri"] for r in records} == {str(store.local_path(image))}
+    assert len(records) == 6
+
+
+def test_a_slide_whose_file_is_gone_is_refused_from_a_store_it_cannot_read_lazily(
+    settings: Settings, tmp_path: Path
+) -> None:
+    scans = settings.allowed_roots[0]
+    remote = ImageStore(f"memory://{tmp_path.name}/images")
+    _stored_slide(remote, scans / "slide.ome.tif")
+    (scans / "slide.ome.tif").write_bytes(b"rewritten")
+    plan = resubmit.plan_replay(settings, remote, list(remote.images()))
+    assert plan.records == [] and plan.images == 0
+    assert "cannot be read tile by tile" in plan.left_out["slide"]
+    # A local store outside the allowed roots is refused alike.
+    outside = ImageStore(str(tmp_path / "elsewhere"))
+    _stored_slide(outside, scans / "slide2.ome.tif")
+    (scans / "slide2.ome.tif").unlink()
+    plan = resubmit.plan_replay(settings, outside, list(outside.images()))
+    assert "PHENOCASCADE_ALLOWED_ROOTS" in plan.left_out["slide"]

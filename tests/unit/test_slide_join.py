@@ -79,6 +79,30 @@ def test_the_slide_has_one_output_once_every_tile_has_one() -> None:
     assert newer is not None and newer["labels"] == {"bright": 1.0}
 
 
+V2 = {"quality": "v1", "majority": "v1", "minority": "v2"}
+
+
+def test_a_slide_rescored_after_a_promotion_gets_one_output_at_its_last_tile() -> None:
+    state, first = fold_all([tile_output(0), tile_output(1)])
+    assert [o["model_versions"]["minority"] for o in first] == ["v1"]
+    # Replayed: the first re-scored tile leaves the slide half old, half new: no output.
+    state, half = fold_tile(state, 1, "k1-v2", tile_output(1, versions=V2, labels={}))
+    assert half is None
+    state, whole = fold_tile(state, 0, "k0-v2", tile_output(0, versions=V2, labels={}))
+    assert whole is not None and whole["model_versions"] == V2 and whole["labels"] == {}
+    # Replayed again with the same models: the tiles' outputs are unchanged, nothing new.
+    assert fold_tile(state, 0, "k0-v2", tile_output(0, versions=V2, labels={}))[1] is None
+
+
+def test_a_slide_first_scored_across_a_promotion_has_an_output_and_expert_updates() -> None:
+    state, first = fold_all([tile_output(0), tile_output(1, versions=V2)])
+    assert [o["model_versions"]["minority"] for o in first] == ["v1+v2"]
+    # An expert answers tile 0: same versions, the slide's output is emitted again.
+    _, answered = fold_tile(state, 0, "k0-expert", tile_output(0, labels={"bright": 1.0}))
+    assert answered is not None and answered["model_versions"]["minority"] == "v1+v2"
+    assert answered["labels"] == {"bright": 1.0}
+
+
 def test_an_object_on_a_tile_border_is_one_box_in_slide_pixels() -> None:
     # Tile 0 sees the object cut at its right edge, tile 1 sees it whole (the overlap).
     cut = box(990, 100, 1024, 140, score=0.7)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.rescorer import RescoreSettings
+from phenocascade.consumers.watching import read_digest
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
@@ -49,7 +51,7 @@ from phenocascade.store.cassandra import (
     latest_status_by_image,
 )
 from phenocascade.store.images import ImageStore, configured_store
-from phenocascade.store.slides import Slide, is_slide, open_slide
+from phenocascade.store.slides import is_slide, is_zarr, open_slide, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
 from phenocascade.streams.lag import LagReader, PartitionLag, watch_stalls
@@ -261,13 +263,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- submit --------------------------------------------------------------------------------
 def iter_images(paths: Iterable[Path]) -> list[Path]:
-    """Expand files and folders into image files, sorted, deduplicated."""
+    """Expand files and folders into image files, sorted, deduplicated.
+
+    A Zarr folder (an OME-Zarr slide) is an image, not a folder to look into.
+    """
     found: set[Path] = set()
     for path in paths:
-        if path.is_dir():
+        if is_zarr(path):
+            found.add(path)
+        elif path.is_dir():
             found |= {
                 p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             }
+            found |= {p for p in path.rglob("*.zarr") if is_zarr(p)}
         elif path.is_file():
             found.add(path)
         else:
@@ -300,8 +308,9 @@ def submit_paths(
     :class:`~phenocascade.streams.tiling.Tiling`), each keyed by the slide's id; its id is
     returned once, and the joiner emits one output for it. Every slide is opened (its
     header only) before anything is published, so a slide that cannot be tiled submits
-    nothing. With ``store``, each other file's bytes are kept there first (for ``replay``);
-    slides are not copied into the store (they are read from their path).
+    nothing. With ``store``, each file's bytes are kept there first (for ``replay``); a
+    slide is copied in chunks, with its tiling, and its tiles are still read from its path.
+    An OME-Zarr slide (a folder) is not kept: replay cannot re-score it.
 
     Raises
     ------
@@ -310,9 +319,8 @@ def submit_paths(
     BadInputError
         If a slide's file cannot be read as a slide (with the reason and what to do).
     """
-    tiles = _slide_tiles(
-        settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling or Tiling()
-    )
+    tiling = tiling or Tiling()
+    slides = _slide_tiles(settings, paths, meta=meta, inline=inline, prefix=prefix, tiling=tiling)
     codec = EventCodec()
     producer = plain_producer(settings.kafka)
     ids: list[str] = []
@@ -321,8 +329,11 @@ def submit_paths(
         for path in paths:
             image_id = image_id_for(path, prefix)
             fmt = events.format_of(path.name)
-            if path in tiles:
-                records = tiles[path]
+            if path in slides:
+                slide, records = slides[path]
+                if store is not None and path.is_file():
+                    _, digest = read_digest(path, keep=False)
+                    store.put_file(slide, path, sha256=digest, tiling=asdict(tiling))
             else:
                 data = path.read_bytes() if inline or store is not None else None
                 if inline:
@@ -355,30 +366,27 @@ def _slide_tiles(
     inline: bool,
     prefix: str,
     tiling: Tiling,
-) -> dict[Path, list[dict[str, Any]]]:
-    """Return the tiles' ``ImageSubmitted`` of each slide among ``paths`` (headers only)."""
+) -> dict[Path, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Return the slide's and its tiles' ``ImageSubmitted`` of each slide among ``paths``.
+
+    Reads the slides' headers only.
+    """
     slides = [path for path in paths if is_slide(path, max_pixels=settings.max_image_pixels)]
     if slides and inline:
         raise ValidationError(
             f"{slides[0]} is a slide; slides are tiled from their files: submit them without "
             "--inline"
         )
+    levels = {path: pyramid(path) for path in slides}  # every slide opens, or none is tiled
     tiles = {}
     for path in slides:
-        with Slide(path) as slide:
-            levels = [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
         record = events.image_submitted(
             image_id_for(path, prefix), uri=str(path), fmt=events.format_of(path.name), meta=meta
         )
-        tiles[path] = tile_submissions(record, levels=levels, tiling=tiling)
-    largest = max(
-        (r["tile"]["width"] * r["tile"]["height"] for rs in tiles.values() for r in rs), default=0
-    )
-    if largest > settings.max_image_pixels:
-        raise ValidationError(
-            f"tiles of {tiling.size} px a side exceed PHENOCASCADE_MAX_IMAGE_PIXELS="
-            f"{settings.max_image_pixels}; choose a smaller --tile-size"
+        cut = tile_submissions(
+            record, levels=levels[path], tiling=tiling, max_pixels=settings.max_image_pixels
         )
+        tiles[path] = record, cut
     return tiles
 
 
@@ -397,7 +405,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         inline=args.inline,
         prefix=args.prefix,
         store=configured_store(settings.home),
-        tiling=Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level),
+        tiling=tiling_of(args),
     )
     console.print(f"submitted {len(ids)} images to study {args.study!r}")
     return 0
@@ -699,6 +707,27 @@ def register(sub: Any) -> None:
     p.add_argument("--stain", default="")
     p.add_argument("--prefix", default="", help="prefix of the generated image ids")
     p.add_argument("--inline", action="store_true", help="send the bytes instead of the path")
+    add_tiling_options(p)
+
+    p = add("results", cmd_results, "show outputs")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--image")
+    group.add_argument("--study")
+    p.add_argument("--json", action="store_true")
+
+    p = add("render", cmd_render, "render an output overlay")
+    p.add_argument("image_id")
+    p.add_argument("-o", "--output", required=True)
+
+    p = add("report", cmd_report, "count submissions, outputs and dead letters")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--prefix", default="", help="only images whose id starts with this (one submission run)"
+    )
+
+
+def add_tiling_options(p: argparse.ArgumentParser) -> None:
+    """Add ``--tile-size``, ``--tile-overlap`` and ``--level`` (how slides are tiled)."""
     defaults = Tiling()
     p.add_argument(
         "--tile-size",
@@ -722,18 +751,13 @@ def register(sub: Any) -> None:
         "usually half as large (default: %(default)s)",
     )
 
-    p = add("results", cmd_results, "show outputs")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--image")
-    group.add_argument("--study")
-    p.add_argument("--json", action="store_true")
 
-    p = add("render", cmd_render, "render an output overlay")
-    p.add_argument("image_id")
-    p.add_argument("-o", "--output", required=True)
+def tiling_of(args: argparse.Namespace) -> Tiling:
+    """Return the tiling that ``--tile-size``, ``--tile-overlap`` and ``--level`` ask for.
 
-    p = add("report", cmd_report, "count submissions, outputs and dead letters")
-    p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--prefix", default="", help="only images whose id starts with this (one submission run)"
-    )
+    Raises
+    ------
+    ValidationError
+        If they are out of range (:class:`~phenocascade.streams.tiling.Tiling`).
+    """
+    return Tiling(size=args.tile_size, overlap=args.tile_overlap, level=args.level)

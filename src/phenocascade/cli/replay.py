@@ -239,7 +239,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         publish(settings, topology.submitted_topic, plan.records)
     ways = ", ".join(f"{n} {how}" for how, n in sorted(plan.carried.items())) or "none"
     console.print(
-        f"{'would replay' if args.dry_run else 'replayed'} {len(plan.records)} images {what} "
+        f"{'would replay' if args.dry_run else 'replayed'} {plan.images} images {what} "
         f"to {topology.submitted_topic} ({ways}){note}"
     )
     for image_id, reason in plan.left_out.items():

@@ -1,4 +1,8 @@
-"""Sub-command ``watch``: publish every image a scanner finishes writing in a folder."""
+"""Sub-command ``watch``: publish every image a scanner finishes writing in a folder.
+
+Slides are published as their tiles, cut as ``submit`` cuts them (``--tile-size``,
+``--tile-overlap``, ``--level``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from phenocascade.cli.cascade import add_tiling_options, tiling_of
 from phenocascade.config import Settings, get_settings, load_topology
 from phenocascade.consumers.watcher import FolderWatcher, WatchConfig
 from phenocascade.consumers.watching import DEFAULT_PATTERNS, Ledger, read_status
@@ -80,6 +85,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         max_inline_bytes=settings.max_inline_bytes,
         prefix=args.prefix,
         report_s=args.report_s,
+        tiling=tiling_of(args),
+        max_image_pixels=settings.max_image_pixels,
     )
     store = configured_store(settings.home)
     ledger = Ledger(state, topic)
@@ -144,8 +151,9 @@ def register(sub: Any) -> None:
         "--inline",
         action="store_true",
         help="send the bytes instead of the path (files up to PHENOCASCADE_MAX_INLINE_BYTES; "
-        "larger ones go by path)",
+        "larger ones, and slides, go by path)",
     )
+    add_tiling_options(p)
     p.add_argument("--prefix", default="", help="prefix of the image ids (content hashes)")
     p.add_argument("--name", help="name of the watcher's state (default: from folder and topic)")
     p.add_argument(

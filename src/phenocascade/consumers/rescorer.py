@@ -10,9 +10,11 @@ version ``V`` it:
 2. publishes their images again from the image store (:mod:`phenocascade.store.images`),
    under their own ids, to the submitted topic, as ``phenocascade replay`` does
    (:mod:`phenocascade.consumers.resubmit`): the tiers score them with the models they
-   serve, and the joiner adds an output under the new model versions, keeping the old;
+   serve, and the joiner adds an output under the new model versions, keeping the old. A
+   task of a slide's tile re-scores the whole slide (its one output per versions);
 3. follows each image until an output of ``V`` for the tier is in Cassandra. When ``V``
-   decides the image on its own (its route is not ``ANNOTATE``), the task is withdrawn
+   decides the image on its own (its route is not ``ANNOTATE``; for a tile, the tile's
+   route in its slide's join state, once the slide's output of ``V`` is in), the task is withdrawn
    (:func:`~phenocascade.store.annotations.supersede_task`), so no expert is asked what
    the model now answers; when ``V`` asks too, the task stays. An image a worker scored
    before it swapped to ``V`` gets no new output (the joiner keeps one output per set of
@@ -51,9 +53,11 @@ from phenocascade.store.annotations import (
     unanswered_tasks,
 )
 from phenocascade.store.cassandra import connect, get_outputs
-from phenocascade.store.images import ImageStore
+from phenocascade.store.images import ImageStore, StoredImage
+from phenocascade.store.join_state import load_state
 from phenocascade.streams.kafka import consumer_error, group_consumer, partition_end
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import routing_key, stored_id
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,8 @@ class Rescore:
     tier_artifact, version : str
         The promotion: the tiers' artifact name and the promoted version.
     sent : dict of str to str
-        ``{image id: tier}`` of the images published again.
+        ``{image id: tier}`` of the images published again; a tile's task names the tile,
+        and its whole slide is published again (once, whichever of its tiles asked).
     superseded, asked : list of str
         Image ids the new model decides on its own (their task withdrawn, unless an expert
         holds a live claim on it), and those it sends to an expert too.
@@ -220,18 +225,23 @@ class Rescorer:
             for entry in unanswered_tasks(session=self.session, tier=tier):
                 if entry["model_version"] != job.version and self._unanswered(entry):
                     job.sent.setdefault(entry["image_id"], tier)
-        images = []
+        images: dict[str, StoredImage] = {}  # a slide once, whichever of its tiles asked
         for image_id in list(job.sent):
-            image = self.store.get(image_id)
+            kept_as = stored_id(image_id)
+            image = images.get(kept_as) or self.store.get(kept_as)
             if image is None:
-                job.left_out[image_id] = f"not in the image store {self.store.url}"
+                job.left_out[image_id] = f"{kept_as} is not in the image store {self.store.url}"
             else:
-                images.append(image)
-        plan = plan_replay(self.settings, self.store, images)
-        job.left_out.update(plan.left_out)
+                images[kept_as] = image
+        plan = plan_replay(self.settings, self.store, images.values())
+        for image_id in job.sent:
+            if stored_id(image_id) in plan.left_out:
+                job.left_out[image_id] = plan.left_out[stored_id(image_id)]
         for image_id in job.left_out:
             RESCORED.labels(job.sent.pop(image_id), "left_out").inc()
-        records = {r["image_id"]: r for r in plan.records}
+        records: dict[str, list[dict[str, Any]]] = {}  # by routing key: a slide's tiles together
+        for record in plan.records:
+            records.setdefault(routing_key(record).decode(), []).append(record)
         publish(self.settings, self.topology.submitted_topic, plan.records)
         log.info(
             "%s %s promoted: %d unanswered annotation images sent again, %d left out",
@@ -250,21 +260,41 @@ class Rescorer:
         task = get_task(session=self.session, image_id=entry["image_id"], tier=entry["tier"])
         return task is not None and task["status"] in (TASK_OPEN, TASK_CLAIMED)
 
+    def _new_route(self, image_id: str, tier: str, version: str) -> str | None:
+        """Return the route ``tier`` gave an image with ``version``; ``None`` until it is in.
+
+        A tile's is read from its slide's join state once the slide's output of ``version``
+        is in (that output is emitted only once every tile has one of ``version``); a tile
+        the tier did not see (its gate skipped it) counts as ``SKIP``.
+        """
+        slide = stored_id(image_id)
+        output = newest_output_of(get_outputs(session=self.session, image_id=slide), tier, version)
+        if output is None:
+            return None
+        if slide == image_id:
+            return str(output["routes"][tier])
+        state = load_state(session=self.session, app_id=self.topology.joiner.app_id, image_id=slide)
+        return str(state["tile_outputs"].get(image_id, {}).get("routes", {}).get(tier, "SKIP"))
+
     def _follow(
-        self, job: Rescore, records: Mapping[str, Mapping[str, Any]], stop: threading.Event
+        self,
+        job: Rescore,
+        records: Mapping[str, Sequence[Mapping[str, Any]]],
+        stop: threading.Event,
     ) -> None:
-        """Settle each sent image once its output of the new model is in; send stragglers again."""
+        """Settle each sent image once its output of the new model is in; send stragglers again.
+
+        ``records`` holds the submissions by routing key: an image's, or a slide's tiles.
+        """
         waiting = dict(job.sent)
         started = sent_at = time.monotonic()
         while waiting and not stop.is_set():
             for image_id, tier in list(waiting.items()):
-                output = newest_output_of(
-                    get_outputs(session=self.session, image_id=image_id), tier, job.version
-                )
-                if output is None:
+                route = self._new_route(image_id, tier, job.version)
+                if route is None:
                     continue
                 del waiting[image_id]
-                if output["routes"][tier] == "ANNOTATE":
+                if route == "ANNOTATE":
                     job.asked.append(image_id)
                     RESCORED.labels(tier, "asked").inc()
                     continue
@@ -278,10 +308,11 @@ class Rescorer:
             if not waiting or now - started >= self.wait_s:
                 break
             if now - sent_at >= self.resend_s:
+                again = {stored_id(i) for i in waiting}
                 publish(
                     self.settings,
                     self.topology.submitted_topic,
-                    [records[i] for i in waiting],
+                    [r for key in again for r in records[key]],
                 )
                 sent_at = now
             stop.wait(self.poll_s)

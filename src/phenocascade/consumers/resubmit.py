@@ -9,28 +9,44 @@ serve now; the joiner adds an output under the new model versions and keeps the 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phenocascade.config import Settings
-from phenocascade.errors import PathNotAllowedError, PhenocascadeError, ValidationError
+from phenocascade.consumers.watching import read_digest
+from phenocascade.errors import (
+    NotFoundError,
+    PathNotAllowedError,
+    PhenocascadeError,
+    ValidationError,
+)
 from phenocascade.imaging import resolve_under_roots
 from phenocascade.store.images import ImageStore, StoredImage
+from phenocascade.store.slides import pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import plain_producer
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import Tiling, routing_key, tile_submissions
 
 
 @dataclass
 class ReplayPlan:
-    """The submissions to publish again, and the images left out with the reason."""
+    """The submissions to publish again, and the images left out with the reason.
+
+    ``records`` holds one record per image, or per tile of a slide; ``carried`` counts the
+    images by how they travel (``path``, ``inline``, ``store``).
+    """
 
     records: list[dict[str, Any]] = field(default_factory=list)
     carried: dict[str, int] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        """How many images are sent (a slide's tiles count once)."""
+        return sum(self.carried.values())
 
 
 def _unchanged_path(image: StoredImage, roots: Sequence[Path]) -> Path | None:
@@ -39,27 +55,39 @@ def _unchanged_path(image: StoredImage, roots: Sequence[Path]) -> Path | None:
         return None
     try:
         path = resolve_under_roots(image.uri, roots)
-        data = path.read_bytes()
+        _, digest = read_digest(path, keep=False)
     except (PathNotAllowedError, OSError):
         return None
-    return path if hashlib.sha256(data).hexdigest() == image.sha256 else None
+    return path if digest == image.sha256 else None
 
 
-def replay_record(
+def _local_blob(store: ImageStore, image: StoredImage, roots: Sequence[Path]) -> Path | None:
+    """Return the stored file of ``image`` if the store is a local folder under ``roots``."""
+    blob = store.local_path(image)
+    if blob is None or not any(blob.resolve().is_relative_to(r) for r in roots):
+        return None
+    return blob
+
+
+def replay_records(
     settings: Settings, store: ImageStore, image: StoredImage
-) -> tuple[dict[str, Any], str]:
-    """Return the ``ImageSubmitted`` that submits ``image`` again, and how it carries it.
+) -> tuple[list[dict[str, Any]], str]:
+    """Return the ``ImageSubmitted`` records that submit ``image`` again, and how they carry it.
 
     As it was first sent where possible: by its original path while that file is under the
     allowed roots and holds the same bytes (``"path"``); otherwise the stored bytes go
     inline when they fit ``max_inline_bytes`` (``"inline"``), or by the blob's path when
-    the store is a local folder under the allowed roots (``"store"``).
+    the store is a local folder under the allowed roots (``"store"``). A slide (its
+    manifest has a ``tiling``) is one record per tile, tiled as it was first, its tiles
+    read from its original file or from the stored one, never inline (:func:`_slide_records`).
 
     Raises
     ------
     PhenocascadeError
         If the bytes cannot be read from the store, or can be sent no way.
     """
+    if image.tiling is not None:
+        return _slide_records(settings, store, image)
     roots = settings.roots()
     path = _unchanged_path(image, roots)
     if path is not None:
@@ -67,11 +95,11 @@ def replay_record(
         how = "path"
     else:
         data = store.read(image)
-        blob = store.local_path(image)
+        blob = _local_blob(store, image, roots)
         if len(data) <= settings.max_inline_bytes:
             record = events.image_submitted(image.image_id, inline=data, fmt=image.format)
             how = "inline"
-        elif blob is not None and any(blob.resolve().is_relative_to(r) for r in roots):
+        elif blob is not None:
             record = events.image_submitted(image.image_id, uri=str(blob), fmt=image.format)
             how = "store"
         else:
@@ -80,7 +108,43 @@ def replay_record(
                 "changed; put the image store's folder under PHENOCASCADE_ALLOWED_ROOTS"
             )
     record["metadata"] = {**record["metadata"], **image.metadata}
-    return record, how
+    return [record], how
+
+
+def _slide_records(
+    settings: Settings, store: ImageStore, image: StoredImage
+) -> tuple[list[dict[str, Any]], str]:
+    """Return the tiles' ``ImageSubmitted`` of a stored slide, and how they carry it.
+
+    The workers read each tile lazily from a local file: the slide's original one while it
+    holds the stored bytes (``"path"``), else the stored copy (``"store"``), which must then
+    be a file of a local image store under the allowed roots. A store reached by URL
+    (``s3://``...) cannot serve lazy reads, so such a slide is refused with what to do.
+    """
+    roots = settings.roots()
+    path, how = _unchanged_path(image, roots), "path"
+    if path is None:
+        path, how = _local_blob(store, image, roots), "store"
+        if path is None:
+            raise ValidationError(
+                f"slide {image.image_id}: its file {image.uri} is gone or changed, and its "
+                f"stored copy in {store.url} cannot be read tile by tile: the workers read "
+                "tiles from a local file, so keep slides in a local image store folder under "
+                "PHENOCASCADE_ALLOWED_ROOTS, or put the slide back at its path"
+            )
+        try:
+            _, digest = read_digest(path, keep=False)
+        except FileNotFoundError:
+            digest = None
+        if digest != image.sha256:
+            raise NotFoundError(
+                f"slide {image.image_id}: its stored copy ({image.sha256[:12]}...) in "
+                f"{store.url} is missing or damaged, and its file {image.uri} changed"
+            )
+    slide = events.image_submitted(image.image_id, uri=str(path), fmt=image.format)
+    slide["metadata"] = {**slide["metadata"], **image.metadata}
+    tiling = Tiling(**(image.tiling or {}))
+    return tile_submissions(slide, levels=pyramid(path), tiling=tiling), how
 
 
 def plan_replay(settings: Settings, store: ImageStore, images: Iterable[StoredImage]) -> ReplayPlan:
@@ -88,17 +152,19 @@ def plan_replay(settings: Settings, store: ImageStore, images: Iterable[StoredIm
     plan = ReplayPlan()
     for image in images:
         try:
-            record, how = replay_record(settings, store, image)
+            records, how = replay_records(settings, store, image)
         except PhenocascadeError as exc:
             plan.left_out[image.image_id] = str(exc)
             continue
-        plan.records.append(record)
+        plan.records += records
         plan.carried[how] = plan.carried.get(how, 0) + 1
     return plan
 
 
 def publish(settings: Settings, topic: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Produce ``ImageSubmitted`` records keyed by image id; wait for every acknowledgement.
+    """Produce ``ImageSubmitted`` records and wait for every acknowledgement.
+
+    Each is keyed by its image id, a tile by its slide's.
 
     Raises
     ------
@@ -109,7 +175,7 @@ def publish(settings: Settings, topic: str, records: Sequence[Mapping[str, Any]]
     producer = plain_producer(settings.kafka)
     for record in records:
         producer.produce(
-            topic, key=record["image_id"].encode(), value=codec.encode("ImageSubmitted", record)
+            topic, key=routing_key(record), value=codec.encode("ImageSubmitted", record)
         )
         producer.poll(0)
     remaining = producer.flush(60)

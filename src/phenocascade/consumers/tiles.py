@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from phenocascade.domain import OutputStatus
+from phenocascade.store.cassandra import versions_key
 from phenocascade.streams import events
 from phenocascade.streams.tiling import box_in_slide
 
@@ -24,6 +25,8 @@ MERGE_IOU = 0.5
 MERGE_IOS = 0.7
 # A tier's route on the slide: the most demanding of its tiles' routes.
 _ROUTE_ORDER = ("SKIP", "PASS", "ANNOTATE")
+# Emission keys of a slide's outputs start with this, then its versions key.
+_SLIDE_KEY = "tiles:"
 
 
 def tile_of(state: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -87,21 +90,39 @@ def slide_emission(
     Notes
     -----
     An output is due once ``tile["count"]`` tiles have an output, and again whenever a
-    tile's output changes. The emission key covers every tile's key, so a re-delivered
-    tile result emits nothing twice. The output is :func:`slide_output`.
+    tile's output changes, but never halfway through a re-scoring: once the slide has had
+    an output, one whose tiles a tier scored with several model versions is due only if
+    the slide already had an output under those same versions (an expert's answer changed
+    a tile). So a slide replayed after a promotion gets one new output, when its last
+    tile is re-scored, not one per tile; its first output is due whatever the versions (a
+    promotion may come while it is scored). The emission key names the versions and
+    covers every tile's key, so a re-delivered tile result emits nothing twice. The
+    output is :func:`slide_output`.
     """
     tiles = state.get("tile_outputs", {})
     if len(tiles) < tile["count"]:
         return None
-    key = (
-        "tiles:"
-        + hashlib.sha256(
-            json.dumps(sorted((name, t["key"]) for name, t in tiles.items())).encode()
-        ).hexdigest()[:24]
-    )
-    if key in state.get("emitted", []):
+    versions = versions_key(_joined(t["model_versions"] for t in tiles.values()))
+    digest = hashlib.sha256(
+        json.dumps(sorted((name, t["key"]) for name, t in tiles.items())).encode()
+    ).hexdigest()[:24]
+    key = f"{_SLIDE_KEY}{versions}:{digest}"
+    emitted = [k for k in state.get("emitted", []) if k.startswith(_SLIDE_KEY)]
+    if key in emitted:
         return None
+    if (
+        emitted
+        and _mixed(t["model_versions"] for t in tiles.values())
+        and not any(k.startswith(f"{_SLIDE_KEY}{versions}:") for k in emitted)
+    ):
+        return None  # re-scoring under way: wait for the slide's last tile
     return key, slide_output(tile["parent_id"], list(tiles.values()))
+
+
+def _mixed(maps: Iterable[Mapping[str, str]]) -> bool:
+    """Whether some key has several distinct values in ``maps``."""
+    seen: dict[str, str] = {}
+    return any(seen.setdefault(k, v) != v for m in maps for k, v in m.items())
 
 
 def slide_output(slide_id: str, tiles: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

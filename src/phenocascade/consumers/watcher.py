@@ -8,7 +8,9 @@ holds what Kafka has not taken yet; batches go out in Kafka transactions
 :class:`~phenocascade.consumers.watching.Ledger` remembers what is on the topic. Each
 image's bytes are kept in the image store (:mod:`phenocascade.store.images`) before it is
 queued, as ``phenocascade submit`` keeps them, so ``phenocascade replay`` can score it
-again.
+again. A slide (:func:`~phenocascade.store.slides.is_slide`) is published as its tiles, as
+``submit`` publishes it (:mod:`phenocascade.streams.tiling`): one image, all its tiles in
+one transaction, keyed by its content id.
 
 Guarantee: each distinct content seen complete in the folder is committed to the
 submitted topic exactly once, as a ``read_committed`` reader (every tier worker) sees it,
@@ -29,7 +31,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +59,12 @@ from phenocascade.consumers.watching import (
     write_status,
 )
 from phenocascade.domain import ImageMeta
-from phenocascade.errors import InfraError, ValidationError
+from phenocascade.errors import BadInputError, InfraError, ValidationError
 from phenocascade.store.images import ImageStore
+from phenocascade.store.slides import is_slide, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
+from phenocascade.streams.tiling import Tiling, tile_submissions
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,11 @@ class WatchConfig:
         Prefix of every image id.
     report_s : float
         Seconds between two backlog log lines.
+    tiling : Tiling
+        How slides are cut into tiles.
+    max_image_pixels : int
+        A TIFF over this many pixels is a slide even without a pyramid; no tile may be
+        larger (``PHENOCASCADE_MAX_IMAGE_PIXELS``).
     """
 
     folder: Path
@@ -113,6 +122,8 @@ class WatchConfig:
     max_inline_bytes: int = 8 * 1024 * 1024
     prefix: str = ""
     report_s: float = 30.0
+    tiling: Tiling = field(default_factory=Tiling)
+    max_image_pixels: int = 64_000_000
 
 
 @dataclass
@@ -120,7 +131,7 @@ class _Queued:
     image_id: str
     sha256: str
     path: Path
-    record: dict[str, Any]
+    records: list[dict[str, Any]]  # the image's submission, or its tiles' for a slide
     size: int  # bytes carried inline, 0 for a path
     signature: Signature
 
@@ -275,7 +286,8 @@ class FolderWatcher:
         if self.ledger.knows_file(path, sig):
             self.tracker.done(path)
             return
-        inline = self.config.inline and sig[0] <= self.config.max_inline_bytes
+        slide = is_slide(path, max_pixels=self.config.max_image_pixels)
+        inline = self.config.inline and not slide and sig[0] <= self.config.max_inline_bytes
         try:
             data, digest = read_digest(path, keep=inline)
         except FileNotFoundError:
@@ -296,11 +308,32 @@ class FolderWatcher:
             record = events.image_submitted(image_id, inline=data, fmt=fmt, meta=self.config.meta)
         else:
             record = events.image_submitted(image_id, uri=str(path), fmt=fmt, meta=self.config.meta)
-        if self._kept(record, path, digest, now):
-            self._queue[image_id] = _Queued(image_id, digest, path, record, len(data or b""), sig)
+        records, tiling = [record], None
+        if slide:
+            tiling = asdict(self.config.tiling)
+            try:
+                records = tile_submissions(
+                    record,
+                    levels=pyramid(path),
+                    tiling=self.config.tiling,
+                    max_pixels=self.config.max_image_pixels,
+                )
+            except (BadInputError, ValidationError) as exc:
+                # Nothing is published; the file is taken again once it is written anew.
+                log.warning("%s is not published: it cannot be tiled as a slide: %s", path, exc)
+                return
+        if self._kept(record, path, digest, now, tiling):
+            self._queue[image_id] = _Queued(image_id, digest, path, records, len(data or b""), sig)
 
-    def _kept(self, record: dict[str, Any], path: Path, digest: str, now: float) -> bool:
-        """Keep a taken file in the image store; whether it may be queued.
+    def _kept(
+        self,
+        record: dict[str, Any],
+        path: Path,
+        digest: str,
+        now: float,
+        tiling: dict[str, int] | None,
+    ) -> bool:
+        """Keep a taken file in the image store (a slide with its ``tiling``); whether to queue it.
 
         A file written to meanwhile, or that the store refuses, is followed again from
         ``now`` (so it is retried after the settle time); one deleted is dropped.
@@ -308,7 +341,7 @@ class FolderWatcher:
         if self.store is None:
             return True
         try:
-            self.store.put_file(record, path, sha256=digest)
+            self.store.put_file(record, path, sha256=digest, tiling=tiling)
         except FileNotFoundError:
             return False
         except ValidationError:
@@ -369,7 +402,7 @@ class FolderWatcher:
             batch.append(item)
             size += item.size
         self.ledger.add_pending([(q.image_id, q.sha256, str(q.path)) for q in batch], time.time())
-        offsets = self.publisher.send([q.record for q in batch])
+        offsets = self.publisher.send([r for q in batch for r in q.records])
         self.ledger.mark_published([q.image_id for q in batch], offsets)
         self.ledger.remember_files([(q.path, q.signature, q.image_id) for q in batch])
         for q in batch:

@@ -64,6 +64,9 @@ class StoredImage:
         When it was last submitted, in epoch milliseconds.
     metadata : dict of str to str
         The submission's ``ImageMetadata`` record (study, specimen, modality, ...).
+    tiling : dict of str to int or None
+        For a slide submitted as tiles, how it was tiled (``size``, ``overlap``,
+        ``level``), so that replay tiles it again alike; ``None`` for a whole image.
     """
 
     image_id: str
@@ -73,6 +76,7 @@ class StoredImage:
     uri: str | None
     submitted_at: int
     metadata: dict[str, str] = field(default_factory=dict)
+    tiling: dict[str, int] | None = None
 
     @property
     def study(self) -> str:
@@ -80,8 +84,18 @@ class StoredImage:
         return self.metadata.get("study", "")
 
     @classmethod
-    def from_submission(cls, record: Mapping[str, Any], *, sha256: str, size: int) -> StoredImage:
-        """Return the manifest of an ``ImageSubmitted`` record whose bytes have this digest."""
+    def from_submission(
+        cls,
+        record: Mapping[str, Any],
+        *,
+        sha256: str,
+        size: int,
+        tiling: Mapping[str, int] | None = None,
+    ) -> StoredImage:
+        """Return the manifest of an ``ImageSubmitted`` record whose bytes have this digest.
+
+        ``tiling`` is the tiling of a slide (``size``, ``overlap``, ``level``), else ``None``.
+        """
         return cls(
             image_id=record["image_id"],
             sha256=sha256,
@@ -90,6 +104,7 @@ class StoredImage:
             uri=record["uri"],
             submitted_at=int(record["submitted_at"]),
             metadata={k: str(v) for k, v in record["metadata"].items()},
+            tiling=None if tiling is None else dict(tiling),
         )
 
 
@@ -181,10 +196,18 @@ class ImageStore:
         )
         return self._keep(image, lambda tmp: self._fs.pipe_file(tmp, data))
 
-    def put_file(self, record: Mapping[str, Any], path: Path, *, sha256: str) -> StoredImage | None:
+    def put_file(
+        self,
+        record: Mapping[str, Any],
+        path: Path,
+        *,
+        sha256: str,
+        tiling: Mapping[str, int] | None = None,
+    ) -> StoredImage | None:
         """Keep a submission whose bytes are the file at ``path``, copied in chunks.
 
-        As :meth:`put`, with memory bounded by the chunk size however large the file.
+        As :meth:`put`, with memory bounded by the chunk size however large the file (a
+        slide).
 
         Parameters
         ----------
@@ -194,6 +217,9 @@ class ImageStore:
             The file holding the image's encoded bytes.
         sha256 : str
             Hex SHA-256 the file's bytes were found to have when it was taken.
+        tiling : Mapping or None, default None
+            For a slide (``record`` is the slide's own submission, not a tile's), how it
+            was tiled: ``size``, ``overlap`` and ``level``, kept in the manifest.
 
         Raises
         ------
@@ -206,7 +232,7 @@ class ImageStore:
             If the file or the store cannot be read or written.
         """
         size = path.stat().st_size
-        image = StoredImage.from_submission(record, sha256=sha256, size=size)
+        image = StoredImage.from_submission(record, sha256=sha256, size=size, tiling=tiling)
 
         def copy(tmp: str) -> None:
             digest = hashlib.sha256()

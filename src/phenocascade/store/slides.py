@@ -1,9 +1,11 @@
 """Read whole-slide and large microscopy images lazily, one region at a time.
 
 A slide is a TIFF (pyramidal or OME-TIFF, its reduced levels in SubIFDs or in pages) that
-is too large to decode whole. :class:`Slide` reads a region of any pyramid level by
-decoding only the TIFF tiles (or strips) that the region touches, so a worker holds a
-few tiles of the file in memory, never the slide.
+is too large to decode whole, or an OME-Zarr image folder (its multiscale levels). Both
+read a region of any pyramid level by decoding only the TIFF tiles (or strips), or the Zarr
+chunks, that the region touches, so a worker holds a few of them in memory, never the
+slide: :class:`Slide` reads TIFFs, :class:`ZarrSlide` OME-Zarr folders (with the optional
+``zarr`` package, ``pip install 'phenocascade[zarr]'``); :func:`open_slide` picks one.
 
 Only the first series' first plane is read: a slide of one grey or RGB plane per level
 (axes ``YX`` or ``YXS``), 8 or 16 bits, samples stored contiguously; anything else is
@@ -14,16 +16,20 @@ convert it.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import numpy as np
 import tifffile
 
 from phenocascade.config import Settings
+
+if TYPE_CHECKING:
+    import zarr
 from phenocascade.errors import (
     BadInputError,
     CorruptImageError,
@@ -64,8 +70,126 @@ class Level:
     downsample: float
 
 
-class Slide:
-    """An open slide file, read region by region (a context manager).
+class SlideReader(ABC):
+    """An open slide, read region by region (a context manager).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The slide's file or folder.
+    levels : list of Level
+        Its pyramid levels, level 0 (full resolution) first.
+    """
+
+    path: Path
+    levels: list[Level]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the slide's file."""
+
+    @abstractmethod
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> Pixels:
+        """Decode one region of a level, touching only the parts of the file it overlaps.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level, 0 is full resolution.
+        x, y : int
+            Top-left corner of the region, in pixels of the level.
+        width, height : int
+            Size of the region; it must lie inside the level.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width, C)``, ``C`` in ``{1, 3}``, the slide's dtype.
+
+        Raises
+        ------
+        UnsupportedImageError
+            If the region leaves the level, or one stored segment (TIFF tile or strip,
+            Zarr chunk) decodes to more than :data:`MAX_SEGMENT_BYTES`.
+        CorruptImageError
+            If a segment does not decode.
+        """
+
+    def level(self, index: int) -> Level:
+        """Return pyramid level ``index``.
+
+        Raises
+        ------
+        UnsupportedImageError
+            If the slide has no such level.
+        """
+        if not 0 <= index < len(self.levels):
+            raise UnsupportedImageError(
+                f"{self.path}: pyramid level {index} does not exist; the slide has "
+                f"{len(self.levels)} level(s), 0 to {len(self.levels) - 1}"
+            )
+        return self.levels[index]
+
+    def _region(self, level: int, x: int, y: int, width: int, height: int) -> Level:
+        """Return level ``level`` once the region is checked to lie inside it."""
+        size = self.level(level)
+        if min(x, y) < 0 or min(width, height) <= 0:
+            raise UnsupportedImageError(
+                f"{self.path}: empty or negative region {x, y, width, height}"
+            )
+        if x + width > size.width or y + height > size.height:
+            raise UnsupportedImageError(
+                f"{self.path}: region {width}x{height} at ({x}, {y}) leaves level {level} of "
+                f"{size.width}x{size.height} px"
+            )
+        return size
+
+    def _check_segment(self, level: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        """Refuse a level stored in segments of ``shape`` too large to read part of."""
+        if math.prod(shape) * dtype.itemsize > MAX_SEGMENT_BYTES:
+            raise UnsupportedImageError(
+                f"{self.path}: level {level} is stored in segments of {shape} px, too large to "
+                "read a region of; save the slide tiled (e.g. tifffile.imwrite(..., "
+                "tile=(512, 512)), or Zarr chunks of 512 x 512)"
+            )
+
+    def thumbnail(self, max_side: int) -> tuple[Pixels, float]:
+        """Return the slide downsampled so that its longer side is at most about ``max_side``.
+
+        The smallest level whose longer side is at least ``max_side`` is read (the smallest
+        level, if none is), region by region, and reduced by striding; memory stays near
+        the result's size plus one region.
+
+        Returns
+        -------
+        tuple of (numpy.ndarray, float)
+            The pixels, ``(H, W, C)``, and level-0 pixels per thumbnail pixel.
+        """
+        candidates = [i for i, lv in enumerate(self.levels) if max(lv.width, lv.height) >= max_side]
+        index = candidates[-1] if candidates else len(self.levels) - 1
+        lv = self.levels[index]
+        step = max(1, math.ceil(max(lv.width, lv.height) / max_side))
+        band = max(step, (1024 // step) * step)
+        rows = []
+        for top in range(0, lv.height, band):
+            region = self.read(index, 0, top, lv.width, min(band, lv.height - top))
+            rows.append(region[::step, ::step])
+        return cast(Pixels, np.concatenate(rows, axis=0)), lv.downsample * step
+
+
+class Slide(SlideReader):
+    """An open TIFF slide, read region by region (a context manager).
 
     Parameters
     ----------
@@ -122,83 +246,23 @@ class Slide:
             pages.append(page)
         return pages
 
-    def __enter__(self) -> Slide:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         """Close the file."""
         self._tif.close()
 
-    def level(self, index: int) -> Level:
-        """Return pyramid level ``index``.
-
-        Raises
-        ------
-        UnsupportedImageError
-            If the slide has no such level.
-        """
-        if not 0 <= index < len(self.levels):
-            raise UnsupportedImageError(
-                f"{self.path}: pyramid level {index} does not exist; the slide has "
-                f"{len(self.levels)} level(s), 0 to {len(self.levels) - 1}"
-            )
-        return self.levels[index]
-
     def read(self, level: int, x: int, y: int, width: int, height: int) -> Pixels:
-        """Decode one region of a level, touching only the TIFF segments it overlaps.
+        """Decode one region of a level, touching only the TIFF tiles or strips it overlaps.
 
-        Parameters
-        ----------
-        level : int
-            Pyramid level, 0 is full resolution.
-        x, y : int
-            Top-left corner of the region, in pixels of the level.
-        width, height : int
-            Size of the region; it must lie inside the level.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``(height, width, C)``, ``C`` in ``{1, 3}``, the slide's dtype.
-
-        Raises
-        ------
-        UnsupportedImageError
-            If the region leaves the level, or one segment decodes to more than
-            :data:`MAX_SEGMENT_BYTES`.
-        CorruptImageError
-            If a segment does not decode.
+        As :meth:`SlideReader.read`.
         """
-        size = self.level(level)
-        if min(x, y) < 0 or min(width, height) <= 0:
-            raise UnsupportedImageError(
-                f"{self.path}: empty or negative region {x, y, width, height}"
-            )
-        if x + width > size.width or y + height > size.height:
-            raise UnsupportedImageError(
-                f"{self.path}: region {width}x{height} at ({x}, {y}) leaves level {level} of "
-                f"{size.width}x{size.height} px"
-            )
+        size = self._region(level, x, y, width, height)
         page = self._pages[level]
         seg_h, seg_w = (
             (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, size.width)
         )
         seg_h = min(seg_h, size.height)
         samples, dtype = page.samplesperpixel, np.dtype(page.dtype)  # checked at open
-        if seg_h * seg_w * samples * dtype.itemsize > MAX_SEGMENT_BYTES:
-            raise UnsupportedImageError(
-                f"{self.path}: level {level} is stored in segments of {seg_w}x{seg_h} px, too "
-                "large to read a region of; save the slide tiled (e.g. tifffile.imwrite(..., "
-                "tile=(512, 512)))"
-            )
+        self._check_segment(level, (seg_h, seg_w, samples), dtype)
         out = np.zeros((height, width, samples), dtype)
         across = math.ceil(size.width / seg_w)
         handle = self._tif.filehandle
@@ -259,37 +323,134 @@ class Slide:
                 "or corrupt"
             )
 
-    def thumbnail(self, max_side: int) -> tuple[Pixels, float]:
-        """Return the slide downsampled so that its longer side is at most about ``max_side``.
 
-        The smallest level whose longer side is at least ``max_side`` is read (the smallest
-        level, if none is), region by region, and reduced by striding; memory stays near
-        the result's size plus one region.
+class ZarrSlide(SlideReader):
+    """An open OME-Zarr image folder, read region by region (a context manager).
 
-        Returns
-        -------
-        tuple of (numpy.ndarray, float)
-            The pixels, ``(H, W, C)``, and level-0 pixels per thumbnail pixel.
+    Its levels are the datasets of its first ``multiscales`` entry (OME-NGFF 0.4, Zarr v2,
+    or 0.5, Zarr v3), largest first. Every axis but ``y`` and ``x`` must have one element,
+    except a channel axis ``c`` of 1 (grey) or 3 (read as RGB).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The image's folder (``*.ome.zarr``, or the image group inside one).
+
+    Raises
+    ------
+    UnsupportedImageError
+        If the ``zarr`` package is not installed, or the image is not one grey or RGB
+        plane of 8 or 16 bits.
+    CorruptImageError
+        If the folder is no readable OME-Zarr image.
+    """
+
+    _arrays: list[zarr.Array[Any]]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            import zarr  # optional: pip install 'phenocascade[zarr]'
+        except ImportError:
+            raise UnsupportedImageError(
+                f"{path}: reading OME-Zarr slides needs the zarr package; install it "
+                "(pip install 'phenocascade[zarr]') or convert the slide to a tiled OME-TIFF"
+            ) from None
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            attrs: dict[str, Any] = dict(group.attrs.asdict())
+            multiscale = (attrs.get("ome") or attrs)["multiscales"][0]
+            axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale["axes"]]
+            found = [group[d["path"]] for d in multiscale["datasets"]]
+        except (*DECODER_ERRORS, TypeError) as exc:
+            raise CorruptImageError(
+                f"{path}: not a readable OME-Zarr image (multiscales metadata: {exc!r})"
+            ) from exc
+        self._arrays = [a for a in found if isinstance(a, zarr.Array)]
+        if not found or len(self._arrays) != len(found):
+            raise CorruptImageError(f"{path}: its multiscales datasets are not all Zarr arrays")
+        self._axes = axes
+        self._check_axes(axes, self._arrays[0].shape, np.dtype(self._arrays[0].dtype))
+        x, y = axes.index("x"), axes.index("y")
+        width0 = self._arrays[0].shape[x]
+        self.levels = [Level(a.shape[x], a.shape[y], width0 / a.shape[x]) for a in self._arrays]
+
+    def _check_axes(self, axes: Sequence[str], shape: Sequence[int], dtype: np.dtype[Any]) -> None:
+        extra = {a: n for a, n in zip(axes, shape, strict=True) if a not in ("y", "x")}
+        if not {"y", "x"} <= set(axes) or any(
+            n != 1 and not (a == "c" and n == 3) for a, n in extra.items()
+        ):
+            raise UnsupportedImageError(
+                f"{self.path}: slide axes {''.join(axes)} (shape {tuple(shape)}); tiling reads "
+                "one grey or RGB plane per level: save each channel, z-slice or time point as "
+                "its own slide"
+            )
+        if dtype not in (np.uint8, np.uint16):
+            raise UnsupportedImageError(
+                f"{self.path}: dtype {dtype} is not supported; convert the slide to 8- or "
+                "16-bit unsigned"
+            )
+
+    def close(self) -> None:
+        """Nothing to release: Zarr opens a chunk's file only while it reads it."""
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> Pixels:
+        """Decode one region of a level, touching only the Zarr chunks it overlaps.
+
+        As :meth:`SlideReader.read`.
         """
-        candidates = [i for i, lv in enumerate(self.levels) if max(lv.width, lv.height) >= max_side]
-        index = candidates[-1] if candidates else len(self.levels) - 1
-        lv = self.levels[index]
-        step = max(1, math.ceil(max(lv.width, lv.height) / max_side))
-        band = max(step, (1024 // step) * step)
-        rows = []
-        for top in range(0, lv.height, band):
-            region = self.read(index, 0, top, lv.width, min(band, lv.height - top))
-            rows.append(region[::step, ::step])
-        return cast(Pixels, np.concatenate(rows, axis=0)), lv.downsample * step
+        self._region(level, x, y, width, height)
+        array = self._arrays[level]
+        self._check_segment(level, tuple(array.chunks), np.dtype(array.dtype))
+        where = {"y": slice(y, y + height), "x": slice(x, x + width), "c": slice(None)}
+        try:
+            region = np.asarray(array[tuple(where.get(a, 0) for a in self._axes)])
+        except (*DECODER_ERRORS, RuntimeError) as exc:
+            raise CorruptImageError(
+                f"{self.path}: level {level} region {width}x{height} at ({x}, {y}) does not "
+                f"decode ({exc}); a chunk is corrupt"
+            ) from exc
+        kept = [a for a in self._axes if a in where]  # the order the axes came out in
+        if "c" not in kept:
+            region, kept = region[..., None], [*kept, "c"]
+        return np.ascontiguousarray(region.transpose([kept.index(a) for a in ("y", "x", "c")]))
 
 
-def open_slide(path: str | Path, *, roots: Sequence[Path], max_bytes: int | None = None) -> Slide:
-    """Open a slide that must lie under ``roots``.
+def is_zarr(path: Path) -> bool:
+    """Whether ``path`` is a Zarr folder (v2 or v3 metadata)."""
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("zarr.json", ".zattrs", ".zgroup")
+    )
+
+
+def _open(path: Path) -> SlideReader:
+    """Open a slide file (TIFF) or folder (OME-Zarr)."""
+    return ZarrSlide(path) if path.is_dir() else Slide(path)
+
+
+def pyramid(path: Path) -> list[tuple[int, int, float]]:
+    """Return ``(width, height, downsample)`` of each level of a slide, level 0 first.
+
+    Reads the file's header only.
+
+    Raises
+    ------
+    CorruptImageError, UnsupportedImageError
+        As :class:`Slide`.
+    """
+    with _open(path) as slide:
+        return [(lv.width, lv.height, lv.downsample) for lv in slide.levels]
+
+
+def open_slide(
+    path: str | Path, *, roots: Sequence[Path], max_bytes: int | None = None
+) -> SlideReader:
+    """Open a slide that must lie under ``roots``: a TIFF file, or an OME-Zarr folder.
 
     Parameters
     ----------
     path : str or pathlib.Path
-        The file, or a ``file://`` URI.
+        The file or folder, or a ``file://`` URI.
     roots : sequence of pathlib.Path
         Folders the resolved path must lie under (``PHENOCASCADE_ALLOWED_ROOTS``).
     max_bytes : int or None, default None
@@ -298,20 +459,21 @@ def open_slide(path: str | Path, *, roots: Sequence[Path], max_bytes: int | None
     Raises
     ------
     PathNotAllowedError, CorruptImageError, UnsupportedImageError, DecompressionBombError
-        As :func:`~phenocascade.imaging.resolve_under_roots` and :class:`Slide`; a file
-        over ``max_bytes`` is refused unopened.
+        As :func:`~phenocascade.imaging.resolve_under_roots`, :class:`Slide` and
+        :class:`ZarrSlide`; a file over ``max_bytes`` is refused unopened (a Zarr folder's
+        chunks are bounded by :data:`MAX_SEGMENT_BYTES` instead).
     """
     resolved = resolve_under_roots(path, roots)
     try:
         size = resolved.stat().st_size
     except OSError as exc:
         raise CorruptImageError(f"{path}: cannot be read ({exc.strerror})") from exc
-    if max_bytes is not None and size > max_bytes:
+    if max_bytes is not None and size > max_bytes and not resolved.is_dir():
         raise DecompressionBombError(
             f"{path}: file of {size} bytes exceeds max_file_bytes={max_bytes}; raise "
             "PHENOCASCADE_MAX_FILE_BYTES if such slides are expected"
         )
-    return Slide(resolved)
+    return _open(resolved)
 
 
 def read_tile(uri: str | None, tile: Mapping[str, Any], *, settings: Settings, what: str) -> Pixels:
@@ -351,11 +513,14 @@ def read_tile(uri: str | None, tile: Mapping[str, Any], *, settings: Settings, w
 
 
 def is_slide(path: Path, *, max_pixels: int) -> bool:
-    """Whether ``path`` is a slide to tile: a TIFF with a pyramid, or over ``max_pixels``.
+    """Whether ``path`` is a slide to tile: a pyramidal or large TIFF, or a Zarr folder.
 
-    Reads the file's header only. Any other file (PNG, JPEG, a small flat TIFF, or one
-    that does not open) is an ordinary image, scored whole.
+    A TIFF is a slide when it has a pyramid or more than ``max_pixels``. Reads the file's
+    header only. Any other file (PNG, JPEG, a small flat TIFF, or one that does not open)
+    is an ordinary image, scored whole.
     """
+    if is_zarr(path):
+        return True
     try:
         with path.open("rb") as handle:
             if sniff_format(handle.read(8)) != "tiff":

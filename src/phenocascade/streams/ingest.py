@@ -21,6 +21,7 @@ from phenocascade.errors import InfraError
 from phenocascade.streams.kafka import transactional_producer
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from phenocascade.streams.tiling import routing_key
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class TransactionalPublisher:
         self._ready = True
 
     def send(self, records: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-        """Publish ``records`` (keyed by image id) in one transaction.
+        """Publish ``records`` (keyed by image id, a tile by its slide's) in one transaction.
 
         Returns
         -------
@@ -117,7 +118,7 @@ class TransactionalPublisher:
             for record in records:
                 value = self._codec.encode("ImageSubmitted", record)
                 producer.produce(
-                    self.topic, key=record["image_id"].encode(), value=value, on_delivery=delivered
+                    self.topic, key=routing_key(record), value=value, on_delivery=delivered
                 )
             if producer.flush(self.timeout_s) or failures:
                 reason = (

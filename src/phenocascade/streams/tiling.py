@@ -97,6 +97,7 @@ def tile_submissions(
     *,
     levels: Sequence[tuple[int, int, float]],
     tiling: Tiling,
+    max_pixels: int | None = None,
 ) -> list[dict[str, Any]]:
     """Return the ``ImageSubmitted`` of every tile of a slide.
 
@@ -108,11 +109,15 @@ def tile_submissions(
         ``(width, height, downsample)`` of each pyramid level, level 0 first.
     tiling : Tiling
         Tile size, overlap and the level to read.
+    max_pixels : int or None, default None
+        Most pixels of one tile (``PHENOCASCADE_MAX_IMAGE_PIXELS``, the decode limit of one
+        image); ``None``: no limit.
 
     Raises
     ------
     ValidationError
-        If the slide has no level ``tiling.level``, or is submitted inline.
+        If the slide has no level ``tiling.level``, is submitted inline, or a tile would
+        exceed ``max_pixels``.
     """
     if slide["uri"] is None:
         raise ValidationError(
@@ -125,6 +130,11 @@ def tile_submissions(
         )
     width, height, downsample = levels[tiling.level]
     cells = grid(width, height, tiling)
+    if max_pixels is not None and max(w * h for _, _, w, h in cells) > max_pixels:
+        raise ValidationError(
+            f"tiles of {tiling.size} px a side exceed PHENOCASCADE_MAX_IMAGE_PIXELS="
+            f"{max_pixels}; choose a smaller --tile-size"
+        )
     return [
         {
             **slide,
@@ -145,6 +155,11 @@ def tile_submissions(
         }
         for index, (x, y, w, h) in enumerate(cells)
     ]
+
+
+def stored_id(image_id: str) -> str:
+    """Return the id an image is kept under: its slide's for a tile, else its own."""
+    return image_id.split(TILE_SEPARATOR, 1)[0]
 
 
 def routing_key(record: Mapping[str, Any]) -> bytes:
