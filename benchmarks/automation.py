@@ -11,7 +11,11 @@ the output says which).
 Usage::
 
     .venv/bin/python benchmarks/automation.py [--folds 3] [--only quality,majority,minority]
-        [--keep DIR]
+        [--keep DIR | --reuse DIR]
+
+``--reuse DIR`` scores the champions that a ``--keep DIR`` run trained (training is
+deterministic on one machine, so they are the models a fresh run would train), for a
+change of the measurement alone; ``models_reused_from`` and each tier's ``model`` say so.
 
 Writes ``benchmarks/results/automation.json``. Per tier, and for the cascade end to end,
 four threshold variants of the same model and calibrators:
@@ -238,20 +242,24 @@ def cross_fit_folds(tier: str, folds: int, size: str) -> int:
     return 0 if plan.train_data is not None or plan.segmenter_from is not None else folds
 
 
-def run_tier(tier: str, settings: Settings, folds: int, size: str) -> TierRun:
-    """Train ``tier`` with a 0.99 certificate and replay it on its test split."""
-    started = time.perf_counter()
-    folder = train_tier(
-        tier,
-        settings=settings,
-        size=size,
-        progress=False,
-        cross_fit=cross_fit_folds(tier, folds, size),
-        target_precision=TARGET,
-        delta=DELTA,
-    )
-    log.info("%s trained in %.0f s", tier, time.perf_counter() - started)
-    stage = load_stage(settings.artifacts, tier, folder.name)
+def run_tier(tier: str, settings: Settings, folds: int, size: str, *, reuse: bool) -> TierRun:
+    """Train ``tier`` at a 0.99 certificate, or load its champion (``reuse``); replay on test."""
+    if reuse:
+        stage = load_stage(settings.artifacts, tier)
+        log.info("%s: reusing %s", tier, stage.version)
+    else:
+        started = time.perf_counter()
+        folder = train_tier(
+            tier,
+            settings=settings,
+            size=size,
+            progress=False,
+            cross_fit=cross_fit_folds(tier, folds, size),
+            target_precision=TARGET,
+            delta=DELTA,
+        )
+        log.info("%s trained in %.0f s", tier, time.perf_counter() - started)
+        stage = load_stage(settings.artifacts, tier, folder.name)
     data = bench.decode_set(tier_data(tier, settings.datasets, "test"))  # type: ignore[arg-type]
     model = bench.replay(stage, data.images)
     gate_truth = ["clear" in s.labels for s in data.samples]
@@ -419,6 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="bootstrap", choices=["bootstrap", "full"])
     parser.add_argument("--only", default=",".join(TIERS), help="tiers, comma-separated")
     parser.add_argument("--keep", type=Path, default=None, help="keep the artifacts here")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="score the champions a --keep run left in this folder instead of training "
+        "(same --folds and --size); the file records their versions",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "automation.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -427,15 +442,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiers = sorted(asked, key=lambda t: BOOTSTRAP_ORDER.index(t) if t in BOOTSTRAP_ORDER else 9)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="automation-") as tmp:
-        artifacts = args.keep or Path(tmp) / "artifacts"
+        artifacts = args.reuse or args.keep or Path(tmp) / "artifacts"
         settings = Settings(artifacts=artifacts, home=Path(tmp))
-        runs = {t: run_tier(t, settings, args.folds, args.size) for t in tiers}
+        reuse = args.reuse is not None
+        runs = {t: run_tier(t, settings, args.folds, args.size, reuse=reuse) for t in tiers}
         result: dict[str, Any] = {
             "target": TARGET,
             "delta": DELTA,
             **bench.provenance(command),
             "folds": args.folds,
             "size": args.size,
+            "models_reused_from": str(args.reuse) if reuse else None,
             "tiers": {
                 t: {**tier_figures(r), "cross_fit": cross_fit_folds(t, args.folds, args.size)}
                 for t, r in runs.items()
