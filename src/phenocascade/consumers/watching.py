@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from phenocascade.errors import ConfigError, ConflictError
+from phenocascade.store.images import content_digest
 
 # (size in bytes, modification time in ns): a file whose signature is unchanged for the
 # settle time is taken as written.
@@ -47,13 +48,14 @@ def content_id(digest: str, prefix: str = "") -> str:
 def read_digest(path: Path, *, keep: bool) -> tuple[bytes | None, str]:
     """Return the bytes of ``path`` (if ``keep``, else ``None``) and their SHA-256 hex digest.
 
-    Without ``keep`` the file is hashed in chunks, so its size does not bound memory.
+    Without ``keep`` the file is hashed in chunks, so its size does not bound memory; a
+    folder (an OME-Zarr slide) is never kept, its digest is its content digest
+    (:func:`~phenocascade.store.images.content_digest`).
     """
-    with path.open("rb") as f:
-        if keep:
-            data = f.read()
-            return data, hashlib.sha256(data).hexdigest()
-        return None, hashlib.file_digest(f, "sha256").hexdigest()
+    if not keep:
+        return None, content_digest(path)
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def signature(path: Path) -> Signature | None:
