@@ -13,6 +13,7 @@ promoted as the retrainer does (``CHAMPION``, then ``ModelPromoted``), and ``rep
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ import tifffile
 import yaml
 from cassandra.cluster import Session
 from harness import TEST_KEYSPACE, read_events, settings_env
+from ome_zarr_images import write_ome_zarr
 from PIL import Image
 
 import phenocascade.cli.replay as replay_cli
@@ -290,8 +292,28 @@ def _slide(path: Path, grey: np.ndarray) -> Path:
     return path
 
 
+def _zarr_slide(path: Path, grey: np.ndarray) -> Path:
+    """An OME-Zarr (0.5, Zarr v3) image of ``grey``, its levels 2 and 4 times smaller."""
+    return write_ome_zarr(path, grey, "yx", version="0.5")
+
+
+def _bytes_of(path: Path) -> int:
+    """The size of a file, or of a folder's files."""
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [("slide.ome.tif", _slide), ("slide.ome.zarr", _zarr_slide)],
+    ids=["ome-tiff", "ome-zarr"],
+)
 def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
-    lab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    lab: Lab,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    write: Callable[[Path, np.ndarray], Path],
 ) -> None:
     scans = lab.settings.allowed_roots[0]
     # A local store under the allowed roots: the workers read replayed tiles from it.
@@ -299,7 +321,7 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     store = configured_store(lab.settings.home)
     assert store is not None
     # 3000 x 3000 of grey 80, whose boxes the new detector loses.
-    path = _slide(scans / "slide.ome.tif", np.full((3_000, 3_000), 80, np.uint8))
+    path = write(scans / name, np.full((3_000, 3_000), 80, np.uint8))
     tiling = Tiling(size=1024, overlap=128, level=1)  # level 1 is 1500 x 1500: 2 x 2 tiles
     [slide_id] = submit_paths(
         lab.settings, lab.topology, [path], meta=ImageMeta(study=lab.study), progress=False,
@@ -308,14 +330,18 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     [kept] = store.images()
     assert kept.image_id == slide_id and kept.uri == str(path)
     assert kept.tiling == {"size": 1024, "overlap": 128, "level": 1}
-    assert kept.size == path.stat().st_size
+    assert kept.size == _bytes_of(path)
     old = {"quality": V1, "majority": V1, "minority": V1}
     new = {**old, "minority": V2}
     _wait("the slide's output", 90, lambda: slide_id in _outputs(lab), lab)
     first = _outputs(lab)[slide_id]
     assert set(first) == {versions_key(old)} and len(first[versions_key(old)]["boxes"]) == 4
 
-    path.unlink()  # gone from the scanner's folder: replay must read the stored copy
+    # Gone from the scanner's folder: replay must read the stored copy.
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
     _promote_detector(lab)
     minority = lab.workers["minority"]
     _wait("the detector's swap", 60, lambda: minority.stats.swaps == [V2], lab)
