@@ -13,6 +13,7 @@ promoted as the retrainer does (``CHAMPION``, then ``ModelPromoted``), and ``rep
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ import tifffile
 import yaml
 from cassandra.cluster import Session
 from harness import TEST_KEYSPACE, read_events, settings_env
+from ome_zarr_images import write_ome_zarr
 from PIL import Image
 
 import phenocascade.cli.replay as replay_cli
@@ -290,8 +292,40 @@ def _slide(path: Path, grey: np.ndarray) -> Path:
     return path
 
 
+def _zarr_slide(path: Path, grey: np.ndarray) -> Path:
+    """An OME-Zarr (0.5, Zarr v3) image of ``grey``, its levels 2 and 4 times smaller."""
+    return write_ome_zarr(path, grey, "yx", version="0.5")
+
+
+def _bytes_of(path: Path) -> int:
+    """The size of a file, or of a folder's files."""
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _remove(path: Path) -> None:
+    """Delete a slide from the scanner's folder: a file, or an OME-Zarr folder."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# Each slide test runs on a pyramidal OME-TIFF and on an OME-Zarr folder.
+SLIDES = pytest.mark.parametrize(
+    ("name", "write"),
+    [("slide.ome.tif", _slide), ("slide.ome.zarr", _zarr_slide)],
+    ids=["ome-tiff", "ome-zarr"],
+)
+
+
+@SLIDES
 def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
-    lab: Lab, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    lab: Lab,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    write: Callable[[Path, np.ndarray], Path],
 ) -> None:
     scans = lab.settings.allowed_roots[0]
     # A local store under the allowed roots: the workers read replayed tiles from it.
@@ -299,7 +333,7 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     store = configured_store(lab.settings.home)
     assert store is not None
     # 3000 x 3000 of grey 80, whose boxes the new detector loses.
-    path = _slide(scans / "slide.ome.tif", np.full((3_000, 3_000), 80, np.uint8))
+    path = write(scans / name, np.full((3_000, 3_000), 80, np.uint8))
     tiling = Tiling(size=1024, overlap=128, level=1)  # level 1 is 1500 x 1500: 2 x 2 tiles
     [slide_id] = submit_paths(
         lab.settings, lab.topology, [path], meta=ImageMeta(study=lab.study), progress=False,
@@ -308,14 +342,14 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     [kept] = store.images()
     assert kept.image_id == slide_id and kept.uri == str(path)
     assert kept.tiling == {"size": 1024, "overlap": 128, "level": 1}
-    assert kept.size == path.stat().st_size
+    assert kept.size == _bytes_of(path)
     old = {"quality": V1, "majority": V1, "minority": V1}
     new = {**old, "minority": V2}
     _wait("the slide's output", 90, lambda: slide_id in _outputs(lab), lab)
     first = _outputs(lab)[slide_id]
     assert set(first) == {versions_key(old)} and len(first[versions_key(old)]["boxes"]) == 4
 
-    path.unlink()  # gone from the scanner's folder: replay must read the stored copy
+    _remove(path)  # gone from the scanner's folder: replay must read the stored copy
     _promote_detector(lab)
     minority = lab.workers["minority"]
     _wait("the detector's swap", 60, lambda: minority.stats.swaps == [V2], lab)
@@ -340,14 +374,19 @@ def test_a_slide_is_replayed_from_its_stored_copy_into_one_new_output(
     assert {o["image_id"] for o in published} == {slide_id}
 
 
-def test_a_promotion_rescores_a_slide_whose_tiles_await_an_expert(lab: Lab) -> None:
+@SLIDES
+def test_a_promotion_rescores_a_slide_whose_tiles_await_an_expert(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, name: str, write: Callable[[Path, np.ndarray], Path]
+) -> None:
     """A slide whose top half is grey 55 and bottom half 60, in four tiles: the old detector
     asks about all four; the new one decides the top two (their tasks are withdrawn) and
-    asks about the bottom two (their tasks are renewed). The slide is re-scored whole,
-    into one new output."""
+    asks about the bottom two (their tasks are renewed). The slide is re-scored whole, from
+    its stored copy (its own file is gone by then), into one new output."""
+    scans = lab.settings.allowed_roots[0]
+    monkeypatch.setenv("PHENOCASCADE_IMAGE_STORE", str(scans / "store"))
     grey = np.full((3_000, 3_000), 55, np.uint8)
     grey[1_500:] = 60
-    path = _slide(lab.settings.allowed_roots[0] / "half.ome.tif", grey)
+    path = write(scans / name, grey)
     with _rescoring(lab) as rescorer:
         [slide_id] = submit_paths(
             lab.settings, lab.topology, [path], meta=ImageMeta(study=lab.study), progress=False,
@@ -356,6 +395,7 @@ def test_a_promotion_rescores_a_slide_whose_tiles_await_an_expert(lab: Lab) -> N
         tiles = [f"{slide_id}#tile-{i}" for i in range(4)]  # top left, top right, bottom...
         _wait("the slide's output", 90, lambda: slide_id in _outputs(lab), lab)
         _wait("the tiles' tasks", 60, lambda: all(_task(lab, t) for t in tiles), lab)
+        _remove(path)
         _promote_detector(lab)
         _wait("the rescorer's work", 120, lambda: len(rescorer.done) == 1, lab)
 
@@ -374,6 +414,7 @@ def test_a_promotion_rescores_a_slide_whose_tiles_await_an_expert(lab: Lab) -> N
     assert set(outputs) == {old, new}
     assert outputs[new]["status"] == "awaiting_annotation"
     assert outputs[new]["routes"]["minority"] == "ANNOTATE"
+    assert Path(outputs[new]["uri"]).is_relative_to(scans / "store")  # read from the copy
     published = read_events(lab.settings, lab.topology.joiner.results_topic, "ImageOutput")
     assert [o["model_versions"]["minority"] for o in published] == [V1, V2]
     status = {t: cast(dict[str, Any], _task(lab, t)) for t in tiles}

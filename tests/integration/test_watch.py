@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 import tifffile
 import yaml
 from harness import read_events, settings_env
+from ome_zarr_images import write_ome_zarr
 from PIL import Image
 
 from phenocascade.cli.watch import state_dir
@@ -32,7 +34,7 @@ from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.consumers.watcher import FolderWatcher, WatchConfig
 from phenocascade.consumers.watching import Ledger, content_id
 from phenocascade.domain import ImageMeta
-from phenocascade.store.images import configured_store
+from phenocascade.store.images import configured_store, content_digest
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
 from phenocascade.streams.kafka import create_topics, transactional_producer
@@ -357,6 +359,33 @@ def slide_bytes(path: Path, seed: int, channels: int = 0) -> bytes:
     return data
 
 
+def restarted_midway(
+    lab: Lab,
+    tiling: tuple[str, ...],
+    first: Callable[[], None],
+    writer: threading.Thread,
+    second_id: str,
+) -> None:
+    """Run a watcher through ``first`` (the scanner's first slide, waited for), kill it with
+    SIGKILL, let ``writer`` write a second slide while no watcher runs, start it again and
+    return once ``second_id`` is on the topic and a duplicate had time to follow."""
+    watcher = lab.start_watcher(*tiling)
+    try:
+        first()
+        writer.start()
+        watcher.send_signal(signal.SIGKILL)
+        watcher.wait()
+        writer.join()
+        watcher = lab.start_watcher(*tiling)
+        wait_for(lambda: second_id in {k for k, _ in lab.keyed()}, 120, "the second slide", lab.log)
+        time.sleep(2 * SETTLE_S + 1)  # room for a duplicate to appear, if one were coming
+    finally:
+        if writer.ident is not None:
+            writer.join()
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(30)
+
+
 def test_slides_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
     # Level 1 of the slides is 1500 x 1500: tiles of 512 with 64 of overlap, 4 x 4.
     tiling = ("--tile-size", "512", "--tile-overlap", "64", "--level", "1")
@@ -365,9 +394,8 @@ def test_slides_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
     slides = [slide_bytes(staging / f"s{i}.ome.tif", seed=i) for i in range(2)]
     unusable = slide_bytes(staging / "multichannel.ome.tif", seed=9, channels=2)
     png = image_bytes(400)
-    watcher = lab.start_watcher(*tiling)
-    writer = threading.Thread(target=write_slowly, args=(lab.inputs / "s1.ome.tif", slides[1]))
-    try:
+
+    def first() -> None:
         write_slowly(lab.inputs / "s0.ome.tif", slides[0])
         (lab.inputs / "plate.png").write_bytes(png)
         (lab.inputs / "multichannel.ome.tif").write_bytes(unusable)
@@ -377,22 +405,9 @@ def test_slides_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
             "the first slide and the image",
             lab.log,
         )
-        writer.start()  # the scanner writes the second slide while no watcher runs
-        watcher.send_signal(signal.SIGKILL)
-        watcher.wait()
-        writer.join()
-        watcher = lab.start_watcher(*tiling)
-        wait_for(
-            lambda: digest_id(slides[1]) in {k for k, _ in lab.keyed()},
-            120,
-            "the second slide",
-            lab.log,
-        )
-        time.sleep(2 * SETTLE_S + 1)  # room for a duplicate to appear, if one were coming
-    finally:
-        writer.join()
-        watcher.send_signal(signal.SIGTERM)
-        watcher.wait(30)
+
+    writer = threading.Thread(target=write_slowly, args=(lab.inputs / "s1.ome.tif", slides[1]))
+    restarted_midway(lab, tiling, first, writer, digest_id(slides[1]))
 
     keyed = lab.keyed()
     tiles = Counter((key, r["tile"]["index"]) for key, r in keyed if r["tile"])
@@ -417,3 +432,61 @@ def test_slides_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
     for data in slides:
         assert kept[digest_id(data)].tiling == {"size": 512, "overlap": 64, "level": 1}
         assert store.read(kept[digest_id(data)]) == data
+
+
+def zarr_slide(path: Path, seed: int) -> str:
+    """A 2048 x 2048 OME-Zarr slide (Zarr v3, levels 2 and 4 times smaller), distinct per
+    seed, at ``path``; return its content id."""
+    grey = np.full((2_048, 2_048), 40, np.uint8)
+    grey[:64, :64] = np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+    write_ome_zarr(path, grey, "yx", version="0.5")
+    return content_id(content_digest(path))
+
+
+def copy_slowly(source: Path, dest: Path, batches: int = 4) -> None:
+    """Copy a folder as a scanner writes one: its files in batches, with pauses between."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    step = -(-len(files) // batches)
+    for start in range(0, len(files), step):
+        for f in files[start : start + step]:
+            (dest / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest / f.relative_to(source))
+        time.sleep(CHUNK_PAUSE_S)
+
+
+def test_zarr_folders_are_published_as_tiles_once_across_a_restart(lab: Lab) -> None:
+    # Level 1 of the slides is 1024 x 1024: tiles of 512 with 64 of overlap.
+    tiling = ("--tile-size", "512", "--tile-overlap", "64", "--level", "1")
+    staging = lab.inputs.parent / "staging"
+    ids = [zarr_slide(staging / f"z{i}.ome.zarr", seed=i) for i in range(2)]
+
+    def first() -> None:
+        copy_slowly(staging / "z0.ome.zarr", lab.inputs / "z0.ome.zarr")
+        wait_for(lambda: ids[0] in {k for k, _ in lab.keyed()}, 120, "the first slide", lab.log)
+
+    writer = threading.Thread(
+        target=copy_slowly, args=(staging / "z1.ome.zarr", lab.inputs / "run2" / "z1.ome.zarr")
+    )
+    restarted_midway(lab, tiling, first, writer, ids[1])
+
+    keyed = lab.keyed()
+    assert {key for key, _ in keyed} == set(ids), lab.log()
+    tiles = Counter((key, r["tile"]["index"]) for key, r in keyed)
+    assert {k: n for k, n in tiles.items() if n != 1} == {}, "a tile published twice"
+    store = configured_store(lab.settings.home, lab.env)
+    assert store is not None
+    kept = {i.image_id: i for i in store.images()}
+    for slide_id, folder in zip(
+        ids, (lab.inputs / "z0.ome.zarr", lab.inputs / "run2" / "z1.ome.zarr"), strict=True
+    ):
+        mine = [r for key, r in keyed if key == slide_id]
+        count = mine[0]["tile"]["count"]
+        assert count == 9 and sorted(r["tile"]["index"] for r in mine) == list(range(count))
+        assert {(r["uri"], r["inline"], r["format"]) for r in mine} == {
+            (str(folder), None, "UNKNOWN")
+        }
+        # Kept in the image store with its tiling, a copy of the whole folder.
+        assert kept[slide_id].tiling == {"size": 512, "overlap": 64, "level": 1}
+        copy = store.local_path(kept[slide_id])
+        assert copy is not None and content_id(content_digest(copy)) == slide_id
+    assert "not published" not in lab.log()

@@ -11,7 +11,7 @@ import pytest
 
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import ConfigError, NotFoundError, ValidationError
-from phenocascade.store.images import ImageStore, configured_store
+from phenocascade.store.images import ImageStore, configured_store, content_digest
 from phenocascade.streams import events
 
 DAY_MS = 86_400_000
@@ -175,3 +175,74 @@ def test_invalid_store_settings_say_which_and_why(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         configured_store(tmp_path, env)
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+ZARR_FILES = {"zarr.json": b"{}", "0/zarr.json": b"{}", "0/c/0/0": b"chunk 00", "0/c/0/1": b"01"}
+
+
+def test_a_folder_digest_is_that_of_its_sorted_sha256sum_listing(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "s.ome.zarr", ZARR_FILES)
+    listing = "".join(
+        f"{hashlib.sha256(ZARR_FILES[rel]).hexdigest()}  {rel}\n" for rel in sorted(ZARR_FILES)
+    )
+    assert content_digest(folder) == hashlib.sha256(listing.encode()).hexdigest()
+    assert content_digest(folder / "0/c/0/0") == hashlib.sha256(b"chunk 00").hexdigest()
+    # Where it lies does not count; a file's content, a file's name, an empty file do.
+    moved = _folder(tmp_path / "elsewhere" / "t", ZARR_FILES)
+    assert content_digest(moved) == content_digest(folder)
+    digests = {content_digest(folder)}
+    for change in ("rewrite", "rename", "add"):
+        copy = _folder(tmp_path / change, ZARR_FILES)
+        if change == "rewrite":
+            (copy / "0/c/0/1").write_bytes(b"10")
+        elif change == "rename":
+            (copy / "0/c/0/1").rename(copy / "0/c/0/2")
+        else:
+            (copy / "0/c/9").write_bytes(b"")
+        digests.add(content_digest(copy))
+    assert len(digests) == 4
+    (folder / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValidationError, match="holds a symbolic link"):
+        content_digest(folder)
+    with pytest.raises(FileNotFoundError):
+        content_digest(tmp_path / "gone")
+
+
+def test_a_folder_is_copied_file_by_file_under_its_digest_and_pruned_whole(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("phenocascade.store.images._CHUNK_BYTES", 3)
+    folder = _folder(tmp_path / "s.ome.zarr", ZARR_FILES)
+    digest = content_digest(folder)
+    record = _record("slide", uri=str(folder), at=1)
+    stored = store.put_file(record, folder, sha256=digest, tiling={"size": 256})
+    assert stored is not None and store.get("slide") == stored
+    assert stored.sha256 == digest and stored.size == sum(map(len, ZARR_FILES.values()))
+    local = store.local_path(stored)
+    if local is not None:  # the copy is a folder of the same content, read where it lies
+        assert local.is_dir() and content_digest(local) == digest
+        assert (local / "0/c/0/0").read_bytes() == b"chunk 00"
+
+    (folder / "0/c/0/1").write_bytes(b"written since")
+    with pytest.raises(ValidationError, match="changed while it was copied"):
+        store.put_file(_record("changed", uri=str(folder), at=2), folder, sha256="0" * 64)
+    assert store.get("changed") is None
+    # The slide is kept (one blob, its files together); resubmitted with new content, its old
+    # copy is removed whole.
+    assert store.prune(10, dry_run=True).blobs == 0
+    store.put_file(_record("slide", uri=str(folder), at=3), folder, sha256=content_digest(folder))
+    report = store.prune(10)
+    assert (report.blobs, report.bytes) == (1, sum(map(len, ZARR_FILES.values())))
+    if local is not None:
+        assert not local.exists()
+    kept = store.get("slide")
+    assert kept is not None and store.prune(10).blobs == 0
+    if (copy := store.local_path(kept)) is not None:
+        assert content_digest(copy) == kept.sha256

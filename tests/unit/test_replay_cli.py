@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+from ome_zarr_images import write_ome_zarr
 
 import phenocascade.cli.replay as replay_cli
 from phenocascade.cli import main
@@ -17,6 +19,7 @@ from phenocascade.consumers import resubmit
 from phenocascade.consumers.watching import read_digest
 from phenocascade.domain import ImageMeta
 from phenocascade.store.images import ImageStore
+from phenocascade.store.slides import read_tile
 from phenocascade.streams import events
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -146,48 +149,78 @@ def test_only_images_an_old_model_scored_need_rescoring() -> None:
 
 
 def _stored_slide(store: ImageStore, path: Path) -> None:
-    """Keep a 600 x 400 two-level slide at ``path``, tiled 256/32 at level 0, in ``store``."""
+    """Keep a 600 x 400 two-level slide at ``path``, tiled 256/32 at level 0, in ``store``.
+
+    A TIFF, or an OME-Zarr folder when ``path`` ends with ``.zarr``.
+    """
     grey = np.full((400, 600), 90, np.uint8)
-    with tifffile.TiffWriter(path, ome=True) as tif:
-        tif.write(grey, tile=(128, 128), subifds=1)
-        tif.write(grey[::2, ::2], tile=(128, 128), subfiletype=1)
-    record = events.image_submitted("slide", uri=str(path), fmt="TIFF", meta=ImageMeta("s1"))
+    if path.suffix == ".zarr":
+        write_ome_zarr(path, grey, "yx", version="0.5")  # 3 levels: 600, 300 and 150 wide
+    else:
+        with tifffile.TiffWriter(path, ome=True) as tif:
+            tif.write(grey, tile=(128, 128), subifds=1)
+            tif.write(grey[::2, ::2], tile=(128, 128), subfiletype=1)
+    fmt = events.format_of(path.name)
+    record = events.image_submitted("slide", uri=str(path), fmt=fmt, meta=ImageMeta("s1"))
     _, digest = read_digest(path, keep=False)
     tiling = {"size": 256, "overlap": 32, "level": 0}
     store.put_file(record, path, sha256=digest, tiling=tiling)
 
 
+SLIDES = pytest.mark.parametrize("name", ["slide.ome.tif", "slide.ome.zarr"])
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+@SLIDES
 def test_a_slide_goes_as_tiles_of_its_file_or_of_its_stored_copy(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, name: str
 ) -> None:
     scans = settings.allowed_roots[0]
     store = ImageStore(str(scans / "store"))
-    _stored_slide(store, scans / "slide.ome.tif")
+    _stored_slide(store, scans / name)
     [image] = store.images()
     records, how = resubmit.replay_records(settings, store, image)
-    assert how == "path" and {r["uri"] for r in records} == {str(scans / "slide.ome.tif")}
+    assert how == "path" and {r["uri"] for r in records} == {str(scans / name)}
     assert [r["tile"]["index"] for r in records] == list(range(6))  # 3 x 2 tiles of 256
     assert {r["image_id"].split("#")[0] for r in records} == {"slide"}
     assert all(r["metadata"]["study"] == "s1" and r["inline"] is None for r in records)
-    (scans / "slide.ome.tif").unlink()
+    _remove(scans / name)
     records, how = resubmit.replay_records(settings, store, image)
-    assert how == "store" and {r["uri"] for r in records} == {str(store.local_path(image))}
+    copy = store.local_path(image)
+    assert how == "store" and {r["uri"] for r in records} == {str(copy)}
     assert len(records) == 6
+    # The workers read each tile from the stored copy, lazily, as from the slide.
+    tile = records[5]["tile"]
+    pixels = read_tile(str(copy), tile, settings=settings, what=records[5]["image_id"])
+    assert pixels.shape == (tile["height"], tile["width"], 1) and (pixels == 90).all()
+    # A damaged copy is left out with the reason, not sent.
+    damaged = sorted(p for p in copy.rglob("*") if p.is_file())[-1] if copy.is_dir() else copy
+    damaged.write_bytes(b"damaged")
+    plan = resubmit.plan_replay(settings, store, [image])
+    assert plan.records == [] and "is missing or damaged" in plan.left_out["slide"]
 
 
+@SLIDES
 def test_a_slide_whose_file_is_gone_is_refused_from_a_store_it_cannot_read_lazily(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, name: str
 ) -> None:
     scans = settings.allowed_roots[0]
     remote = ImageStore(f"memory://{tmp_path.name}/images")
-    _stored_slide(remote, scans / "slide.ome.tif")
-    (scans / "slide.ome.tif").write_bytes(b"rewritten")
+    _stored_slide(remote, scans / name)
+    _remove(scans / name)
+    (scans / name).write_bytes(b"rewritten")
     plan = resubmit.plan_replay(settings, remote, list(remote.images()))
     assert plan.records == [] and plan.images == 0
     assert "cannot be read tile by tile" in plan.left_out["slide"]
     # A local store outside the allowed roots is refused alike.
     outside = ImageStore(str(tmp_path / "elsewhere"))
-    _stored_slide(outside, scans / "slide2.ome.tif")
-    (scans / "slide2.ome.tif").unlink()
+    _stored_slide(outside, scans / f"2{name}")
+    _remove(scans / f"2{name}")
     plan = resubmit.plan_replay(settings, outside, list(outside.images()))
     assert "PHENOCASCADE_ALLOWED_ROOTS" in plan.left_out["slide"]

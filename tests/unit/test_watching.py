@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from phenocascade.consumers.watching import (
+    DEFAULT_PATTERNS,
     Ledger,
     SettleTracker,
     content_id,
     matches,
     read_digest,
+    signature,
+    zarr_folder,
 )
 from phenocascade.errors import ConfigError, ConflictError
 
@@ -80,6 +83,49 @@ def test_a_vanished_file_is_dropped(tmp_path: Path) -> None:
     assert tracker.ready(5.0) == [] and len(tracker) == 0
 
 
+def _age_folders(top: Path) -> None:
+    """Set the mtime of ``top`` and its subfolders to 5 ns, older than any file's here."""
+    for folder in (top, *top.rglob("*")):
+        if folder.is_dir():
+            os.utime(folder, ns=(5, 5))
+
+
+def test_a_zarr_folder_is_one_image_complete_once_all_it_holds_settles(tmp_path: Path) -> None:
+    top = tmp_path / "scanner"
+    slide = top / "run7" / "S-01.ome.zarr"
+    chunk = slide / "0" / "c" / "0" / "0"
+    assert zarr_folder(chunk, top) == slide
+    assert zarr_folder(slide / "zarr.json", top) == slide
+    assert zarr_folder(top / "run7" / "A01.tif", top) is None
+    assert zarr_folder(tmp_path / "elsewhere.zarr" / "zarr.json", top) is None
+    tracker = SettleTracker(settle_s=2.0)
+    chunk.parent.mkdir(parents=True)
+    tracker.touch(slide, 0.0)
+    assert tracker.ready(5.0) == [], "a folder without bytes is never complete"
+    _write(slide / "zarr.json", b"{}", 10)
+    _write(chunk, b"chunk", 20)
+    _age_folders(slide)
+    assert tracker.ready(5.0) == []
+    assert tracker.ready(7.0) == [(slide, (7, 20))]
+    # A chunk more, deep in the folder: the folder is not complete until it settles again.
+    _write(slide / "0" / "c" / "0" / "1", b"more", 30)
+    _age_folders(slide)
+    assert tracker.ready(7.5) == []
+    assert tracker.ready(9.5) == [(slide, (11, 30))]
+    # A file rewritten with the same size and an older mtime: its folder's mtime moved.
+    (slide / "0" / "c" / "0" / "1").unlink()
+    _write(slide / "0" / "c" / "0" / "1", b"MORE", 1)
+    moved = signature(slide)
+    assert moved is not None and moved[0] == 11 and moved[1] > 30
+    assert tracker.ready(9.6) == [], "it changed: not complete"
+    # With a marker beside the folder, only the marker completes it.
+    marked = SettleTracker(settle_s=1.0, marker=".done")
+    marked.touch(slide, 0.0)
+    assert marked.ready(100.0) == []
+    (slide.parent / "S-01.ome.zarr.done").touch()
+    assert [p for p, _ in marked.ready(100.0)] == [slide]
+
+
 def test_content_ids_depend_on_the_bytes_only(tmp_path: Path) -> None:
     data = b"\x89PNG fake"
     (tmp_path / "one.png").write_bytes(data)
@@ -95,6 +141,7 @@ def test_content_ids_depend_on_the_bytes_only(tmp_path: Path) -> None:
 def test_patterns_match_case_insensitively() -> None:
     assert matches("SCAN_01.TIF", ("*.tif",))
     assert not matches("scan_01.tif.part", ("*.tif",))
+    assert matches("S-01.OME.ZARR", DEFAULT_PATTERNS)
 
 
 def test_the_ledger_resolves_pending_ids_from_what_the_topic_holds(tmp_path: Path) -> None:

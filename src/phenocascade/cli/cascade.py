@@ -309,8 +309,8 @@ def submit_paths(
     returned once, and the joiner emits one output for it. Every slide is opened (its
     header only) before anything is published, so a slide that cannot be tiled submits
     nothing. With ``store``, each file's bytes are kept there first (for ``replay``); a
-    slide is copied in chunks, with its tiling, and its tiles are still read from its path.
-    An OME-Zarr slide (a folder) is not kept: replay cannot re-score it.
+    slide is copied in chunks (an OME-Zarr folder file by file), with its tiling, and its
+    tiles are still read from its path.
 
     Raises
     ------
@@ -331,7 +331,7 @@ def submit_paths(
             fmt = events.format_of(path.name)
             if path in slides:
                 slide, records = slides[path]
-                if store is not None and path.is_file():
+                if store is not None:
                     _, digest = read_digest(path, keep=False)
                     store.put_file(slide, path, sha256=digest, tiling=asdict(tiling))
             else:

@@ -127,7 +127,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--pattern",
         action="append",
-        help=f"file name glob of images; repeatable (default: {' '.join(DEFAULT_PATTERNS)})",
+        help=f"file name glob of images (and of OME-Zarr folders); repeatable (default: "
+        f"{' '.join(DEFAULT_PATTERNS)})",
     )
     p.add_argument(
         "--settle-s",

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from phenocascade.config import Settings
-from phenocascade.consumers.watching import read_digest
 from phenocascade.errors import (
     NotFoundError,
     PathNotAllowedError,
@@ -23,7 +22,7 @@ from phenocascade.errors import (
     ValidationError,
 )
 from phenocascade.imaging import resolve_under_roots
-from phenocascade.store.images import ImageStore, StoredImage
+from phenocascade.store.images import ImageStore, StoredImage, content_digest
 from phenocascade.store.slides import pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import plain_producer
@@ -50,19 +49,19 @@ class ReplayPlan:
 
 
 def _unchanged_path(image: StoredImage, roots: Sequence[Path]) -> Path | None:
-    """Return the image's original file if it is allowed and still holds the stored bytes."""
+    """Return the original file (or folder) of ``image`` if allowed and holding its content."""
     if image.uri is None:
         return None
     try:
         path = resolve_under_roots(image.uri, roots)
-        _, digest = read_digest(path, keep=False)
-    except (PathNotAllowedError, OSError):
+        digest = content_digest(path)
+    except (PathNotAllowedError, ValidationError, OSError):
         return None
     return path if digest == image.sha256 else None
 
 
 def _local_blob(store: ImageStore, image: StoredImage, roots: Sequence[Path]) -> Path | None:
-    """Return the stored file of ``image`` if the store is a local folder under ``roots``."""
+    """Return the stored file (or folder) of ``image`` if the store is local, under ``roots``."""
     blob = store.local_path(image)
     if blob is None or not any(blob.resolve().is_relative_to(r) for r in roots):
         return None
@@ -116,10 +115,11 @@ def _slide_records(
 ) -> tuple[list[dict[str, Any]], str]:
     """Return the tiles' ``ImageSubmitted`` of a stored slide, and how they carry it.
 
-    The workers read each tile lazily from a local file: the slide's original one while it
-    holds the stored bytes (``"path"``), else the stored copy (``"store"``), which must then
-    be a file of a local image store under the allowed roots. A store reached by URL
-    (``s3://``...) cannot serve lazy reads, so such a slide is refused with what to do.
+    The workers read each tile lazily from a local file (an OME-Zarr slide: a folder): the
+    slide's original one while it holds the stored content (``"path"``), else the stored
+    copy (``"store"``), which must then be in a local image store under the allowed roots. A
+    store reached by URL (``s3://``...) cannot serve lazy reads, so such a slide is refused
+    with what to do.
     """
     roots = settings.roots()
     path, how = _unchanged_path(image, roots), "path"
@@ -133,7 +133,7 @@ def _slide_records(
                 "PHENOCASCADE_ALLOWED_ROOTS, or put the slide back at its path"
             )
         try:
-            _, digest = read_digest(path, keep=False)
+            digest = content_digest(path)
         except FileNotFoundError:
             digest = None
         if digest != image.sha256:

@@ -10,7 +10,9 @@ image's bytes are kept in the image store (:mod:`phenocascade.store.images`) bef
 queued, as ``phenocascade submit`` keeps them, so ``phenocascade replay`` can score it
 again. A slide (:func:`~phenocascade.store.slides.is_slide`) is published as its tiles, as
 ``submit`` publishes it (:mod:`phenocascade.streams.tiling`): one image, all its tiles in
-one transaction, keyed by its content id.
+one transaction, keyed by its content id. An OME-Zarr folder is such a slide: a file written
+in it makes the folder (not the file) a candidate, complete once all it holds has settled
+or its marker appears, its id that of its content digest.
 
 Guarantee: each distinct content seen complete in the folder is committed to the
 submitted topic exactly once, as a ``read_committed`` reader (every tier worker) sees it,
@@ -57,11 +59,12 @@ from phenocascade.consumers.watching import (
     read_digest,
     signature,
     write_status,
+    zarr_folder,
 )
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import BadInputError, InfraError, ValidationError
 from phenocascade.store.images import ImageStore
-from phenocascade.store.slides import is_slide, pyramid
+from phenocascade.store.slides import is_slide, is_zarr, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.ingest import TransactionalPublisher
 from phenocascade.streams.tiling import Tiling, tile_submissions
@@ -263,11 +266,16 @@ class FolderWatcher:
 
     def _note(self, path: Path, now: float) -> None:
         marker = self.config.marker
-        if marker is not None and path.name.endswith(marker):
+        zarr = zarr_folder(path, self.config.folder)
+        if zarr is not None:
+            # A file of an OME-Zarr slide: the folder is the image.
+            if matches(zarr.name, self.config.patterns):
+                self.tracker.touch(zarr, now)
+        elif marker is not None and path.name.endswith(marker):
             # The marker of an image (``x.tif.done`` or ``x.done``): look at its images.
             image = path.with_name(path.name[: -len(marker)])
             for candidate in [image, *path.parent.glob(f"{image.name}.*")]:
-                if candidate.is_file() and matches(candidate.name, self.config.patterns):
+                if candidate.exists() and matches(candidate.name, self.config.patterns):
                     self.tracker.touch(candidate, now)
         elif matches(path.name, self.config.patterns):
             self.tracker.touch(path, now)
@@ -286,11 +294,20 @@ class FolderWatcher:
         if self.ledger.knows_file(path, sig):
             self.tracker.done(path)
             return
+        if path.is_dir() and not is_zarr(path):
+            # Its Zarr metadata is not written yet: taken again once a file in it is.
+            self.tracker.done(path)
+            log.warning("%s is not published: a folder without Zarr metadata", path)
+            return
         slide = is_slide(path, max_pixels=self.config.max_image_pixels)
         inline = self.config.inline and not slide and sig[0] <= self.config.max_inline_bytes
         try:
             data, digest = read_digest(path, keep=inline)
         except FileNotFoundError:
+            return
+        except ValidationError as exc:  # a folder holding a symbolic link
+            self.tracker.done(path)
+            log.warning("%s is not published: %s", path, exc)
             return
         if signature(path) != sig:
             self.tracker.touch(path, now)  # written while we read it: not complete after all

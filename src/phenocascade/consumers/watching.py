@@ -6,8 +6,11 @@ transactional publisher.
 
 * :class:`SettleTracker` decides when a file a scanner writes is complete: its size and
   modification time have not changed for ``settle_s`` seconds, or its marker file exists.
-* :func:`content_id` names an image by its bytes' SHA-256, so a restart resubmits
-  nothing already sent and a file rewritten with new content is a new image.
+  An OME-Zarr slide is a folder (:func:`zarr_folder`), followed as one image: its
+  :func:`signature` is the total size of its files and the latest modification time in it.
+* :func:`content_id` names an image by its bytes' SHA-256 (a folder's by its content
+  digest), so a restart resubmits nothing already sent and a file rewritten with new
+  content is a new image.
 * :class:`Ledger` is the watcher's local state, a SQLite file: the ids it is publishing
   (``pending``) and has published, where its last batch landed on each partition, and the
   size and mtime of each file taken (so a restart does not read them all again).
@@ -21,18 +24,20 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from phenocascade.errors import ConfigError, ConflictError
+from phenocascade.store.images import content_digest
 
 # (size in bytes, modification time in ns): a file whose signature is unchanged for the
 # settle time is taken as written.
 Signature = tuple[int, int]
 
-DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
+DEFAULT_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg", "*.zarr")
 
 
 def content_id(digest: str, prefix: str = "") -> str:
@@ -47,22 +52,54 @@ def content_id(digest: str, prefix: str = "") -> str:
 def read_digest(path: Path, *, keep: bool) -> tuple[bytes | None, str]:
     """Return the bytes of ``path`` (if ``keep``, else ``None``) and their SHA-256 hex digest.
 
-    Without ``keep`` the file is hashed in chunks, so its size does not bound memory.
+    Without ``keep`` the file is hashed in chunks, so its size does not bound memory; a
+    folder (an OME-Zarr slide) is never kept, its digest is its content digest
+    (:func:`~phenocascade.store.images.content_digest`).
     """
-    with path.open("rb") as f:
-        if keep:
-            data = f.read()
-            return data, hashlib.sha256(data).hexdigest()
-        return None, hashlib.file_digest(f, "sha256").hexdigest()
+    if not keep:
+        return None, content_digest(path)
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def signature(path: Path) -> Signature | None:
-    """Return the ``(size, mtime_ns)`` of ``path``, or ``None`` if it is gone."""
+    """Return the ``(size, mtime_ns)`` of ``path``, or ``None`` if it is gone.
+
+    Of a folder: the total size of the regular files under it, and the latest modification
+    time of it, its subfolders and its files (a file added, removed or rewritten moves it).
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_size, st.st_mtime_ns
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size, st.st_mtime_ns
+    size, latest = 0, st.st_mtime_ns
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            try:
+                entry = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:  # removed meanwhile: its folder's mtime moved
+                continue
+            latest = max(latest, entry.st_mtime_ns)
+            if stat.S_ISREG(entry.st_mode):
+                size += entry.st_size
+    return size, latest
+
+
+def zarr_folder(path: Path, top: Path) -> Path | None:
+    """Return the Zarr folder (``*.zarr``) ``path`` lies in under ``top``, or ``None``.
+
+    The outermost one: an OME-Zarr image is published as a whole, never one of its arrays.
+    """
+    try:
+        rel = path.relative_to(top)
+    except ValueError:
+        return None
+    for parent in reversed(rel.parents[:-1]):  # the outermost first, ``.`` left out
+        if parent.name.lower().endswith(".zarr"):
+            return top / parent
+    return None
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -92,7 +129,8 @@ class SettleTracker:
 
     Notes
     -----
-    An empty file is never complete: scanners create the file before writing to it.
+    An empty file (or a folder without bytes) is never complete: scanners create the file
+    before writing to it. A folder's signature is that of all it holds (:func:`signature`).
     """
 
     def __init__(self, settle_s: float = 2.0, marker: str | None = None) -> None:

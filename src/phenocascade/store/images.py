@@ -4,7 +4,9 @@ A folder or any fsspec URL (``/data/phenocascade/images``, ``file:///...``, ``s3
 images`` with ``s3fs`` installed) holds two kinds of files:
 
 * ``blobs/<aa>/<sha256>``: the bytes of one image content, named by their SHA-256, so the
-  same bytes submitted under several ids are kept once;
+  same bytes submitted under several ids are kept once. An OME-Zarr slide (a folder) is
+  kept as a folder there, its files at their relative paths, named by its content digest
+  (:func:`content_digest`), so the workers can read its chunks lazily from the copy;
 * ``images/<aa>/<sha256 of the id>.json``: one manifest per image id, the submission as
   it was last published (its metadata, format, original path or ``inline``, submission
   time) and the SHA-256 and size of its bytes.
@@ -13,6 +15,11 @@ A manifest is written before its blob, so a blob that :meth:`ImageStore.prune` f
 without a manifest is never one being stored. Images submitted by path are kept for good;
 inline ones (whose bytes exist nowhere else) for ``inline_days``, after which
 :meth:`ImageStore.prune` drops them.
+
+**The content digest of a folder** is the SHA-256 of its ``sha256sum`` listing: one line
+per regular file, its hex SHA-256, two spaces, its path relative to the folder (joined by
+``/``) and a newline, the lines sorted by path (code point order, as ``LC_ALL=C sort``).
+Every file counts, metadata included; folders count only through the files they hold.
 
 The store is chosen by ``PHENOCASCADE_IMAGE_STORE`` (:func:`configured_store`), and the
 inline retention by ``PHENOCASCADE_IMAGE_STORE_INLINE_DAYS``.
@@ -25,7 +32,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +172,10 @@ class ImageStore:
         return f"{self._root}/images/{name[:2]}/{name}.json"
 
     def local_path(self, image: StoredImage) -> Path | None:
-        """Return the blob of ``image`` as a local file path, or ``None`` if not local."""
+        """Return the blob of ``image`` as a local path, or ``None`` if not local.
+
+        A file, or the folder of an OME-Zarr slide.
+        """
         if not isinstance(self._fs, LocalFileSystem):
             return None
         return Path(self._blob(image.sha256))
@@ -204,19 +214,21 @@ class ImageStore:
         sha256: str,
         tiling: Mapping[str, int] | None = None,
     ) -> StoredImage | None:
-        """Keep a submission whose bytes are the file at ``path``, copied in chunks.
+        """Keep a submission whose bytes are the file (or folder) at ``path``, in chunks.
 
         As :meth:`put`, with memory bounded by the chunk size however large the file (a
-        slide).
+        slide). A folder (an OME-Zarr slide) is copied file by file, each in chunks, into a
+        folder named by its content digest (:func:`content_digest`).
 
         Parameters
         ----------
         record : Mapping
             The ``ImageSubmitted`` record as published (its ``inline`` is not read).
         path : pathlib.Path
-            The file holding the image's encoded bytes.
+            The file holding the image's encoded bytes, or the slide's folder.
         sha256 : str
-            Hex SHA-256 the file's bytes were found to have when it was taken.
+            Hex SHA-256 the file's bytes (or the folder's content digest) were found to
+            have when it was taken.
         tiling : Mapping or None, default None
             For a slide (``record`` is the slide's own submission, not a tile's), how it
             was tiled: ``size``, ``overlap`` and ``level``, kept in the manifest.
@@ -224,29 +236,44 @@ class ImageStore:
         Raises
         ------
         ValidationError
-            If the file no longer holds those bytes (it was written to since); nothing is
-            kept.
+            If the file or folder no longer holds that content (it was written to since);
+            nothing is kept.
         FileNotFoundError
-            If the file is gone.
+            If the file or folder is gone.
         InfraError
             If the file or the store cannot be read or written.
         """
-        size = path.stat().st_size
+        folder = path.is_dir()
+        files = folder_files(path) if folder else [("", path)]
+        size = sum(source.stat().st_size for _, source in files)
         image = StoredImage.from_submission(record, sha256=sha256, size=size, tiling=tiling)
 
         def copy(tmp: str) -> None:
-            digest = hashlib.sha256()
-            with path.open("rb") as src, self._fs.open(tmp, "wb") as dst:
-                while chunk := src.read(_CHUNK_BYTES):
-                    digest.update(chunk)
-                    dst.write(chunk)
-            if digest.hexdigest() != sha256:
+            digests = [
+                self._copy_file(source, f"{tmp}/{rel}" if folder else tmp) for rel, source in files
+            ]
+            found = (
+                _listing_digest(zip([r for r, _ in files], digests, strict=True))
+                if folder
+                else digests[0]
+            )
+            if found != sha256:
                 raise ValidationError(
                     f"{path} changed while it was copied to the image store {self.url}; it is "
                     "taken again once it is complete"
                 )
 
         return self._keep(image, copy)
+
+    def _copy_file(self, source: Path, dest: str) -> str:
+        """Copy ``source`` to ``dest`` in chunks; return the hex SHA-256 of what was copied."""
+        self._fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        digest = hashlib.sha256()
+        with source.open("rb") as src, self._fs.open(dest, "wb") as dst:
+            while chunk := src.read(_CHUNK_BYTES):
+                digest.update(chunk)
+                dst.write(chunk)
+        return digest.hexdigest()
 
     def _keep(self, image: StoredImage, write: Callable[[str], None]) -> StoredImage | None:
         """Write the blob of ``image`` (unless kept already) and its manifest.
@@ -264,12 +291,12 @@ class ImageStore:
                 write(tmp)
             self._write(self._manifest(image.image_id), json.dumps(asdict(image)).encode())
             if tmp is not None:
-                self._fs.mv(tmp, blob)
+                self._fs.mv(tmp, blob, recursive=True)
         except OSError as exc:
             raise InfraError(f"cannot write to the image store {self.url}: {exc}") from exc
         finally:
             if tmp is not None and self._fs.exists(tmp):
-                self._fs.rm_file(tmp)
+                self._fs.rm(tmp, recursive=True)
         return image
 
     def _temporary(self, path: str) -> str:
@@ -365,26 +392,90 @@ class ImageStore:
             else:
                 kept.add(image.sha256)
         try:
-            # A name starting with a dot is a blob being written (:meth:`_write`).
-            blobs = [
-                (path, int(info.get("size") or 0))
-                for path, info in self._fs.find(f"{self._root}/blobs", detail=True).items()
-                if (name := path.rsplit("/", 1)[-1]) not in kept and not name.startswith(".")
-            ]
+            # A name starting with a dot is a blob being written (:meth:`_write`). A folder's
+            # files are sized and removed together, as the one blob they are.
+            # ``blobs/ab/abcd...`` is a file blob, ``blobs/ab/abcd.../0/c/0/0`` a file of a
+            # folder blob: both are of blob ``abcd...``.
+            prefix = f"{self._root}/blobs/"
+            blobs: dict[str, int] = {}
+            for path, info in self._fs.find(prefix, detail=True).items():
+                shard, name = path.removeprefix(prefix).split("/")[:2]
+                if name not in kept and not name.startswith("."):
+                    blob = f"{prefix}{shard}/{name}"
+                    blobs[blob] = blobs.get(blob, 0) + int(info.get("size") or 0)
             if not dry_run:
                 for image in expired:
                     self._fs.rm_file(self._manifest(image.image_id))
-                for path, _ in blobs:
-                    self._fs.rm_file(path)
+                for blob in blobs:
+                    self._fs.rm(blob, recursive=True)
         except FileNotFoundError:
-            blobs = []
+            blobs = {}
         except OSError as exc:
             raise InfraError(f"cannot prune the image store {self.url}: {exc}") from exc
         return PruneReport(
             expired_images=sorted(i.image_id for i in expired),
             blobs=len(blobs),
-            bytes=sum(size for _, size in blobs),
+            bytes=sum(blobs.values()),
         )
+
+
+def folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """Return ``(relative path, file)`` of every regular file under ``folder``, sorted by path.
+
+    Relative paths are joined by ``/``; symbolic links are not followed.
+
+    Raises
+    ------
+    ValidationError
+        If the folder holds a symbolic link (its target is no part of the folder).
+    FileNotFoundError
+        If the folder is gone.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    files = []
+    for root, dirs, names in os.walk(folder):
+        for name in [*dirs, *names]:
+            if (Path(root) / name).is_symlink():
+                raise ValidationError(
+                    f"{folder} holds a symbolic link, {Path(root) / name}; copy what it points "
+                    "at into the folder"
+                )
+        for name in names:
+            path = Path(root) / name
+            files.append((path.relative_to(folder).as_posix(), path))
+    return sorted(files)
+
+
+def _listing_digest(files: Iterable[tuple[str, str]]) -> str:
+    """Return the hex SHA-256 of the ``sha256sum`` listing of ``(relative path, digest)``."""
+    listing = hashlib.sha256()
+    for rel, digest in sorted(files):
+        listing.update(f"{digest}  {rel}\n".encode())
+    return listing.hexdigest()
+
+
+def content_digest(path: Path) -> str:
+    """Return the hex SHA-256 of a file's bytes, or a folder's content digest.
+
+    A folder's digest is that of its ``sha256sum`` listing (see the module's notes). Files
+    are read in chunks: memory does not grow with their size.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is gone.
+    ValidationError
+        If a folder holds a symbolic link.
+    """
+    if not path.is_dir():
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digests = []
+    for rel, file in folder_files(path):
+        with file.open("rb") as f:
+            digests.append((rel, hashlib.file_digest(f, "sha256").hexdigest()))
+    return _listing_digest(digests)
 
 
 def _manifest_from(raw: bytes) -> StoredImage:
