@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from phenocascade.cli import build_parser
+from phenocascade.cli.cascade import learning_commands
 from phenocascade.config import Settings, load_topology
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
@@ -36,7 +37,22 @@ def test_every_tier_of_the_packaged_topology_has_a_worker(
     for tier in load_topology().tiers:
         assert ["worker", tier.name] in commands, f"no worker service for tier {tier.name!r}"
     assert ["joiner"] in commands
-    assert ["sink"] in commands
+    # The annotation loop of `run --learning`, the rescorer included.
+    for name, args in learning_commands(50, rescore=True).items():
+        assert any(c[0] == args[0] for c in commands), f"no {name} service"
+
+
+def test_the_loop_shares_one_image_store_and_serves_the_app_on_loopback(
+    services: dict[str, dict[str, Any]], cascade_services: dict[str, dict[str, Any]]
+) -> None:
+    stores = {s["environment"].get("PHENOCASCADE_IMAGE_STORE") for s in cascade_services.values()}
+    assert len(stores) == 1 and None not in stores
+    (store,) = stores
+    for name, service in cascade_services.items():
+        mounted = {m.split(":")[1]: m.split(":")[0] for m in service["volumes"]}
+        assert mounted.get(store) == "images", f"{name} does not see the image store"
+    assert services["rescorer"]["environment"]["PHENOCASCADE_RESCORE_ON_PROMOTION"] == "true"
+    assert services["ui"]["ports"] == ["127.0.0.1:8000:8000"]
 
 
 def test_every_cascade_command_is_a_real_cli_command(
