@@ -1,6 +1,7 @@
 """``phenocascade sweep``: Optuna model selection of a tier, its pruning and its promotion."""
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +180,17 @@ def test_a_trial_whose_validation_curve_falls_behind_is_pruned_and_saves_nothing
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
     ]
+
+
+def test_a_trial_still_training_when_the_budget_is_spent_is_pruned_at_its_next_epoch() -> None:
+    study = optuna.create_study(direction="maximize")
+    within = sweep.pruning_hook(study.ask(), deadline=time.monotonic() + 3600)
+    within(0, 0.5)  # inside the budget, and no pruner verdict at the first epoch: it trains on
+    late = study.ask()
+    spent = sweep.pruning_hook(late, deadline=time.monotonic() - 1)
+    with pytest.raises(optuna.TrialPruned, match="budget was spent at epoch 3"):
+        spent(3, 0.5)
+    assert study.trials[late.number].intermediate_values == {3: -0.5}
 
 
 def test_a_trial_that_cannot_train_fails_with_its_reason_and_the_sweep_goes_on(

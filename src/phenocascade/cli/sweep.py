@@ -69,7 +69,8 @@ def register(subparsers: Any) -> None:
         "--budget-minutes",
         type=float,
         default=None,
-        help="start no trial after this many minutes (a running one finishes)",
+        help="start no trial after this many minutes; one still training then stops at its "
+        "next epoch",
     )
     run.add_argument(
         "--dataset", default=None, help="stored dataset (default: the tier's `dataset:`)"

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -306,13 +307,21 @@ def trial_config(
     return ({space.nested: config} if space.nested else config), epochs
 
 
-def pruning_hook(trial: optuna.Trial) -> EpochHook:
+def pruning_hook(trial: optuna.Trial, deadline: float = math.inf) -> EpochHook:
     """Return an epoch hook that reports ``-val_loss`` and prunes a trial that falls behind.
+
+    Parameters
+    ----------
+    trial : optuna.Trial
+        The running trial.
+    deadline : float, default inf
+        ``time.monotonic()`` at which the sweep's budget is spent: a trial still training
+        then is pruned at its next epoch, so one long trial cannot overrun the budget.
 
     Raises
     ------
     optuna.TrialPruned
-        From the hook, when the study's pruner stops the trial.
+        From the hook, when the study's pruner stops the trial or the budget is spent.
     """
 
     def hook(epoch: int, val_loss: float) -> None:
@@ -320,6 +329,8 @@ def pruning_hook(trial: optuna.Trial) -> EpochHook:
         trial.report(-val_loss, epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation loss {val_loss:.4f} behind at epoch {epoch}")
+        if time.monotonic() >= deadline:
+            raise optuna.TrialPruned(f"the sweep's budget was spent at epoch {epoch}")
 
     return hook
 
@@ -338,6 +349,7 @@ class _Objective:
     device: str
     max_train: int | None
     parent_version: str
+    deadline: float = math.inf
 
     def __call__(self, trial: optuna.Trial) -> float:
         backend = str(trial.suggest_categorical("backend", sorted(self.space)))
@@ -349,7 +361,7 @@ class _Objective:
         spec = self.spec.model_copy(update={"backend": backend, "config": own})
         started = time.perf_counter()
         try:
-            with epoch_hook(pruning_hook(trial)):
+            with epoch_hook(pruning_hook(trial, self.deadline)):
                 folder = train_own_tier(
                     spec,
                     self.stored,
@@ -411,7 +423,8 @@ def sweep_tier(
     trials : int
         At most this many trials in this run.
     budget_minutes : float
-        No trial starts after this many minutes (a running one finishes).
+        No trial starts after this many minutes, and a trial still training then is
+        pruned at its next epoch (:func:`pruning_hook`).
     storage : str or None, default None
         Optuna storage URL; ``None``: ``sqlite:///<home>/sweeps.db``.
     study_name : str or None, default None
@@ -471,6 +484,7 @@ def sweep_tier(
         device=device,
         max_train=max_train,
         parent_version=champion_version(settings.artifacts, spec.artifact) or "",
+        deadline=time.monotonic() + budget_minutes * 60,
     )
     ran: list[TrialRecord] = []
 
