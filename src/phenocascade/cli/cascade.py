@@ -37,7 +37,6 @@ from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.drift import study_drift
 from phenocascade.consumers.joiner import run_joiner
 from phenocascade.consumers.rescorer import RescoreSettings
-from phenocascade.consumers.watching import read_digest
 from phenocascade.consumers.worker import TierWorker
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import NotFoundError, ValidationError
@@ -50,7 +49,7 @@ from phenocascade.store.cassandra import (
     latest_outputs_of_study,
     latest_status_by_image,
 )
-from phenocascade.store.images import ImageStore, configured_store
+from phenocascade.store.images import ImageStore, configured_store, content_digest
 from phenocascade.store.slides import is_slide, is_zarr, open_slide, pyramid
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, default_instance_id, plain_producer
@@ -332,7 +331,7 @@ def submit_paths(
             if path in slides:
                 slide, records = slides[path]
                 if store is not None:
-                    _, digest = read_digest(path, keep=False)
+                    digest = content_digest(path)
                     store.put_file(slide, path, sha256=digest, tiling=asdict(tiling))
             else:
                 data = path.read_bytes() if inline or store is not None else None
