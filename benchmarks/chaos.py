@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,15 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "chaos"))
 from cluster import local_cluster
 from drill import run_drill
 
+from provenance import commit
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _commit() -> str:
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_latency_during_faults_s": during,
         "baseline": baseline.as_dict(),
         "command": shlex.join([".venv/bin/python", "benchmarks/chaos.py", *sys.argv[1:]]),
-        "commit": _commit(),
+        "commit": commit(),
         "host": {
             "cores": os.cpu_count(),
             "platform": platform.platform(),

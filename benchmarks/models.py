@@ -50,10 +50,7 @@ import argparse
 import csv
 import json
 import logging
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +62,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 import classical_majority
 from phenocascade.config import Settings
@@ -87,6 +83,7 @@ from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
 from phenocascade.models.thresholds import min_certifiable_count
 from phenocascade.recipes import Dataset, Size, Tier, recipe, tier_data, train_tier
+from provenance import provenance
 
 log = logging.getLogger("benchmarks.models")
 RESULTS = Path(__file__).parent / "results"
@@ -757,30 +754,6 @@ def _dsb_kinds(root: Path) -> dict[str, str]:
     """``image_id -> kind`` (modality) from ``dsb2018/images.csv``."""
     with (root / "dsb2018" / "images.csv").open(newline="") as fh:
         return {row["image_id"]: row["kind"] for row in csv.DictReader(fh)}
-
-
-def provenance(command: str) -> dict[str, Any]:
-    """Say what measured a section: command, commit (``+dirty``: local edits), host, threads."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", ""
-    return {
-        "command": command,
-        "commit": commit + ("+dirty" if dirty else ""),
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def _count(routes: Sequence[Route]) -> dict[str, int]:

@@ -35,7 +35,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from phenocascade.models.evaluate import KIND_METRICS, summary_metrics
 from phenocascade.recipes import evaluate_tier
 from phenocascade.recipes.own import train_own_tier
 from phenocascade.recipes.sweep import sweep_tier
+from provenance import commit
 
 log = logging.getLogger("benchmarks.sweep")
 RESULTS = Path(__file__).parent / "results"
@@ -131,16 +131,6 @@ def sweep_row(
     return {**row, "test": test, "val": best.metric, "params": best.params, "trial": best.number}
 
 
-def _commit() -> str:
-    """Return HEAD's hash, with ``+dirty`` when tracked files differ from it."""
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    return f"{head}+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
-
-
 def _host() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
@@ -188,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["sweep"] = {
         "tiers": tiers,
         "command": shlex.join([".venv/bin/python", "benchmarks/sweep.py", *sys.argv[1:]]),
-        "commit": _commit(),
+        "commit": commit(),
         "host": _host(),
         "settings": {
             "topology": str(args.topology),

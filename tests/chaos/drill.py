@@ -80,7 +80,8 @@ every this many answers."""
 CASSANDRA_DOWN_S = 30.0
 BROKER_DOWN_S = 10.0
 HELD = 50
-"""The last streamed images, submitted only once the gate's challenger is promoted."""
+"""The last streamed images, submitted only once the gate's challenger is promoted and the
+last fault is injected: every killed part then has images to score after its restart."""
 
 Say = Callable[[str], None]
 
@@ -224,7 +225,8 @@ class _Pacer(threading.Thread):
     """Submits images evenly over a time span, five at a time, from a thread.
 
     The last ``held`` images wait, once their time comes, until ``release()`` is true (the
-    retrainer's promotion), so that the gate scores images with both models whatever the
+    retrainer's promotion and, in the drill, the last fault), so that the gate scores images
+    with both models and every killed part scores images after its restart, whatever the
     machine's speed; the wait ends in an error after ``hold_s``.
     """
 
@@ -439,10 +441,20 @@ def run_drill(
             assert producer.flush(30) == 0
             say(f"{len(ids_1)} labelled images done and answered; streaming {len(stream)} more")
             started = time.time()
-            pacer = _Pacer(cascade, stream, stream_s, held=HELD, release=lambda: _promoted(cascade))
+            injected = threading.Event()
+            pacer = _Pacer(
+                cascade,
+                stream,
+                stream_s,
+                held=HELD,
+                release=lambda: injected.is_set() and _promoted(cascade),
+            )
             pacer.start()
-            if control is not None:
-                faults = _inject(supervised, control, seed=seed, gap_s=gap_s, say=say)
+            try:
+                if control is not None:
+                    faults = _inject(supervised, control, seed=seed, gap_s=gap_s, say=say)
+            finally:
+                injected.set()
             wanted = {*ids_1, *pacer.submitted()}
             assert len(wanted) == images, f"{len(wanted)} distinct ids, not {images}"
             _wait(
