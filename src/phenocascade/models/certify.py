@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
+from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput, box_iou
 from phenocascade.models.calibration import (
     SCORE_CLIP,
     Calibrator,
@@ -70,19 +70,6 @@ log = logging.getLogger(__name__)
 ThresholdMode = Literal["per_label", "pooled"]
 # Grouped folds of the validation images over which calibrators are cross-fitted.
 CALIBRATION_FOLDS = 5
-
-
-def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """IoU matrix between ``(n, 4)`` and ``(m, 4)`` boxes ``[x_min, y_min, x_max, y_max]``."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def match_boxes(

@@ -245,7 +245,6 @@ def tier_data(
     split: str,
     *,
     seed: int = 0,
-    max_sources: int | None = None,
     dataset: Dataset = "dsb",
 ) -> LabelledSet:
     """Return the shared dataset split that trains or evaluates ``tier``.
@@ -259,7 +258,7 @@ def tier_data(
     if tier == "minority" and dataset == "bccd":
         return bccd(root, split, drop_degenerate=True)  # type: ignore[arg-type]
     if tier == "quality":
-        return quality_set(root, split, seed=seed, max_sources=max_sources)  # type: ignore[arg-type]
+        return quality_set(root, split, seed=seed)  # type: ignore[arg-type]
     if tier == "majority":
         return dsb2018_majority(root, split)  # type: ignore[arg-type]
     if tier == "minority":
@@ -503,9 +502,7 @@ def train_tier(
                 seed,
             )
     else:
-        train_set = tier_data(
-            tier, root, "train", seed=seed, max_sources=plan.max_sources, dataset=dataset
-        )
+        train_set = tier_data(tier, root, "train", seed=seed, dataset=dataset)
         fit_val_set = val_set
         if plan.calibration_share and train_samples is None and val_samples is None:
             train_set, val_set = _share_for_calibration(

@@ -73,8 +73,6 @@ class Recipe:
         Training samples kept (seeded subset; detectors keep every positive first).
     max_val_fit : int or None
         Validation samples used for early stopping (all are used for calibration).
-    max_sources : int or None
-        Quality tier only: training source images before degradation.
     train_data : str or None
         ``"dsb2018_nuclei"``: train (and early-stop) on every DSB nucleus (box and
         instance mask) instead of the tier's own boxes, which still calibrate and evaluate
@@ -101,7 +99,6 @@ class Recipe:
     patience: int
     max_train: int | None = None
     max_val_fit: int | None = None
-    max_sources: int | None = None
     train_data: str | None = None
     ltt_starts: int = 1
     calibration_share: float = 0.0

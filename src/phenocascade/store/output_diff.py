@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from phenocascade.domain import box_iou
 from phenocascade.errors import ValidationError
 
 LABEL_PRESENT = 0.5
@@ -87,17 +88,6 @@ def given_labels(output: Mapping[str, Any]) -> set[str]:
     return {label for label, p in output["labels"].items() if p >= LABEL_PRESENT}
 
 
-def iou(a: Mapping[str, float], b: Mapping[str, float]) -> float:
-    """Intersection over union of two ``[x_min, y_min, x_max, y_max]`` pixel boxes."""
-    w = min(a["x_max"], b["x_max"]) - max(a["x_min"], b["x_min"])
-    h = min(a["y_max"], b["y_max"]) - max(a["y_min"], b["y_min"])
-    inter = max(w, 0.0) * max(h, 0.0)
-    area = (a["x_max"] - a["x_min"]) * (a["y_max"] - a["y_min"])
-    area += (b["x_max"] - b["x_min"]) * (b["y_max"] - b["y_min"])
-    union = area - inter
-    return inter / union if union > 0 else float(a == b)
-
-
 def box_changes(
     before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -106,9 +96,13 @@ def box_changes(
     Boxes of the same label overlapping by at least :data:`BOX_IOU` are one object, matched
     greedily from the largest overlap; their scores may differ.
     """
+    coords = ("x_min", "y_min", "x_max", "y_max")
+    overlaps = box_iou(
+        [[b[c] for c in coords] for b in before], [[a[c] for c in coords] for a in after]
+    )
     pairs = sorted(
         (
-            (iou(b, a), i, j)
+            (float(overlaps[i, j]), i, j)
             for i, b in enumerate(before)
             for j, a in enumerate(after)
             if b["label"] == a["label"]
