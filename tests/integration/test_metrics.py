@@ -222,12 +222,13 @@ def test_status_reads_every_group_and_champion_and_the_console_is_clean(
         )
     assert cascade.topology.joiner.app_id in by_group
 
-    # Commands that prepare Cassandra statements and open Kafka clients, on a console.
+    # Commands that prepare Cassandra statements and open Kafka clients, on a console
+    # (`status` without --once: off a terminal it prints one reading and exits).
     for args in (
         ("topics", "create", "--topology", topology_file),
         ("report", "--prefix", cascade.prefix + "m-", "--topology", topology_file),
         ("results", "--study", cascade.prefix + "it", "--topology", topology_file),
-        ("status", "--once", "--interval", "0.5", "--topology", topology_file),
+        ("status", "--interval", "0.5", "--topology", topology_file),
     ):
         done = _run_cli(cascade, *args)
         _assert_quiet(done)

@@ -22,6 +22,7 @@ from harness import Cascade, settings_env
 
 from phenocascade.config import Settings, load_topology
 from phenocascade.data.importers import import_voc
+from phenocascade.models.base import champion_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,8 +79,9 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
 
     budget = ["--max-train", "30", "--max-epochs", "2"]
     for tier in topology.tiers:
+        # Before any `run`: the sweep creates the planned topics to announce its promotion.
         sweep = ["sweep", tier.name, "--topology", str(planned), "--trials", "2"]
-        _cli(env, *sweep, "--budget-minutes", "1", "--no-publish", *budget)
+        _cli(env, *sweep, "--budget-minutes", "1", *budget)
         trials = json.loads(
             _cli(env, "sweep", "show", tier.name, "--topology", str(planned), "--json")
         )
@@ -87,7 +89,17 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
         assert 1 <= len(trials["trials"]) <= 2
         assert all(t["state"] in ("complete", "pruned", "failed") for t in trials["trials"])
     for tier in topology.tiers:
-        _cli(env, "train", tier.name, "--topology", str(planned), *budget)
+        # The sweep's best is champion; the trained model replaces it only if it beats it
+        # on the val split, and says which.
+        before = champion_version(settings.artifacts, tier.artifact)
+        said = _cli(env, "train", tier.name, "--topology", str(planned), *budget)
+        saved = str(settings.artifacts)
+        version = next(Path(line).name for line in said.splitlines() if line.startswith(saved))
+        champion = champion_version(settings.artifacts, tier.artifact)
+        if f"{version} is champion (" in said:
+            assert champion == version, said
+        else:
+            assert f"champion {before} kept" in said and champion == before, said
 
     streamed_names = names[-STREAMED:]
     voc_set = import_voc(

@@ -21,9 +21,9 @@ from prometheus_client import REGISTRY
 from phenocascade.cli import build_parser
 from phenocascade.cli.cascade import cascade_commands
 from phenocascade.cli.logs import ConsoleFilter
-from phenocascade.cli.metrics import child_metrics_ports, with_metrics_ports
+from phenocascade.cli.metrics import child_metrics_ports, metrics_port, with_metrics_ports
 from phenocascade.cli.status import rates, status_record, topology_groups
-from phenocascade.config import LIBRDKAFKA_LOGGER, load_topology
+from phenocascade.config import LIBRDKAFKA_LOGGER, Settings, load_topology
 from phenocascade.consumers.joiner import observe_output
 from phenocascade.consumers.worker import _BatchTally, label_decision
 from phenocascade.domain import LabelThresholds, Route, StageKind, StageOutput
@@ -51,6 +51,22 @@ def test_each_process_of_run_gets_its_own_port_above_the_base() -> None:
     for name, args in flagged.items():
         assert args[-2:] == ["--metrics-port", str(ports[name])]
         assert parser.parse_args(args).metrics_port == ports[name]
+
+
+def test_the_annotation_loop_started_by_hand_beside_run_takes_ports_of_its_own() -> None:
+    parser = build_parser()
+    settings = Settings(metrics_port=9400)
+    run = len(cascade_commands(load_topology())) + 3  # run's processes with --learning
+    ports = {
+        command: metrics_port(parser.parse_args([command]), settings)
+        for command in ("sink", "ui", "retrainer", "rescorer")
+    }
+    assert len(set(ports.values())) == len(ports)
+    assert all(p > 9400 + run for p in ports.values()), ports
+    assert metrics_port(parser.parse_args(["run"]), settings) == 9400
+    assert metrics_port(parser.parse_args(["sink", "--metrics-port", "9500"]), settings) == 9500
+    off = Settings(metrics_port=0)
+    assert metrics_port(parser.parse_args(["ui"]), off) == 0
 
 
 def test_base_zero_turns_every_process_off() -> None:

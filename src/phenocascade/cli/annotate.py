@@ -81,6 +81,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise ValidationError(
+            f"no terminal to ask {args.name}'s password on: give it on stdin with "
+            "--password-stdin (one line)"
+        )
     first = getpass.getpass(f"password for {args.name}: ")
     if getpass.getpass("again: ") != first:
         raise ValidationError("the two passwords differ; nothing was changed")
@@ -172,7 +177,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stop once every partition is read to its end",
     )
-    add_metrics_port(p)
+    add_metrics_port(p, "sink")
     p.set_defaults(func=cmd_sink)
 
     p = sub.add_parser("ui", help="serve the browser annotation app")
@@ -181,7 +186,7 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
     p.add_argument("--ssl-keyfile", default=None, help="private key of --ssl-certfile")
-    add_metrics_port(p)
+    add_metrics_port(p, "ui")
     p.set_defaults(func=cmd_ui)
 
     users = sub.add_parser("users", help="manage annotation app users")

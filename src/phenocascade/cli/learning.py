@@ -158,7 +158,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stop once the topic is read to its end and no retraining is running or due",
     )
-    add_metrics_port(p)
+    add_metrics_port(p, "retrainer")
     p.set_defaults(func=cmd_retrainer)
 
     p = sub.add_parser(

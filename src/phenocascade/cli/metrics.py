@@ -1,9 +1,10 @@
 """Metrics ports of the command line: one per process, ``phenocascade run``'s children above it.
 
-A long-running command (``worker``, ``joiner``, ``sink``, ``retrainer``, ``ui``, ``run``)
-serves its Prometheus metrics on ``--metrics-port`` (default ``PHENOCASCADE_METRICS_PORT``,
-9400; 0: none). ``phenocascade run`` serves on that base port and starts its ``n``
-processes with ``--metrics-port base+1`` ... ``base+n``, in the order
+A long-running command (``worker``, ``joiner``, ``sink``, ``retrainer``, ``rescorer``,
+``ui``, ``run``) serves its Prometheus metrics on ``--metrics-port``, by default the base
+``PHENOCASCADE_METRICS_PORT`` (9400; 0: none), or for the annotation loop's commands the
+base plus their :data:`STANDALONE_OFFSETS`. ``phenocascade run`` serves on the base port
+and starts its ``n`` processes with ``--metrics-port base+1`` ... ``base+n``, in the order
 :func:`~phenocascade.cli.cascade.cascade_commands` names them; a base of 0 turns every one
 of them off.
 """
@@ -21,21 +22,39 @@ from phenocascade.streams.lag import LagReader
 METRICS_FLAG = "--metrics-port"
 
 
-def add_metrics_port(parser: argparse.ArgumentParser) -> None:
-    """Add ``--metrics-port`` to a long-running command's parser."""
+STANDALONE_OFFSETS = {"sink": 100, "ui": 101, "retrainer": 102, "rescorer": 103}
+"""Default ports of the annotation loop's commands, above the base: started by hand beside
+``phenocascade run`` (which takes the base and the ports just above it), none collides."""
+
+
+def add_metrics_port(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """Add ``--metrics-port`` to a long-running command's parser.
+
+    ``command`` names one of :data:`STANDALONE_OFFSETS`, whose default port is that far
+    above the base; others default to the base.
+    """
+    offset = STANDALONE_OFFSETS[command] if command is not None else 0
+    default = f"PHENOCASCADE_METRICS_PORT + {offset}" if offset else "PHENOCASCADE_METRICS_PORT"
     parser.add_argument(
         METRICS_FLAG,
         type=int,
         default=None,
-        help="serve Prometheus metrics on this port (default: PHENOCASCADE_METRICS_PORT, "
-        "9400; 0: none)",
+        help=f"serve Prometheus metrics on this port (default: {default}, the base being 9400; "
+        "0: none)",
     )
+    parser.set_defaults(metrics_offset=offset)
 
 
 def metrics_port(args: argparse.Namespace, settings: Settings) -> int:
-    """Return the port this command serves metrics on: its flag, else the settings'."""
+    """Return the port this command serves metrics on.
+
+    Its flag, else the settings' base plus the command's offset (a base of 0: none).
+    """
     port: int | None = getattr(args, "metrics_port", None)
-    return settings.metrics_port if port is None else port
+    if port is not None:
+        return port
+    base = settings.metrics_port
+    return base + getattr(args, "metrics_offset", 0) if base else 0
 
 
 def start_metrics(

@@ -406,5 +406,5 @@ def register(sub: Any) -> None:
         "output is in, and withdraw the tasks of those it decides on its own.",
     )
     p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
-    add_metrics_port(p)
+    add_metrics_port(p, "rescorer")
     p.set_defaults(func=cmd_rescorer)

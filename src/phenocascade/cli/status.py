@@ -123,7 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the lag and rate of every consumer group and the champion of every tier.
 
     Live, refreshed every ``--interval`` seconds, until Ctrl-C; ``--once`` or ``--json``
-    print one reading (two snapshots ``--interval`` apart, for the rate).
+    print one reading (two snapshots ``--interval`` apart, for the rate), and so does a
+    console that is not a terminal (a pipe, a log file), which a live view cannot refresh.
     """
     settings = get_settings()
     path = args.topology or settings.topology
@@ -142,7 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     if args.json:
         print(json.dumps(reading(), indent=2))
-    elif args.once:
+    elif args.once or not console.is_terminal:
         console.print(status_view(reading()))
     else:
         try:
@@ -162,7 +163,7 @@ def register(sub: Any) -> None:
         description="Print the lag and consume rate of every consumer group of the topology "
         "(from Kafka's committed offsets and the partitions' ends) and the champion of "
         "every tier (from the artifacts folder), refreshed every --interval seconds until "
-        "Ctrl-C.",
+        "Ctrl-C; off a terminal (piped, redirected), one reading, as --once.",
     )
     p.add_argument("--topology", help="topology YAML (default: PHENOCASCADE_TOPOLOGY or packaged)")
     p.add_argument("--once", action="store_true", help="print one table and exit")

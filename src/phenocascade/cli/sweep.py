@@ -164,11 +164,9 @@ def _run(args: argparse.Namespace, tier: str) -> int:
 
 def _announcer(settings: Settings, topology: Topology) -> Announcer:
     """Connect to Cassandra and Kafka before any training, so a sweep never ends unable to."""
-    from confluent_kafka import KafkaException
-
     from phenocascade.consumers.retrainer import Announcer
     from phenocascade.store.cassandra import connect
-    from phenocascade.streams.kafka import plain_producer
+    from phenocascade.streams.kafka import create_topics, plain_producer
     from phenocascade.streams.serde import EventCodec
 
     hint = "start them (`phenocascade infra up`) or sweep offline with --no-publish"
@@ -176,14 +174,13 @@ def _announcer(settings: Settings, topology: Topology) -> Announcer:
         session = connect(settings.cassandra)
     except InfraError as exc:
         raise InfraError(f"{exc}; {hint}") from exc
-    producer = plain_producer(settings.kafka)
     try:
-        producer.list_topics(timeout=10)
-    except KafkaException as exc:
-        raise InfraError(
-            f"Kafka at {settings.kafka.bootstrap_servers} does not answer ({exc}); {hint}"
-        ) from exc
-    return Announcer(session, producer, topology.models_topic, EventCodec())
+        # The promotion goes to the topology's models topic: a sweep before the first
+        # `phenocascade run` creates the topics as `run` does.
+        create_topics(settings.kafka, topology, timeout_s=10)
+    except InfraError as exc:
+        raise InfraError(f"{exc}; {hint}") from exc
+    return Announcer(session, plain_producer(settings.kafka), topology.models_topic, EventCodec())
 
 
 def promote_best(
@@ -197,11 +194,45 @@ def promote_best(
 ) -> Outcome:
     """Put a sweep's best trial through the champion/challenger promotion of retraining.
 
-    The best trial's model and the tier's champion (if any) are both evaluated on the
-    dataset's val split, and :func:`~phenocascade.consumers.retrainer.decide` decides with
-    the sweep's metric; :func:`~phenocascade.consumers.retrainer.apply_decision` sets
-    ``CHAMPION`` and, with an ``announcer``, records the lineage (trigger ``"sweep"``) and
-    publishes ``ModelPromoted``. A rejected trial's artifact is kept.
+    See :func:`promote_version` (trigger ``"sweep"``, the sweep's metric). A rejected
+    trial's artifact is kept.
+
+    Returns
+    -------
+    Outcome
+        The decision, as a lineage record.
+    """
+    if result.best is None or result.best.version is None:
+        raise ValueError("promote_best needs a sweep whose best trial saved an artifact")
+    return promote_version(
+        result.best.version,
+        spec,
+        stored,
+        metric=result.metric,
+        trigger="sweep",
+        settings=settings,
+        device=device,
+        announcer=announcer,
+    )
+
+
+def promote_version(
+    version: str,
+    spec: TierSpec,
+    stored: StoredDataset,
+    *,
+    metric: str,
+    trigger: str,
+    settings: Settings,
+    device: str,
+    announcer: Announcer | None,
+) -> Outcome:
+    """Put a saved version through the champion/challenger promotion of retraining.
+
+    The version and the tier's champion (if any) are both evaluated on the dataset's val
+    split, and :func:`~phenocascade.consumers.retrainer.decide` decides with ``metric``;
+    :func:`~phenocascade.consumers.retrainer.apply_decision` sets ``CHAMPION`` and, with
+    an ``announcer``, records the lineage (``trigger``) and publishes ``ModelPromoted``.
 
     Returns
     -------
@@ -211,15 +242,12 @@ def promote_best(
     from phenocascade.consumers.retrainer import Outcome, apply_decision, decide
     from phenocascade.models.base import champion_version
 
-    if result.best is None or result.best.version is None:
-        raise ValueError("promote_best needs a sweep whose best trial saved an artifact")
     started = datetime.now(tz=UTC)
-    version = result.best.version
     parent = champion_version(settings.artifacts, spec.artifact) or ""
     metrics = _val_metrics(spec, stored, settings, version, device)
     parent_metrics = _val_metrics(spec, stored, settings, parent, device) if parent else {}
     decision, reason = decide(
-        metric=result.metric, metrics=metrics, parent_metrics=parent_metrics, parent_version=parent
+        metric=metric, metrics=metrics, parent_metrics=parent_metrics, parent_version=parent
     )
     outcome = Outcome(
         tier=spec.name,
@@ -227,8 +255,8 @@ def promote_best(
         parent_version=parent,
         decision=decision,
         reason=reason,
-        trigger="sweep",
-        metric=result.metric,
+        trigger=trigger,
+        metric=metric,
         metrics=metrics,
         parent_metrics=parent_metrics,
         annotation_ids=[],

@@ -11,9 +11,10 @@ from typing import Any
 
 from rich.console import Console
 
-from phenocascade.config import Topology, get_settings, load_topology
+from phenocascade.config import Settings, TierSpec, Topology, get_settings, load_topology
+from phenocascade.data.registry import StoredDataset
 from phenocascade.domain import StageKind
-from phenocascade.models.base import ArtifactMeta
+from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.models.thresholds import min_certifiable_count
 
 console = Console()
@@ -43,9 +44,10 @@ def register(subparsers: Any) -> None:
         "train",
         help="train, calibrate and save a tier's model on its dataset",
         description="Train a tier on its dataset's train split, calibrate it and certify its "
-        "routing thresholds on the val split, save it under the artifacts folder and make it "
-        "champion if the tier has none. A planned tier takes its backend, labels and dataset "
-        "from the topology.",
+        "routing thresholds on the val split and save it under the artifacts folder. It becomes "
+        "champion if the tier has none; else, for a planned tier, if it beats the champion on "
+        "the val split (as a sweep's best trial). A planned tier takes its backend, labels "
+        "and dataset from the topology.",
     )
     _add_tier(train)
     train.add_argument(
@@ -95,12 +97,16 @@ def register(subparsers: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from phenocascade.recipes import train_tier
+    from phenocascade.recipes import own_tier, train_tier
 
+    settings, topology = get_settings(), _topology(args)
+    own = own_tier(args.tier, settings=settings, topology=topology, dataset=args.dataset)
+    artifact = own[0].artifact if own is not None else args.tier
+    before = champion_version(settings.artifacts, artifact)
     folder = train_tier(
         args.tier,
-        settings=get_settings(),
-        topology=_topology(args),
+        settings=settings,
+        topology=topology,
         backend=args.backend,
         size=args.size,
         seed=args.seed,
@@ -117,7 +123,56 @@ def _train(args: argparse.Namespace) -> int:
     meta = ArtifactMeta.read(folder)
     for line in routing_summary(meta.kind, meta.thresholds, meta.metrics["calibration"]):
         console.print(line, markup=False)
+    version = folder.name
+    if before is None:
+        said = f"{args.tier}: {version} is champion (the tier had none)"
+    elif own is not None:
+        said = _promoted(version, *own, meta.kind, settings, args.device)
+    else:
+        said = (
+            f"{args.tier}: {version} is a challenger; champion {before} stays (bundled tiers "
+            "are promoted by the retrainer, on annotations)"
+        )
+    console.print(said, markup=False, soft_wrap=True)
     return 0
+
+
+def _promoted(
+    version: str,
+    spec: TierSpec,
+    stored: StoredDataset,
+    kind: str,
+    settings: Settings,
+    device: str,
+) -> str:
+    """Put a trained version through the champion/challenger promotion; say what it decided.
+
+    As a sweep's best trial: both are evaluated on the val split, and the new version
+    becomes champion when its metric is higher. Nothing is published (training needs no
+    broker): running workers load a new champion when they restart.
+    """
+    from phenocascade.cli.sweep import promote_version
+    from phenocascade.models.evaluate import KIND_METRICS
+
+    outcome = promote_version(
+        version,
+        spec,
+        stored,
+        metric=KIND_METRICS[StageKind(kind)],
+        trigger="train",
+        settings=settings,
+        device=device,
+        announcer=None,
+    )
+    if outcome.decision != "promoted":
+        return (
+            f"{spec.name}: champion {outcome.parent_version} kept ({outcome.reason}); "
+            f"{version} stays a challenger"
+        )
+    return (
+        f"{spec.name}: {version} is champion ({outcome.reason}); running workers load it "
+        "when they restart"
+    )
 
 
 def routing_summary(

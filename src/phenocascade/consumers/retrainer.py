@@ -283,9 +283,10 @@ class Announcer:
         )
         if self.producer.flush(30):
             raise InfraError(
-                f"ModelPromoted for {artifact}/{version} was not acknowledged by Kafka within "
-                "30 s; the version is champion, workers load it on restart, and the next "
-                "retrainer start announces it again"
+                f"ModelPromoted for {artifact}/{version} was not acknowledged by Kafka on "
+                f"topic {self.models_topic} within 30 s (`phenocascade topics create` makes "
+                "the topology's topics); the version is champion: workers load it when they "
+                "start"
             )
 
 
@@ -309,7 +310,8 @@ def apply_decision(
         The tier's artifact name (``TierSpec.artifact``).
     announcer : Announcer or None
         ``None`` (offline: ``phenocascade sweep --no-publish``) only sets ``CHAMPION``;
-        workers load it when they start, and the next retrainer start announces it.
+        workers load it when they start, and the next retrainer start announces it if
+        it has a parent (a tier's first champion is loaded by every worker that starts).
 
     Raises
     ------
