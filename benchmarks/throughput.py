@@ -23,9 +23,10 @@ Writes ``benchmarks/results/throughput.json``:
   every repetition (each repetition is one burst of ``--images`` images);
 - ``routes``: whether both sides made the same routing decision per tier and image
   (``agree``, ``compared``, and the first disagreements);
-- ``images``, ``peak_rss_mb`` per process (workers, joiner, Kafka and Cassandra),
-  ``stack_peak_rss_mb``, ``cpu_s`` (CPU seconds of each side per repetition), and the
-  command, commit and host.
+- ``images``, ``peak_rss_mb`` and ``peak_pss_mb`` per process (workers, joiner, Kafka
+  and Cassandra), ``stack_peak_rss_mb`` and ``stack_peak_pss_mb`` (the largest sums at one
+  instant; PSS counts a shared library page once, RSS once per process), ``cpu_s`` (CPU
+  seconds of each side per repetition), and the command, commit and host.
 """
 
 from __future__ import annotations
@@ -106,26 +107,39 @@ def in_process(paths: list[Path], batch: int) -> tuple[float, Routes]:
 
 
 class RssSampler(threading.Thread):
-    """Sample the resident memory of named processes (and their children) every 0.25 s."""
+    """Sample the memory of named processes (and their children) every 0.25 s.
+
+    Two measures: the resident set (RSS), which counts a shared page in every process
+    that maps it, and the proportional set (PSS), which splits it among them. The stack's
+    totals are the largest sums at one instant; the sum of PSS is what the machine holds
+    (torch's libraries, mapped by every worker, counted once).
+    """
 
     def __init__(self, pids: dict[str, int]) -> None:
         super().__init__(daemon=True)
         self.pids = pids
         self.peak: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self.peak_pss: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self.stack = {"rss": 0.0, "pss": 0.0}
         self.stop = threading.Event()
 
     def run(self) -> None:
         """Sample until stopped."""
         while not self.stop.wait(0.25):
+            now = {"rss": 0.0, "pss": 0.0}
             for name, pid in self.pids.items():
                 try:
                     proc = psutil.Process(pid)
-                    rss = proc.memory_info().rss + sum(
-                        c.memory_info().rss for c in proc.children(recursive=True)
-                    )
+                    infos = [p.memory_full_info() for p in (proc, *proc.children(recursive=True))]
                 except psutil.Error:
                     continue
-                self.peak[name] = max(self.peak[name], rss / 2**20)
+                rss = sum(i.rss for i in infos) / 2**20
+                pss = sum(i.pss for i in infos) / 2**20
+                self.peak[name] = max(self.peak[name], rss)
+                self.peak_pss[name] = max(self.peak_pss[name], pss)
+                now["rss"] += rss
+                now["pss"] += pss
+            self.stack = {k: max(v, now[k]) for k, v in self.stack.items()}
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -238,7 +252,9 @@ def main() -> None:
             "differ": [d for a in agreement for d in a["differ"]][:10],
         },
         "peak_rss_mb": {k: round(v, 1) for k, v in sampler.peak.items()},
-        "stack_peak_rss_mb": round(sum(sampler.peak.values()), 1),
+        "peak_pss_mb": {k: round(v, 1) for k, v in sampler.peak_pss.items()},
+        "stack_peak_rss_mb": round(sampler.stack["rss"], 1),
+        "stack_peak_pss_mb": round(sampler.stack["pss"], 1),
         # CPU seconds per repetition: the pipeline's from its first submission until the
         # harness saw the last output, so each includes up to one 2 s poll of idle time.
         "cpu_s": cpu,

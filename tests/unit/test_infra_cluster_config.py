@@ -128,14 +128,6 @@ def test_a_single_cassandra_node_keeps_token_0_and_its_folder(settings: Settings
     assert node.name == "cassandra"
 
 
-def test_a_cluster_node_gets_a_smaller_heap() -> None:
-    single = local._heap("cassandra", 1)
-    assert "-Xmx1g" in single
-    cluster = local._heap("cassandra", 3)
-    assert [f for f in cluster if f.startswith("-Xmx")] == ["-Xmx768m"]
-    assert set(single) - {"-Xms1g", "-Xmx1g"} <= set(cluster)
-
-
 def test_clients_are_told_every_node(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     env = client_env(settings, 3)
     assert env["PHENOCASCADE_KAFKA__BOOTSTRAP_SERVERS"] == (

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 USAGE = """
   phenocascade sweep TIER --trials N --budget-minutes M [--dataset NAME] [--topology PATH]
                           [--storage URL] [--seed S] [--size {bootstrap,full}] [--device D]
-                          [--max-train N] [--no-publish]
+                          [--max-train N] [--max-epochs E] [--no-publish]
   phenocascade sweep show TIER [--topology PATH] [--storage URL] [--json]"""
 
 DESCRIPTION = """\

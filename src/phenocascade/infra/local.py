@@ -117,8 +117,6 @@ _MAIN_ARTIFACT = {"kafka": "kafka_2.13", "cassandra": "cassandra-all"}
 _SERVICE_LOG = {"kafka": "server.log", "cassandra": "system.log"}
 _CONFIG_FILE = {"kafka": "server.properties", "cassandra": "cassandra.yaml"}
 _COMMAND_FILE = "command.json"
-# Heap of each node of a cluster (see _heap).
-_CLUSTER_HEAP = {"kafka": ["-Xms256m", "-Xmx512m"], "cassandra": ["-Xms768m", "-Xmx768m"]}
 
 Progress = Callable[[str], None]
 
@@ -661,17 +659,6 @@ def _relaunch(node: Node) -> int:
     return pid
 
 
-def _heap(service: str, size: int) -> list[str]:
-    """Return the heap flags of one node: the template's, or a cluster's smaller ones."""
-    flags = _jvm_options(service)
-    if size == 1:
-        return flags
-    # Six JVMs share the machine (two cores and a few GiB in CI): a cluster's node gets a
-    # smaller heap than the single node's 1 GiB. Local test data is small, and Cassandra
-    # sizes its memtables and caches from the heap, so they shrink with it.
-    return [f for f in flags if not f.startswith(("-Xms", "-Xmx"))] + _CLUSTER_HEAP[service]
-
-
 def _kafka_command(
     settings: Settings, java: str, lib: Path, node: Node, security: Security | None
 ) -> list[str]:
@@ -741,7 +728,7 @@ def _kafka_command(
         )
     return [
         java,
-        *_heap("kafka", node.size),
+        *_jvm_options("kafka"),
         f"-Dkafka.logs.dir={home / 'logs'}",
         f"-Dlog4j2.configurationFile={log4j}",
         "-cp",
@@ -790,7 +777,7 @@ def _cassandra_command(
         raise InfraError(f"no jamm jar in {lib}; delete that folder so that Maven fills it again")
     return [
         java,
-        *_heap("cassandra", node.size),
+        *_jvm_options("cassandra"),
         # Cassandra measures object sizes with jamm, which must be loaded as an agent.
         f"-javaagent:{jamm[0]}",
         "-Dcassandra-foreground=yes",
