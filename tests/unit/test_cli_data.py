@@ -185,3 +185,116 @@ def test_import_class_masks_stores_object_classes(
     assert rows["cell"]["kind"] == "object" and rows["cell"]["objects"] == 12
     assert rows["empty"]["kind"] == "object" and rows["empty"]["objects"] == 0
     assert summary["groups"] == {}
+
+
+def _masks(root: Path, n: int) -> tuple[Path, Path]:
+    """``n`` images with one instance each, as instance label images."""
+    img, masks = root / "img", root / "masks"
+    img.mkdir()
+    masks.mkdir()
+    for i in range(n):
+        Image.new("L", (16, 12)).save(img / f"i{i}.png")
+        instances = np.zeros((12, 16), dtype=np.uint16)
+        instances[2 : 4 + i % 3, 2:6] = 1
+        Image.fromarray(instances).save(masks / f"i{i}.png")
+    return img, masks
+
+
+def test_objects_and_a_table_of_image_labels_import_as_one_dataset_with_a_fixed_split(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img, masks = _masks(tmp_path, 6)
+    table = tmp_path / "labels.csv"
+    table.write_text(
+        "image_id,size,extra\n"
+        + "".join(f"i{i},{'big' if i < 2 else 'small'},x\n" for i in range(6))
+    )
+    split = tmp_path / "split.csv"
+    order = ["train"] * 2 + ["val"] * 2 + ["test"] * 2
+    # An id of no imported image is ignored: a lab's split file may cover more.
+    split.write_text(
+        "image_id,split\n" + "".join(f"i{i},{s}\n" for i, s in enumerate(order)) + "gone,train\n"
+    )
+
+    rc = main(
+        [
+            *("data", "import", "masks", str(masks), str(img), "--name", "m"),
+            *("--labels", str(table), "--column", "size=small,big", "--split-file", str(split)),
+        ]
+    )
+
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["data", "show", "m", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = {row["label"]: row for row in summary["labels"]}
+    assert rows["nucleus"]["kind"] == "object" and rows["nucleus"]["objects"] == 6
+    assert rows["size:big"]["kind"] == "image" and rows["size:big"]["images"] == 2
+    assert rows["size:small"]["images"] == 4
+    assert summary["groups"] == {"size": ["size:small", "size:big"]}
+    assert summary["splits"] == {"train": 2, "val": 2, "test": 2}
+    stored = json.loads((home / "datasets" / "m" / "v1.json").read_text())
+    by_id = {r["image_id"]: r["split"] for r in stored["samples"]}
+    assert by_id == {f"i{i}": s for i, s in enumerate(order)}
+
+
+def test_a_voc_style_folder_of_id_lists_is_a_split_file(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img, masks = _masks(tmp_path, 3)
+    lists = tmp_path / "Main"
+    lists.mkdir()
+    for i, split in enumerate(("train", "val", "test")):
+        (lists / f"{split}.txt").write_text(f"i{i}\n\n")
+
+    rc = main(["data", "import", "masks", str(masks), str(img), "--name", "v"])
+    assert rc == 0
+    rc = main(
+        [
+            *("data", "import", "masks", str(masks), str(img)),
+            "--name",
+            "w",
+            "--split-file",
+            str(lists),
+        ]
+    )
+
+    assert rc == 0, capsys.readouterr().err
+    assert "train/val/test 1/1/1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("split_rows", "labels_rows", "extra", "message"),
+    [
+        ("i0,train\ni1,val\n", None, [], "gives no split to images ['i2'] (1 in all)"),
+        ("i0,train\ni1,val\ni2,holdout\n", None, [], "split.csv:4: unknown split 'holdout'"),
+        ("i0,train\ni0,val\n", None, [], "split.csv:3: image 'i0' is listed twice"),
+        (None, "i0,a\ni1,b\n", ["--column", "g=a,b"], "labels.csv: no row for images ['i2']"),
+        (None, "i0,a\ni1,c\ni2,a\n", ["--column", "g=a,b"], "labels.csv:3: unknown class g:'c'"),
+        (None, "i0,a\n", [], "name its label columns with --column"),
+        (None, None, ["--column", "g=a,b"], "--column needs --labels CSV"),
+    ],
+)
+def test_a_bad_split_file_or_label_table_is_one_line_naming_it(
+    home: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    split_rows: str | None,
+    labels_rows: str | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    img, masks = _masks(tmp_path, 3)
+    args = ["data", "import", "masks", str(masks), str(img), "--name", "bad", *extra]
+    if split_rows is not None:
+        (tmp_path / "split.csv").write_text("image_id,split\n" + split_rows)
+        args += ["--split-file", str(tmp_path / "split.csv")]
+    if labels_rows is not None:
+        (tmp_path / "labels.csv").write_text("image_id,g\n" + labels_rows)
+        args += ["--labels", str(tmp_path / "labels.csv")]
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert not (home / "datasets").exists()

@@ -18,6 +18,7 @@ from phenocascade.data.registry import (
     SPLITS,
     ImageInfo,
     assign_splits,
+    fixed_split,
     image_info,
     list_datasets,
     load_dataset,
@@ -203,6 +204,18 @@ def test_split_never_separates_samples_of_one_group(tmp_path: Path) -> None:
             by_group[s.group].add(split[s.image_id])
         assert all(len(splits) == 1 for splits in by_group.values())
         assert set(split.values()) == set(SPLITS)
+
+
+def test_a_fixed_split_gives_the_pages_of_a_stack_their_stack_s_split(tmp_path: Path) -> None:
+    image = _png(tmp_path / "src.png")
+    pages = [Sample(f"z@p{k}", image, group="z", page=k) for k in range(3)]
+    alone = Sample("a", image)
+
+    split = fixed_split([*pages, alone], {"z": "val", "a": "test"}, file="split.csv")
+
+    assert split == {"z@p0": "val", "z@p1": "val", "z@p2": "val", "a": "test"}
+    with pytest.raises(ValidationError, match="'z' would be in both val and train"):
+        fixed_split(pages, {"z": "val", "z@p2": "train"}, file="split.csv")
 
 
 @pytest.mark.parametrize("seed", range(8))

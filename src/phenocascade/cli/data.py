@@ -109,7 +109,7 @@ def register(subparsers: Any) -> None:
         metavar="NAME=V1,V2,...",
         help="import image labels NAME:V from this column instead of boxes (repeatable)",
     )
-    _add_common(table, degenerate=True)
+    _add_common(table, degenerate=True, labels=False)
 
     folders = formats.add_parser(
         "folders", help="one sub-folder of images per class (labels exclude each other)"
@@ -151,7 +151,7 @@ def register(subparsers: Any) -> None:
     get.set_defaults(func=_fetch)
 
 
-def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool, labels: bool = True) -> None:
     parser.add_argument("--name", required=True, help="dataset name (a-z 0-9 _ . -)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     parser.add_argument(
@@ -167,6 +167,29 @@ def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool) -> None:
         metavar="NAME=L1,L2,...",
         help="image labels that exclude each other (repeatable)",
     )
+    parser.add_argument(
+        "--split-file",
+        type=Path,
+        metavar="PATH",
+        help="a split the lab fixed, instead of --split and --seed: a CSV with image_id and "
+        "split (train, val or test) columns, or a folder of train.txt, val.txt and test.txt "
+        "id lists (VOC's ImageSets/Main); a page of a TIFF stack takes its stack's split",
+    )
+    if labels:
+        parser.add_argument(
+            "--labels",
+            type=Path,
+            metavar="CSV",
+            help="also import image labels from this CSV (an image_id column and the "
+            "--column columns), e.g. a phenotype per image beside its objects",
+        )
+        parser.add_argument(
+            "--column",
+            action="append",
+            metavar="NAME=V1,V2,...",
+            help="with --labels: column NAME gives one label NAME:V per image, the values "
+            "excluding each other (repeatable)",
+        )
     parser.add_argument("--out", type=Path, help="also write the summary as JSON here")
     if degenerate:
         parser.add_argument(
@@ -192,6 +215,22 @@ def _columns(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _load(args: argparse.Namespace) -> LabelledSet:
+    """Import the files, and add the ``--labels`` table's image labels when given."""
+    labelled = _load_format(args)
+    if args.format == "csv":
+        return labelled
+    if args.labels is None:
+        if args.column:
+            raise ValidationError("--column needs --labels CSV, the table it reads")
+        return labelled
+    if not args.column:
+        raise ValidationError(
+            f"--labels {args.labels}: name its label columns with --column NAME=V1,V2,..."
+        )
+    return importers.add_image_labels(labelled, args.labels, _columns(args.column))
+
+
+def _load_format(args: argparse.Namespace) -> LabelledSet:
     fmt = args.format
     if fmt == "voc":
         ids = None
@@ -241,24 +280,32 @@ def _implied_kinds(
 ) -> dict[str, registry.LabelKind]:
     """Return the kind of every class: image labels for folders and CSV columns, else objects.
 
-    A class of a box or mask format is an object class even where no box of it was found.
+    A class of a box or mask format is an object class even where no box of it was found;
+    the labels of a ``--labels`` table are image labels.
     """
     kind: registry.LabelKind = (
         "image" if args.format == "folders" or (args.format == "csv" and args.column) else "object"
     )
-    return {label: kind for label in labelled.classes}
+    table = {label for labels in _column_groups(args).values() for label in labels}
+    return {label: "image" if label in table else kind for label in labelled.classes}
 
 
 def _implied_groups(args: argparse.Namespace, labelled: LabelledSet) -> dict[str, list[str]]:
     """Return the groups a format implies: one class per folder, one value per column."""
+    groups = _column_groups(args)
     if args.format == "folders":
-        return {"class": list(labelled.classes)}
-    if args.format == "csv" and args.column:
-        # import_csv_labels names the label of value V in column C "C:V".
-        return {
-            col: [f"{col}:{v}" for v in values] for col, values in _columns(args.column).items()
-        }
-    return {}
+        return {"class": list(labelled.classes), **groups}
+    return groups
+
+
+def _column_groups(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Return the groups of the ``--column`` labels, of a CSV of labels or a ``--labels`` table.
+
+    The importers name the label of value V in column C "C:V".
+    """
+    if not args.column:
+        return {}
+    return {col: [f"{col}:{v}" for v in values] for col, values in _columns(args.column).items()}
 
 
 def _groups(specs: Sequence[str], implied: Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -301,6 +348,13 @@ def _import(args: argparse.Namespace) -> int:
     registry.check_name(args.name)
     fractions = _fractions(args.split)
     labelled = _load(args)
+    split = None
+    if args.split_file is not None:
+        split = registry.fixed_split(
+            labelled.samples,
+            importers.read_split_file(args.split_file),
+            file=str(args.split_file),
+        )
     stored = registry.save_dataset(
         _datasets_root(),
         args.name,
@@ -309,6 +363,7 @@ def _import(args: argparse.Namespace) -> int:
         groups=_groups(args.group, _implied_groups(args, labelled)),
         seed=args.seed,
         fractions=fractions,
+        split=split,
         source=_source(args),
     )
     summary = stored.summary()

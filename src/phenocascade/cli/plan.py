@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from phenocascade.config import get_settings
 from phenocascade.data.planning import CascadePlan, plan_cascade
 from phenocascade.data.registry import StoredDataset, load_dataset
 
-console = Console()
+# As `data show`'s: the table's seven columns squeeze into unreadable pieces below 120.
+console = Console(width=max(120, shutil.get_terminal_size().columns))
 
 
 def register(subparsers: Any) -> None:

@@ -1198,11 +1198,32 @@ def import_csv_labels(
         Naming the image: an unreadable header, or a multi-page TIFF.
     """
     file = str(csv_path)
-    classes = tuple(f"{col}:{v}" for col, values in columns.items() for v in values)
+    classes = _label_classes(columns)
     samples: dict[str, Sample] = {}
+    for image_id, (line, labels) in _label_rows(csv_path, columns).items():
+        path = _single_image(img_dir, image_id, file=file, line=line)
+        samples[image_id] = _sample(image_id, path, (), labels)
+    wanted = list(samples) if image_ids is None else list(image_ids)
+    missing = [i for i in wanted if i not in samples]
+    if missing:
+        raise AnnotationError(f"no row for images {missing[:5]} ({len(missing)} in all)", file=file)
+    return LabelledSet(name, classes, tuple(samples[i] for i in wanted))
+
+
+def _label_classes(columns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """Return the label of every value of every column, ``"<column>:<value>"``, in order."""
+    return tuple(f"{col}:{v}" for col, values in columns.items() for v in values)
+
+
+def _label_rows(
+    csv_path: Path, columns: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[int, set[str]]]:
+    """Return each image's line and labels, ``"<column>:<value>"``, from a labels CSV."""
+    file = str(csv_path)
+    rows: dict[str, tuple[int, set[str]]] = {}
     for line, row in read_csv_rows(csv_path, ("image_id", *columns)):
         image_id = row["image_id"].strip()
-        if image_id in samples:
+        if image_id in rows:
             raise AnnotationError(f"duplicate row for image {image_id!r}", file=file, line=line)
         labels = set()
         for col, values in columns.items():
@@ -1214,13 +1235,112 @@ def import_csv_labels(
                     line=line,
                 )
             labels.add(f"{col}:{value}")
-        path = _single_image(img_dir, image_id, file=file, line=line)
-        samples[image_id] = _sample(image_id, path, (), labels)
-    wanted = list(samples) if image_ids is None else list(image_ids)
-    missing = [i for i in wanted if i not in samples]
+        rows[image_id] = (line, labels)
+    return rows
+
+
+def add_image_labels(
+    labelled: LabelledSet, csv_path: Path, columns: Mapping[str, Sequence[str]]
+) -> LabelledSet:
+    """Add image-level labels from categorical CSV columns to an imported set.
+
+    For a lab whose objects come in one format (boxes or masks) and whose image-level
+    phenotypes come in a table: each listed column becomes one group of labels
+    ``"<column>:<value>"`` (as :func:`import_csv_labels` makes them) beside the set's
+    own classes.
+
+    Parameters
+    ----------
+    labelled : LabelledSet
+        The imported set.
+    csv_path : pathlib.Path
+        CSV with an ``image_id`` column and the listed columns. A page of a multi-page
+        TIFF, ``<stem>@p<k>``, takes its own row if it has one, else its stack's row
+        (``<stem>``).
+    columns : mapping of str to sequence of str
+        Column name -> allowed values; their order gives the class order.
+
+    Returns
+    -------
+    LabelledSet
+        The same samples with the rows' labels added, and the labels after its classes.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: a missing column, a value outside the allowed ones, a
+        duplicate image. Naming the file: a label that is already a class of the set, or
+        images without a row (the first five, and how many).
+    """
+    file = str(csv_path)
+    added = _label_classes(columns)
+    clash = sorted(set(added) & set(labelled.classes))
+    if clash:
+        raise AnnotationError(f"labels {clash} are already classes of the import", file=file)
+    rows = _label_rows(csv_path, columns)
+    samples, missing = [], []
+    for s in labelled.samples:
+        row = rows.get(s.image_id) or rows.get(s.group or s.image_id)
+        if row is None:
+            missing.append(s.image_id)
+            continue
+        samples.append(dataclasses.replace(s, labels=frozenset(s.labels) | row[1]))
     if missing:
         raise AnnotationError(f"no row for images {missing[:5]} ({len(missing)} in all)", file=file)
-    return LabelledSet(name, classes, tuple(samples[i] for i in wanted))
+    return dataclasses.replace(
+        labelled, classes=(*labelled.classes, *added), samples=tuple(samples)
+    )
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """Read a fixed train/val/test split.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A CSV with ``image_id`` and ``split`` columns (``train``, ``val`` or ``test``),
+        or a folder holding ``train.txt``, ``val.txt`` and ``test.txt``, one id a line
+        (Pascal VOC's ``ImageSets/Main``).
+
+    Returns
+    -------
+    dict of str to str
+        The split of every listed id.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: a missing file or column, an unknown split, an id listed
+        twice.
+    """
+    splits = ("train", "val", "test")
+    listed: dict[str, str] = {}
+
+    def put(image_id: str, split: str, file: str, line: int) -> None:
+        if split not in splits:
+            raise AnnotationError(
+                f"unknown split {split!r}; use one of {list(splits)}", file=file, line=line
+            )
+        if image_id in listed:
+            raise AnnotationError(f"image {image_id!r} is listed twice", file=file, line=line)
+        listed[image_id] = split
+
+    if path.is_dir():
+        for split in splits:
+            file = path / f"{split}.txt"
+            try:
+                text = _read_text(file)
+            except FileNotFoundError as exc:
+                raise AnnotationError(
+                    f"a split folder needs {', '.join(f'{s}.txt' for s in splits)}", file=str(file)
+                ) from exc
+            for line, entry in enumerate(text.splitlines(), start=1):
+                if entry.strip():
+                    put(entry.strip(), split, str(file), line)
+        return listed
+    for line, row in read_csv_rows(path, ("image_id", "split")):
+        put(row["image_id"].strip(), row["split"].strip(), str(path), line)
+    return listed
 
 
 # --------------------------------------------------------------------- class folders

@@ -400,6 +400,58 @@ def assign_splits(
     return {s.image_id: assigned[s.group or s.image_id] for s in samples}
 
 
+def fixed_split(
+    samples: Sequence[Sample], listed: Mapping[str, str], *, file: str
+) -> dict[str, SplitName]:
+    """Give each sample the split a lab fixed for it.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+        Samples with unique ``image_id``.
+    listed : mapping of str to str
+        Split by id (:func:`~phenocascade.data.importers.read_split_file`). A sample
+        takes its own id's split, else its ``group``'s (a page of a stack, its stack's).
+        Ids of no sample are ignored: a split file may cover more than one import.
+    file : str
+        Where ``listed`` came from, for the errors.
+
+    Returns
+    -------
+    dict of str to {"train", "val", "test"}
+        The split of every sample, by ``image_id``.
+
+    Raises
+    ------
+    ValidationError
+        Naming the file: samples that it gives no split (the first five, and how
+        many), a split name outside train/val/test, or one group (stack) in two splits.
+    """
+    split: dict[str, SplitName] = {}
+    of_group: dict[str, str] = {}
+    missing = []
+    for s in samples:
+        name = listed.get(s.image_id) or listed.get(s.group or s.image_id)
+        if name is None:
+            missing.append(s.image_id)
+            continue
+        if name not in SPLITS:
+            raise ValidationError(f"{file}: unknown split {name!r}; use one of {list(SPLITS)}")
+        split[s.image_id] = name
+        group = s.group or s.image_id
+        if of_group.setdefault(group, name) != name:
+            raise ValidationError(
+                f"{file}: {group!r} would be in both {of_group[group]} and {name}; the "
+                "pages of one stack stay in one split"
+            )
+    if missing:
+        raise ValidationError(
+            f"{file} gives no split to images {missing[:5]} ({len(missing)} in all); "
+            "list every imported image"
+        )
+    return split
+
+
 class _SplitTally:
     """What each split holds so far: images, and units per label."""
 
@@ -537,6 +589,7 @@ def save_dataset(
     groups: Mapping[str, Sequence[str]] | None = None,
     seed: int = 0,
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    split: Mapping[str, SplitName] | None = None,
     source: Mapping[str, object] | None = None,
 ) -> StoredDataset:
     """Store a labelled set as the next version of dataset ``name``.
@@ -566,6 +619,9 @@ def save_dataset(
         Seed of the split (:func:`assign_splits`).
     fractions : tuple of float, default (0.6, 0.2, 0.2)
         Train, val and test shares of the images.
+    split : mapping of str to {"train", "val", "test"} or None, default None
+        A split fixed by the lab (:func:`fixed_split`), for every sample; ``None``
+        assigns one from ``fractions`` and ``seed``.
     source : mapping or None, default None
         How the set was imported (format, arguments), kept for the record.
 
@@ -589,6 +645,8 @@ def save_dataset(
     label_kinds = _label_kinds(labelled, kinds)
     label_groups = _label_groups(labelled, label_kinds, groups or {})
     samples = tuple(_resolved(s) for s in labelled.samples)
+    if split is not None and any(s.image_id not in split for s in samples):
+        raise ValidationError("a fixed split must give every sample a split (fixed_split)")
     folder = root / name
     versions = _versions(folder)
     stored = StoredDataset(
@@ -599,7 +657,7 @@ def save_dataset(
         kinds=label_kinds,
         groups=label_groups,
         samples=samples,
-        split=assign_splits(samples, fractions, seed=seed),
+        split=dict(split) if split is not None else assign_splits(samples, fractions, seed=seed),
         images=_image_infos(samples),
         seed=seed,
         source=dict(source or {}),
