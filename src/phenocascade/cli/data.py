@@ -60,9 +60,10 @@ def register(subparsers: Any) -> None:
         "import",
         help="import annotations and store them as a versioned dataset",
         description=(
-            "Read annotations strictly, split them (seeded, grouped, stratified) and store "
-            "them as the next version of dataset NAME under <home>/datasets; an unchanged "
-            "re-import keeps the current version."
+            "Read annotations strictly, split them (seeded, grouped, stratified, or as a "
+            "--split-file fixes) and store them as the next version of dataset NAME under "
+            "<home>/datasets; an unchanged re-import keeps the current version. --labels "
+            "adds image labels from a table to any format's objects."
         ),
     )
     formats = imp.add_subparsers(dest="format", required=True)
