@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -24,37 +23,14 @@ from cassandra.query import SimpleStatement
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from harness import until_cassandra_answers
+from ports import listen_ports
 
 from phenocascade.config import CassandraSettings, KafkaSettings, Settings
 from phenocascade.infra.local import node_pid, start_node, status, stop_node
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_DEFAULT_PORTS = {7000, 9042, 9092, 9093}
 _CASSANDRA_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-
-
-def _free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(*, span: int = 1, hosts: tuple[str, ...] = ("127.0.0.1",)) -> int:
-    """Return a port p such that p .. p + span - 1 are free on every host given."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        ports = range(port, port + span)
-        if _DEFAULT_PORTS.isdisjoint(ports) and all(
-            _free(host, p) for host in hosts for p in ports
-        ):
-            return port
-    raise RuntimeError("no free ports found")
 
 
 def _exports(stdout: str) -> dict[str, str]:
@@ -81,9 +57,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], d
     if subprocess.run(["which", "java"], capture_output=True, check=False).returncode:
         pytest.skip("the local cluster needs java")
     root = tmp_path_factory.mktemp("cluster")
-    kafka_port = _free_port(span=6)
-    cql_port = _free_port(hosts=_CASSANDRA_HOSTS)
-    storage_port = _free_port(hosts=_CASSANDRA_HOSTS)
+    # Three Kafka nodes take a client and a controller port each.
+    kafka_port, cql_port, storage_port = listen_ports([6, 1, 1], hosts=_CASSANDRA_HOSTS)
     env = {
         **os.environ,
         "PHENOCASCADE_HOME": str(root / "home"),

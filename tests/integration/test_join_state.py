@@ -20,9 +20,11 @@ from phenocascade.consumers.joining import merge, merge_annotation
 from phenocascade.store.cassandra import connect
 from phenocascade.store.join_state import (
     EMITTED,
+    SENDING,
     TILE,
     changed_parts,
     count_parts,
+    empty_state,
     load_state,
     save_part,
 )
@@ -124,12 +126,18 @@ def test_state_is_kept_per_joiner_app(sessions: tuple[Session, Session]) -> None
     apps = [f"joiner-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     # Two topologies on one keyspace each emit their own output for the same image.
     assert [_fold(session, app, gate) is not None for app in apps] == [True, True]
-    assert load_state(session=session, app_id="joiner-other", image_id=image_id) == {
-        "tiers": {},
-        "experts": {},
-        "tile_outputs": {},
-        "emitted": [],
-    }
+    assert load_state(session=session, app_id="joiner-other", image_id=image_id) == empty_state()
+
+
+def test_a_send_begun_is_read_back_with_its_time(sessions: tuple[Session, Session]) -> None:
+    first, second = sessions
+    where = {"app_id": f"joiner-{uuid.uuid4().hex[:8]}", "image_id": uuid.uuid4().hex}
+    output = _fold(first, where["app_id"], _result(where["image_id"], "quality", "SKIP"))
+    assert output is not None
+    save_part(session=first, **where, part=SENDING, name="quality=v2", value=1796164346358)
+    state = load_state(session=second, **where)
+    assert state["sending"] == {"quality=v2": 1796164346358}
+    assert state["emitted"] == ["quality=v1"]
 
 
 def test_a_slides_tiles_are_counted_without_reading_them(sessions: tuple[Session, Session]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from harness import Cascade, settings_env
+from ports import listen_ports
 
 from phenocascade.cli.demo import sample_images
 from phenocascade.config import CassandraSettings, KafkaSettings, Settings, load_topology
@@ -39,25 +39,6 @@ def _client_env(path: Path) -> dict[str, str]:
     return values
 
 
-def _free_ports() -> tuple[int, int, int]:
-    """Return free ports for Kafka (whose controller takes the next port too), CQL and
-    Cassandra's storage, all away from the default infra's."""
-    found: list[int] = []
-    while len(found) < 3:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if any(abs(port - other) <= 1 for other in found):
-            continue
-        with socket.socket() as neighbour:
-            try:
-                neighbour.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        found.append(port)
-    return found[0], found[1], found[2]
-
-
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Settings of a running secured Kafka and Cassandra, with the right credentials.
@@ -69,7 +50,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         if subprocess.run(["which", tool], capture_output=True, check=False).returncode:
             pytest.skip(f"the secured infra needs {tool}")
     root = tmp_path_factory.mktemp("secured")
-    kafka_port, cql_port, storage_port = _free_ports()
+    # Kafka's controller takes the port above its client port.
+    kafka_port, cql_port, storage_port = listen_ports([2, 1, 1])
     env = {
         **os.environ,
         "PHENOCASCADE_HOME": str(root / "home"),

@@ -76,3 +76,22 @@ def test_remote_kafka_is_not_mistaken_for_local(settings: Settings) -> None:
     remote = settings.model_copy(update={"kafka": KafkaSettings(bootstrap_servers="kafka:9092")})
     with pytest.raises(InfraError, match=r"serves 127\.0\.0\.1 only"):
         status(remote)
+
+
+def test_a_cluster_on_source_ports_is_warned_of(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    if not low <= 40000 < high:
+        pytest.skip("port 40000 is outside this kernel's source-port range")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java: up stops after its checks
+    cluster = settings.model_copy(
+        update={"kafka": KafkaSettings(bootstrap_servers="127.0.0.1:40000")}
+    )
+    said: list[str] = []
+    with pytest.raises(InfraError, match="java"):
+        up(cluster, nodes=3, progress=said.append)
+    warned = [line for line in said if "source-port range" in line]
+    assert len(warned) == 1
+    assert "40000, 40001, 40002, 40003, 40004, 40005" in warned[0]
+    assert f"below {low}" in warned[0]

@@ -8,6 +8,13 @@ by image id), keeps each image's partial results and expert answers in Cassandra
 to Cassandra (idempotent upsert) and then to the results topic. The emission keys stored
 with the state make re-delivered results and annotations harmless.
 
+Each output is published once, through crashes: the joiner records when it began to send
+it, sends it in a Kafka transaction of its own (:class:`OutputPublisher`; the id is stable
+per joiner app and host, so a restarted joiner fences its predecessor and aborts what it
+left open), and records the emission once the transaction committed. A successor that
+finds the start recorded and the emission not looks on the results topic first, from the
+recorded time on, and sends the output only if it is not there.
+
 A tile of a slide (its results carry a ``tile`` record, and are keyed by the slide's id) is
 joined as an image, but its output is not published: it is folded into the slide's state
 (:func:`~phenocascade.consumers.tiles.tile_part`), and the slide's one output is emitted
@@ -25,27 +32,28 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import faust
-from aiokafka.errors import KafkaError
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable, Session
-from faust.exceptions import ProducerSendError
 from faust.types.auth import CredentialsT
 from prometheus_client import Counter, Histogram
 
 from phenocascade.config import KafkaSettings, Settings, Topology
 from phenocascade.consumers.joining import merge, merge_annotation
 from phenocascade.consumers.tiles import slide_emission, tile_of, tile_part
-from phenocascade.errors import ConfigError, PhenocascadeError
+from phenocascade.errors import ConfigError, InfraError, PhenocascadeError
 from phenocascade.store.cassandra import connect, save_output
 from phenocascade.store.join_state import (
     EMITTED,
+    SENDING,
     TILE,
     changed_parts,
     count_parts,
     load_state,
     save_part,
 )
-from phenocascade.streams.events import to_epoch_ms
+from phenocascade.streams.events import now_ms, to_epoch_ms
+from phenocascade.streams.ingest import TransactionalPublisher
+from phenocascade.streams.kafka import default_instance_id
 from phenocascade.streams.serde import EventCodec
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,10 @@ ANSWERS_IN = Counter(
     ["tier"],
 )
 OUTPUTS = Counter("phenocascade_outputs_total", "Image outputs emitted, by status", ["status"])
+FOUND_SENT = Counter(
+    "phenocascade_joiner_outputs_found_sent_total",
+    "Outputs a crashed or failed send had published after all (found on the results topic)",
+)
 END_TO_END = Histogram(
     "phenocascade_end_to_end_seconds",
     "From an image's submission (submitted_at) to its output, by status",
@@ -147,6 +159,90 @@ def _ssl_context(conf: Mapping[str, str]) -> ssl.SSLContext:
     return context
 
 
+# An output's timestamp is taken after its send began; the margin covers a clock stepped
+# back in between.
+_CLOCK_MARGIN_MS = 1000
+
+
+class OutputPublisher:
+    """Publish outputs to the results topic, each in a Kafka transaction, once.
+
+    Parameters
+    ----------
+    kafka : KafkaSettings
+        How to reach Kafka.
+    topic : str
+        The results topic.
+    transactional_id : str
+        Stable per joiner app and host (see :func:`make_app`).
+    timeout_s : float, default 10.0
+        How long one attempt may wait on the broker.
+    """
+
+    def __init__(
+        self, kafka: KafkaSettings, topic: str, transactional_id: str, *, timeout_s: float = 10.0
+    ) -> None:
+        self._codec = EventCodec()
+        self._topic = TransactionalPublisher(
+            kafka, topic, transactional_id, timeout_s=timeout_s, event="ImageOutput"
+        )
+
+    def landed(self, output: Mapping[str, Any], since_ms: int) -> bool:
+        """Whether ``output`` is committed on the topic, sent at ``since_ms`` or later.
+
+        Outputs are compared whole but for ``produced_at`` (an output is a function of
+        the join state, so a successor's is the same but for the time it was made).
+
+        Raises
+        ------
+        InfraError
+            If the topic cannot be read to its end.
+        """
+        want = self._comparable(self._codec.decode(self._codec.encode("ImageOutput", output))[1])
+        return any(
+            key == output["image_id"] and self._comparable(record) == want
+            for key, record in self._topic.committed_since(since_ms - _CLOCK_MARGIN_MS)
+        )
+
+    def send(self, output: Mapping[str, Any], unsure_since_ms: int | None = None) -> bool:
+        """Publish ``output`` in a transaction of its own and wait for the commit.
+
+        Parameters
+        ----------
+        output : Mapping
+            An ``ImageOutput``.
+        unsure_since_ms : int or None, default None
+            When an earlier send of this output began (by this joiner or a crashed one),
+            if it may have committed: the topic is then read from that time on first,
+            and the output is not sent again if it is there.
+
+        Returns
+        -------
+        bool
+            Whether this call sent it (``False``: it had landed already).
+
+        Raises
+        ------
+        InfraError
+            If the broker cannot be reached, or did not commit: call again, with
+            ``unsure_since_ms``.
+        """
+        if not self._topic.connected:
+            self._topic.connect()  # fences a predecessor; aborts what it left open
+        if unsure_since_ms is not None and self.landed(output, unsure_since_ms):
+            return False
+        self._topic.send([output])
+        return True
+
+    def close(self) -> None:
+        """Drop the producer."""
+        self._topic.close()
+
+    @staticmethod
+    def _comparable(record: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k != "produced_at"}
+
+
 def make_app(settings: Settings, topology: Topology) -> faust.App:
     """Build the joiner app (not started)."""
     spec = topology.joiner
@@ -175,8 +271,8 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         value_type=bytes,
         value_serializer="raw",
     )
-    results = app.topic(
-        spec.results_topic, key_type=bytes, value_type=bytes, value_serializer="raw"
+    publisher = OutputPublisher(
+        settings.kafka, spec.results_topic, f"{spec.app_id}-results-{default_instance_id()}"
     )
     session_holder: dict[str, Any] = {}
 
@@ -216,12 +312,13 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             await _saved(where, state, new_state)
             if output is None:
                 continue
+            key = new_state["emitted"][-1]
             tile = tile_of(new_state)
             if tile is not None:
-                await _fold_tile(where, tile, new_state["emitted"][-1], output, result)
+                await _fold_tile(where, tile, key, output, result)
+                await _record_emission(where, key)
             else:
-                await _emitted(where["session"], result, output)
-            await _record_emission(where, new_state["emitted"][-1])
+                await _emitted(where, state, (key, output), result)
 
     async def _saved(
         where: dict[str, Any], state: Mapping[str, Any], new: Mapping[str, Any]
@@ -267,20 +364,49 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         state = await _durably(f"reading {slide['image_id']}'s state", load_state, **slide)
         emission = slide_emission(state, tile)
         if emission is not None:
-            await _emitted(where["session"], result, emission[1])
-            await _record_emission(slide, emission[0])
+            await _emitted(slide, state, emission, result)
 
-    async def _emitted(session: Session, result: Mapping[str, Any], output: dict[str, Any]) -> None:
-        """Store and publish an output.
+    async def _emitted(
+        where: dict[str, Any],
+        state: Mapping[str, Any],
+        emission: tuple[str, dict[str, Any]],
+        result: Mapping[str, Any],
+    ) -> None:
+        """Store an output, publish it once, and record its emission (key, output).
 
-        Its emission is recorded (by the caller) only once the in-sync replicas
-        acknowledged it: a crash in between emits it again (the Cassandra upsert is
-        idempotent) rather than losing it.
+        The emission is recorded only once the output's transaction committed. The start
+        of its sending is recorded before: a successor that finds that, and not the
+        emission, sends the output only if it is not on the results topic.
         """
+        key, output = emission
         image_id = output["image_id"]
-        await _durably(f"storing {image_id}'s output", save_output, session=session, output=output)
-        await _published(results, image_id, codec.encode("ImageOutput", output))
-        observe_output(result, output)
+        await _durably(
+            f"storing {image_id}'s output", save_output, session=where["session"], output=output
+        )
+        began = state.get("sending", {}).get(key)
+        unsure = [began]  # a predecessor began to send it: it may have committed
+        if began is None:
+            began = now_ms()
+            await _durably(
+                f"recording {image_id}'s output as being sent",
+                save_part,
+                **where,
+                part=SENDING,
+                name=key,
+                value=began,
+            )
+        loop = asyncio.get_running_loop()
+
+        def attempt() -> Awaitable[bool]:
+            since, unsure[0] = unsure[0], began  # a failed attempt may have committed
+            return loop.run_in_executor(None, publisher.send, output, since)
+
+        if await _until_done(f"sending {image_id}'s output", attempt, (InfraError,)):
+            observe_output(result, output)
+        else:
+            FOUND_SENT.inc()
+            log.info("joiner: %s's output %s was on the results topic already", image_id, key)
+        await _record_emission(where, key)
 
     return app
 
@@ -318,16 +444,6 @@ async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:
         return loop.run_in_executor(None, functools.partial(call, **kwargs))
 
     return await _until_done(what, attempt, (DriverException, NoHostAvailable))
-
-
-async def _published(topic: Any, image_id: str, value: bytes) -> None:
-    """Send an output and wait until the in-sync replicas acknowledged it, trying until so."""
-
-    async def attempt() -> None:
-        sent = await topic.send(key=image_id.encode(), value=value)
-        await sent
-
-    await _until_done(f"sending {image_id}'s output", attempt, (KafkaError, ProducerSendError))
 
 
 def run_joiner(settings: Settings, topology: Topology) -> None:

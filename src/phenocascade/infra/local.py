@@ -310,6 +310,8 @@ def up(
     root = _infra_root(settings)
     with _locked(root):
         size = settle_size(root, nodes)
+        if size > 1:
+            _warn_of_source_ports(settings, size, cassandra_storage_port, say)
         launch = functools.partial(
             _start_if_needed,
             settings,
@@ -340,6 +342,29 @@ def up(
             launch(node, pending)
         wait(until=list(pending))
     return _statuses(settings, wanted, size)
+
+
+def _warn_of_source_ports(
+    settings: Settings, size: int, storage_port: int, say: Callable[[str], None]
+) -> None:
+    """Say so when a cluster's ports lie in the kernel's range for source ports.
+
+    A node connecting to a peer that does not listen yet can be given the peer's port as
+    its own source port and then talks to itself: a Kafka node reads its own request as
+    the answer and exits (``CorrelationIdMismatchException``).
+    """
+    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not path.exists():
+        return
+    low, high = (int(v) for v in path.read_text().split()[:2])
+    kafka = [p for n in cluster_nodes(settings, "kafka", size) for p in (n.port, n.controller_port)]
+    inside = sorted(p for p in {*kafka, storage_port} if low <= p <= high)
+    if inside:
+        say(
+            f"warning: ports {', '.join(map(str, inside))} lie in the kernel's source-port "
+            f"range {low}-{high}; a starting node may connect to itself and exit. Choose "
+            f"ports below {low}"
+        )
 
 
 def cluster_size(settings: Settings) -> int:

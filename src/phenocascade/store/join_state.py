@@ -12,6 +12,9 @@ One table, ``join_state``, partitioned by joiner app and image, with one row per
 * ``("expert", name)``: the newest expert answer to tier ``name``'s question;
 * ``("tile", tile id)``: the compact output of one tile, in its slide's state
   (:mod:`phenocascade.consumers.tiles`);
+* ``("sending", key)``: the time (epoch ms) the joiner began to publish the output of
+  emission key ``key``; a successor that finds it without the emission looks on the
+  results topic from that time on before it publishes the output again;
 * ``("emitted", key)``: an output emitted for the versions key ``key``.
 
 Each part is written whole and on its own, so a re-delivered result rewrites the same row.
@@ -33,6 +36,7 @@ TIER = "tier"
 EXPERT = "expert"
 TILE = "tile"
 EMITTED = "emitted"
+SENDING = "sending"
 _STATE_KEYS = {TIER: "tiers", EXPERT: "experts", TILE: "tile_outputs"}
 
 _TABLE = """
@@ -54,7 +58,7 @@ def create_tables(session: Session) -> None:
 
 def empty_state() -> dict[str, Any]:
     """Return the join state of an image nothing is known about."""
-    return {"tiers": {}, "experts": {}, "tile_outputs": {}, "emitted": []}
+    return {"tiers": {}, "experts": {}, "tile_outputs": {}, "emitted": [], "sending": {}}
 
 
 def load_state(*, session: Session, app_id: str, image_id: str) -> dict[str, Any]:
@@ -64,9 +68,9 @@ def load_state(*, session: Session, app_id: str, image_id: str) -> dict[str, Any
     -------
     dict
         ``{"tiers": {tier: compact result}, "experts": {tier: compact answer},
-        "tile_outputs": {tile id: compact output}, "emitted": [emission keys]}``, as
-        :mod:`phenocascade.consumers.joining` and :mod:`phenocascade.consumers.tiles` read
-        it.
+        "tile_outputs": {tile id: compact output}, "emitted": [emission keys],
+        "sending": {emission key: epoch ms}}``, as :mod:`phenocascade.consumers.joining`,
+        :mod:`phenocascade.consumers.tiles` and the joiner read it.
     """
     state = empty_state()
     rows = session.execute(
@@ -79,6 +83,8 @@ def load_state(*, session: Session, app_id: str, image_id: str) -> dict[str, Any
     for row in rows:
         if row.part == EMITTED:
             state["emitted"].append(row.name)
+        elif row.part == SENDING:
+            state["sending"][row.name] = json.loads(row.value)
         elif row.part in _STATE_KEYS:
             state[_STATE_KEYS[row.part]][row.name] = json.loads(row.value)
     return state
@@ -113,7 +119,8 @@ def count_parts(*, session: Session, app_id: str, image_id: str, part: str) -> i
 def changed_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
     """Return the ``(part, name, value)`` of the results, answers and tiles ``new`` changed.
 
-    Emissions are left out: the joiner records one only once its output was acknowledged.
+    Emissions are left out: the joiner records one's start before it publishes the output,
+    and the emission only once the output's transaction committed.
     """
     return [
         (part, name, value)

@@ -1,15 +1,17 @@
-"""Publish submissions in Kafka transactions, and find which of them landed (``watch``).
+"""Publish records in Kafka transactions, and find which of them landed.
 
-A batch of ``ImageSubmitted`` records goes out in one transaction, so a reader with
-``isolation.level=read_committed`` (every tier worker, :func:`scan_topic`) sees all of it or
-none of it. The transactional id is stable per watcher: a restarted watcher fences its
-crashed predecessor and aborts the transaction it left open. Only a commit whose answer
-was lost is ambiguous; :meth:`TransactionalPublisher.landed` reads the topic's tail to
-settle it.
+A batch of records (``ImageSubmitted`` from ``watch``, ``ImageOutput`` from the joiner)
+goes out in one transaction, so a reader with ``isolation.level=read_committed`` (every
+tier worker, :func:`scan_topic`) sees all of it or none of it. The transactional id is
+stable per publisher: a restarted one fences its crashed predecessor and aborts the
+transaction it left open. Only a commit whose answer was lost, or a crash right after a
+commit, is ambiguous; :meth:`TransactionalPublisher.landed` and
+:meth:`TransactionalPublisher.committed_since` read the topic's tail to settle it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,9 +19,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from phenocascade.config import KafkaSettings
-from phenocascade.errors import InfraError
+from phenocascade.errors import InfraError, SchemaError
 from phenocascade.streams.kafka import transactional_producer
-from phenocascade.streams.scan import scan_topic
+from phenocascade.streams.scan import offsets_at, scan_topic
 from phenocascade.streams.serde import EventCodec
 from phenocascade.streams.tiling import routing_key
 
@@ -27,28 +29,37 @@ log = logging.getLogger(__name__)
 
 
 class TransactionalPublisher:
-    """Publish batches of ``ImageSubmitted`` records to one topic, a transaction per batch.
+    """Publish batches of records to one topic, a transaction per batch.
 
     Parameters
     ----------
     kafka : KafkaSettings
         How to reach Kafka.
     topic : str
-        The submitted topic.
+        The topic (the submitted topic for a watcher, the results topic for the joiner).
     transactional_id : str
-        Stable per watcher (one watcher state, one id).
+        Stable per publisher (one watcher state, one joiner app on one host: one id).
     timeout_s : float, default 10.0
         How long one attempt (connect, deliver, commit, read the tail) may wait on the
         broker before it counts as failed.
+    event : str, default "ImageSubmitted"
+        The schema of the records.
     """
 
     def __init__(
-        self, kafka: KafkaSettings, topic: str, transactional_id: str, *, timeout_s: float = 10.0
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        transactional_id: str,
+        *,
+        timeout_s: float = 10.0,
+        event: str = "ImageSubmitted",
     ) -> None:
         self.kafka = kafka
         self.topic = topic
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s
+        self.event = event
         self._codec = EventCodec()
         self._producer: Producer | None = None
         self._ready = False
@@ -85,7 +96,7 @@ class TransactionalPublisher:
         self._ready = True
 
     def send(self, records: Sequence[Mapping[str, Any]]) -> dict[int, int]:
-        """Publish ``records`` (keyed by image id, a tile by its slide's) in one transaction.
+        """Publish ``records`` (keyed by image id; a tile, by its slide's) in one transaction.
 
         Returns
         -------
@@ -116,7 +127,7 @@ class TransactionalPublisher:
         try:
             producer.begin_transaction()
             for record in records:
-                value = self._codec.encode("ImageSubmitted", record)
+                value = self._codec.encode(self.event, record)
                 producer.produce(
                     self.topic, key=routing_key(record), value=value, on_delivery=delivered
                 )
@@ -143,6 +154,30 @@ class TransactionalPublisher:
         try:
             scan = scan_topic(self.kafka, self.topic, self.timeout_s, start=start, must_finish=True)
             return {key.decode() for key, _ in scan if key}
+        except KafkaException as exc:
+            raise InfraError(f"cannot read {self.topic}: {exc.args[0].str()}") from exc
+
+    def committed_since(self, epoch_ms: int) -> list[tuple[str, dict[str, Any]]]:
+        """Return ``(key, record)`` of each committed message stamped ``epoch_ms`` or later.
+
+        Messages are found by their timestamps (the producer's clock: a record sent after
+        ``epoch_ms`` on the clock that gave it is found), on every partition. A message
+        that is not a record of this publisher's schema is left out.
+
+        Raises
+        ------
+        InfraError
+            If the topic cannot be read to its end.
+        """
+        try:
+            start = offsets_at(self.kafka, self.topic, epoch_ms, self.timeout_s)
+            scan = scan_topic(self.kafka, self.topic, self.timeout_s, start=start, must_finish=True)
+            found = []
+            for key, value in scan:
+                with contextlib.suppress(SchemaError):
+                    record = self._codec.decode(value, self.event)[1]
+                    found.append(((key or b"").decode(errors="replace"), record))
+            return found
         except KafkaException as exc:
             raise InfraError(f"cannot read {self.topic}: {exc.args[0].str()}") from exc
 

@@ -1,4 +1,4 @@
-"""Read a whole topic once, from the beginning to its current end (reports and tests)."""
+"""Read a topic once, from its beginning (or given offsets) to its current end."""
 
 from __future__ import annotations
 
@@ -47,6 +47,48 @@ def _watermarks(consumer: Consumer, part: TopicPartition, deadline: float) -> tu
             if not _transient(exc.args[0]) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
+
+
+def offsets_at(
+    kafka: KafkaSettings, topic: str, epoch_ms: int, timeout_s: float = 30.0
+) -> dict[int, int]:
+    """Return, per partition of ``topic``, the first offset stamped ``epoch_ms`` or later.
+
+    A partition with no such message maps to its current end, so that
+    :func:`scan_topic` given the result as ``start`` reads exactly the messages stamped
+    ``epoch_ms`` or later.
+
+    Raises
+    ------
+    KafkaException
+        If the broker does not answer within ``timeout_s``.
+    """
+    with client_settings_checked():
+        consumer = Consumer(
+            kafka.config(
+                **{"group.id": f"phenocascade-scan-{uuid.uuid4().hex}", "enable.auto.commit": False}
+            )
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return {}
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, epoch_ms) for p in meta.partitions], timeout=timeout_s
+        )
+        starts = {}
+        for part in found:
+            if part.error is not None:
+                raise KafkaException(part.error)
+            starts[part.partition] = (
+                part.offset
+                if part.offset >= 0
+                else _watermarks(consumer, TopicPartition(topic, part.partition), deadline)[1]
+            )
+        return starts
+    finally:
+        consumer.close()
 
 
 def scan_topic(
