@@ -11,14 +11,18 @@ on the running local Kafka and Cassandra), then:
    (default 120), on a fixed schedule (a late submission does not shift the later ones),
    from the DSB images in turn, each under a new id. Every image's latency is its
    output's ``produced_at`` minus its submission's ``submitted_at``. The offered rate is
-   what was achieved: the images over the span of their submissions.
+   what was achieved: the images over the span of their submissions. Per tier, the same
+   figures for its results (its ``TierResult``'s ``produced_at`` minus the submission's
+   ``submitted_at``: the image's wait and work up to and through that tier), and for the
+   joiner (the output's ``produced_at`` minus the image's last tier result's).
 
 Usage::
 
     .venv/bin/python benchmarks/latency.py [--seconds 120] [--loads 0.5,0.8]
 
 Writes ``benchmarks/results/latency.json``: ``capacity_img_s``, and per load ``offered_img_s``,
-``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``images``; with the command, commit and host.
+``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``images``, and ``tiers`` (per tier and
+``joiner``: ``p50_ms``, ``p95_ms``, ``p99_ms``); with the command, commit and host.
 """
 
 from __future__ import annotations
@@ -101,6 +105,43 @@ def latencies(cascade: Cascade, ids: Sequence[str]) -> tuple[np.ndarray, float, 
     return ms, submit_span, total_span
 
 
+def _quantiles(ms: Sequence[float]) -> dict[str, float]:
+    return {
+        f"p{q}_ms": round(float(np.percentile(np.asarray(ms, dtype=float), q)), 1)
+        for q in (50, 95, 99)
+    }
+
+
+def per_tier(cascade: Cascade, ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Return, per tier and for the joiner, the quantiles of its share of the latency."""
+    wanted = set(ids)
+    submitted = {
+        r["image_id"]: to_epoch_ms(r["submitted_at"])
+        for r in cascade.read(cascade.topology.submitted_topic, "ImageSubmitted")
+        if r["image_id"] in wanted
+    }
+    last: dict[str, int] = {}
+    found: dict[str, dict[str, float]] = {}
+    for tier in cascade.topology.tiers:
+        done = {
+            r["image_id"]: to_epoch_ms(r["produced_at"])
+            for r in cascade.read(tier.result_topic, "TierResult")
+            if r["image_id"] in submitted
+        }
+        for image_id, at in done.items():
+            last[image_id] = max(at, last.get(image_id, at))
+        if done:
+            found[tier.name] = _quantiles([at - submitted[i] for i, at in done.items()])
+    joined = [
+        to_epoch_ms(o["produced_at"]) - last[o["image_id"]]
+        for o in cascade.outputs()
+        if o["image_id"] in last and not o["annotators"]
+    ]
+    if joined:
+        found["joiner"] = _quantiles(joined)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--capacity-images", type=int, default=120)
@@ -141,6 +182,7 @@ def main() -> None:
                     "p95_ms": round(float(np.percentile(ms, 95)), 1),
                     "p99_ms": round(float(np.percentile(ms, 99)), 1),
                     "max_ms": round(float(ms.max()), 1),
+                    "tiers": per_tier(cascade, ids),
                 }
                 print(json.dumps({fraction: result["loads"][str(fraction)]}), flush=True)
         finally:

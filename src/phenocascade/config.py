@@ -243,8 +243,10 @@ class TierSpec(BaseModel):
     group: str
     result_topic: str
     routes: dict[Literal["pass", "skip"], str] = Field(default_factory=dict)
-    batch_size: int = 8
-    max_wait_ms: int = 200
+    # A batch is what the consumer holds, up to batch_size; it never waits to fill. When
+    # nothing is there, the worker waits up to max_wait_ms for a first message.
+    batch_size: int = Field(default=8, ge=1)
+    max_wait_ms: int = Field(default=200, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     # Intra-op threads of this tier's model (None: torch's default, every core). When tiers
     # share one machine, give each its share so they do not oversubscribe the cores.

@@ -7,14 +7,15 @@ offset be committed past a result whose state was never written.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
 from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
 from phenocascade.consumers import joiner
+from phenocascade.errors import InfraError
 
 
 @pytest.fixture(autouse=True)
@@ -45,25 +46,30 @@ def test_an_error_that_is_not_cassandras_is_not_swallowed() -> None:
         asyncio.run(joiner._durably("a write", broken))
 
 
-class _Topic:
-    """A results topic whose broker times out the first ``fail`` sends."""
+class _Publisher:
+    """A results topic whose broker fails the first ``fail`` sends (they may have landed)."""
 
     def __init__(self, fail: int) -> None:
         self.fail = fail
-        self.sent: list[tuple[bytes, bytes]] = []
+        self.calls: list[int | None] = []
 
-    async def send(self, *, key: bytes, value: bytes) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def send(self, output: Mapping[str, Any], unsure_since_ms: int | None = None) -> bool:
+        self.calls.append(unsure_since_ms)
         if self.fail:
             self.fail -= 1
-            done.set_exception(KafkaTimeoutError())
-        else:
-            self.sent.append((key, value))
-            done.set_result(None)
-        return done
+            raise InfraError("Kafka did not take the batch: timed out")
+        return True
 
 
-def test_an_unacknowledged_output_is_sent_again_until_acknowledged() -> None:
-    topic = _Topic(fail=2)
-    asyncio.run(joiner._published(topic, "img-1", b"output"))
-    assert topic.sent == [(b"img-1", b"output")]
+def test_a_failed_send_is_tried_again_looking_first_for_what_it_may_have_sent() -> None:
+    publisher = _Publisher(fail=2)
+    output = {"image_id": "img-1"}
+    assert asyncio.run(joiner._sent_once(publisher, output, 1700, unsure=False))
+    # The first try is a first send; each one after a failure looks from its start.
+    assert publisher.calls == [None, 1700, 1700]
+
+
+def test_a_send_a_predecessor_began_looks_first() -> None:
+    publisher = _Publisher(fail=0)
+    assert asyncio.run(joiner._sent_once(publisher, {"image_id": "img-1"}, 1700, unsure=True))
+    assert publisher.calls == [1700]

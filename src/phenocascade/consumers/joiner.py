@@ -29,7 +29,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import faust
 from cassandra import DriverException
@@ -384,7 +384,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
             f"storing {image_id}'s output", save_output, session=where["session"], output=output
         )
         began = state.get("sending", {}).get(key)
-        unsure = [began]  # a predecessor began to send it: it may have committed
+        unsure = began is not None  # a predecessor began to send it: it may have committed
         if began is None:
             began = now_ms()
             await _durably(
@@ -395,13 +395,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
                 name=key,
                 value=began,
             )
-        loop = asyncio.get_running_loop()
-
-        def attempt() -> Awaitable[bool]:
-            since, unsure[0] = unsure[0], began  # a failed attempt may have committed
-            return loop.run_in_executor(None, publisher.send, output, since)
-
-        if await _until_done(f"sending {image_id}'s output", attempt, (InfraError,)):
+        if await _sent_once(publisher, output, began, unsure=unsure):
             observe_output(result, output)
         else:
             FOUND_SENT.inc()
@@ -434,6 +428,29 @@ async def _until_done(
             log.warning("joiner: %s failed (%s); trying again in %.1f s", what, exc, pause)
             await asyncio.sleep(pause)
             pause = min(2 * pause, _RETRY_S[1])
+
+
+class _Sender(Protocol):
+    def send(self, output: Mapping[str, Any], unsure_since_ms: int | None = None) -> bool: ...
+
+
+async def _sent_once(
+    publisher: _Sender, output: Mapping[str, Any], began: int, *, unsure: bool
+) -> bool:
+    """Send ``output`` (begun at ``began``) until committed; return whether this sent it.
+
+    Each attempt after a failed one, and the first when ``unsure`` (a predecessor began
+    the send), looks for the output on the topic first: a failed attempt may have
+    committed.
+    """
+    loop = asyncio.get_running_loop()
+    since = [began if unsure else None]
+
+    def attempt() -> Awaitable[bool]:
+        now, since[0] = since[0], began
+        return loop.run_in_executor(None, publisher.send, output, now)
+
+    return await _until_done(f"sending {output['image_id']}'s output", attempt, (InfraError,))
 
 
 async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:

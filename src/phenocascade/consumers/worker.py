@@ -102,6 +102,22 @@ class _BatchTally:
             LABEL_DECISIONS.labels(self.tier, label, decision).inc(n)
 
 
+def take_batch(consumer: Consumer, size: int, wait_s: float) -> list[Message]:
+    """Return up to ``size`` messages, without waiting for more than are there.
+
+    What the consumer holds already, if anything; else the first message to come within
+    ``wait_s`` and whatever came with it. A batch never waits to fill: under load the
+    messages queue while the previous batch computes, so batches fill by themselves, and
+    at low load an image is not held back for others that are not coming.
+    """
+    msgs = consumer.consume(size, 0)
+    if not msgs:
+        msgs = consumer.consume(1, wait_s)
+        if msgs and size > 1:
+            msgs += consumer.consume(size - 1, 0)
+    return list(msgs)
+
+
 def label_decision(p: float, thresholds: LabelThresholds | None, *, pending: bool) -> str:
     """Return ``"present"``, ``"absent"`` or ``"uncertain"`` for one label's score ``p``.
 
@@ -491,7 +507,7 @@ class TierWorker:
         try:
             while not stop.is_set():
                 self._poll_promotions(models)
-                msgs = consumer.consume(self.tier.batch_size, self.tier.max_wait_ms / 1000)
+                msgs = take_batch(consumer, self.tier.batch_size, self.tier.max_wait_ms / 1000)
                 msgs = [m for m in msgs if not consumer_error(m)]
                 if not msgs:
                     continue
