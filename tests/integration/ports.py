@@ -5,16 +5,11 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import Iterable
-from pathlib import Path
+
+from phenocascade.infra.local import source_port_range
 
 # The default local infra's ports (Kafka, its controller, CQL, Cassandra storage).
 _DEFAULT_PORTS = frozenset({7000, 9042, 9092, 9093})
-
-
-def _ephemeral_start() -> int:
-    """The first port of the kernel's range for outgoing connections' source ports."""
-    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    return int(path.read_text().split()[0]) if path.exists() else 32768
 
 
 def _free(host: str, port: int) -> bool:
@@ -35,7 +30,7 @@ def listen_ports(spans: Iterable[int], *, hosts: tuple[str, ...] = ("127.0.0.1",
     (``CorrelationIdMismatchException``, a fatal exit). A port below the range is never
     a source port.
     """
-    end = _ephemeral_start()
+    end = source_port_range()[0]
     taken: set[int] = set(_DEFAULT_PORTS)
     found = []
     for span in spans:

@@ -10,7 +10,7 @@ import pytest
 
 from phenocascade.config import CassandraSettings, KafkaSettings, Settings
 from phenocascade.errors import InfraError
-from phenocascade.infra.local import status, up
+from phenocascade.infra.local import source_port_range, status, up
 
 
 def _free_port() -> int:
@@ -81,7 +81,7 @@ def test_remote_kafka_is_not_mistaken_for_local(settings: Settings) -> None:
 def test_a_cluster_on_source_ports_is_warned_of(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    low, high = source_port_range()
     if not low <= 40000 < high:
         pytest.skip("port 40000 is outside this kernel's source-port range")
     monkeypatch.setenv("PATH", str(tmp_path))  # no java: up stops after its checks

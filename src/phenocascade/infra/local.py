@@ -344,6 +344,18 @@ def up(
     return _statuses(settings, wanted, size)
 
 
+def source_port_range() -> tuple[int, int]:
+    """Return the kernel's range of source ports for outgoing connections.
+
+    Linux's default when the kernel does not say.
+    """
+    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not path.exists():
+        return 32768, 60999
+    low, high = (int(v) for v in path.read_text().split()[:2])
+    return low, high
+
+
 def _warn_of_source_ports(
     settings: Settings, size: int, storage_port: int, say: Callable[[str], None]
 ) -> None:
@@ -353,10 +365,7 @@ def _warn_of_source_ports(
     its own source port and then talks to itself: a Kafka node reads its own request as
     the answer and exits (``CorrelationIdMismatchException``).
     """
-    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    if not path.exists():
-        return
-    low, high = (int(v) for v in path.read_text().split()[:2])
+    low, high = source_port_range()
     kafka = [p for n in cluster_nodes(settings, "kafka", size) for p in (n.port, n.controller_port)]
     inside = sorted(p for p in {*kafka, storage_port} if low <= p <= high)
     if inside:
