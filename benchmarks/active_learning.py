@@ -58,18 +58,14 @@ from PIL import Image
 
 from phenocascade.config import Settings, Topology, get_settings, load_topology
 from phenocascade.consumers.retrainer import annotation_samples, newest_per_image
-from phenocascade.data.datasets import (
-    DSB_MAJORITY_CLASSES,
-    QUALITY_CLASS,
-    dsb2018_majority,
-    quality_set,
-)
+from phenocascade.data.labelled import QUALITY_LABEL as QUALITY_CLASS
 from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.infra.local import up
 from phenocascade.learning import Budget, RecipeTrainer
 from phenocascade.models.base import load_stage
 from phenocascade.recipes import TIERS
+from phenocascade.recipes.bundled_data import DSB_MAJORITY_CLASSES, majority_set, quality_set
 from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.scan import scan_topic
@@ -112,16 +108,15 @@ def shrink(sample: Sample, folder: Path) -> Sample:
 
 def plans(settings: Settings, work: Path, pool_size: int) -> list[TierPlan]:
     """Build the quality and majority pools (train split) and holdouts (val split)."""
-    root = settings.datasets
     folder = work / "images"
     folder.mkdir(parents=True, exist_ok=True)
     # Quality: every source gives a clear original and two severely degraded copies.
-    q_pool = quality_set(root, "train", max_sources=pool_size // 3).samples
-    q_hold = quality_set(root, "val", max_sources=40).samples
-    majority = dsb2018_majority(root, "train").samples
+    q_pool = quality_set(settings, "train", max_sources=pool_size // 3).samples
+    q_hold = quality_set(settings, "val", max_sources=40).samples
+    majority = majority_set(settings, "train").samples
     rng = np.random.default_rng(0)
     m_pool = tuple(majority[i] for i in sorted(rng.choice(len(majority), pool_size, replace=False)))
-    m_hold = dsb2018_majority(root, "val").samples
+    m_hold = majority_set(settings, "val").samples
     return [
         TierPlan(
             "quality",

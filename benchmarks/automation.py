@@ -65,13 +65,13 @@ import numpy as np
 import models as bench
 from phenocascade import domain
 from phenocascade.config import Settings
-from phenocascade.data.datasets import bccd
 from phenocascade.domain import LabelThresholds, Sample, StageKind, StageOutput
 from phenocascade.models.base import load_stage
 from phenocascade.models.calibration import expected_calibration_error
 from phenocascade.models.certify import calibrate_stage, match_boxes
 from phenocascade.recipes import recipe, tier_data, train_tier
 from phenocascade.recipes.bundled import BOOTSTRAP_ORDER
+from phenocascade.recipes.bundled_data import bccd_set
 
 log = logging.getLogger("benchmarks.automation")
 RESULTS = Path(__file__).parent / "results"
@@ -198,9 +198,11 @@ def oracle(model: bench.Replay, data: bench.Pass, gate_truth: Sequence[bool]) ->
     return replace(model, thresholds=pairs)
 
 
-def val_only(tier: str, stage: Any, model: bench.Replay, root: Path, size: str) -> bench.Replay:
+def val_only(
+    tier: str, stage: Any, model: bench.Replay, settings: Settings, size: str
+) -> bench.Replay:
     """``model`` with calibrators and a 0.99 certificate fitted on the val split alone."""
-    val = bench.decode_set(tier_data(tier, root, "val"))  # type: ignore[arg-type]
+    val = bench.decode_set(tier_data(tier, settings, "val"))  # type: ignore[arg-type]
     on_val = bench.replay(stage, val.images)
     # Fits on_val's calibrators and thresholds (Replay.set_calibration).
     calibrate_stage(
@@ -260,13 +262,13 @@ def run_tier(tier: str, settings: Settings, folds: int, size: str, *, reuse: boo
         )
         log.info("%s trained in %.0f s", tier, time.perf_counter() - started)
         stage = load_stage(settings.artifacts, tier, folder.name)
-    data = bench.decode_set(tier_data(tier, settings.datasets, "test"))  # type: ignore[arg-type]
+    data = bench.decode_set(tier_data(tier, settings, "test"))  # type: ignore[arg-type]
     model = bench.replay(stage, data.images)
     gate_truth = ["clear" in s.labels for s in data.samples]
     variants = {
         "certified": model,
         "fixed": model.variant(fixed=True),
-        "val_only": val_only(tier, stage, model, settings.datasets, size),
+        "val_only": val_only(tier, stage, model, settings, size),
         "oracle": oracle(model, data, gate_truth),
     }
     return TierRun(stage, data, variants, novelty_flags(stage, data), gate_truth)
@@ -383,9 +385,9 @@ def _by_id(model: bench.Replay, data: bench.Pass) -> dict[str, StageOutput]:
     return {i.image_id: o for i, o in zip(data.images, outs, strict=True)}
 
 
-def held_out_modality(runs: Mapping[str, TierRun], root: Path) -> dict[str, Any]:
+def held_out_modality(runs: Mapping[str, TierRun], settings: Settings) -> dict[str, Any]:
     """BCCD's blood smears through the branch tiers, which never saw that modality."""
-    data = bench.decode_set(bccd(root, "test", drop_degenerate=True))
+    data = bench.decode_set(bccd_set(settings, "test"))
     per_tier: dict[str, Any] = {}
     decided_any: set[str] = set()
     novel_any: set[str] = set()
@@ -461,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if set(TIERS) <= set(runs):
             result["end_to_end"] = end_to_end(runs)
         if {"majority", "minority"} & set(runs):
-            result["held_out_modality"] = held_out_modality(runs, settings.datasets)
+            result["held_out_modality"] = held_out_modality(runs, settings)
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "tiers"}, indent=2))

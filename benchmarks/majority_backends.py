@@ -32,9 +32,10 @@ from typing import Any
 import classical_majority
 from models import provenance
 from phenocascade.config import Settings
-from phenocascade.data.datasets import dsb2018_majority, load_pixels
+from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import DecodedImage, StageKind, exclusive_groups, pending_labels
 from phenocascade.models.base import ArtifactMeta, load_stage
+from phenocascade.recipes.bundled_data import majority_set
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = ("nucleus_size", "density")
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("artifacts", nargs="+", type=Path, help="majority artifact folders")
     parser.add_argument("--out", type=Path, default=RESULTS / "majority_backends.json")
     args = parser.parse_args(argv)
-    test = dsb2018_majority(Settings().datasets, "test")
+    test = majority_set(Settings(), "test")
     images = [DecodedImage(s.image_id, load_pixels(s)) for s in test.samples]
     truth = [s.labels for s in test.samples]
     classical = [

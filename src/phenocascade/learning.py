@@ -264,9 +264,12 @@ class RecipeTrainer:
                 val = tier_set(src.spec, src.stored, "val", seed=b.seed)
             elif src.bundled is not None:
                 bundled = cast(Tier, tier)
-                root = self.settings.datasets
                 val = tier_data(
-                    bundled, root, "val", seed=b.seed, dataset=cast(Dataset, src.bundled)
+                    bundled,
+                    self.settings,
+                    "val",
+                    seed=b.seed,
+                    dataset=cast(Dataset, src.bundled),
                 )
             else:
                 return ()

@@ -62,11 +62,11 @@ from phenocascade.cli.cascade import cascade_commands, start_process, stop_casca
 from phenocascade.cli.status import take_snapshot, topology_groups
 from phenocascade.cli.supervise import Supervisor
 from phenocascade.config import Settings, Topology
-from phenocascade.data.datasets import split_ids
 from phenocascade.errors import InfraError
 from phenocascade.learning import RecipeTrainer
 from phenocascade.models.base import champion_version
 from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes.bundled_data import split_ids
 from phenocascade.store.cassandra import connect, get_outputs, versions_key
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.kafka import plain_producer
@@ -409,8 +409,8 @@ def run_drill(
     cascade = _cascade(local, workdir)
     datasets = local.datasets.resolve()
     folder = datasets / "dsb2018" / "images"
-    train_ids = split_ids(datasets, "dsb2018", "train")
-    test_ids = split_ids(datasets, "dsb2018", "test")
+    train_ids = split_ids(local, "dsb2018", "train")
+    test_ids = split_ids(local, "dsb2018", "test")
     clear = [folder / f"{i}.png" for i in train_ids[:12]]
     degraded = degraded_copies(cascade.settings, train_ids[12:20], cascade.roots)
     labelled = [*clear, *degraded]

@@ -19,10 +19,10 @@ from typing import Any
 import tifffile
 
 from phenocascade.config import Settings
-from phenocascade.data.datasets import quality_set
 from phenocascade.data.labelled import load_pixels
 from phenocascade.learning import Budget, RecipeTrainer
 from phenocascade.recipes import train_tier
+from phenocascade.recipes.bundled_data import quality_set
 from phenocascade.streams import events
 
 HOLDOUT = 48
@@ -43,7 +43,7 @@ BUDGET_ARGS = [
 
 def weak_champion(settings: Settings, trainer: RecipeTrainer) -> str:
     """Train the deliberately weak quality champion: small_cnn from scratch, one step."""
-    train = quality_set(settings.datasets, "train", max_sources=2).samples[:4]
+    train = quality_set(settings, "train", max_sources=2).samples[:4]
     folder = train_tier(
         "quality",
         settings=settings,
@@ -60,7 +60,7 @@ def degraded_copies(settings: Settings, sources: list[str], folder: Path) -> lis
     """Write severely degraded copies of DSB train images as files (ground truth: unclear)."""
     wanted = {f"dsb2018:{s}" for s in sources}
     paths = []
-    for sample in quality_set(settings.datasets, "train").samples:
+    for sample in quality_set(settings, "train").samples:
         if sample.group in wanted and sample.degradation:
             wanted.discard(sample.group)
             pixels = load_pixels(sample)

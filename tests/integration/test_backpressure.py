@@ -23,8 +23,8 @@ from harness import Cascade
 
 from phenocascade.cli.cascade import cascade_commands, start_process
 from phenocascade.config import Settings
-from phenocascade.data.datasets import split_ids
 from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes.bundled_data import split_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,11 +66,7 @@ def test_a_tier_ten_times_slower_holds_the_others_back_and_loses_nothing(
     gate = cascade.topology.tier("quality").group
     slow = cascade.topology.tier("majority").group
     try:
-        datasets = infra.datasets.resolve()
-        paths = [
-            datasets / "dsb2018" / "images" / f"{i}.png"
-            for i in split_ids(datasets, "dsb2018", "test")[:IMAGES]
-        ]
+        paths = [s.path for s in split_samples(infra, "dsb2018", "test")[:IMAGES] if s.path]
         ids = cascade.submit(paths, prefix="slow-")
 
         # While the slow tier works, the gate has caught up, the slow group is behind,

@@ -20,10 +20,10 @@ from PIL import Image
 from phenocascade.cli.cascade import build_report
 from phenocascade.cli.demo import sample_images
 from phenocascade.config import Settings
-from phenocascade.data.datasets import dsb2018_majority, dsb2018_rare
 from phenocascade.models.base import load_stage
 from phenocascade.models.thresholds import binomial_cdf
 from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes.bundled_data import majority_set, rare_set
 from phenocascade.store.cassandra import connect, get_outputs
 from phenocascade.streams import events
 from phenocascade.streams.serde import MAGIC
@@ -47,10 +47,9 @@ def cascade(trained: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def test_real_test_split_images_each_give_exactly_one_output(cascade: Cascade) -> None:
-    datasets = cascade.settings.datasets.resolve()
     # The whole DSB test split: the bootstrap models of a fresh 2-core machine (2026-12)
     # decide every label of about 1 in 100 DSB test images at 0.95, none of the first 30.
-    images = sample_images(datasets, dsb=132, bccd=15, bbbc006_unclear=15, bbbc006_clear=0)
+    images = sample_images(cascade.settings, dsb=132, bccd=15, bbbc006_unclear=15, bbbc006_clear=0)
     assert len(images) == 162
     ids = cascade.submit(images, prefix="real-")
     counts = cascade.wait_until_done(ids, timeout_s=600)
@@ -91,8 +90,8 @@ def test_real_test_split_images_each_give_exactly_one_output(cascade: Cascade) -
     # What the cascade decided alone is final, and right at about its stated precision.
     majority = load_stage(cascade.settings.artifacts, "majority")
     minority = load_stage(cascade.settings.artifacts, "minority")
-    truth = {s.image_id: s for s in dsb2018_majority(datasets, "test").samples}
-    rare = {s.image_id: s for s in dsb2018_rare(datasets, "test").samples}
+    truth = {s.image_id: s for s in majority_set(cascade.settings, "test").samples}
+    rare = {s.image_id: s for s in rare_set(cascade.settings, "test").samples}
     decided = wrong = 0
     smears_decided: list[str] = []
     for image_id, path in zip(ids, images, strict=True):

@@ -27,11 +27,11 @@ from phenocascade.config import Settings, Topology, load_topology
 from phenocascade.consumers.annotation_sink import AnnotationSink
 from phenocascade.consumers.retrainer import Retrainer
 from phenocascade.data import degrade
-from phenocascade.data.datasets import DSB_MAJORITY_CLASSES, split_ids
 from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import NO_MODEL_VERSION, Sample
 from phenocascade.learning import Budget, RecipeTrainer
 from phenocascade.models.base import champion_version
+from phenocascade.recipes.bundled_data import DSB_MAJORITY_CLASSES, split_ids
 from phenocascade.store.cassandra import connect
 from phenocascade.store.users import add_user
 from phenocascade.ui.app import create_app
@@ -59,7 +59,7 @@ def _images(settings: Settings, folder: Path, start: int) -> tuple[list[Path], s
 
     Returns the files and the names of the unclear ones.
     """
-    ids = split_ids(settings.datasets, "dsb2018", "train")[start : start + CLEAR + UNCLEAR]
+    ids = split_ids(settings, "dsb2018", "train")[start : start + CLEAR + UNCLEAR]
     paths, unclear = [], set()
     for k, image_id in enumerate(ids):
         sample = Sample(image_id, settings.datasets / "dsb2018" / "images" / f"{image_id}.png")

@@ -47,10 +47,10 @@ from quality_loop import (
 
 from phenocascade.config import Settings, Topology
 from phenocascade.consumers.retrainer import HOLDOUT_REASON
-from phenocascade.data.datasets import split_ids
 from phenocascade.learning import RecipeTrainer
 from phenocascade.models.base import ArtifactMeta, champion_version
 from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes.bundled_data import split_ids
 from phenocascade.store.annotations import annotations_by_tier
 from phenocascade.store.cassandra import connect
 from phenocascade.store.lineage import get_lineage, lineage_by_tier
@@ -140,8 +140,8 @@ def test_annotations_train_a_challenger_that_workers_switch_to_mid_stream(
     cascade, trainer, weak = loop
     datasets = cascade.settings.datasets.resolve()
     images = datasets / "dsb2018" / "images"
-    train_ids = split_ids(datasets, "dsb2018", "train")
-    test_ids = split_ids(datasets, "dsb2018", "test")
+    train_ids = split_ids(cascade.settings, "dsb2018", "train")
+    test_ids = split_ids(cascade.settings, "dsb2018", "test")
     # Images nobody labels; val images (the holdout) are kept out of the stream.
     stream = iter(images / f"{i}.png" for i in [*train_ids[20:], *test_ids])
     clear_1 = [images / f"{i}.png" for i in train_ids[:12]]

@@ -119,8 +119,7 @@ def _assert_quiet(done: subprocess.CompletedProcess[str]) -> None:
 
 
 def test_every_process_counts_what_the_report_counts(cascade: Cascade) -> None:
-    datasets = cascade.settings.datasets.resolve()
-    images = sample_images(datasets, dsb=6, bccd=3, bbbc006_unclear=3, bbbc006_clear=0)
+    images = sample_images(cascade.settings, dsb=6, bccd=3, bbbc006_unclear=3, bbbc006_clear=0)
     broken = cascade.roots / "empty.png"
     broken.write_bytes(b"")
     ids = cascade.submit([*images, broken], prefix="m-")

@@ -74,7 +74,7 @@ def test_rare_box_annotations_retrain_the_nucleus_composite(
     champion = champion_version(settings.artifacts, "minority")
     assert champion is not None
     trainer = RecipeTrainer(settings, budget=BUDGET)
-    train = tier_data("minority", settings.datasets, "train").samples
+    train = tier_data("minority", settings, "train").samples
     rare = [s for s in train if s.boxes][:4]
     plain = [s for s in train if not s.boxes][:1]
     held_out = trainer.holdout("minority")[0]

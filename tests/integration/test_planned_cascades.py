@@ -24,16 +24,17 @@ from harness import Cascade, settings_env
 from synthetic import write_em_like
 
 from phenocascade.config import Settings, Topology, load_topology
-from phenocascade.data.datasets import (
-    dsb2018_majority,
-    dsb2018_nuclei,
-    dsb2018_rare,
-    split_ids,
-)
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.data.registry import save_dataset
 from phenocascade.domain import NO_MODEL_VERSION
 from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes.bundled_data import (
+    majority_set,
+    nuclei_set,
+    rare_set,
+    split_ids,
+    split_samples,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,15 +122,15 @@ def test_em_slices_plan_to_two_tiers_and_stream(infra: Settings, tmp_path: Path)
     assert scored["quality"] == scored["rare"] == set(ids)
 
 
-def _dsb_with_groups(root: Path, ids: list[str]) -> LabelledSet:
+def _dsb_with_groups(settings: Settings, ids: list[str]) -> LabelledSet:
     """DSB images with three label groups, every nucleus, and the rare large nuclei."""
     kinds = {}
-    with (root / "dsb2018" / "images.csv").open() as f:
+    with (settings.datasets / "dsb2018" / "images.csv").open() as f:
         for row in csv.DictReader(f):
             kinds[row["image_id"]] = row["kind"]
-    majority = {s.image_id: s for s in dsb2018_majority(root, "train").samples}
-    nuclei = {s.image_id: s for s in dsb2018_nuclei(root, "train").samples}
-    rare = {s.image_id: s for s in dsb2018_rare(root, "train").samples}
+    majority = {s.image_id: s for s in majority_set(settings, "train").samples}
+    nuclei = {s.image_id: s for s in nuclei_set(settings, "train").samples}
+    rare = {s.image_id: s for s in rare_set(settings, "train").samples}
     samples = tuple(
         dataclasses.replace(
             majority[i],
@@ -146,9 +147,8 @@ def test_a_dataset_with_groups_and_rare_objects_plans_to_five_tiers_and_streams(
     infra: Settings, tmp_path: Path
 ) -> None:
     ensure_bootstrap(infra)  # the bundled generic gate
-    root = infra.datasets
-    train = split_ids(root, "dsb2018", "train")
-    labelled = _dsb_with_groups(root, train[:90])
+    train = split_ids(infra, "dsb2018", "train")
+    labelled = _dsb_with_groups(infra, train[:90])
     groups: dict[str, list[str]] = defaultdict(list)
     for label in labelled.classes:
         if ":" in label:
@@ -175,7 +175,7 @@ def test_a_dataset_with_groups_and_rare_objects_plans_to_five_tiers_and_streams(
     ]
     assert topology.tier("rare").labels == ["large_nucleus"]
 
-    images = [root / "dsb2018" / "images" / f"{i}.png" for i in train[90:102]]
+    images = [s.path for s in split_samples(infra, "dsb2018", "train")[90:102] if s.path]
     cascade, ids = _stream(settings, tmp_path / "c5", topology, images)
     scored = _check_tiers(cascade, ids)
     passed = {

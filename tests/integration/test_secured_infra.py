@@ -150,9 +150,7 @@ def test_the_cascade_runs_through_the_secured_services(secured: Settings, tmp_pa
     )
     cascade = Cascade(settings, tmp_path / "cascade", topology)
     assert cascade.env["PHENOCASCADE_KAFKA__CLIENT"]  # the children get the credentials
-    images = sample_images(
-        settings.datasets.resolve(), dsb=2, bccd=0, bbbc006_unclear=1, bbbc006_clear=0
-    )
+    images = sample_images(settings, dsb=2, bccd=0, bbbc006_unclear=1, bbbc006_clear=0)
     cascade.start()
     try:
         ids = cascade.submit(images, prefix="sec-")

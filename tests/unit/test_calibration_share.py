@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from phenocascade.config import Settings
-from phenocascade.data import datasets
 from phenocascade.models.base import ArtifactMeta, set_champion
 from phenocascade.recipes import bundled
+from phenocascade.recipes.bundled_data import split_ids
 from phenocascade.recipes.core import TrainingRun
 
 VERSION = "20261130T220000-0a1b"
@@ -54,8 +54,9 @@ def test_images_that_certify_are_never_trained_on(
 ) -> None:
     assert bundled.recipe(tier, "bootstrap").calibration_share == 0.5
     run = _run_of(tier, root, monkeypatch)
-    train_ids = set(datasets.split_ids(root, "dsb2018", "train"))
-    val_ids = set(datasets.split_ids(root, "dsb2018", "val"))
+    settings = Settings(datasets=root)
+    train_ids = set(split_ids(settings, "dsb2018", "train"))
+    val_ids = set(split_ids(settings, "dsb2018", "val"))
     trained = {s.image_id for s in run.train}
     certifying = {s.image_id for s in run.val.samples}
     assert not trained & certifying
@@ -64,7 +65,7 @@ def test_images_that_certify_are_never_trained_on(
     assert certifying == val_ids | (train_ids - trained)
     # Early stopping reads val only, and the moved images keep the tier's own labels.
     assert {s.image_id for s in run.fit_val} <= val_ids
-    own = {s.image_id: s for s in bundled.tier_data(tier, root, "train").samples}
+    own = {s.image_id: s for s in bundled.tier_data(tier, settings, "train").samples}
     for sample in run.val.samples:
         if sample.image_id in train_ids:
             assert sample.labels == own[sample.image_id].labels

@@ -298,3 +298,58 @@ def test_a_bad_split_file_or_label_table_is_one_line_naming_it(
     assert message in err
     assert err.count("\n") == 1
     assert not (home / "datasets").exists()
+
+
+def test_a_table_of_rare_boxes_joins_the_mask_objects_as_an_object_class(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img, masks = _masks(tmp_path, 4)
+    rare = tmp_path / "rare.csv"
+    rare.write_text("image_id,instance,x_min,y_min,x_max,y_max\ni1,1,2,2,6,5\n")
+
+    rc = main(
+        [
+            *("data", "import", "masks", str(masks), str(img), "--name", "r"),
+            *("--boxes", f"outsized={rare}"),
+        ]
+    )
+
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["data", "show", "r", "--json"]) == 0
+    rows = {row["label"]: row for row in json.loads(capsys.readouterr().out)["labels"]}
+    assert rows["nucleus"]["objects"] == 4
+    assert (rows["outsized"]["kind"], rows["outsized"]["objects"], rows["outsized"]["images"]) == (
+        "object",
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rows", "spec", "message"),
+    [
+        ("i9,2,2,6,5\n", "outsized={csv}", "rare.csv:2: image 'i9' is not in the import"),
+        ("i0,2,2,60,5\n", "outsized={csv}", "rare.csv:2: box (2.0, 2.0, 60.0, 5.0) of 'outsized'"),
+        ("i0,2,2,6,5\n", "nucleus={csv}", "class 'nucleus' is already a class of the import"),
+        ("i0,2,2,6,5\n", "{csv}", "--boxes"),
+    ],
+)
+def test_a_bad_table_of_boxes_is_one_line_naming_it(
+    home: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    rows: str,
+    spec: str,
+    message: str,
+) -> None:
+    img, masks = _masks(tmp_path, 2)
+    csv = tmp_path / "rare.csv"
+    csv.write_text("image_id,x_min,y_min,x_max,y_max\n" + rows)
+    args = ["data", "import", "masks", str(masks), str(img), "--name", "bad"]
+
+    assert main([*args, "--boxes", spec.format(csv=csv)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert not (home / "datasets").exists()

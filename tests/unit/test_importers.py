@@ -389,8 +389,10 @@ def test_class_folders_refuse_strays(tmp_path):
     with _raises_at(stray, None, "not an image"):
         importers.import_class_folders(tmp_path)
     stray.unlink()
+    (tmp_path / "LICENSE.txt").write_text("CC0")
+    assert [s.image_id for s in importers.import_class_folders(tmp_path).samples] == ["clear/x"]
     loose = _png(tmp_path / "loose.png")
-    with _raises_at(loose, None, "outside a class folder"):
+    with _raises_at(loose, None, "image outside a class folder"):
         importers.import_class_folders(tmp_path)
 
 

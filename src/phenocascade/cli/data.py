@@ -191,6 +191,14 @@ def _add_common(parser: argparse.ArgumentParser, *, degenerate: bool, labels: bo
             help="with --labels: column NAME gives one label NAME:V per image, the values "
             "excluding each other (repeatable)",
         )
+        parser.add_argument(
+            "--boxes",
+            action="append",
+            default=[],
+            metavar="LABEL=CSV",
+            help="also import boxes of class LABEL from this CSV (image_id,x_min,y_min,x_max,"
+            "y_max, half-open pixels), e.g. a rare phenotype among the objects (repeatable)",
+        )
     parser.add_argument("--out", type=Path, help="also write the summary as JSON here")
     if degenerate:
         parser.add_argument(
@@ -216,10 +224,14 @@ def _columns(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _load(args: argparse.Namespace) -> LabelledSet:
-    """Import the files, and add the ``--labels`` table's image labels when given."""
+    """Import the files, then add the ``--boxes`` and ``--labels`` tables when given."""
     labelled = _load_format(args)
     if args.format == "csv":
         return labelled
+    for label, path in _box_tables(args).items():
+        labelled = importers.add_boxes(
+            labelled, path, label, drop_degenerate=getattr(args, "drop_degenerate", False)
+        )
     if args.labels is None:
         if args.column:
             raise ValidationError("--column needs --labels CSV, the table it reads")
@@ -229,6 +241,19 @@ def _load(args: argparse.Namespace) -> LabelledSet:
             f"--labels {args.labels}: name its label columns with --column NAME=V1,V2,..."
         )
     return importers.add_image_labels(labelled, args.labels, _columns(args.column))
+
+
+def _box_tables(args: argparse.Namespace) -> dict[str, Path]:
+    """Return the ``--boxes LABEL=CSV`` tables by class."""
+    tables: dict[str, Path] = {}
+    for spec in getattr(args, "boxes", []):
+        label, sep, path = spec.partition("=")
+        if not sep or not label.strip() or not path.strip():
+            raise ValidationError(f"--boxes {spec!r}: expected LABEL=CSV, e.g. rare=rare.csv")
+        if label.strip() in tables:
+            raise ValidationError(f"--boxes {spec!r}: class {label.strip()!r} is given twice")
+        tables[label.strip()] = Path(path.strip())
+    return tables
 
 
 def _load_format(args: argparse.Namespace) -> LabelledSet:
@@ -282,13 +307,18 @@ def _implied_kinds(
     """Return the kind of every class: image labels for folders and CSV columns, else objects.
 
     A class of a box or mask format is an object class even where no box of it was found;
-    the labels of a ``--labels`` table are image labels.
+    the labels of a ``--labels`` table are image labels, the classes of ``--boxes`` tables
+    objects.
     """
     kind: registry.LabelKind = (
         "image" if args.format == "folders" or (args.format == "csv" and args.column) else "object"
     )
     table = {label for labels in _column_groups(args).values() for label in labels}
-    return {label: "image" if label in table else kind for label in labelled.classes}
+    boxes = set(_box_tables(args))
+    return {
+        label: "image" if label in table else "object" if label in boxes else kind
+        for label in labelled.classes
+    }
 
 
 def _implied_groups(args: argparse.Namespace, labelled: LabelledSet) -> dict[str, list[str]]:
@@ -374,7 +404,7 @@ def _import(args: argparse.Namespace) -> int:
         f"(fingerprint {stored.fingerprint[:12]}\u2026): {summary['images']} images, "
         f"train/val/test {counts}"
     )
-    console.print(_label_table(summary["labels"]))
+    console.print(_label_table(summary["labels"], summary["images"]))
     dropped = labelled.summary()["dropped"]
     for d in dropped:
         where = d["file"] if d["line"] is None else f"{d['file']}:{d['line']}"
@@ -384,7 +414,13 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+def _label_table(rows: Sequence[Mapping[str, Any]], images: int) -> Table:
+    """Return the per-label table; the fractions are of ``images`` and of all objects.
+
+    They are computed from the counts, not from the summary's fractions (rounded to four
+    digits), so that they read as ``phenocascade plan`` prints them.
+    """
+    objects = sum(row["objects"] for row in rows)
     table = Table(title="labels (images with the label per split)")
     for column in ("label", "kind", "group", "images", "objects", "% images", "% objects"):
         table.add_column(
@@ -399,8 +435,8 @@ def _label_table(rows: Sequence[Mapping[str, Any]]) -> Table:
             row["group"] or "-",
             str(row["images"]),
             str(row["objects"]),
-            f"{row['image_fraction']:.1%}",
-            f"{row['object_fraction']:.1%}",
+            f"{row['images'] / max(images, 1):.1%}",
+            f"{row['objects'] / objects:.1%}" if objects else f"{0:.1%}",
             *(str(row[split]) for split in registry.SPLITS),
         )
     return table
@@ -445,7 +481,7 @@ def _show(args: argparse.Namespace) -> int:
     for group, labels in summary["groups"].items():
         print(f"group {group}: {', '.join(labels)} (exclude each other)")
     print("source: " + ", ".join(f"{k}={v}" for k, v in summary["source"].items()))
-    console.print(_label_table(summary["labels"]))
+    console.print(_label_table(summary["labels"], summary["images"]))
     return 0
 
 

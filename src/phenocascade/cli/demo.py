@@ -17,7 +17,6 @@ from rich.progress import Progress
 from phenocascade.cli.cascade import (
     build_report,
     console,
-    iter_images,
     render_output,
     results_table,
     start_cascade,
@@ -25,7 +24,6 @@ from phenocascade.cli.cascade import (
     submit_paths,
 )
 from phenocascade.config import Settings, get_settings, load_topology
-from phenocascade.data.datasets import split_ids
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import InfraError
 from phenocascade.infra.local import up
@@ -34,16 +32,22 @@ from phenocascade.streams.kafka import create_topics
 
 
 def sample_images(
-    datasets: Path, *, dsb: int, bccd: int, bbbc006_unclear: int, bbbc006_clear: int
+    settings: Settings, *, dsb: int, bccd: int, bbbc006_unclear: int, bbbc006_clear: int
 ) -> list[Path]:
-    """Pick real sample images from the test splits of the shared datasets (never train data)."""
-    dsb_ids = split_ids(datasets, "dsb2018", "test")[:dsb]
-    bccd_ids = split_ids(datasets, "bccd", "test")[:bccd]
-    picks = [datasets / "dsb2018" / "images" / f"{i}.png" for i in dsb_ids]
-    picks += [datasets / "bccd" / "BCCD" / "JPEGImages" / f"{i}.jpg" for i in bccd_ids]
-    picks += iter_images([datasets / "bbbc006_focus" / "unclear_z00"])[:bbbc006_unclear]
-    picks += iter_images([datasets / "bbbc006_focus" / "clear_zaligned10"])[:bbbc006_clear]
-    return picks
+    """Pick real sample images from the test splits of the bundled datasets (never train data).
+
+    The bundled sets are imported into the dataset store as a lab's own are (once per
+    process; :mod:`phenocascade.recipes.bundled_data`).
+    """
+    # Imported here: the recipes import torch, and the joiner and sink share this CLI.
+    from phenocascade.recipes.bundled_data import bbbc006_set, split_samples
+
+    picks = [s.path for s in split_samples(settings, "dsb2018", "test")[:dsb]]
+    picks += [s.path for s in split_samples(settings, "bccd", "test")[:bccd]]
+    focus = bbbc006_set(settings).samples
+    picks += [s.path for s in focus if not s.labels][:bbbc006_unclear]
+    picks += [s.path for s in focus if s.labels][:bbbc006_clear]
+    return [p for p in picks if p is not None]
 
 
 def wait_for_outputs(
@@ -85,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     procs = start_cascade(topology, settings.home / "logs")
     try:
         images = sample_images(
-            settings.datasets.resolve(),
+            settings,
             dsb=args.dsb,
             bccd=args.bccd,
             bbbc006_unclear=args.bbbc006_unclear,

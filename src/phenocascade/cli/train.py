@@ -34,7 +34,7 @@ def _add_tier(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         default=None,
         help="stored dataset (phenocascade data list); default: the tier's `dataset:` in the "
-        "topology. The packaged minority tier also takes dsb or bccd (shared datasets)",
+        "topology. The packaged minority tier also takes dsb or bccd (its bundled recipes)",
     )
 
 

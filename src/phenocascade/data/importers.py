@@ -37,7 +37,7 @@ import os
 import shutil
 import warnings
 import xml.parsers.expat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1094,6 +1094,43 @@ def read_csv_rows(csv_path: Path, required: Sequence[str]) -> list[tuple[int, di
     return rows
 
 
+def _csv_boxes(
+    csv_path: Path,
+    label: str,
+    checker: _BoxChecker,
+    size_of: Callable[[str, int], tuple[int, int]],
+) -> dict[str, list[Box]]:
+    """Read and check a CSV of boxes (``image_id,x_min,y_min,x_max,y_max``), by image.
+
+    ``size_of(image_id, line)`` gives an image's ``(width, height)`` on the line that
+    first names it, raising for an image it cannot find. Every image named keeps an
+    entry, even if ``checker`` dropped all of its boxes, in the order the file names them.
+    """
+    file = str(csv_path)
+    sizes: dict[str, tuple[int, int]] = {}
+    boxes: dict[str, list[Box]] = {}
+    for line, row in read_csv_rows(csv_path, ("image_id", "x_min", "y_min", "x_max", "y_max")):
+        image_id = row["image_id"].strip()
+        if image_id not in sizes:
+            sizes[image_id] = size_of(image_id, line)
+        x0, y0, x1, y1 = (
+            _number(row[k], what=k, file=file, line=line)
+            for k in ("x_min", "y_min", "x_max", "y_max")
+        )
+        kept = boxes.setdefault(image_id, [])
+        if checker.check(
+            (x0, y0, x1, y1),
+            (x0, y0, x1, y1),
+            sizes[image_id],
+            label=label,
+            image_id=image_id,
+            file=file,
+            line=line,
+        ):
+            kept.append(_box(x0, y0, x1, y1, label, sizes[image_id]))
+    return boxes
+
+
 def import_csv_boxes(
     csv_path: Path,
     img_dir: Path,
@@ -1133,30 +1170,13 @@ def import_csv_boxes(
     file = str(csv_path)
     checker = _BoxChecker(drop_degenerate)
     paths: dict[str, Path] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    boxes: dict[str, list[Box]] = {}
-    for line, row in read_csv_rows(csv_path, ("image_id", "x_min", "y_min", "x_max", "y_max")):
-        image_id = row["image_id"].strip()
-        if image_id not in paths:
-            paths[image_id] = find_image(img_dir, image_id, file=file, line=line)
-            sizes[image_id] = image_size(paths[image_id])
-            boxes[image_id] = []
-        coords = tuple(
-            _number(row[k], what=k, file=file, line=line)
-            for k in ("x_min", "y_min", "x_max", "y_max")
-        )
-        x0, y0, x1, y1 = coords
-        if checker.check(
-            (x0, y0, x1, y1),
-            (x0, y0, x1, y1),
-            sizes[image_id],
-            label=label,
-            image_id=image_id,
-            file=file,
-            line=line,
-        ):
-            boxes[image_id].append(_box(x0, y0, x1, y1, label, sizes[image_id]))
-    wanted = list(paths) if image_ids is None else list(image_ids)
+
+    def size_of(image_id: str, line: int) -> tuple[int, int]:
+        paths[image_id] = find_image(img_dir, image_id, file=file, line=line)
+        return image_size(paths[image_id])
+
+    boxes = _csv_boxes(csv_path, label, checker, size_of)
+    wanted = list(boxes) if image_ids is None else list(image_ids)
     samples = []
     for image_id in wanted:
         path = paths.get(image_id) or _single_image(img_dir, image_id, file=file, line=None)
@@ -1292,6 +1312,67 @@ def add_image_labels(
     )
 
 
+def add_boxes(
+    labelled: LabelledSet, csv_path: Path, label: str, *, drop_degenerate: bool = False
+) -> LabelledSet:
+    """Add boxes of one more class from a CSV to an imported set.
+
+    For a lab whose objects come in one format (masks, say) and one class of them, a
+    rare phenotype, in a table of boxes (``image_id,x_min,y_min,x_max,y_max``, half-open
+    pixels, as :func:`import_csv_boxes` reads): the boxes join the images of the set as
+    class ``label``; images without a row keep none of them (negatives).
+
+    Parameters
+    ----------
+    labelled : LabelledSet
+        The imported set.
+    csv_path : pathlib.Path
+        The boxes, with a header row; other columns are ignored.
+    label : str
+        Their class, new to the set.
+    drop_degenerate : bool, default False
+        Drop zero-area boxes with a report instead of raising.
+
+    Returns
+    -------
+    LabelledSet
+        The same samples with the boxes added after their own, ``label`` after the set's
+        classes.
+
+    Raises
+    ------
+    AnnotationError
+        Naming file and line: a missing column or field, a non-numeric value, an image
+        that is not in the set, a box outside its image or of zero area. Naming the
+        file: ``label`` is already a class of the set.
+    """
+    file = str(csv_path)
+    if label in labelled.classes:
+        raise AnnotationError(f"class {label!r} is already a class of the import", file=file)
+    by_id = {s.image_id: s for s in labelled.samples}
+
+    def size_of(image_id: str, line: int) -> tuple[int, int]:
+        sample = by_id.get(image_id)
+        if sample is None or sample.path is None:
+            raise AnnotationError(f"image {image_id!r} is not in the import", file=file, line=line)
+        return image_size(sample.path, page=sample.page)
+
+    checker = _BoxChecker(drop_degenerate)
+    added = _csv_boxes(csv_path, label, checker, size_of)
+    samples = tuple(
+        dataclasses.replace(s, labels=s.labels | {label}, boxes=(*s.boxes, *added[s.image_id]))
+        if added.get(s.image_id)
+        else s
+        for s in labelled.samples
+    )
+    return dataclasses.replace(
+        labelled,
+        classes=(*labelled.classes, label),
+        samples=samples,
+        dropped=(*labelled.dropped, *checker.dropped),
+    )
+
+
 def read_split_file(path: Path) -> dict[str, str]:
     """Read a fixed train/val/test split.
 
@@ -1353,6 +1434,7 @@ def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
     ----------
     root : pathlib.Path
         One sub-folder per class (sorted names give the class order); hidden entries
+        and files beside the class folders that are not images (a licence, a README)
         are ignored.
     name : str, default "folders"
         Name of the returned set.
@@ -1366,8 +1448,8 @@ def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
     Raises
     ------
     AnnotationError
-        If ``root`` is missing, holds a file outside the class folders, a class folder
-        holds a non-image, or a class folder is empty.
+        If ``root`` is missing, holds an image outside the class folders, a class
+        folder holds a non-image, or a class folder is empty.
     """
     if not root.is_dir():
         raise AnnotationError("folder does not exist", file=str(root))
@@ -1377,7 +1459,12 @@ def import_class_folders(root: Path, *, name: str = "folders") -> LabelledSet:
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
-            raise AnnotationError("file outside a class folder", file=str(entry))
+            if entry.suffix.lower() in IMAGE_SUFFIXES:
+                raise AnnotationError(
+                    "image outside a class folder; move it into the folder of its class",
+                    file=str(entry),
+                )
+            continue
         images = image_files(entry)
         if not images:
             raise AnnotationError("class folder holds no images", file=str(entry))

@@ -3,8 +3,10 @@
 A tier is trained from a lab's stored dataset when the topology gives it one (``dataset:``,
 written by ``phenocascade plan``) or when ``dataset`` names one
 (:mod:`phenocascade.recipes.own`); the bundled tiers ``quality``, ``majority`` and
-``minority`` of the packaged topology keep their recipes on the shared datasets
-(:mod:`phenocascade.recipes.bundled`). The library never imports this package.
+``minority`` of the packaged topology keep their tuned recipes
+(:mod:`phenocascade.recipes.bundled`) on the bundled datasets, which
+:mod:`phenocascade.recipes.bundled_data` imports into the store as a lab's own. The
+library never imports this package.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def own_tier(
 
     A tier is trained on a stored dataset when ``dataset`` names one, or else when its
     topology entry has ``dataset:``. ``dataset`` may also be a bundled recipe's dataset
-    (``"dsb"``, ``"bccd"``) when no stored dataset has that name.
+    (``"dsb"``, ``"bccd"``) when no stored dataset has that name, or when the stored one
+    is that bundled set (:mod:`.bundled_data` imported it).
 
     Raises
     ------
@@ -76,6 +79,8 @@ def own_tier(
     if name is None or (name in DATASETS and not (settings.dataset_store / name).is_dir()):
         return None
     stored = load_dataset(settings.dataset_store, name)
+    if name in DATASETS and "bundled" in stored.source:
+        return None
     if spec is None:
         tiers = [t.name for t in topology.tiers] if topology is not None else []
         raise ConfigError(

@@ -1,9 +1,10 @@
-"""Recipes of the bundled tiers: which shared dataset, backend and settings each uses.
+"""Recipes of the bundled tiers: which bundled dataset, backend and settings each uses.
 
-This module glues :mod:`phenocascade.data` (the shared datasets) to
-:mod:`phenocascade.models` (the backends); the library never imports it. Bootstrap recipes
-are small enough for a few CPU minutes in total and still give real models; ``full``
-recipes train on every training image. A lab's own datasets use
+This module glues the bundled datasets, stored as a lab's are
+(:mod:`phenocascade.recipes.bundled_data`), to :mod:`phenocascade.models` (the
+backends); the library never imports it. Bootstrap recipes are small enough for a few CPU
+minutes in total and still give real models; ``full`` recipes train on every training
+image. A lab's own datasets use
 :mod:`phenocascade.recipes.own` instead.
 """
 
@@ -18,19 +19,20 @@ from typing import Any, Literal
 import numpy as np
 
 from phenocascade.config import Settings
-from phenocascade.data.datasets import (
-    bccd,
-    dsb2018_majority,
-    dsb2018_nuclei,
-    dsb2018_rare,
-    quality_set,
-)
 from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import ArtifactMeta, champion_version, load_stage
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.recipes.bundled_data import (
+    bbbc006_set,
+    bccd_set,
+    majority_set,
+    nuclei_set,
+    quality_set,
+    rare_set,
+)
 from phenocascade.recipes.cache import bootstrap_key, keep, restore
 from phenocascade.recipes.core import (
     Recipe,
@@ -241,28 +243,28 @@ def recipe(
 
 def tier_data(
     tier: Tier,
-    root: Path,
+    settings: Settings,
     split: str,
     *,
     seed: int = 0,
     dataset: Dataset = "dsb",
 ) -> LabelledSet:
-    """Return the shared dataset split that trains or evaluates ``tier``.
+    """Return the bundled dataset split that trains or evaluates ``tier``.
 
     The minority tier reads DSB 2018's large-nucleus boxes (``dataset="dsb"``) or BCCD's
-    ``WBC`` and ``Platelets`` boxes (``dataset="bccd"``, its two zero-area RBC boxes
-    dropped and listed in ``dropped``).
+    ``WBC`` and ``Platelets`` boxes (``dataset="bccd"``; its two zero-area RBC boxes are
+    dropped at import).
     """
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     if tier == "minority" and dataset == "bccd":
-        return bccd(root, split, drop_degenerate=True)  # type: ignore[arg-type]
+        return bccd_set(settings, split)
     if tier == "quality":
-        return quality_set(root, split, seed=seed)  # type: ignore[arg-type]
+        return quality_set(settings, split, seed=seed)
     if tier == "majority":
-        return dsb2018_majority(root, split)  # type: ignore[arg-type]
+        return majority_set(settings, split)
     if tier == "minority":
-        return dsb2018_rare(root, split)  # type: ignore[arg-type]
+        return rare_set(settings, split)
     raise ConfigError(f"unknown tier {tier!r}; choose one of {TIERS}")
 
 
@@ -362,7 +364,7 @@ def _segmenter_donor(
         return None
     folder = artifacts / donor_tier / version
     meta = ArtifactMeta.read(folder)
-    nuclei = dsb2018_nuclei(settings.datasets, "train")
+    nuclei = nuclei_set(settings, "train")
     ids = {s.image_id for s in train}
     trained_on = dataclasses.replace(
         nuclei, samples=tuple(s for s in nuclei.samples if s.image_id in ids)
@@ -486,23 +488,22 @@ def train_tier(
             settings.artifacts, tier, parent_version, extra_samples, device=device
         )
         record["annotation_boxes"] = annotated
-    root = settings.datasets
-    val_set = tier_data(tier, root, "val", seed=seed, dataset=dataset)
+    val_set = tier_data(tier, settings, "val", seed=seed, dataset=dataset)
     if val_samples is not None:
         val_set = dataclasses.replace(val_set, samples=tuple(val_samples))
     if plan.train_data == "dsb2018_nuclei":
-        train_set = dsb2018_nuclei(root, "train")
-        fit_val_set = dsb2018_nuclei(root, "val")
+        train_set = nuclei_set(settings, "train")
+        fit_val_set = nuclei_set(settings, "val")
         if plan.calibration_share and train_samples is None and val_samples is None:
             train_set, val_set = _share_for_calibration(
                 train_set,
                 val_set,
-                tier_data(tier, root, "train", dataset=dataset),
+                tier_data(tier, settings, "train", dataset=dataset),
                 plan.calibration_share,
                 seed,
             )
     else:
-        train_set = tier_data(tier, root, "train", seed=seed, dataset=dataset)
+        train_set = tier_data(tier, settings, "train", seed=seed, dataset=dataset)
         fit_val_set = val_set
         if plan.calibration_share and train_samples is None and val_samples is None:
             train_set, val_set = _share_for_calibration(
@@ -613,7 +614,7 @@ def evaluate_tier(
         If the model's classes are not the dataset's.
     """
     stage = load_stage(settings.artifacts, tier, version, device=device)
-    test = tier_data(tier, settings.datasets, split, dataset=dataset)
+    test = tier_data(tier, settings, split, dataset=dataset)
     if tuple(stage.classes) != tuple(test.classes):
         raise ConfigError(
             f"{tier} model {stage.version} predicts {list(stage.classes)}, but {dataset} "
@@ -621,9 +622,7 @@ def evaluate_tier(
         )
     metrics = evaluate_stage(stage, decode(test.samples), list(test.samples), out_dir)
     if tier == "quality":
-        from phenocascade.data.datasets import bbbc006
-
-        real = bbbc006(settings.datasets)
+        real = bbbc006_set(settings)
         metrics["bbbc006"] = evaluate_stage(
             stage, decode(real.samples), list(real.samples), out_dir / "bbbc006"
         )
