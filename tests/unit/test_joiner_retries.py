@@ -7,6 +7,7 @@ offset be committed past a result whose state was never written.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
+from phenocascade.cli import build_parser
+from phenocascade.config import Settings, load_topology
 from phenocascade.consumers import joiner
 from phenocascade.errors import InfraError
 
@@ -73,3 +76,17 @@ def test_a_send_a_predecessor_began_looks_first() -> None:
     publisher = _Publisher(fail=0)
     assert asyncio.run(joiner._sent_once(publisher, {"image_id": "img-1"}, 1700, unsure=True))
     assert publisher.calls == [1700]
+
+
+def test_each_joiner_instance_sends_under_its_own_transactional_id() -> None:
+    """A restarted joiner fences its predecessor; two joiners of one host must not fence
+    each other, so ``--instance`` gives each its own id."""
+    settings = Settings()
+    topology = load_topology(None)
+    app_id = topology.joiner.app_id
+    default = joiner.results_publisher(settings, topology)
+    assert default.transactional_id == f"{app_id}-results-{socket.gethostname()}"
+    second = joiner.results_publisher(settings, topology, "joiner-b")
+    assert second.transactional_id == f"{app_id}-results-joiner-b"
+    args = build_parser().parse_args(["joiner", "--instance", "joiner-b"])
+    assert args.instance == "joiner-b"

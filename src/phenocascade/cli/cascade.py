@@ -115,7 +115,7 @@ def cmd_joiner(args: argparse.Namespace) -> int:
             stall_s=args.stall_exit_s,
             on_stall=_exit_stalled,
         )
-    run_joiner(settings, topology)
+    run_joiner(settings, topology, instance=args.instance)
     return 0
 
 
@@ -676,6 +676,10 @@ def register(sub: Any) -> None:
     add_metrics_port(p)
 
     p = add("joiner", cmd_joiner, "run the joiner (faust)")
+    p.add_argument(
+        "--instance",
+        help="stable instance id (default: host name); give each joiner of one host its own",
+    )
     p.add_argument(
         "--stall-exit-s",
         type=float,

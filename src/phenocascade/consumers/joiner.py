@@ -174,7 +174,7 @@ class OutputPublisher:
     topic : str
         The results topic.
     transactional_id : str
-        Stable per joiner app and host (see :func:`make_app`).
+        Stable per joiner app and instance (see :func:`make_app`).
     timeout_s : float, default 10.0
         How long one attempt may wait on the broker.
     """
@@ -186,6 +186,11 @@ class OutputPublisher:
         self._topic = TransactionalPublisher(
             kafka, topic, transactional_id, timeout_s=timeout_s, event="ImageOutput"
         )
+
+    @property
+    def transactional_id(self) -> str:
+        """The Kafka transactional id its transactions go out under."""
+        return self._topic.transactional_id
 
     def landed(self, output: Mapping[str, Any], since_ms: int) -> bool:
         """Whether ``output`` is committed on the topic, sent at ``since_ms`` or later.
@@ -243,8 +248,26 @@ class OutputPublisher:
         return {k: v for k, v in record.items() if k != "produced_at"}
 
 
-def make_app(settings: Settings, topology: Topology) -> faust.App:
-    """Build the joiner app (not started)."""
+def results_publisher(
+    settings: Settings, topology: Topology, instance: str | None = None
+) -> OutputPublisher:
+    """Return the publisher of a joiner's outputs (see :func:`make_app` for ``instance``)."""
+    spec = topology.joiner
+    return OutputPublisher(
+        settings.kafka,
+        spec.results_topic,
+        f"{spec.app_id}-results-{instance or default_instance_id()}",
+    )
+
+
+def make_app(settings: Settings, topology: Topology, *, instance: str | None = None) -> faust.App:
+    """Build the joiner app (not started).
+
+    ``instance`` names this joiner among those of its app (default: the host name): its
+    outputs go out under the transactional id ``<app id>-results-<instance>``, so a
+    restarted joiner fences its own crashed predecessor, and two joiners of one app on
+    one host need two instance ids, or each would fence the other in turn.
+    """
     spec = topology.joiner
     partitions = {t.name: t.partitions for t in topology.topics}
     result_topics = [t.result_topic for t in topology.tiers]
@@ -271,9 +294,7 @@ def make_app(settings: Settings, topology: Topology) -> faust.App:
         value_type=bytes,
         value_serializer="raw",
     )
-    publisher = OutputPublisher(
-        settings.kafka, spec.results_topic, f"{spec.app_id}-results-{default_instance_id()}"
-    )
+    publisher = results_publisher(settings, topology, instance)
     session_holder: dict[str, Any] = {}
 
     @app.task
@@ -463,9 +484,9 @@ async def _durably(what: str, call: Callable[..., _T], **kwargs: Any) -> _T:
     return await _until_done(what, attempt, (DriverException, NoHostAvailable))
 
 
-def run_joiner(settings: Settings, topology: Topology) -> None:
-    """Run the joiner until SIGINT/SIGTERM."""
-    app = make_app(settings, topology)
+def run_joiner(settings: Settings, topology: Topology, *, instance: str | None = None) -> None:
+    """Run the joiner (see :func:`make_app`) until SIGINT/SIGTERM."""
+    app = make_app(settings, topology, instance=instance)
     from faust.worker import Worker
 
     Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()
