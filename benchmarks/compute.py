@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3, help="timed passes (the best counts)")
     parser.add_argument("--replicas", default="", help="e.g. 1,2,4: processes at once")
     parser.add_argument("--seconds", type=float, default=20.0, help="per replica count")
+    parser.add_argument("--only", default=",".join(TIERS), help="tiers, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS / "compute.json")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bf16": round(matmul_peak(args.device, torch.bfloat16), 1),
         }
         tiers: dict[str, Any] = {}
-        for tier in TIERS:
+        for tier in [t for t in TIERS if t in args.only.split(",")]:
             data = tier_images(settings, tier, args.images)
             images = decode(data.samples)
             stage = load_stage(settings.artifacts, tier, device=args.device, novelty=False)

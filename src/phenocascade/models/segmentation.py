@@ -370,7 +370,8 @@ class NucleusSegmenter:
         x = self._batch([image])
         x = F.pad(x, (0, -w % 32, 0, -h % 32), mode="replicate")
         with torch.inference_mode():
-            probs = torch.softmax(self.network_(x), dim=1)[0, :, :h, :w]
+            # The softmax in fp32 whatever the network computed in (bf16 under autocast).
+            probs = torch.softmax(self.network_(x).float(), dim=1)[0, :, :h, :w]
         out: npt.NDArray[np.float32] = probs.cpu().numpy()
         return out
 
