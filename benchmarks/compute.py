@@ -51,7 +51,7 @@ from phenocascade.data.labelled import LabelledSet
 from phenocascade.domain import DecodedImage
 from phenocascade.models.base import load_stage
 from phenocascade.models.evaluate import evaluate_stage
-from phenocascade.recipes import TIERS, decode, ensure_bootstrap, tier_data
+from phenocascade.recipes import TIERS, Tier, decode, ensure_bootstrap, tier_data
 from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,7 +89,7 @@ def runtime(name: str, device: str) -> Iterator[None]:
         yield
 
 
-def tier_images(settings: Settings, tier: str, n: int) -> LabelledSet:
+def tier_images(settings: Settings, tier: Tier, n: int) -> LabelledSet:
     """Return the first ``n`` test samples of the tier (the gate's: sources and copies)."""
     data = tier_data(tier, settings, "test")
     return LabelledSet(data.name, data.classes, data.samples[:n])
