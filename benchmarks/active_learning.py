@@ -1,13 +1,16 @@
-"""Active learning: labels picked by the cascade's uncertainty routing vs at random.
+"""Active learning: which labels to ask for, six strategies against random at five seeds.
 
 Simulated experts label images with the shared datasets' ground truth. For the quality
-gate and the majority classifier, and for each seed, both strategies start from the same
-random seed set and then run rounds of ``k`` labels:
+gate and the majority classifier, and for each seed, every strategy starts from the same
+random seed set and then runs rounds of ``k`` labels, picked by one of
+:data:`phenocascade.models.acquisition.STRATEGIES`:
 
-* ``uncertainty``: the ``k`` unlabelled pool images whose calibrated prediction is least
-  sure, i.e. the highest annotate-queue priority
-  (:func:`phenocascade.streams.events.uncertainty`, the priority tier workers give an
-  ``AnnotationRequest``);
+* ``uncertainty``: the annotate queue's priority until now, the least sure calibrated
+  label (:func:`phenocascade.streams.events.uncertainty`);
+* ``margin`` and ``entropy`` over each softmax group (:mod:`phenocascade.models.acquisition`);
+* ``bald``: mutual information from 20 Monte-Carlo dropout passes
+  (:meth:`~phenocascade.models.backends._classifier.ImageClassifier.sample_probabilities`);
+* ``coreset``: greedy k-centres on the model's embeddings;
 * ``random``: ``k`` unlabelled pool images drawn uniformly.
 
 Each round uses the real loop pieces: the labels go as ``Annotation`` events to a
@@ -16,20 +19,25 @@ the retraining consumer's :func:`~phenocascade.consumers.retrainer.annotation_sa
 (holdout images are refused there), and a model is trained from scratch on all labels so
 far and scored on the fixed holdout by :class:`~phenocascade.learning.RecipeTrainer`,
 the retraining consumer's trainer (calibration and thresholds re-fitted on the holdout).
-Training is tiny: MobileNetV2 (offline ImageNet weights) at ``--input-size`` px, a few
-epochs, images pre-shrunk to at most 256 px so two CPU cores finish in minutes.
+Training is tiny: MobileNetV2 (offline ImageNet weights, whose classifier has the dropout
+BALD samples) at ``--input-size`` px, a few epochs, images pre-shrunk to at most 256 px so
+two CPU cores finish in minutes. The majority tier learns with the ``multilabel_cnn``
+backend: the bootstrap's ``morphometric_classifier`` measures objects with a segmenter
+learnt from masks, which image-level annotations cannot train from scratch.
 
 ``labels_to_95pct`` is the smallest number of labels at which the mean curve reaches 95 %
 of the full-data metric (the same budget trained once per seed on every pool label);
-``null`` if no round reaches it.
+``null`` if no round reaches it. ``vs_random`` compares each strategy's area under the
+curve with random's, seed by seed (paired), with a 95 % t-interval over seeds.
 
 Usage::
 
-    .venv/bin/python benchmarks/active_learning.py [--seeds 0 1 2] [--rounds 4]
+    .venv/bin/python benchmarks/active_learning.py [--seeds 0 1 2 3 4] [--rounds 6]
 
 Writes ``benchmarks/results/active_learning.json`` (``{tier: {strategy: {labels_to_95pct,
-curve: [[labels, mean, std], ...], seeds}}, command}``), ``active_learning.png`` and
-``active_learning_details.json`` (per-seed curves, full-data metrics, sizes, timings).
+curve: [[labels, mean, std], ...], ci95: [[low, high], ...], seeds, vs_random}}, best,
+command, commit, host, ...}``), ``active_learning.png`` (mean and 95 % band per strategy)
+and ``active_learning_details.json`` (per-seed curves, full-data metrics, sizes, timings).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
@@ -63,6 +72,8 @@ from phenocascade.data.labelled import load_pixels
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.infra.local import up
 from phenocascade.learning import Budget, RecipeTrainer
+from phenocascade.models import acquisition
+from phenocascade.models.backends._classifier import ImageClassifier
 from phenocascade.models.base import load_stage
 from phenocascade.recipes import TIERS
 from phenocascade.recipes.bundled_data import DSB_MAJORITY_CLASSES, majority_set, quality_set
@@ -70,9 +81,21 @@ from phenocascade.streams import events
 from phenocascade.streams.kafka import create_topics, plain_producer
 from phenocascade.streams.scan import scan_topic
 from phenocascade.streams.serde import EventCodec
+from provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
-STRATEGIES = ("uncertainty", "random")
+# Random first: every other strategy is compared with it.
+STRATEGIES: tuple[acquisition.Strategy, ...] = (
+    "random",
+    "uncertainty",
+    "margin",
+    "entropy",
+    "bald",
+    "coreset",
+)
+MC_PASSES = 20
+# Student's t quantile 0.975 by degrees of freedom (seeds - 1), for the 95 % intervals.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 MAX_SIDE = 256
 log = logging.getLogger("active_learning")
 
@@ -86,6 +109,7 @@ class TierPlan:
     holdout: tuple[Sample, ...]
     initial: int
     k: int
+    rounds: int
 
 
 def shrink(sample: Sample, folder: Path) -> Sample:
@@ -124,6 +148,7 @@ def plans(settings: Settings, work: Path, pool_size: int) -> list[TierPlan]:
             tuple(shrink(s, folder) for s in q_hold),
             initial=16,
             k=16,
+            rounds=5,
         ),
         TierPlan(
             "majority",
@@ -131,6 +156,7 @@ def plans(settings: Settings, work: Path, pool_size: int) -> list[TierPlan]:
             tuple(shrink(s, folder) for s in m_hold),
             initial=16,
             k=24,
+            rounds=6,
         ),
     ]
 
@@ -194,7 +220,7 @@ def train_on_annotations(
 
 
 def pick(
-    strategy: str,
+    strategy: acquisition.Strategy,
     version: str,
     plan: TierPlan,
     labelled: set[int],
@@ -204,14 +230,34 @@ def pick(
 ) -> list[int]:
     """Choose the next ``k`` pool indices by ``strategy``."""
     unlabelled = [i for i in range(len(plan.pool)) if i not in labelled]
+    k = min(plan.k, len(unlabelled))
+    images = [pixels[i] for i in unlabelled]
     if strategy == "random":
-        return [int(i) for i in rng.choice(unlabelled, min(plan.k, len(unlabelled)), replace=False)]
-    stage = load_stage(settings.artifacts, plan.tier, version)
-    outputs = stage.predict([pixels[i] for i in unlabelled])
-    priority = np.array([events.uncertainty(o) for o in outputs])
-    # Most uncertain first, as the annotate queue serves them; ties by pool order.
+        return [int(i) for i in rng.choice(unlabelled, k, replace=False)]
+    if strategy == "uncertainty":
+        # The queue's priority: the served stage, its novelty guard included.
+        guarded = load_stage(settings.artifacts, plan.tier, version)
+        priority = np.array([events.uncertainty(o) for o in guarded.predict(images)])
+        return [unlabelled[int(j)] for j in np.argsort(-priority, kind="stable")[:k]]
+    stage = load_stage(settings.artifacts, plan.tier, version, novelty=False)
+    if not isinstance(stage, ImageClassifier):
+        raise TypeError(f"{plan.tier}/{version} is a {stage.model_name}, not an image CNN")
+    if strategy == "coreset":
+        features = stage.embed(pixels)
+        return acquisition.k_centres(features, sorted(labelled), unlabelled, k)
+    columns = acquisition.group_columns(stage.classes_, stage.softmax_groups or ())
+    if strategy == "bald":
+        samples = stage.sample_probabilities(
+            images, passes=MC_PASSES, seed=int(rng.integers(1 << 31))
+        )
+        priority = acquisition.bald(samples, columns)
+    else:
+        outputs = stage.predict(images)
+        probs = np.array([[o.scores[c] for c in stage.classes_] for o in outputs])
+        priority = acquisition.priority(strategy, probs, columns)
+    # Highest priority first, as the annotate queue serves them; ties by pool order.
     order = np.argsort(-priority, kind="stable")
-    return [unlabelled[int(j)] for j in order[: plan.k]]
+    return [unlabelled[int(j)] for j in order[:k]]
 
 
 def run_tier(
@@ -223,11 +269,14 @@ def run_tier(
     rounds: int,
     budget: Budget,
     tag: str,
+    strategies: Sequence[acquisition.Strategy],
 ) -> dict[str, Any]:
-    """Run both strategies and the full-data reference for every seed of one tier."""
+    """Run every strategy and the full-data reference for every seed of one tier."""
     pixels = [DecodedImage(s.image_id, load_pixels(s)) for s in plan.pool]
     classes = [QUALITY_CLASS] if plan.tier == "quality" else list(DSB_MAJORITY_CLASSES)
-    curves: dict[str, dict[int, list[tuple[int, float]]]] = {s: {} for s in STRATEGIES}
+    if plan.tier == "majority":
+        budget = replace(budget, backend="multilabel_cnn")
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {s: {} for s in strategies}
     full: dict[int, float] = {}
     for seed in seeds:
         trainer = RecipeTrainer(
@@ -243,7 +292,7 @@ def run_tier(
         experts.label(start_run, plan.tier, [plan.pool[i] for i in initial])
         v0, m0 = train_on_annotations(trainer, experts, start_run, plan, classes)
         log.info("%s seed %d: %d labels -> %.4f", plan.tier, seed, len(initial), m0)
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             run = f"{tag}-{plan.tier}-s{seed}-{strategy}"
             experts.label(run, plan.tier, [plan.pool[i] for i in initial])
             labelled, version, metric = set(initial), v0, m0
@@ -276,11 +325,23 @@ def run_tier(
     return {"curves": curves, "full": full}
 
 
-def summarise(raw: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
-    """Mean/std curves and labels_to_95pct per strategy."""
+def _interval(values: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """Return the 95 % t-interval of the mean of ``values`` (one per seed)."""
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), float(values.mean())
+    half = _T975.get(n - 1, 1.96) * float(values.std(ddof=1)) / np.sqrt(n)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def summarise(
+    raw: dict[str, Any], seeds: Sequence[int], strategies: Sequence[str]
+) -> dict[str, Any]:
+    """Mean curves with 95 % bands, labels_to_95pct, and the paired comparison with random."""
     target = 0.95 * float(np.mean(list(raw["full"].values())))
     out: dict[str, Any] = {}
-    for strategy in STRATEGIES:
+    area: dict[str, npt.NDArray[np.float64]] = {}
+    for strategy in strategies:
         per_seed = [raw["curves"][strategy][s] for s in seeds]
         labels = [n for n, _ in per_seed[0]]
         values = np.array([[m for _, m in c] for c in per_seed])
@@ -289,38 +350,69 @@ def summarise(raw: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
             for j, n in enumerate(labels)
         ]
         reached = [n for n, mean, _ in curve if mean >= target]
+        # Mean metric over the rounds after the seed set: the area under the curve per label.
+        area[strategy] = np.trapezoid(values, labels, axis=1) / (labels[-1] - labels[0])
         out[strategy] = {
             "labels_to_95pct": reached[0] if reached else None,
             "curve": curve,
+            "ci95": [list(_interval(values[:, j])) for j in range(len(labels))],
             "seeds": list(seeds),
+            "mean_metric": float(area[strategy].mean()),
+        }
+    for strategy in strategies:
+        if strategy == "random" or "random" not in area:
+            continue
+        low, high = _interval(area[strategy] - area["random"])
+        out[strategy]["vs_random"] = {
+            "mean_metric_gain": float((area[strategy] - area["random"]).mean()),
+            "ci95": [low, high],
+            "beats_random": low > 0.0,
+            "seeds_better": int((area[strategy] > area["random"]).sum()),
         }
     return out
 
 
+def best_strategy(summary: dict[str, Any]) -> str:
+    """Return the strategy with the fewest labels to 95 %, ties (and misses) by mean metric.
+
+    ``random`` wins unless another strategy's paired interval lies above it.
+    """
+    challengers = [
+        s
+        for s, v in summary.items()
+        if s != "random" and v.get("vs_random", {}).get("beats_random")
+    ]
+    if not challengers:
+        return "random"
+
+    def key(strategy: str) -> tuple[float, float]:
+        needed = summary[strategy]["labels_to_95pct"]
+        return (float("inf") if needed is None else needed, -summary[strategy]["mean_metric"])
+
+    return min(challengers, key=key)
+
+
 def plot(results: dict[str, Any], details: dict[str, Any], path: Path) -> None:
-    """One panel per tier: metric vs labels, mean +- std over seeds, and the 95 % target."""
+    """One panel per tier: metric vs labels, mean and 95 % band over seeds, the target."""
     tiers = [t for t in results if t in TIERS]
-    fig, axes = plt.subplots(1, len(tiers), figsize=(5.5 * len(tiers), 4))
+    fig, axes = plt.subplots(1, len(tiers), figsize=(6.5 * len(tiers), 4.5))
     for ax, tier in zip(np.atleast_1d(axes), tiers, strict=True):
-        for strategy, colour in zip(STRATEGIES, ("C0", "C1"), strict=True):
+        for j, strategy in enumerate(s for s in STRATEGIES if s in results[tier]):
             curve = np.array(results[tier][strategy]["curve"])
-            ax.plot(curve[:, 0], curve[:, 1], "o-", color=colour, label=strategy)
-            ax.fill_between(
-                curve[:, 0],
-                curve[:, 1] - curve[:, 2],
-                curve[:, 1] + curve[:, 2],
-                color=colour,
-                alpha=0.2,
-            )
+            band = np.array(results[tier][strategy]["ci95"])
+            colour = f"C{j}"
+            ax.plot(curve[:, 0], curve[:, 1], "o-", color=colour, label=strategy, ms=3)
+            ax.fill_between(curve[:, 0], band[:, 0], band[:, 1], color=colour, alpha=0.12)
         full = details[tier]["full_data_metric_mean"]
         ax.axhline(full, color="k", lw=1, label=f"all {details[tier]['pool']} labels")
         ax.axhline(0.95 * full, color="k", lw=1, ls="--", label="95 % of that")
+        seeds = len(results[tier]["random"]["seeds"])
         ax.set(
             xlabel="expert labels",
             ylabel=f"holdout {details[tier]['metric']}",
-            title=f"{tier} ({len(results[tier]['uncertainty']['seeds'])} seeds)",
+            title=f"{tier}: {seeds} seeds, 95 % bands; queue uses {results[tier]['best']}",
         )
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -328,22 +420,26 @@ def plot(results: dict[str, Any], details: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument(
-        "--rounds", type=int, default=4, help="acquisition rounds after the seed set"
+        "--rounds",
+        type=int,
+        default=None,
+        help="acquisition rounds after the seed set (default: 5 for quality, 6 for majority)",
     )
     parser.add_argument("--pool", type=int, default=240, help="pool images per tier")
     parser.add_argument("--input-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--tiers", nargs="+", default=["quality", "majority"])
+    parser.add_argument(
+        "--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES)
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--merge",
-        action="store_true",
-        help="keep the tiers of an existing result file that this run does not measure",
-    )
     args = parser.parse_args(argv)
+    if "random" not in args.strategies:
+        parser.error("--strategies must include random: every other strategy is compared with it")
+    strategies = [s for s in STRATEGIES if s in args.strategies]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("phenocascade.recipes", "phenocascade.models"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -378,13 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings=settings,
                 experts=experts,
                 seeds=args.seeds,
-                rounds=args.rounds,
+                rounds=args.rounds or plan.rounds,
                 budget=budget,
                 tag=tag,
+                strategies=strategies,
             )
-            results[plan.tier] = summarise(raw, args.seeds)
+            summary = summarise(raw, args.seeds, strategies)
+            results[plan.tier] = {**summary, "best": best_strategy(summary)}
             details[plan.tier] = {
                 "metric": RecipeTrainer(settings).metric(plan.tier),
+                "backend": "multilabel_cnn" if plan.tier == "majority" else "quality_cnn",
                 "pool": len(plan.pool),
                 "holdout": len(plan.holdout),
                 "initial_labels": plan.initial,
@@ -393,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "full_data_metric_mean": float(np.mean(list(raw["full"].values()))),
                 "per_seed": {
                     strategy: {str(s): c for s, c in raw["curves"][strategy].items()}
-                    for strategy in STRATEGIES
+                    for strategy in strategies
                 },
                 "seconds": round(time.time() - tier_started, 1),
             }
@@ -411,34 +510,21 @@ def write(
     command = " ".join(
         [".venv/bin/python", "benchmarks/active_learning.py", *map(shlex.quote, sys.argv[1:])]
     )
-    if args.merge:
-        # Keep the tiers of an earlier run that this one did not measure.
-        for name, mine in (
-            ("active_learning.json", results),
-            ("active_learning_details.json", details),
-        ):
-            path = args.out / name
-            earlier = json.loads(path.read_text()) if path.is_file() else {}
-            for tier, value in earlier.items():
-                if tier in TIERS and tier not in mine:
-                    mine[tier] = value
-            if earlier.get("command") and earlier["command"] != command:
-                # What produced the tiers kept from earlier runs (the newest such command).
-                mine["earlier_command"] = earlier["command"]
-    results["command"] = command
+    results |= provenance(command)
     details["command"] = command
     details["budget"] = {
         "epochs": args.epochs,
         "input_size": args.input_size,
         "batch_size": 16,
         "early_stopping_holdout_images": 32,
+        "mc_dropout_passes": MC_PASSES,
     }
     details["seconds"] = round(time.time() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "active_learning.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "active_learning_details.json").write_text(json.dumps(details, indent=2) + "\n")
     plot(results, details, args.out / "active_learning.png")
-    print(json.dumps(results, indent=2))
+    print(json.dumps({t: {"best": v["best"]} for t, v in results.items() if t in TIERS}))
 
 
 if __name__ == "__main__":

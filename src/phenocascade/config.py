@@ -126,6 +126,7 @@ class Settings(BaseSettings):
 
     home: Path = Path("var")
     datasets: Path = Path("../shared/datasets")
+    # Default: ``<home>/artifacts`` (see ``_artifacts_in_home``).
     artifacts: Path = Path("var/artifacts")
     topology: Path | None = None
     # NoDecode: the validator below reads the variable, which need not be JSON.
@@ -157,6 +158,14 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _artifacts_in_home(cls, data: Any) -> Any:
+        """Put the models under the home (``<home>/artifacts``) unless they are named."""
+        if isinstance(data, dict) and data.get("artifacts") is None and data.get("home"):
+            return {**data, "artifacts": Path(data["home"]) / "artifacts"}
+        return data
 
     @property
     def dataset_store(self) -> Path:

@@ -120,6 +120,9 @@ class Budget:
         Seeded subset of the val split used as holdout; ``None``: the whole split.
     target_precision : float or None
         Precision of certified routing decisions; ``None``: the recipe size's default.
+    backend : str or None
+        Bundled tiers: the backend of a first model (``parent_version=""``); ``None``: the
+        recipe's. A challenger keeps its parent's.
     """
 
     size: Size = "bootstrap"
@@ -130,6 +133,7 @@ class Budget:
     config: dict[str, Any] = field(default_factory=dict)
     max_holdout: int | None = None
     target_precision: float | None = None
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -343,7 +347,7 @@ class RecipeTrainer:
         """Train a bundled tier's challenger on its champion's shared dataset."""
         b = self.budget
         parent = self._parent(tier, parent_version)
-        backend = parent.backend if parent is not None else None
+        backend = parent.backend if parent is not None else b.backend
         return train_tier(
             tier,
             settings=self.settings,

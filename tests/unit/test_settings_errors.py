@@ -45,6 +45,19 @@ def test_allowed_roots_given_in_code_stay_a_list() -> None:
     assert Settings(allowed_roots=[Path("/a")]).allowed_roots == [Path("/a")]
 
 
+def test_models_live_under_the_home_unless_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lab that sets only its home finds its models there, not in the working folder.
+    assert Settings().artifacts == Path("var/artifacts")
+    monkeypatch.setenv("PHENOCASCADE_HOME", "/lab/phenocascade")
+    assert Settings().artifacts == Path("/lab/phenocascade/artifacts")
+    assert get_settings().artifacts == Path("/lab/phenocascade/artifacts")
+    monkeypatch.setenv("PHENOCASCADE_ARTIFACTS", "/models")
+    assert Settings().artifacts == Path("/models")
+    assert Settings(home=Path("/h")).artifacts == Path("/models")
+    monkeypatch.delenv("PHENOCASCADE_ARTIFACTS")
+    assert Settings(home=Path("/h")).artifacts == Path("/h/artifacts")
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

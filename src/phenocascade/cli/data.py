@@ -336,7 +336,7 @@ def _column_groups(args: argparse.Namespace) -> dict[str, list[str]]:
     """
     if not args.column:
         return {}
-    return {col: [f"{col}:{v}" for v in values] for col, values in _columns(args.column).items()}
+    return importers.column_groups(_columns(args.column))
 
 
 def _groups(specs: Sequence[str], implied: Mapping[str, list[str]]) -> dict[str, list[str]]:

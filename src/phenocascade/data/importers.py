@@ -1230,9 +1230,18 @@ def import_csv_labels(
     return LabelledSet(name, classes, tuple(samples[i] for i in wanted))
 
 
+def column_groups(columns: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Return the label group of each column of a labels table, as the importers name them.
+
+    The label of value ``V`` in column ``C`` is ``"C:V"``; a column's labels exclude each
+    other, so each column is one group.
+    """
+    return {col: [f"{col}:{v}" for v in values] for col, values in columns.items()}
+
+
 def _label_classes(columns: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
     """Return the label of every value of every column, ``"<column>:<value>"``, in order."""
-    return tuple(f"{col}:{v}" for col, values in columns.items() for v in values)
+    return tuple(label for labels in column_groups(columns).values() for label in labels)
 
 
 def _label_rows(

@@ -61,7 +61,7 @@ DSB_COLUMNS: dict[str, tuple[str, ...]] = {
     "density": ("sparse", "medium", "dense"),
 }
 DSB_MAJORITY_CLASSES: tuple[str, ...] = tuple(
-    f"{col}:{v}" for col, values in DSB_COLUMNS.items() for v in values
+    label for labels in importers.column_groups(DSB_COLUMNS).values() for label in labels
 )
 DSB_NUCLEUS_CLASS = "nucleus"
 DSB_RARE_CLASS = "large_nucleus"
@@ -86,8 +86,7 @@ def _import_dsb2018(root: Path) -> tuple[LabelledSet, dict[str, list[str]], Path
         labelled, base / "derived_stage3_rare_large_nuclei.csv", DSB_RARE_CLASS
     )
     labelled = importers.add_image_labels(labelled, base / "derived_stage2_labels.csv", DSB_COLUMNS)
-    groups = {col: [f"{col}:{v}" for v in values] for col, values in DSB_COLUMNS.items()}
-    return labelled, groups, base / "split.csv"
+    return labelled, importers.column_groups(DSB_COLUMNS), base / "split.csv"
 
 
 def _import_bccd(root: Path) -> tuple[LabelledSet, dict[str, list[str]], Path]:
@@ -137,23 +136,16 @@ def _store(root: Path, store: Path, name: str) -> registry.StoredDataset:
     if name == "bbbc006":
         labelled = importers.import_class_folders(root / "bbbc006_focus", name=name)
         groups = {"class": list(labelled.classes)}
-        kinds: dict[str, registry.LabelKind] = dict.fromkeys(labelled.classes, "image")
-        return registry.save_dataset(
-            store, name, labelled, kinds=kinds, groups=groups, source={"bundled": name}
-        )
+        return registry.save_dataset(store, name, labelled, groups=groups, source={"bundled": name})
     labelled, groups, split_file = (_import_dsb2018 if name == "dsb2018" else _import_bccd)(root)
     split = registry.fixed_split(
         labelled.samples, importers.read_split_file(split_file), file=str(split_file)
     )
-    kinds = {
-        label: "image" if any(label in g for g in groups.values()) else "object"
-        for label in labelled.classes
-    }
+    # Every class without a box is an image label (registry.save_dataset's rule).
     return registry.save_dataset(
         store,
         name,
         labelled,
-        kinds=kinds,
         groups=groups,
         split=split,
         source={"bundled": name},

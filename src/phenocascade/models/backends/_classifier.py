@@ -463,25 +463,94 @@ class ImageClassifier(GroupedClassifier):
         ``view="crops"`` an image's features are the mean over its grid crops; with
         ``view="mixed"`` the mean of the field's features and that crop mean.
         """
-        head = [m for m in self.net_.modules() if isinstance(m, torch.nn.Linear)][-1]
+        if not images:
+            return np.zeros((0, self._head().in_features))
+        views, counts = self._view_features(images)
+        features = views.double().numpy()
+        if self.view != "mixed":
+            return _mean_per_image(features, counts)
+        field = features[np.cumsum([0, *counts[:-1]])]
+        crops = pool_views(features, counts, "mixed", np.ones(features.shape[1], dtype=bool))
+        return (field + crops) / 2.0
+
+    def _head(self) -> torch.nn.Linear:
+        """Return the network's last linear layer (its head)."""
+        return [m for m in self.net_.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    def _view_features(self, images: Sequence[DecodedImage]) -> tuple[torch.Tensor, list[int]]:
+        """Return the head's input for every view ``(views, d)``, and the views per image."""
         per_image = [self._eval_views(img.pixels) for img in images]
-        if not per_image:
-            return np.zeros((0, head.in_features))
         captured: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(
+        hook = self._head().register_forward_pre_hook(
             lambda _module, args: captured.append(args[0].detach().float().cpu())
         )
         try:
             self._logits(self.net_, torch.cat(per_image), self.device_)
         finally:
             hook.remove()
-        features = torch.cat(captured).double().numpy()
-        counts = [len(v) for v in per_image]
-        if self.view != "mixed":
-            return _mean_per_image(features, counts)
-        field = features[np.cumsum([0, *counts[:-1]])]
-        crops = pool_views(features, counts, "mixed", np.ones(features.shape[1], dtype=bool))
-        return (field + crops) / 2.0
+        return torch.cat(captured), [len(v) for v in per_image]
+
+    def sample_probabilities(
+        self, images: Sequence[DecodedImage], *, passes: int = 20, seed: int = 0
+    ) -> npt.NDArray[np.float64]:
+        """Monte-Carlo dropout: ``passes`` stochastic predictions of every image.
+
+        The network's dropout before its last linear layer (MobileNetV2's classifier) stays
+        on; as that is its only dropout, the backbone runs once per view and each pass
+        redraws the dropout mask on the pooled features.
+
+        Parameters
+        ----------
+        images : sequence of DecodedImage
+            Pixels ``(H, W, C)``, ``uint8`` or ``uint16``.
+        passes : int, default 20
+            Samples per image.
+        seed : int, default 0
+            Seeds the dropout masks.
+
+        Returns
+        -------
+        ndarray, shape (passes, len(images), len(classes)), float64
+            Uncalibrated scores (a softmax per group, else sigmoids) of each pass.
+
+        Raises
+        ------
+        ConfigError
+            If the network has no dropout right before its last linear layer, or another.
+        """
+        dropout = self._head_dropout()
+        head = self._head()
+        if not images:
+            return np.zeros((passes, 0, len(self.classes_)))
+        features, counts = self._view_features(images)
+        generator = torch.Generator().manual_seed(seed)
+        weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
+        out = []
+        with torch.inference_mode():
+            for _ in range(passes):
+                keep = torch.rand(features.shape, generator=generator) >= dropout
+                dropped = features * keep / (1.0 - dropout)
+                logits = F.linear(dropped, weight, bias).double().numpy()
+                pooled = pool_views(logits, counts, self.view, self._crop_labels())
+                out.append(self._probabilities(pooled))
+        return np.stack(out)
+
+    def _head_dropout(self) -> float:
+        """Return the drop rate of the network's one dropout layer, before its head."""
+        layers = [m for m in self.net_.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        classifier = getattr(self.net_, "classifier", None)
+        if (
+            len(layers) != 1
+            or not isinstance(classifier, torch.nn.Sequential)
+            or classifier[0] is not layers[0]
+            or not isinstance(classifier[-1], torch.nn.Linear)
+        ):
+            raise ConfigError(
+                f"Monte-Carlo dropout needs one dropout layer right before the last linear "
+                f"layer; the {self.backbone} network has {len(layers)} dropout layers "
+                f"(mobilenet_v2 has one)"
+            )
+        return float(layers[0].p)
 
     # -- persistence -------------------------------------------------------------------------
     def _artifact_network(self) -> tuple[torch.nn.Module, int]:
