@@ -18,7 +18,7 @@ on the running local Kafka and Cassandra), then:
 
 Usage::
 
-    .venv/bin/python benchmarks/latency.py [--seconds 120] [--loads 0.5,0.8]
+    .venv/bin/python benchmarks/latency.py [--seconds 120] [--loads 0.5,0.8] [--runtime bf16]
 
 Writes ``benchmarks/results/latency.json``: ``capacity_img_s``, and per load ``offered_img_s``,
 ``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``images``, and ``tiers`` (per tier and
@@ -45,10 +45,10 @@ from harness import Cascade
 
 import models as bench
 from phenocascade.cli.cascade import image_id_for
-from phenocascade.config import get_settings
+from phenocascade.config import get_settings, load_topology
 from phenocascade.domain import ImageMeta
 from phenocascade.infra.local import up
-from phenocascade.recipes import ensure_bootstrap
+from phenocascade.recipes import check_runtime, ensure_bootstrap
 from phenocascade.streams import events
 from phenocascade.streams.events import to_epoch_ms
 from phenocascade.streams.kafka import plain_producer
@@ -148,6 +148,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--loads", default="0.5,0.8", help="fractions of capacity")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency.json")
+    parser.add_argument(
+        "--runtime",
+        choices=("eager", "bf16"),
+        default="eager",
+        help="every tier's runtime: bf16 is first checked against eager on each tier's test "
+        "split (phenocascade check-runtime), and a tier it fails runs eager",
+    )
     args = parser.parse_args()
     command = "python benchmarks/latency.py " + shlex.join(sys.argv[1:])
     settings = get_settings()
@@ -155,9 +162,26 @@ def main() -> None:
     ensure_bootstrap(settings)
     datasets = settings.datasets.resolve()
     paths = sorted((datasets / "dsb2018" / "images").glob("*.png"))
-    result: dict[str, Any] = {"loads": {}}
+    result: dict[str, Any] = {"loads": {}, "runtime": args.runtime}
+    topology = load_topology()
+    if args.runtime != "eager":
+        result["runtime_checks"] = {}
+        for tier in topology.tiers:
+            _, check = check_runtime(tier.name, args.runtime, settings=settings)
+            result["runtime_checks"][tier.name] = {
+                "metric": check.metric,
+                "eager": check.eager,
+                "value": check.value,
+                "accepted": check.accepted,
+            }
+            print(f"{tier.name}: {check.describe()}", flush=True)
+        topology = topology.model_copy(
+            update={
+                "tiers": [t.model_copy(update={"runtime": args.runtime}) for t in topology.tiers]
+            }
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        cascade = Cascade(settings, Path(tmp))
+        cascade = Cascade(settings, Path(tmp), topology=topology)
         cascade.start()
         try:
             warm = cascade.submit(paths[:16], prefix="warm-")

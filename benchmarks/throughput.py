@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ class MemorySampler(threading.Thread):
             self.stack = {k: max(v, now.get(k, 0.0)) for k, v in self.stack.items()}
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
     """Return the CPU seconds (user + system, children included) each process has used."""
     used: dict[str, float] = {}
     for name, pid in pids.items():

@@ -235,6 +235,10 @@ class ThresholdOverride(BaseModel):
     negative: float
 
 
+Runtime = Literal["eager", "bf16"]
+Acquisition = Literal["uncertainty", "margin", "entropy", "bald"]
+
+
 class TierSpec(BaseModel):
     """One tier of the cascade.
 
@@ -277,6 +281,15 @@ class TierSpec(BaseModel):
     dataset: str | None = None
     # Backend constructor arguments that replace the recipe's (e.g. {"input_size": 224}).
     config: dict[str, Any] = Field(default_factory=dict)
+    # How the model computes: "bf16" (autocast) is served only for a model version whose
+    # test-split metric it changed by at most 0.005 (`phenocascade check-runtime TIER`);
+    # any other version runs eager, and the worker says why (docs/architecture.md).
+    runtime: Runtime = "eager"
+    # The annotation queue's priority for this tier's requests (docs/active_learning.md):
+    # the least sure label ("uncertainty"), the smallest top-two gap of a group
+    # ("margin"), the summed entropy of the groups ("entropy"), or the disagreement of
+    # Monte-Carlo dropout samples ("bald", MobileNetV2 classifiers). A novel image is first.
+    acquisition: Acquisition = "uncertainty"
 
 
 class JoinerSpec(BaseModel):

@@ -19,6 +19,7 @@ breakpoints), so re-fitting the calibration on the holdout does not tilt the com
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from phenocascade.recipes import (
     Dataset,
     Size,
     Tier,
+    check_runtime,
     decode,
     recipe,
     subset,
@@ -45,6 +47,8 @@ from phenocascade.recipes import (
     train_tier,
 )
 from phenocascade.recipes.own import train_own_tier
+
+log = logging.getLogger(__name__)
 
 # A tier without a dataset learns from annotations alone: this share of its annotated
 # images (chosen by a stable hash of the image id) is its holdout instead.
@@ -333,7 +337,34 @@ class RecipeTrainer:
             )
         metrics = summary_metrics(ArtifactMeta.read(folder).metrics)
         self._scores[(tier, folder.name)] = metrics
+        self._check_runtime(src, folder.name)
         return Challenger(version=folder.name, metrics=metrics)
+
+    def _check_runtime(self, src: TierSource, version: str) -> None:
+        """Check the tier's ``runtime:`` on a challenger, so that it serves so if promoted.
+
+        A tier without a test split (one that learns from annotations alone) is left
+        unchecked: its workers serve the challenger eager, and say so.
+        """
+        spec = src.spec
+        if spec is None or spec.runtime == "eager":
+            return
+        try:
+            _, check = check_runtime(
+                spec.name,
+                spec.runtime,
+                settings=self.settings,
+                topology=self.topology,
+                dataset=src.bundled if src.stored is None else None,
+                version=version,
+                device=self.device,
+            )
+        except ConfigError as exc:
+            log.warning(
+                "tier %s: %s left unchecked for %s: %s", spec.name, spec.runtime, version, exc
+            )
+            return
+        log.info("tier %s: %s %s", spec.name, version, check.describe())
 
     def _parent(self, tier: str, parent_version: str) -> ArtifactMeta | None:
         """Return the metadata of the version a challenger is trained to beat, if any."""

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from harness import Cascade, settings_env
 
 from phenocascade.config import Settings, load_topology
 from phenocascade.data.importers import import_voc
 from phenocascade.models.base import champion_version
+from phenocascade.models.runtime import read_check
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,6 +103,21 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
         else:
             assert f"champion {before} kept" in said and champion == before, said
 
+    # bf16 for the detector, as a lab would switch it on: check it, then name it in the
+    # topology. Its workers serve it in bf16 only if the check accepted it.
+    detector = next(t for t in topology.tiers if t.name.endswith("rare"))
+    said = _cli(env, "check-runtime", detector.name, "--topology", str(planned))
+    version = champion_version(settings.artifacts, detector.artifact)
+    check = read_check(settings.artifacts / detector.artifact / str(version), "bf16")
+    assert check is not None and check.split == "test" and check.eager is not None, said
+    assert check.describe() in said
+    raw = yaml.safe_load(planned.read_text())
+    for entry in raw["tiers"]:
+        if entry["name"] == detector.name:
+            entry["runtime"] = "bf16"
+    planned.write_text(yaml.safe_dump(raw, sort_keys=False))
+    topology = load_topology(planned)
+
     streamed_names = names[-STREAMED:]
     voc_set = import_voc(
         voc / "Annotations", voc / "JPEGImages", ids=streamed_names, drop_degenerate=True
@@ -114,6 +131,9 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
         counts = cascade.wait_until_done(ids, timeout_s=600)
         assert counts == Counter({i: 1 for i in ids}), cascade.log_tail()
         outputs = {o["image_id"]: o for o in cascade.outputs() if o["image_id"] in set(ids)}
+        served = "in bf16" if check.accepted else "eager, not bf16"
+        assert f"tier {detector.name} serves" in cascade.log_tail(400), cascade.log_tail()
+        assert served in cascade.log_tail(400)
     finally:
         cascade.stop()
     by_id = {i: truth[p.stem] for i, p in zip(ids, streamed, strict=True)}

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from rich.console import Console
 
 from phenocascade.cli import build_parser
 from phenocascade.cli.cascade import cascade_commands
 from phenocascade.cli.logs import ConsoleFilter
 from phenocascade.cli.metrics import child_metrics_ports, metrics_port, with_metrics_ports
-from phenocascade.cli.status import rates, status_record, topology_groups
+from phenocascade.cli.status import rates, status_record, status_view, tier_modes, topology_groups
 from phenocascade.config import LIBRDKAFKA_LOGGER, Settings, load_topology
 from phenocascade.consumers.joiner import observe_output
 from phenocascade.consumers.worker import _BatchTally, label_decision
@@ -203,6 +204,24 @@ def test_status_rate_is_the_change_of_committed_offsets_per_second() -> None:
     assert record["groups"][0]["lag"] == 11
     assert [p["lag"] for p in record["groups"][0]["partitions"]] == [10, 1]
     assert record["champions"] == {"quality": "v1", "minority": None}
+
+
+def test_status_says_each_tiers_runtime_and_annotation_queue_order() -> None:
+    topology = load_topology()
+    tiers = [
+        t.model_copy(update={"runtime": "bf16", "acquisition": "margin"})
+        if t.name == "majority"
+        else t
+        for t in topology.tiers
+    ]
+    modes = tier_modes(topology.model_copy(update={"tiers": tiers}))
+    assert modes["majority"] == {"runtime": "bf16", "queue": "margin"}
+    assert modes["quality"] == {"runtime": "eager", "queue": "uncertainty"}
+    record = status_record({}, {}, {}, {"majority": "v1"}, modes)
+    console = Console(width=140, record=True)
+    console.print(status_view(record))
+    row = next(line for line in console.export_text().splitlines() if "majority" in line)
+    assert "bf16" in row and "margin" in row
 
 
 # -- the console ---------------------------------------------------------------------------

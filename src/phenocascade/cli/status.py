@@ -46,6 +46,16 @@ def champions(settings: Settings, topology: Topology) -> dict[str, str | None]:
     return {t.name: champion_version(settings.artifacts, t.artifact) for t in topology.tiers}
 
 
+def tier_modes(topology: Topology) -> dict[str, dict[str, str]]:
+    """Return how each tier serves: its ``runtime`` and its annotation queue's order.
+
+    The order is the tier's ``acquisition`` strategy (docs/active_learning.md); a served
+    runtime other than eager also needs a passing check of the champion (the worker logs
+    which it serves).
+    """
+    return {t.name: {"runtime": t.runtime, "queue": t.acquisition} for t in topology.tiers}
+
+
 def take_snapshot(reader: LagReader, groups: Mapping[str, Sequence[str]]) -> Snapshot:
     """Read where every group stands on every partition of its topics."""
     return {group: reader.lag(group, topics) for group, topics in groups.items()}
@@ -68,8 +78,12 @@ def status_record(
     group_rates: Mapping[str, float],
     groups: Mapping[str, Sequence[str]],
     tier_champions: Mapping[str, str | None],
+    modes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Return the status as JSON-ready data: groups with their partitions, and champions."""
+    """Return the status as JSON-ready data: groups with their partitions, and champions.
+
+    ``modes`` (:func:`tier_modes`) adds each tier's runtime and queue order as ``tiers``.
+    """
     return {
         "groups": [
             {
@@ -91,6 +105,7 @@ def status_record(
             for group, parts in snapshot.items()
         ],
         "champions": dict(tier_champions),
+        "tiers": {tier: dict(mode) for tier, mode in (modes or {}).items()},
     }
 
 
@@ -114,8 +129,16 @@ def status_view(record: Mapping[str, Any]) -> Group:
     tiers = Table(title="champions")
     tiers.add_column("tier")
     tiers.add_column("champion")
+    tiers.add_column("runtime")
+    tiers.add_column("annotation queue by")
     for tier, version in record["champions"].items():
-        tiers.add_row(tier, version or "[yellow](no model: every image goes to annotation)")
+        mode = record.get("tiers", {}).get(tier, {})
+        tiers.add_row(
+            tier,
+            version or "[yellow](no model: every image goes to annotation)",
+            mode.get("runtime", ""),
+            mode.get("queue", ""),
+        )
     return Group(groups, tiers)
 
 
@@ -139,7 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         after, now = take_snapshot(reader, groups), time.monotonic()
         group_rates = rates(before, after, now - at)
         before, at = after, now
-        return status_record(after, group_rates, groups, champions(settings, topology))
+        return status_record(
+            after, group_rates, groups, champions(settings, topology), tier_modes(topology)
+        )
 
     if args.json:
         print(json.dumps(reading(), indent=2))

@@ -95,6 +95,20 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_evaluate)
 
+    check = subparsers.add_parser(
+        "check-runtime",
+        help="check a faster runtime of a tier's model against eager on the test split",
+        description="Evaluate the model on the tier's test split eager (fp32) and in the "
+        "runtime, and record the result in the artifact. Workers of a tier with that "
+        "`runtime:` serve the model in it only if its deciding metric (AUROC, macro-F1 or "
+        "AP50) changed by at most 0.005; otherwise they serve it eager and say why.",
+    )
+    _add_tier(check)
+    check.add_argument("--runtime", choices=("bf16",), default="bf16")
+    check.add_argument("--version", default=None, help="artifact version (default: champion)")
+    check.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    check.set_defaults(func=_check_runtime)
+
 
 def _train(args: argparse.Namespace) -> int:
     from phenocascade.recipes import own_tier, train_tier
@@ -134,6 +148,25 @@ def _train(args: argparse.Namespace) -> int:
             "are promoted by the retrainer, on annotations)"
         )
     console.print(said, markup=False, soft_wrap=True)
+    return 0
+
+
+def _check_runtime(args: argparse.Namespace) -> int:
+    from phenocascade.recipes import check_runtime
+
+    version, check = check_runtime(
+        args.tier,
+        args.runtime,
+        settings=get_settings(),
+        topology=_topology(args),
+        dataset=args.dataset,
+        version=args.version,
+        device=args.device,
+    )
+    served = "served" if check.accepted else "not served: workers run it eager"
+    console.print(
+        f"{args.tier} {version}: {check.describe()}; {served}", markup=False, soft_wrap=True
+    )
     return 0
 
 

@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Histogram, Info
 
@@ -32,6 +33,7 @@ from phenocascade.domain import (
 )
 from phenocascade.errors import BadInputError, ConfigError, NoChampionError, PhenocascadeError
 from phenocascade.imaging import decode_bytes, read_image
+from phenocascade.models import acquisition, runtime
 from phenocascade.models.base import Stage, load_stage, set_compute_threads, tier_classes
 from phenocascade.observability import DEAD_LETTERS
 from phenocascade.store.slides import read_tile
@@ -205,11 +207,9 @@ class TierWorker:
         self.tier = tier
         self.instance = instance
         self.codec = EventCodec()
-        self._load: StageLoader = stage_loader or (
-            lambda version: load_stage(
-                settings.artifacts, tier.artifact, version, device=tier.device
-            )
-        )
+        self._load: StageLoader = stage_loader or self._load_artifact
+        # The runtime the served model computes in (``tier.runtime`` once checked).
+        self.runtime = "eager"
         self.stats = WorkerStats()
         self.stage: Stage | None = None
         # Dead-letters refused promotions; made on the first one. The batch producer cannot:
@@ -217,6 +217,16 @@ class TierWorker:
         self._refusals: Producer | None = None
 
     # -- model -----------------------------------------------------------------------------
+    def _load_artifact(self, version: str | None) -> Stage:
+        """Load a version (``None``: the champion) to serve in the tier's checked runtime."""
+        tier = self.tier
+        stage = load_stage(self.settings.artifacts, tier.artifact, version, device=tier.device)
+        folder = self.settings.artifacts / tier.artifact / stage.version
+        served, self.runtime = runtime.serving(
+            stage, folder, tier.runtime, device=tier.device, tier=tier.name
+        )
+        return cast(Stage, served)
+
     def _thresholds(self, stage: Stage) -> dict[str, LabelThresholds]:
         override = self.tier.thresholds
         if override is None:
@@ -283,9 +293,9 @@ class TierWorker:
         """Export the model now served (``phenocascade_model_info``)."""
         stage = self.stage
         MODEL.labels(self.tier.name).info(
-            {"name": stage.model_name, "version": stage.version}
+            {"name": stage.model_name, "version": stage.version, "runtime": self.runtime}
             if stage is not None
-            else {"name": self.tier.backend, "version": NO_MODEL_VERSION}
+            else {"name": self.tier.backend, "version": NO_MODEL_VERSION, "runtime": "eager"}
         )
 
     # -- input -----------------------------------------------------------------------------
@@ -385,6 +395,44 @@ class TierWorker:
             classes=list(stage.classes),
         )
 
+    def _priorities(self, images: Sequence[DecodedImage], scored: _Scored) -> list[float | None]:
+        """Return the annotation-queue priority of each image, by the tier's ``acquisition``.
+
+        Strategies of :mod:`phenocascade.models.acquisition`, mapped onto ``[0, 1]``.
+        ``None`` leaves the request's default, the least sure label (1.0 for a novel image,
+        which goes first whatever its scores): for ``uncertainty``, for an image not sent
+        to a person or novel, and when there is no model.
+        """
+        strategy, stage = self.tier.acquisition, self.stage
+        out: list[float | None] = [None] * len(images)
+        asked = [
+            j
+            for j, (o, r) in enumerate(zip(scored.outputs, scored.routes, strict=True))
+            if r is Route.ANNOTATE and isinstance(o, StageOutput) and not o.novel
+        ]
+        if strategy == "uncertainty" or stage is None or not asked:
+            return out
+        columns = acquisition.group_columns(
+            stage.classes, getattr(stage, "softmax_groups", None) or ()
+        )
+        if strategy == "bald":
+            try:
+                draw = cast(Any, stage).sample_probabilities
+                samples = draw([images[j] for j in asked])
+            except (AttributeError, ConfigError) as exc:
+                log.warning("tier %s: no BALD priority (%s); least sure label", self.tier.name, exc)
+                return out
+            values = acquisition.bald(samples, columns) / acquisition.max_bits(columns)
+        else:
+            outputs = [cast(StageOutput, scored.outputs[j]) for j in asked]
+            probs = np.array([[o.scores.get(c, 0.0) for c in stage.classes] for o in outputs])
+            values = acquisition.priority(strategy, probs, columns)
+            if strategy == "entropy":
+                values = values / acquisition.max_bits(columns)
+        for j, v in zip(asked, values, strict=True):
+            out[j] = float(np.clip(v, 0.0, 1.0))
+        return out
+
     # -- one batch -------------------------------------------------------------------------
     def process_batch(self, consumer: Consumer, producer: Any, msgs: Sequence[Message]) -> None:
         """Decode, score, route and produce one batch inside one transaction."""
@@ -403,10 +451,11 @@ class TierWorker:
                 self._dead_letter(producer, msg, exc.kind, str(exc), image_id)
                 tally.dead[exc.kind] = tally.dead.get(exc.kind, 0) + 1
         scored = self._score([g[2] for g in good])
+        priorities = self._priorities([g[2] for g in good], scored)
         kind, model_name, version = scored.kind, scored.model_name, scored.version
         thresholds = self._thresholds(self.stage) if self.stage is not None else {}
-        for (msg, submitted, _), output, decision, pending in zip(
-            good, scored.outputs, scored.routes, scored.pending, strict=True
+        for (msg, submitted, _), output, decision, pending, priority in zip(
+            good, scored.outputs, scored.routes, scored.pending, priorities, strict=True
         ):
             if isinstance(output, Exception):
                 self._dead_letter(
@@ -445,6 +494,7 @@ class TierWorker:
                     model_name=model_name,
                     model_version=version,
                     ask=[] if version == NO_MODEL_VERSION or output.novel else pending,
+                    priority=priority,
                 )
                 producer.produce(
                     self.topology.annotate_topic,

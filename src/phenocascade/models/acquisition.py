@@ -143,6 +143,14 @@ def bald(
     return np.asarray(np.clip(score, 0.0, None), dtype=np.float64)
 
 
+def max_bits(columns: Sequence[Sequence[int]]) -> float:
+    """Return the largest entropy (and BALD score) the groups can have, in bits.
+
+    Dividing by it maps ``entropy`` and ``bald`` onto ``[0, 1]``, the queue's priorities.
+    """
+    return float(sum(np.log2(max(len(cols), 2)) for cols in columns))
+
+
 def k_centres(
     features: npt.NDArray[np.float64], labelled: Sequence[int], candidates: Sequence[int], k: int
 ) -> list[int]:

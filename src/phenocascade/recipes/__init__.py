@@ -14,9 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
-from phenocascade.config import Settings, TierSpec, Topology
+from phenocascade.config import Runtime, Settings, TierSpec, Topology
 from phenocascade.data.registry import StoredDataset, load_dataset
+from phenocascade.domain import StageKind
 from phenocascade.errors import ConfigError
+from phenocascade.models.base import ArtifactMeta, champion_version
+from phenocascade.models.evaluate import KIND_METRICS, summary_metrics
+from phenocascade.models.runtime import RuntimeCheck, record_check
 from phenocascade.recipes.bundled import (
     DATASETS,
     TIERS,
@@ -45,6 +49,7 @@ __all__ = [
     "Recipe",
     "Size",
     "Tier",
+    "check_runtime",
     "decode",
     "ensure_bootstrap",
     "evaluate_tier",
@@ -153,15 +158,23 @@ def evaluate_tier(
     version: str | None = None,
     device: str = "cpu",
     split: str = "test",
+    runtime: Runtime = "eager",
 ) -> dict[str, Any]:
     """Evaluate a trained tier on a test split; write ``metrics.json`` and plots.
 
-    The dataset is chosen as in :func:`train_tier`. Returns the metrics.
+    The dataset is chosen as in :func:`train_tier`; ``runtime`` is how the model computes
+    (:mod:`phenocascade.models.runtime`). Returns the metrics.
     """
     own = own_tier(tier, settings=settings, topology=topology, dataset=dataset)
     if own is not None:
         return evaluate_own_tier(
-            *own, settings=settings, out_dir=out_dir, version=version, device=device, split=split
+            *own,
+            settings=settings,
+            out_dir=out_dir,
+            version=version,
+            device=device,
+            split=split,
+            runtime=runtime,
         )
     return _evaluate_bundled(
         _bundled_tier(tier),
@@ -171,4 +184,63 @@ def evaluate_tier(
         device=device,
         dataset=cast(Dataset, dataset or "dsb"),
         split=split,
+        runtime=runtime,
     )
+
+
+def check_runtime(
+    tier: str,
+    runtime: Runtime,
+    *,
+    settings: Settings,
+    topology: Topology | None = None,
+    dataset: str | None = None,
+    version: str | None = None,
+    device: str = "cpu",
+) -> tuple[str, RuntimeCheck]:
+    """Check a runtime against eager on the tier's test split and record it in the artifact.
+
+    Both evaluations write their reports under
+    ``<home>/runtime-checks/<artifact>/<version>/{eager,<runtime>}``; the check goes to the
+    artifact's :data:`~phenocascade.models.runtime.RUNTIME_CHECKS`, where workers read it.
+
+    Returns
+    -------
+    tuple of (str, RuntimeCheck)
+        The version checked (``version``, else the champion) and the check.
+
+    Raises
+    ------
+    ConfigError
+        If ``runtime`` is ``"eager"`` (nothing to check) or the tier has no such model.
+    """
+    if runtime == "eager":
+        raise ConfigError("eager is the reference: check bf16 (--runtime bf16)")
+    own = own_tier(tier, settings=settings, topology=topology, dataset=dataset)
+    artifact = own[0].artifact if own is not None else tier
+    version = version or champion_version(settings.artifacts, artifact)
+    if version is None:
+        raise ConfigError(
+            f"tier {tier!r} has no champion to check; run `phenocascade train {tier}`"
+        )
+    folder = settings.artifacts / artifact / version
+    meta = ArtifactMeta.read(folder)
+    metric = KIND_METRICS[StageKind(meta.kind)]
+    reports = settings.home / "runtime-checks" / artifact / version
+    values = {}
+    for name in ("eager", runtime):
+        report = evaluate_tier(
+            tier,
+            settings=settings,
+            out_dir=reports / name,
+            topology=topology,
+            dataset=dataset,
+            version=version,
+            device=device,
+            runtime=name,
+        )
+        values[name] = summary_metrics(report).get(metric)
+        images = int(report["n_images"])
+    check = RuntimeCheck(runtime, metric, values["eager"], values[runtime], "test", images)
+    record_check(folder, check)
+    return version, check

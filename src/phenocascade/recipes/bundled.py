@@ -18,13 +18,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from phenocascade.config import Settings
+from phenocascade.config import Runtime, Settings
 from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import Sample
 from phenocascade.errors import ConfigError
 from phenocascade.models.backends.nucleus_outlier import SizeOutlierComposite
 from phenocascade.models.base import ArtifactMeta, champion_version, load_stage
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.models.runtime import with_runtime
 from phenocascade.recipes.bundled_data import (
     bbbc006_set,
     bccd_set,
@@ -594,6 +595,7 @@ def evaluate_tier(
     device: str = "cpu",
     dataset: Dataset = "dsb",
     split: str = "test",
+    runtime: Runtime = "eager",
 ) -> dict[str, Any]:
     """Evaluate a trained tier on the test split; write ``metrics.json`` and plots.
 
@@ -607,13 +609,17 @@ def evaluate_tier(
         Minority tier only: the dataset the model was trained for (see :func:`tier_data`).
     split : str, default "test"
         ``"val"`` while tuning; report only ``"test"``.
+    runtime : {"eager", "bf16"}, default "eager"
+        How the model computes (:mod:`phenocascade.models.runtime`).
 
     Raises
     ------
     ConfigError
         If the model's classes are not the dataset's.
     """
-    stage = load_stage(settings.artifacts, tier, version, device=device)
+    stage = with_runtime(
+        load_stage(settings.artifacts, tier, version, device=device), runtime, device
+    )
     test = tier_data(tier, settings, split, dataset=dataset)
     if tuple(stage.classes) != tuple(test.classes):
         raise ConfigError(

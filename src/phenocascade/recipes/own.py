@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from phenocascade.config import Settings, TierSpec
+from phenocascade.config import Runtime, Settings, TierSpec
 from phenocascade.data.importers import image_size
 from phenocascade.data.labelled import QUALITY_LABEL, LabelledSet, quality_examples
 from phenocascade.data.registry import StoredDataset
@@ -32,6 +32,7 @@ from phenocascade.domain import Sample, StageKind
 from phenocascade.errors import ConfigError
 from phenocascade.models.base import load_stage, tier_classes
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.models.runtime import with_runtime
 from phenocascade.recipes.core import (
     Recipe,
     Size,
@@ -282,8 +283,11 @@ def evaluate_own_tier(
     version: str | None = None,
     device: str = "cpu",
     split: str = "test",
+    runtime: Runtime = "eager",
 ) -> dict[str, Any]:
     """Evaluate a trained model of ``spec`` on the dataset's ``split``; write the report.
+
+    ``runtime`` is how the model computes (:mod:`phenocascade.models.runtime`).
 
     Raises
     ------
@@ -291,6 +295,7 @@ def evaluate_own_tier(
         If the model's classes are not the tier's labels.
     """
     stage = load_stage(settings.artifacts, spec.artifact, version, device=device)
+    stage = with_runtime(stage, runtime, device)
     test = tier_set(spec, stored, split)
     if tuple(stage.classes) != tuple(test.classes):
         raise ConfigError(

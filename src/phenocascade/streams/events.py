@@ -140,16 +140,18 @@ def annotation_request(
     model_name: str,
     model_version: str,
     ask: Sequence[str] = (),
+    priority: float | None = None,
 ) -> dict[str, Any]:
     """Return an ``AnnotationRequest`` carrying the prediction that caused it.
 
     Its ``reason`` is :func:`route_reason` of ``output``; ``ask`` lists the labels the
-    expert is asked (empty: every class).
+    expert is asked (empty: every class); ``priority`` (in ``[0, 1]``, highest served
+    first) defaults to :func:`uncertainty` of ``output``.
     """
     return {
         "image_id": submitted["image_id"],
         "tier": tier,
-        "priority": uncertainty(output),
+        "priority": uncertainty(output) if priority is None else priority,
         "scores": {k: float(v) for k, v in output.scores.items()},
         "boxes": [box_record(b) for b in output.boxes],
         "classes": list(classes),

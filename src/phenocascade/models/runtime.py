@@ -1,0 +1,191 @@
+"""How a tier's model computes: eager fp32, or bf16 autocast once checked against eager.
+
+A tier's ``runtime:`` in the topology names it. ``bf16`` runs the model under
+:func:`torch.autocast` (bfloat16 matrix products and convolutions; AMX or AVX-512 BF16 on
+CPUs that have it, tensor cores on CUDA) and keeps fp32 where autocast keeps it (softmax,
+losses) and every float64 computation. It is served only for a model version whose check
+passed: its deciding metric on the test split (AUROC, macro-F1 or AP50) changed by at most
+:data:`MAX_METRIC_CHANGE` from eager. ``phenocascade check-runtime TIER`` runs the check
+and records it in the artifact's :data:`RUNTIME_CHECKS` file; a worker serves any other
+version eager and says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+
+from phenocascade.config import Runtime
+from phenocascade.domain import DecodedImage, StageOutput
+from phenocascade.errors import ArtifactError
+
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+# The largest change of the deciding metric a runtime may cause (issue 13's bound).
+MAX_METRIC_CHANGE = 0.005
+RUNTIME_CHECKS = "runtimes.json"
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeCheck:
+    """A runtime's deciding metric on a split, beside eager's, for one model version.
+
+    Attributes
+    ----------
+    runtime : str
+        The runtime checked (not ``"eager"``).
+    metric : str
+        The deciding metric (``auroc``, ``macro_f1`` or ``ap50``).
+    eager, value : float or None
+        The metric under eager fp32 and under the runtime (``None``: not computable).
+    split : str
+        The split evaluated (``"test"``).
+    images : int
+        Its images.
+    """
+
+    runtime: str
+    metric: str
+    eager: float | None
+    value: float | None
+    split: str
+    images: int
+
+    @property
+    def change(self) -> float | None:
+        """The runtime's metric minus eager's, or ``None`` if either is missing."""
+        if self.eager is None or self.value is None:
+            return None
+        return self.value - self.eager
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the metric changed by at most :data:`MAX_METRIC_CHANGE` either way."""
+        return self.change is not None and abs(self.change) <= MAX_METRIC_CHANGE + 1e-12
+
+    def describe(self) -> str:
+        """One line: the two metrics, the change and the verdict."""
+        change = "not computable" if self.change is None else f"{self.change:+.4f}"
+        verdict = "accepted" if self.accepted else "refused"
+
+        def shown(value: float | None) -> str:
+            return "none" if value is None else f"{value:.4f}"
+
+        return (
+            f"{self.runtime} {self.metric} {shown(self.value)} against eager "
+            f"{shown(self.eager)} on "
+            f"{self.images} {self.split} images: change {change} (at most "
+            f"{MAX_METRIC_CHANGE} allowed), {verdict}"
+        )
+
+
+def record_check(folder: Path, check: RuntimeCheck) -> None:
+    """Record ``check`` in the artifact ``folder`` (replacing one of the same runtime)."""
+    path = folder / RUNTIME_CHECKS
+    checks = _read(path)
+    checks[check.runtime] = {**dataclasses.asdict(check), "accepted": check.accepted}
+    path.write_text(json.dumps(checks, indent=2) + "\n")
+
+
+def read_check(folder: Path, runtime: str) -> RuntimeCheck | None:
+    """Return the recorded check of ``runtime`` for the artifact ``folder``, if any."""
+    record = _read(folder / RUNTIME_CHECKS).get(runtime)
+    if record is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(RuntimeCheck)}
+    try:
+        return RuntimeCheck(**{k: v for k, v in record.items() if k in fields})
+    except TypeError as exc:
+        raise ArtifactError(
+            f"{folder / RUNTIME_CHECKS}: malformed {runtime} check ({exc})"
+        ) from exc
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        checks = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable runtime check file ({exc})") from exc
+    if not isinstance(checks, dict):
+        raise ArtifactError(f"{path}: expected an object of runtime checks")
+    return checks
+
+
+class AutocastStage:
+    """A :class:`~phenocascade.models.base.Stage` whose computations run under bf16 autocast.
+
+    Every attribute is read from the wrapped stage; its methods (``predict`` with any
+    options, and whatever else an evaluation calls, such as a detector's raw boxes) run
+    under autocast.
+
+    Parameters
+    ----------
+    stage : Stage
+        The stage to run.
+    device : str
+        Its torch device (``"cpu"`` or ``"cuda"``, optionally with an index).
+    """
+
+    def __init__(self, stage: Any, device: str) -> None:
+        self.stage = stage
+        self.device_type = device.split(":")[0]
+
+    def predict(self, images: Sequence[DecodedImage], **options: Any) -> list[StageOutput]:
+        """Return the wrapped stage's outputs, computed under bf16 autocast."""
+        with self._autocast():
+            return list(self.stage.predict(images, **options))
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("stage", "device_type"):
+            raise AttributeError(name)
+        found = getattr(self.stage, name)
+        if not callable(found):
+            return found
+
+        @functools.wraps(found)
+        def under_autocast(*args: Any, **kwargs: Any) -> Any:
+            with self._autocast():
+                return found(*args, **kwargs)
+
+        return under_autocast
+
+
+def with_runtime(stage: Any, runtime: Runtime, device: str) -> Any:
+    """Return ``stage`` computing as ``runtime`` (unchecked: see :func:`serving`)."""
+    return stage if runtime == "eager" else AutocastStage(stage, device)
+
+
+def serving(
+    stage: Any, folder: Path, runtime: Runtime, *, device: str, tier: str
+) -> tuple[Any, Runtime]:
+    """Return the stage a worker serves for a tier configured with ``runtime``, and its runtime.
+
+    ``runtime`` is served only when the artifact ``folder`` records a passing check of it;
+    otherwise the stage runs eager, and a warning names the tier and says why and what to
+    run.
+    """
+    if runtime == "eager":
+        return stage, "eager"
+    check = read_check(folder, runtime)
+    if check is not None and check.accepted:
+        log.info("tier %s serves %s in %s (%s)", tier, folder.name, runtime, check.describe())
+        return with_runtime(stage, runtime, device), runtime
+    why = (
+        check.describe()
+        if check is not None
+        else f"it is unchecked; run `phenocascade check-runtime {tier}`"
+    )
+    log.warning("tier %s serves %s eager, not %s: %s", tier, folder.name, runtime, why)
+    return stage, "eager"
