@@ -236,7 +236,7 @@ class ThresholdOverride(BaseModel):
 
 
 Runtime = Literal["eager", "bf16"]
-Acquisition = Literal["uncertainty", "margin", "entropy", "bald"]
+Acquisition = Literal["uncertainty", "margin", "entropy", "bald", "random"]
 
 
 class TierSpec(BaseModel):
@@ -287,8 +287,9 @@ class TierSpec(BaseModel):
     runtime: Runtime = "eager"
     # The annotation queue's priority for this tier's requests (docs/active_learning.md):
     # the least sure label ("uncertainty"), the smallest top-two gap of a group
-    # ("margin"), the summed entropy of the groups ("entropy"), or the disagreement of
-    # Monte-Carlo dropout samples ("bald", MobileNetV2 classifiers). A novel image is first.
+    # ("margin"), the summed entropy of the groups ("entropy"), the disagreement of
+    # Monte-Carlo dropout samples ("bald", MobileNetV2 classifiers), or none ("random":
+    # arrival order, an unbiased sample of what the tier asks). A novel image is first.
     acquisition: Acquisition = "uncertainty"
 
 

@@ -216,7 +216,7 @@ def test_status_says_each_tiers_runtime_and_annotation_queue_order() -> None:
     ]
     modes = tier_modes(topology.model_copy(update={"tiers": tiers}))
     assert modes["majority"] == {"runtime": "bf16", "queue": "margin"}
-    assert modes["quality"] == {"runtime": "eager", "queue": "uncertainty"}
+    assert modes["quality"] == {"runtime": "eager", "queue": "random"}  # packaged
     record = status_record({}, {}, {}, {"majority": "v1"}, modes)
     console = Console(width=140, record=True)
     console.print(status_view(record))

@@ -156,6 +156,16 @@ def test_the_queue_priority_follows_the_tiers_acquisition_strategy(
     assert all(0.0 <= p <= 1.0 for p in got[:2] if p is not None)
 
 
+def test_random_serves_the_queue_in_arrival_order_novel_images_first(tmp_path: Path) -> None:
+    sure = StageOutput(scores={"size:small": 0.9, "size:medium": 0.05, "size:large": 0.05})
+    torn = StageOutput(scores={"size:small": 0.5, "size:medium": 0.48, "size:large": 0.02})
+    novel = StageOutput(scores=sure.scores, novel=True)
+    images = [DecodedImage(str(j), np.zeros((4, 4, 3), np.uint8)) for j in range(3)]
+    scored = _scored([sure, torn, novel], [Route.ANNOTATE] * 3)
+    got = _worker(tmp_path, "random")._priorities(images, scored)
+    assert got == [0.5, 0.5, None]  # one priority: ties go by arrival; novel keeps 1.0
+
+
 def test_uncertainty_leaves_the_requests_default_priority(tmp_path: Path) -> None:
     output = StageOutput(scores=dict.fromkeys(SIZE, 0.4))
     image = DecodedImage("a", np.zeros((4, 4, 3), np.uint8))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -40,3 +43,14 @@ def test_more_replicas_than_input_partitions_is_refused() -> None:
     _with_replicas("majority", usable)
     with pytest.raises(ValidationError, match="would sit idle"):
         _with_replicas("majority", usable + 1)
+
+
+def test_the_packaged_queues_use_the_strategy_the_active_learning_benchmark_chose() -> None:
+    # benchmarks/active_learning.py picks, per tier, the strategy whose gain over random is
+    # significant (else random); the packaged topology must follow its latest result.
+    results = Path(__file__).parents[2] / "benchmarks" / "results" / "active_learning.json"
+    measured = json.loads(results.read_text())
+    tiers = {t.name: t for t in load_topology().tiers}
+    chosen = {name: measured[name]["best"] for name in tiers if name in measured}
+    assert chosen, "active_learning.json measures none of the packaged tiers"
+    assert {name: tiers[name].acquisition for name in chosen} == chosen

@@ -398,10 +398,11 @@ class TierWorker:
     def _priorities(self, images: Sequence[DecodedImage], scored: _Scored) -> list[float | None]:
         """Return the annotation-queue priority of each image, by the tier's ``acquisition``.
 
-        Strategies of :mod:`phenocascade.models.acquisition`, mapped onto ``[0, 1]``.
-        ``None`` leaves the request's default, the least sure label (1.0 for a novel image,
-        which goes first whatever its scores): for ``uncertainty``, for an image not sent
-        to a person or novel, and when there is no model.
+        Strategies of :mod:`phenocascade.models.acquisition`, mapped onto ``[0, 1]``
+        (``random``: one priority for all, so arrival order). ``None`` leaves the request's
+        default, the least sure label (1.0 for a novel image, which goes first whatever its
+        scores): for ``uncertainty``, for an image not sent to a person or novel, and when
+        there is no model.
         """
         strategy, stage = self.tier.acquisition, self.stage
         out: list[float | None] = [None] * len(images)
@@ -412,6 +413,8 @@ class TierWorker:
         ]
         if strategy == "uncertainty" or stage is None or not asked:
             return out
+        if strategy == "random":
+            return [acquisition.RANDOM_PRIORITY if j in asked else None for j in range(len(out))]
         columns = acquisition.group_columns(
             stage.classes, getattr(stage, "softmax_groups", None) or ()
         )

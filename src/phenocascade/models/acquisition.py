@@ -21,7 +21,9 @@ priority of an annotation request (the annotate queue serves the highest first):
 
 ``coreset`` picks a whole batch at once: greedy k-centres on the model's embeddings, each
 pick the unlabelled image farthest from every labelled or already picked one (Sener and
-Savarese 2018, arXiv:1708.00489). ``random`` draws uniformly.
+Savarese 2018, arXiv:1708.00489). ``random`` draws uniformly; as the annotate queue's
+order it is arrival order (one priority for every image), an unbiased sample of the
+images a tier asks about.
 
 For a binary label (the quality gate) ``uncertainty``, ``margin`` and ``entropy`` rank
 images identically: each is a decreasing function of ``|p - 0.5|``.
@@ -39,8 +41,8 @@ from phenocascade.errors import ConfigError
 
 Strategy = Literal["uncertainty", "margin", "entropy", "bald", "coreset", "random"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
-# Strategies that give each image a priority of its own (usable by the annotate queue).
-PER_IMAGE: tuple[Strategy, ...] = ("uncertainty", "margin", "entropy", "bald")
+# The priority of every image under ``random``: the queue serves them in arrival order.
+RANDOM_PRIORITY = 0.5
 _EPS = 1e-12
 
 
