@@ -58,7 +58,12 @@ from quality_loop import (
     weak_champion,
 )
 
-from phenocascade.cli.cascade import cascade_commands, start_process, stop_cascade
+from phenocascade.cli.cascade import (
+    JOINER_STALL_EXIT_S,
+    cascade_commands,
+    start_process,
+    stop_cascade,
+)
 from phenocascade.cli.status import take_snapshot, topology_groups
 from phenocascade.cli.supervise import Supervisor
 from phenocascade.config import Settings, Topology
@@ -466,9 +471,12 @@ def run_drill(
             _wait(lambda: _promoted(cascade), 600, "the retrainer's promotion")
             lag: dict[str, int] = {}
             try:
+                # A faust joiner can hold a partition's commit after a rebalance; its stall
+                # watch exits it (status 75) after JOINER_STALL_EXIT_S and the supervisor
+                # restarts it, so wait past that, plus a restart.
                 _wait(
                     lambda: _caught_up(cascade.settings, cascade.topology, lag),
-                    120,
+                    JOINER_STALL_EXIT_S + 180,
                     "every consumer group to catch up",
                 )
             except AssertionError as exc:

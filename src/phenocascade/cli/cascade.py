@@ -61,6 +61,8 @@ from phenocascade.streams.tiling import Tiling, routing_key, submission_tile, ti
 log = logging.getLogger(__name__)
 STALLED_EXIT = 75
 """The joiner's exit status when it found itself stalled (``--stall-exit-s``)."""
+# The joiner's default --stall-exit-s: how long a partition may hold records uncommitted.
+JOINER_STALL_EXIT_S = 120.0
 # Wide enough for the results table when output is not a terminal (CI logs, pipes).
 console = Console(width=max(140, shutil.get_terminal_size().columns))
 
@@ -683,7 +685,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--stall-exit-s",
         type=float,
-        default=120.0,
+        default=JOINER_STALL_EXIT_S,
         help="exit (status 75, for the supervisor to restart it) when a partition has had "
         "records waiting this long without a commit; 0: never (default: %(default)s)",
     )
