@@ -471,9 +471,9 @@ def run_drill(
             _wait(lambda: _promoted(cascade), 600, "the retrainer's promotion")
             lag: dict[str, int] = {}
             try:
-                # A faust joiner can hold a partition's commit after a rebalance; its stall
-                # watch exits it (status 75) after JOINER_STALL_EXIT_S and the supervisor
-                # restarts it, so wait past that, plus a restart.
+                # A joiner whose partition holds records without a commit is exited by its
+                # stall watch (status 75) after JOINER_STALL_EXIT_S and restarted by the
+                # supervisor: wait past that recovery, plus a restart.
                 _wait(
                     lambda: _caught_up(cascade.settings, cascade.topology, lag),
                     JOINER_STALL_EXIT_S + 180,
