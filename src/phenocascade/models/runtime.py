@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
@@ -26,7 +26,6 @@ from phenocascade.config import Runtime
 from phenocascade.domain import DecodedImage, StageOutput
 from phenocascade.errors import ArtifactError
 
-RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
 # The largest change of the deciding metric a runtime may cause (issue 13's bound).
 MAX_METRIC_CHANGE = 0.005
 RUNTIME_CHECKS = "runtimes.json"
