@@ -31,7 +31,8 @@ four threshold variants of the same model and calibrators:
 For each: ``images`` (the fraction decided with nothing left to an expert, and the
 fraction of those decided wholly right), ``labels`` (the fraction of (image, label)
 decisions made alone, and their precision; a gate has one label, a detector one per class)
-and ``questions_per_100`` (labels left to experts per 100 images). Routing is per label
+and ``questions_per_100`` (labels left to experts per 100 images); a gate adds
+``usable_discarded``, the clear test images it skipped alone. Routing is per label
 (:func:`phenocascade.domain.pending_labels`, groups from the label names) and images the
 shift detector flags are left to experts in every variant.
 
@@ -286,6 +287,8 @@ def tier_figures(run: TierRun) -> dict[str, Any]:
             for o, s, truth in zip(outs, run.data.samples, run.gate_truth, strict=True)
         ]
         figures[name] = summarise(judged, len(model.classes))
+        if model.kind is StageKind.GATE:
+            figures[name]["usable_discarded"] = usable_discarded(judged, run.gate_truth)
         figures[name]["thresholds"] = {
             c: {"positive": round(t.positive, 4), "negative": round(t.negative, 4)}
             for c, t in model.thresholds.items()
@@ -299,6 +302,13 @@ def tier_figures(run: TierRun) -> dict[str, Any]:
     figures["n_test"] = len(run.data.images)
     figures["model"] = run.stage.version
     return figures
+
+
+def usable_discarded(judged: Sequence[Judged], gate_truth: Sequence[bool]) -> dict[str, Any]:
+    """How many usable (clear) test images a gate skipped without asking anyone."""
+    usable = [j for j, clear in zip(judged, gate_truth, strict=True) if clear]
+    discarded = sum(not j.pending and not all(j.right.values()) for j in usable)
+    return {"n": len(usable), "discarded": discarded, "rate": _ratio(discarded, len(usable))}
 
 
 def ece_test(run: TierRun) -> dict[str, dict[str, float]]:

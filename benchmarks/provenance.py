@@ -24,15 +24,32 @@ def commit() -> str:
     return f"{head}+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# Read when a benchmark imports this module, as its run starts: a result names the code
+# that ran, not the commit HEAD had moved to by the time a long run wrote its file.
+_STARTED = (commit(), _now())
+
+
 def provenance(command: str) -> dict[str, Any]:
-    """Say what measured a section: command, commit, host, cores, torch threads, finish time."""
+    """Say what measured a section: command, commit, host, cores, torch threads, times.
+
+    ``commit`` is HEAD when the run started; ``commit_at_finish`` is added when HEAD or
+    the tracked files changed while it ran.
+    """
     import torch  # only the model benchmarks pay for it
 
+    started_commit, started = _STARTED
+    finished_commit = commit()
     return {
         "command": command,
-        "commit": commit(),
+        "commit": started_commit,
+        **({"commit_at_finish": finished_commit} if finished_commit != started_commit else {}),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_utc": started,
+        "finished_utc": _now(),
     }

@@ -27,6 +27,14 @@ ones (score 0). When they alone exceed that share, the class's ``finds_all`` is 
 :func:`~phenocascade.domain.route` sends images without a confident box of the class to
 a person instead of declaring them free of it.
 
+Gates: a SKIP discards the image without anyone seeing it. The certified SKIP rule bounds
+the share of usable images *among the discarded ones*, which depends on how many unusable
+images the calibration data holds: certified on a mix that is two thirds unusable, it
+discards clear images freely in a stream of clear ones. So a gate's SKIP threshold is also
+capped by the split-conformal quantile of the usable images' scores
+(:func:`keep_threshold_cap`), so that at most ``discard_rate`` (:data:`GATE_DISCARD_RATE`,
+1 %) of usable images are discarded whatever the share of unusable ones in the stream.
+
 Thresholds are certified per label, or (``threshold_mode="pooled"``, the default for
 multi-label classifiers) as one pair shared by all labels on their pooled decisions. A
 classifier only PASSes an image when every label is decided; with a few dozen validation
@@ -70,6 +78,8 @@ log = logging.getLogger(__name__)
 ThresholdMode = Literal["per_label", "pooled"]
 # Grouped folds of the validation images over which calibrators are cross-fitted.
 CALIBRATION_FOLDS = 5
+# Largest share of usable images a gate may discard without a person (see the docstring).
+GATE_DISCARD_RATE = 0.01
 
 
 def match_boxes(
@@ -216,7 +226,8 @@ def keep_threshold_cap(true_scores: npt.ArrayLike, miss_rate: float) -> float:
     true box (exchangeable with them) scores below ``s_k`` with probability at most
     ``k / (m + 1) <= miss_rate`` (the split-conformal quantile), so the cap sits just
     below ``s_k``. With ``k = 0`` (too few matched boxes) the cap is ``0.0``: every box
-    above the backend's score floor is kept, and the image goes to a person.
+    above the backend's score floor is kept, and the image goes to a person. A gate's SKIP
+    threshold is capped the same way on its usable images' scores (:func:`_cap_discards`).
 
     Parameters
     ----------
@@ -259,6 +270,7 @@ def calibrate_stage(
     p_value: PValue = "binomial",
     novelty_alpha: float | None = DEFAULT_ALPHA,
     seed: int = 0,
+    discard_rate: float = GATE_DISCARD_RATE,
 ) -> Calibration:
     """Fit calibrators, certify thresholds and fit the shift detector on validation data.
 
@@ -289,6 +301,9 @@ def calibrate_stage(
         (:class:`~phenocascade.models.novelty.NoveltyHolder`); ``None`` fits none.
     seed : int, default 0
         Seeds the calibrators' folds (:func:`group_folds`).
+    discard_rate : float, default 0.01
+        A gate's SKIP threshold discards at most this share of usable images
+        (:data:`GATE_DISCARD_RATE`); unused by other stages.
 
     Returns
     -------
@@ -306,6 +321,7 @@ def calibrate_stage(
         threshold_mode=threshold_mode,
         starts=starts,
         p_value=p_value,
+        discard_rate=discard_rate,
     )
     novelty = fit_novelty(stage, [images], novelty_alpha, n=len(images))
     return replace(calibration, novelty=novelty)
@@ -323,6 +339,7 @@ def certify_outputs(
     starts: int = 1,
     p_value: PValue = "binomial",
     cross_fit: int = 0,
+    discard_rate: float = GATE_DISCARD_RATE,
 ) -> Calibration:
     """Fit calibrators and certify thresholds on given raw outputs; store them in ``stage``.
 
@@ -340,7 +357,7 @@ def certify_outputs(
         Shape ``(len(samples),)``: each sample's fold, over which the calibrators are
         cross-fitted (a sample's certified score comes from a calibrator fitted without
         its fold).
-    target_precision, delta, threshold_mode, starts, p_value
+    target_precision, delta, threshold_mode, starts, p_value, discard_rate
         As in :func:`calibrate_stage`.
     cross_fit : int, default 0
         Number of model folds behind out-of-fold ``raw`` (0: the stage's own outputs);
@@ -367,6 +384,10 @@ def certify_outputs(
         starts=starts,
         p_value=p_value,
     )
+    if stage.kind is StageKind.GATE:
+        thresholds = _cap_discards(
+            thresholds, calibrated, truths, discard_rate, target_precision, delta
+        )
     softmax_groups = [tuple(g) for g in getattr(stage, "softmax_groups", None) or ()]
     group_metrics: dict[str, Any] | None = None
     if stage.kind is StageKind.CLASSIFIER and softmax_groups:
@@ -407,6 +428,7 @@ def certify_outputs(
         "pooled": pooled,
         "labels": per_label,
         "groups": group_metrics,
+        **({"discard_rate": discard_rate} if stage.kind is StageKind.GATE else {}),
     }
     certification = {
         "method": f"ltt-{p_value}",
@@ -580,14 +602,52 @@ def _cap_keep_thresholds(
         finds_all = cap > 0.0
         if not finds_all:
             cap = keep_threshold_cap(proposed, miss_rate)
-        capped[label] = threshold_record(
-            calibrated[label],
-            truths[label],
-            record["positive"],
-            min(record["negative"], cap),
-            target_precision=target_precision,
-            delta=delta,
-        ).as_dict() | {"finds_all": finds_all}
+        capped[label] = _lowered(
+            record, calibrated[label], truths[label], cap, target_precision, delta
+        ) | {"finds_all": finds_all}
+    return capped
+
+
+def _lowered(
+    record: Mapping[str, float],
+    scores: npt.NDArray[np.float64],
+    truths: npt.NDArray[np.int64],
+    cap: float,
+    target_precision: float,
+    delta: float,
+) -> dict[str, float]:
+    """``record`` with its SKIP (keep) threshold lowered to ``cap``, its figures recomputed."""
+    return threshold_record(
+        scores,
+        truths,
+        record["positive"],
+        min(record["negative"], cap),
+        target_precision=target_precision,
+        delta=delta,
+    ).as_dict()
+
+
+def _cap_discards(
+    thresholds: Mapping[str, dict[str, float]],
+    calibrated: Mapping[str, npt.NDArray[np.float64]],
+    truths: Mapping[str, npt.NDArray[np.int64]],
+    discard_rate: float,
+    target_precision: float,
+    delta: float,
+) -> dict[str, dict[str, float]]:
+    """Cap a gate's SKIP threshold so that it discards at most ``discard_rate`` of usable images.
+
+    The cap is :func:`keep_threshold_cap` of the usable (label present) images' out-of-fold
+    calibrated scores; each record gains ``discard_cap``, the cap itself.
+    """
+    if not 0.0 < discard_rate < 1.0:
+        raise ValueError(f"discard_rate must lie strictly between 0 and 1, got {discard_rate}")
+    capped: dict[str, dict[str, float]] = {}
+    for label, record in thresholds.items():
+        cap = keep_threshold_cap(calibrated[label][truths[label] == 1], discard_rate)
+        capped[label] = _lowered(
+            record, calibrated[label], truths[label], cap, target_precision, delta
+        ) | {"discard_cap": cap}
     return capped
 
 

@@ -36,6 +36,8 @@ from phenocascade.recipes.bundled_data import (
 )
 from phenocascade.recipes.cache import bootstrap_key, keep, restore
 from phenocascade.recipes.core import (
+    COPY_PASTE,
+    DETECTOR_IMAGES_SEEN,
     Recipe,
     Size,
     TrainingRun,
@@ -142,14 +144,25 @@ def _minority_recipe(
         if full:
             return Recipe(name, config, max_epochs=150, patience=30)
         return Recipe(name, config, max_epochs=40, patience=12, max_train=100, max_val_fit=30)
-    if name == "torchvision_detector":
-        # Few rare boxes per image: pick the epoch by val AP50, not by the detection loss.
-        config = {**detector, "early_stopping": "ap50"}
-    else:
+    if name != "torchvision_detector":
         config = {"pretrained": mobilenet} if mobilenet else {}
+        if full:
+            return Recipe(name, config, max_epochs=40, patience=6)
+        return Recipe(name, config, max_epochs=6, patience=3, max_train=100, max_val_fit=30)
+    # Few rare boxes per image: pick the epoch by val AP50, not by the detection loss, and
+    # paste rare objects into other images (:data:`~phenocascade.recipes.core.COPY_PASTE`).
+    config = {**detector, "early_stopping": "ap50", "copy_paste": COPY_PASTE}
     if full:
         return Recipe(name, config, max_epochs=40, patience=6)
-    return Recipe(name, config, max_epochs=6, patience=3, max_train=100, max_val_fit=30)
+    return Recipe(
+        name,
+        config,
+        max_epochs=6,
+        patience=3,
+        max_train=100,
+        max_val_fit=30,
+        min_images_seen=DETECTOR_IMAGES_SEEN,
+    )
 
 
 def recipe(
@@ -532,6 +545,8 @@ def train_tier(
         if donor is not None:
             config["segmenter_from"] = str(donor)
             record["segmenter_from"] = f"{donor.parent.name}/{donor.name}"
+    # An explicit epoch count is kept as given; the recipe's grows on a small set.
+    epochs, patience = (max_epochs, plan.patience) if max_epochs else plan.epochs_for(len(train))
     run = TrainingRun(
         artifact=tier,
         backend=name,
@@ -540,8 +555,8 @@ def train_tier(
         fit_val=subset(fit_val_set.samples, max_val_fit or plan.max_val_fit, seed),
         val=val_set,
         fingerprint_set=dataclasses.replace(train_set, samples=train),
-        max_epochs=max_epochs or plan.max_epochs,
-        patience=plan.patience,
+        max_epochs=epochs,
+        patience=patience,
         ltt_starts=plan.ltt_starts,
         record=record,
     )

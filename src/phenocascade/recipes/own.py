@@ -34,6 +34,8 @@ from phenocascade.models.base import load_stage, tier_classes
 from phenocascade.models.evaluate import evaluate_stage
 from phenocascade.models.runtime import with_runtime
 from phenocascade.recipes.core import (
+    COPY_PASTE,
+    DETECTOR_IMAGES_SEEN,
     Recipe,
     Size,
     TrainingRun,
@@ -160,10 +162,19 @@ def own_recipe(kind: StageKind, backend: str, size: Size) -> Recipe:
             "freeze_backbone": mobilenet is not None and not full,
             "lr": 1e-3,
             "early_stopping": "ap50",
+            "copy_paste": COPY_PASTE,
         }
         if full:
             return Recipe(backend, config, max_epochs=40, patience=6)
-        return Recipe(backend, config, max_epochs=12, patience=4, max_train=100, max_val_fit=30)
+        return Recipe(
+            backend,
+            config,
+            max_epochs=12,
+            patience=4,
+            max_train=100,
+            max_val_fit=30,
+            min_images_seen=DETECTOR_IMAGES_SEEN,
+        )
     if backend == "morphometric_classifier":
         segmenter = {"pretrained": mobilenet, "steps_per_epoch": 100 if full else 25}
         return Recipe(
@@ -242,6 +253,8 @@ def train_own_tier(
         # The dataset's exclusive groups: a group one of whose labels every image holds
         # becomes one softmax.
         config["declared_groups"] = {g: list(m) for g, m in spec.groups.items()}
+    # An explicit epoch count is kept as given; the recipe's grows on a small set.
+    epochs, patience = (max_epochs, plan.patience) if max_epochs else plan.epochs_for(len(train))
     run = TrainingRun(
         artifact=spec.artifact,
         backend=name,
@@ -250,8 +263,8 @@ def train_own_tier(
         fit_val=subset(val_set.samples, plan.max_val_fit, seed),
         val=val_set,
         fingerprint_set=dataclasses.replace(train_set, samples=train),
-        max_epochs=max_epochs or plan.max_epochs,
-        patience=plan.patience,
+        max_epochs=epochs,
+        patience=patience,
         ltt_starts=plan.ltt_starts,
         record=(
             {"dataset": stored.name, "dataset_version": stored.version}

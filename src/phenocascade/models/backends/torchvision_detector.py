@@ -14,7 +14,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from phenocascade.domain import Box, DecodedImage, Sample, StageKind, StageOutput
 from phenocascade.errors import ConfigError
@@ -124,6 +124,13 @@ class TorchvisionDetector(CalibratedDetector):
         Images per forward pass at inference. torchvision pads a batch to its largest
         image, so on a CPU (whose convolutions already use every core) one image at a
         time bounds peak memory to one image's activations; raise it on a GPU.
+    copy_paste : int, default 0
+        Objects pasted into each training image per step (copy-paste augmentation,
+        Ghiasi et al., "Simple Copy-Paste is a Strong Data Augmentation Method for
+        Instance Segmentation", CVPR 2021, here with box crops): each is the pixels of a
+        training box, every class equally likely whatever its count, flipped at random
+        and put where it overlaps no box of the image. A few dozen images then show the
+        rare objects many times more often, in new surroundings.
     """
 
     kind = StageKind.DETECTOR
@@ -149,9 +156,12 @@ class TorchvisionDetector(CalibratedDetector):
         crop_size: int | None = None,
         early_stopping: str = "loss",
         predict_batch_size: int = 1,
+        copy_paste: int = 0,
     ) -> None:
         if early_stopping not in ("loss", "ap50"):
             raise ConfigError(f"early_stopping must be 'loss' or 'ap50', not {early_stopping!r}")
+        if copy_paste < 0:
+            raise ConfigError(f"copy_paste must be 0 or more objects, not {copy_paste}")
         self.backbone = backbone
         self.pretrained = pretrained
         self.min_size = min_size
@@ -168,6 +178,7 @@ class TorchvisionDetector(CalibratedDetector):
         self.crop_size = crop_size
         self.early_stopping = early_stopping
         self.predict_batch_size = predict_batch_size
+        self.copy_paste = copy_paste
 
     def get_config(self) -> dict[str, Any]:
         """Return the constructor arguments (stored in the artifact)."""
@@ -188,6 +199,7 @@ class TorchvisionDetector(CalibratedDetector):
             "crop_size": self.crop_size,
             "early_stopping": self.early_stopping,
             "predict_batch_size": self.predict_batch_size,
+            "copy_paste": self.copy_paste,
         }
 
     def _build(self, n_classes: int, pretrained: str | None) -> FasterRCNN:
@@ -303,6 +315,61 @@ class TorchvisionDetector(CalibratedDetector):
         return crop, {"boxes": clipped[keep], "labels": target["labels"][keep]}
 
     @staticmethod
+    def _paste_bank(
+        data: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    ) -> tuple[list[tuple[torch.Tensor, int]], torch.Tensor]:
+        """Return the crop and label of every training box, and each one's draw weight.
+
+        The weights make every class equally likely (``1 / count`` of its class); boxes
+        under 2 px on a side are left out.
+        """
+        bank: list[tuple[torch.Tensor, int]] = []
+        for image, target in data:
+            for box, label in zip(target["boxes"], target["labels"], strict=True):
+                x0, y0, x1, y1 = (round(float(v)) for v in box)
+                if x1 - x0 >= 2 and y1 - y0 >= 2:
+                    bank.append((image[:, y0:y1, x0:x1].clone(), int(label)))
+        counts: dict[int, int] = {}
+        for _, label in bank:
+            counts[label] = counts.get(label, 0) + 1
+        weights = torch.tensor([1.0 / counts[label] for _, label in bank], dtype=torch.float64)
+        return bank, weights
+
+    def _paste(
+        self,
+        image: torch.Tensor,
+        target: dict[str, torch.Tensor],
+        bank: Sequence[tuple[torch.Tensor, int]],
+        weights: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Paste ``copy_paste`` objects of ``bank`` where they overlap no box; add their boxes."""
+        if not self.copy_paste or not bank:
+            return image, target
+        _, h, w = image.shape
+        image = image.clone()
+        boxes, labels = target["boxes"], target["labels"]
+        for _ in range(self.copy_paste):
+            patch, label = bank[int(torch.multinomial(weights, 1, generator=generator))]
+            for dim in (-1, -2):
+                if torch.rand(1, generator=generator) < 0.5:
+                    patch = patch.flip(dim)
+            ph, pw = patch.shape[1:]
+            if ph >= h or pw >= w:
+                continue
+            # A few tries at a free spot; a crowded image takes fewer pastes.
+            for _try in range(10):
+                y0 = int(torch.randint(0, h - ph + 1, (1,), generator=generator))
+                x0 = int(torch.randint(0, w - pw + 1, (1,), generator=generator))
+                new = torch.tensor([[x0, y0, x0 + pw, y0 + ph]], dtype=torch.float32)
+                if not len(boxes) or float(box_iou(new, boxes).max()) == 0.0:
+                    image[:, y0 : y0 + ph, x0 : x0 + pw] = patch
+                    boxes = torch.cat([boxes, new])
+                    labels = torch.cat([labels, torch.tensor([label], dtype=torch.int64)])
+                    break
+        return image, {"boxes": boxes, "labels": labels}
+
+    @staticmethod
     def _flip(
         image: torch.Tensor, target: dict[str, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -368,6 +435,7 @@ class TorchvisionDetector(CalibratedDetector):
         # signal then costs what a training step does, not a full-resolution pass.
         val_crops = torch.Generator().manual_seed(seed + 1)
         val_data = [self._crop(*self._prepare(s, load), val_crops) for s in val]
+        bank, weights = self._paste_bank(train_data)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
@@ -378,7 +446,8 @@ class TorchvisionDetector(CalibratedDetector):
             return sum(loss_dict.values(), torch.zeros((), device=device))
 
         def augment(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            image, target = self._crop(train_data[i][0], train_data[i][1], generator)
+            image, target = self._paste(*train_data[i], bank, weights, generator)
+            image, target = self._crop(image, target, generator)
             return self._flip(image, target, generator)
 
         def epoch_batches(_epoch: int) -> list[list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
