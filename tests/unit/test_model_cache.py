@@ -107,6 +107,25 @@ def test_a_checkout_with_champions_keeps_them(
     assert trained == list(BOOTSTRAP_ORDER)
 
 
+def test_each_tier_is_announced_as_soon_as_its_model_is_ready(
+    trained: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo starts a tier's workers from this call, while the later tiers still train.
+    settings = _checkout(tmp_path, "first", monkeypatch)
+    announced: list[tuple[str, str, int]] = []
+
+    def ready(tier: str, version: str) -> None:
+        announced.append((tier, version, len(trained)))
+
+    versions = ensure_bootstrap(settings, ready=ready)
+    assert announced == [(t, versions[t], i + 1) for i, t in enumerate(BOOTSTRAP_ORDER)]
+
+    # Models already there (copied or kept) are announced too, each once.
+    announced.clear()
+    ensure_bootstrap(_checkout(tmp_path, "second", monkeypatch), ready=ready)
+    assert announced == [(t, versions[t], 3) for t in BOOTSTRAP_ORDER]
+
+
 def test_the_key_covers_the_code_that_trains_and_not_the_services() -> None:
     package = Path(cache.__file__).resolve().parents[1]
     files = {p.relative_to(package).parts[0] for p in cache._files(package, cache.SERVICE_CODE)}

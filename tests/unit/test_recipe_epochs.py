@@ -18,6 +18,12 @@ def test_epochs_grow_on_a_small_set_and_never_shrink() -> None:
     assert Recipe("x", {}, max_epochs=6, patience=3).epochs_for(40) == (6, 3)
 
 
+def test_a_callers_epoch_budget_is_kept_as_given() -> None:
+    plan = Recipe("x", {}, max_epochs=6, patience=3, min_images_seen=1200)
+    assert plan.epochs_for(40, 2) == (2, 3)
+    assert plan.epochs_for(40, None) == (30, 15)
+
+
 def test_the_few_shot_detector_recipes_budget_by_images_seen() -> None:
     for plan in (
         recipe("minority", "bootstrap", dataset="bccd"),

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -147,26 +147,36 @@ def start_cascade(
     env: Mapping[str, str] | None = None,
     *,
     metrics_port: int = 0,
+    only: Collection[str] | None = None,
 ) -> dict[str, subprocess.Popen[bytes]]:
     """Start every tier worker (``replicas`` per tier) and the joiner as processes here.
 
     ``env`` replaces the child processes' environment (default: this process's). The
     processes are named as in :func:`cascade_commands`, and serve their metrics on the
-    ports above ``metrics_port`` as ``phenocascade run``'s do (0: none).
+    ports above ``metrics_port`` as ``phenocascade run``'s do (0: none). ``only`` starts
+    just the workers of those tiers, and the joiner if it names ``"joiner"``.
     """
     commands = with_metrics_ports(cascade_commands(topology), metrics_port)
+    if only is not None:
+        chosen = cascade_commands(topology, only=only)
+        commands = {name: cmd for name, cmd in commands.items() if name in chosen}
     return {name: start_process(name, cmd, log_dir, env) for name, cmd in commands.items()}
 
 
-def cascade_commands(topology: Topology) -> dict[str, list[str]]:
+def cascade_commands(
+    topology: Topology, *, only: Collection[str] | None = None
+) -> dict[str, list[str]]:
     """Return ``{process name: phenocascade arguments}`` of every process of the cascade.
 
     A tier with ``replicas: n`` runs ``n`` workers named ``<tier>``, ``<tier>-2``, ...;
     each has its own stable instance id (``<host>``, ``<host>-2``, ...), so a restarted
-    replica fences its own crashed predecessor's transactions.
+    replica fences its own crashed predecessor's transactions. ``only``: the workers of
+    those tiers, and the joiner if it names ``"joiner"``.
     """
     commands: dict[str, list[str]] = {}
     for tier in topology.tiers:
+        if only is not None and tier.name not in only:
+            continue
         for i in range(1, tier.replicas + 1):
             suffix = f"-{i}" if i > 1 else ""
             commands[f"{tier.name}{suffix}"] = [
@@ -175,7 +185,8 @@ def cascade_commands(topology: Topology) -> dict[str, list[str]]:
                 "--instance",
                 f"{default_instance_id()}{suffix}",
             ]
-    commands["joiner"] = ["joiner"]
+    if only is None or "joiner" in only:
+        commands["joiner"] = ["joiner"]
     return commands
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -546,7 +546,7 @@ def train_tier(
             config["segmenter_from"] = str(donor)
             record["segmenter_from"] = f"{donor.parent.name}/{donor.name}"
     # An explicit epoch count is kept as given; the recipe's grows on a small set.
-    epochs, patience = (max_epochs, plan.patience) if max_epochs else plan.epochs_for(len(train))
+    epochs, patience = plan.epochs_for(len(train), max_epochs)
     run = TrainingRun(
         artifact=tier,
         backend=name,
@@ -576,7 +576,11 @@ def train_tier(
 
 
 def ensure_bootstrap(
-    settings: Settings, *, progress: bool = False, device: str = "cpu"
+    settings: Settings,
+    *,
+    progress: bool = False,
+    device: str = "cpu",
+    ready: Callable[[Tier, str], None] | None = None,
 ) -> dict[str, str]:
     """Give every tier that has no champion yet a bootstrap model.
 
@@ -584,6 +588,18 @@ def ensure_bootstrap(
     (:mod:`phenocascade.recipes.cache`) is copied; otherwise the tier trains one and
     stores it there. The minority tier comes before the majority tier, whose recipe
     adopts its segmenter (:data:`BOOTSTRAP_ORDER`).
+
+    Parameters
+    ----------
+    settings : Settings
+        Where the champions and datasets are.
+    progress : bool, default False
+        Show a progress bar per training.
+    device : str, default "cpu"
+        Where to train.
+    ready : callable or None, default None
+        Called with ``(tier, champion version)`` as soon as each tier has its champion,
+        before the next one trains (the demo starts each tier's workers then).
 
     Returns
     -------
@@ -598,6 +614,8 @@ def ensure_bootstrap(
                     tier, settings=settings, size="bootstrap", progress=progress, device=device
                 )
                 keep(folder, key)
+        if ready is not None:
+            ready(tier, champion_version(settings.artifacts, tier) or "")
     return {tier: champion_version(settings.artifacts, tier) or "" for tier in TIERS}
 
 

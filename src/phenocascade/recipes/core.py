@@ -118,12 +118,15 @@ class Recipe:
     segmenter_from: str | None = None
     min_images_seen: int | None = None
 
-    def epochs_for(self, n_train: int) -> tuple[int, int]:
+    def epochs_for(self, n_train: int, max_epochs: int | None = None) -> tuple[int, int]:
         """Return ``(max_epochs, patience)`` for ``n_train`` training images.
 
         Both grow by the factor that makes ``max_epochs * n_train`` reach
-        ``min_images_seen``; they never shrink below the recipe's own.
+        ``min_images_seen``; they never shrink below the recipe's own. An explicit
+        ``max_epochs`` (a caller's budget) is kept as given, with the recipe's patience.
         """
+        if max_epochs:
+            return max_epochs, self.patience
         if not self.min_images_seen or n_train <= 0:
             return self.max_epochs, self.patience
         epochs = max(self.max_epochs, math.ceil(self.min_images_seen / n_train))

@@ -254,7 +254,7 @@ def train_own_tier(
         # becomes one softmax.
         config["declared_groups"] = {g: list(m) for g, m in spec.groups.items()}
     # An explicit epoch count is kept as given; the recipe's grows on a small set.
-    epochs, patience = (max_epochs, plan.patience) if max_epochs else plan.epochs_for(len(train))
+    epochs, patience = plan.epochs_for(len(train), max_epochs)
     run = TrainingRun(
         artifact=spec.artifact,
         backend=name,

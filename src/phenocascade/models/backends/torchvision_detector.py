@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -329,9 +330,7 @@ class TorchvisionDetector(CalibratedDetector):
                 x0, y0, x1, y1 = (round(float(v)) for v in box)
                 if x1 - x0 >= 2 and y1 - y0 >= 2:
                     bank.append((image[:, y0:y1, x0:x1].clone(), int(label)))
-        counts: dict[int, int] = {}
-        for _, label in bank:
-            counts[label] = counts.get(label, 0) + 1
+        counts = Counter(label for _, label in bank)
         weights = torch.tensor([1.0 / counts[label] for _, label in bank], dtype=torch.float64)
         return bank, weights
 
@@ -435,7 +434,7 @@ class TorchvisionDetector(CalibratedDetector):
         # signal then costs what a training step does, not a full-resolution pass.
         val_crops = torch.Generator().manual_seed(seed + 1)
         val_data = [self._crop(*self._prepare(s, load), val_crops) for s in val]
-        bank, weights = self._paste_bank(train_data)
+        bank, weights = self._paste_bank(train_data) if self.copy_paste else ([], torch.zeros(0))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
