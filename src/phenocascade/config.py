@@ -235,7 +235,7 @@ class ThresholdOverride(BaseModel):
     negative: float
 
 
-Runtime = Literal["eager", "bf16"]
+Runtime = Literal["eager", "bf16", "onnx"]
 Acquisition = Literal["uncertainty", "margin", "entropy", "bald", "random"]
 
 
@@ -281,9 +281,10 @@ class TierSpec(BaseModel):
     dataset: str | None = None
     # Backend constructor arguments that replace the recipe's (e.g. {"input_size": 224}).
     config: dict[str, Any] = Field(default_factory=dict)
-    # How the model computes: "bf16" (autocast) is served only for a model version whose
-    # test-split metric it changed by at most 0.005 (`phenocascade check-runtime TIER`);
-    # any other version runs eager, and the worker says why (docs/architecture.md).
+    # How the model computes: "bf16" (autocast) or "onnx" (the nucleus segmenter in ONNX
+    # Runtime) is served only for a model version whose test-split metric it changed by
+    # at most 0.005 (`phenocascade check-runtime TIER --runtime R`); any other version
+    # runs eager, and the worker says why (docs/architecture.md).
     runtime: Runtime = "eager"
     # The annotation queue's priority for this tier's requests (docs/active_learning.md):
     # the least sure label ("uncertainty"), the smallest top-two gap of a group

@@ -1,4 +1,4 @@
-"""Runtimes (bf16 served only once checked against eager) and the queue's acquisition priority."""
+"""Runtimes (bf16 and onnx served only once checked against eager) and the queue's priority."""
 
 from __future__ import annotations
 
@@ -13,17 +13,21 @@ import torch
 from phenocascade.config import Settings, load_topology
 from phenocascade.consumers.worker import TierWorker, _Scored
 from phenocascade.domain import DecodedImage, Route, StageKind, StageOutput
-from phenocascade.errors import ArtifactError
+from phenocascade.errors import ArtifactError, ConfigError
 from phenocascade.models import acquisition
+from phenocascade.models.nets import MobileNetUNet
 from phenocascade.models.runtime import (
     MAX_METRIC_CHANGE,
     RUNTIME_CHECKS,
     AutocastStage,
+    OnnxNetwork,
     RuntimeCheck,
     read_check,
     record_check,
     serving,
+    with_runtime,
 )
+from phenocascade.models.segmentation import NucleusSegmenter
 
 SIZE = ["size:small", "size:medium", "size:large"]
 
@@ -103,6 +107,52 @@ def test_bf16_is_served_only_for_a_version_whose_check_passed(
     assert served.raw_boxes() is True  # any other method computes under autocast as well
     assert stage.raw_boxes() is False
     assert served.version == "v1" and served.classes == SIZE  # read from the wrapped stage
+
+
+class _Segmenting(_Probe):
+    """A stage with a nucleus segmenter (random weights), as the segmenting backends have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.segmenter_ = NucleusSegmenter()
+        self.segmenter_.network_ = MobileNetUNet(3, None).eval()
+        self.segmenter_.device_ = "cpu"
+
+
+def test_onnx_runs_the_segmenter_as_eager_does_and_only_once_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    eager, stage = _Segmenting(), _Segmenting()
+    # Sides that are no multiple of 32, and two image sizes through one exported graph.
+    pixels = [
+        np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)
+        for i, (h, w) in enumerate([(70, 101), (33, 64)])
+    ]
+    with caplog.at_level(logging.WARNING):
+        served, runtime = serving(stage, tmp_path, "onnx", device="cpu", tier="minority")
+    assert (served, runtime) == (stage, "eager") and "check-runtime minority" in caplog.text
+    assert not isinstance(stage.segmenter_.network_, OnnxNetwork)
+
+    record_check(tmp_path, RuntimeCheck("onnx", "ap50", 0.5, 0.5, "test", 132))
+    served, runtime = serving(stage, tmp_path, "onnx", device="cpu", tier="minority")
+    assert runtime == "onnx" and served is stage
+    network = stage.segmenter_.network_
+    assert isinstance(network, OnnxNetwork)
+    for p in pixels:
+        ours, theirs = stage.segmenter_.probabilities(p), eager.segmenter_.probabilities(p)
+        assert ours.shape == theirs.shape == (3, *p.shape[:2])
+        assert np.abs(ours - theirs).max() < 1e-4
+        # Shift detection reads the encoder in torch, through the same network.
+        assert np.allclose(stage.segmenter_.describe(p), eager.segmenter_.describe(p))
+    assert with_runtime(stage, "onnx", "cpu").segmenter_.network_ is network  # exported once
+
+
+def test_onnx_is_refused_in_one_line_where_it_does_not_apply() -> None:
+    with pytest.raises(ConfigError, match="not probe; serve it eager or bf16"):
+        with_runtime(_Probe(), "onnx", "cpu")
+    with pytest.raises(ConfigError, match="on cuda use bf16"):
+        with_runtime(_Segmenting(), "onnx", "cuda")
 
 
 def _worker(tmp_path: Path, strategy: str) -> TierWorker:

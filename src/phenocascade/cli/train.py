@@ -104,7 +104,7 @@ def register(subparsers: Any) -> None:
         "AP50) changed by at most 0.005; otherwise they serve it eager and say why.",
     )
     _add_tier(check)
-    check.add_argument("--runtime", choices=("bf16",), default="bf16")
+    check.add_argument("--runtime", choices=("bf16", "onnx"), default="bf16")
     check.add_argument("--version", default=None, help="artifact version (default: champion)")
     check.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     check.set_defaults(func=_check_runtime)

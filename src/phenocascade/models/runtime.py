@@ -1,13 +1,19 @@
-"""How a tier's model computes: eager fp32, or bf16 autocast once checked against eager.
+"""How a tier's model computes: eager fp32, bf16 autocast or ONNX Runtime, once checked.
 
-A tier's ``runtime:`` in the topology names it. ``bf16`` runs the model under
-:func:`torch.autocast` (bfloat16 matrix products and convolutions; AMX or AVX-512 BF16 on
-CPUs that have it, tensor cores on CUDA) and keeps fp32 where autocast keeps it (softmax,
-losses) and every float64 computation. It is served only for a model version whose check
-passed: its deciding metric on the test split (AUROC, macro-F1 or AP50) changed by at most
-:data:`MAX_METRIC_CHANGE` from eager. ``phenocascade check-runtime TIER`` runs the check
-and records it in the artifact's :data:`RUNTIME_CHECKS` file; a worker serves any other
-version eager and says why.
+A tier's ``runtime:`` in the topology names it:
+
+* ``bf16`` runs the model under :func:`torch.autocast` (bfloat16 matrix products and
+  convolutions; AMX or AVX-512 BF16 on CPUs that have it, tensor cores on CUDA) and keeps
+  fp32 where autocast keeps it (softmax, losses) and every float64 computation;
+* ``onnx`` runs the nucleus segmenter's U-Net (the bulk of the segmenting tiers' work) in
+  ONNX Runtime on the CPU, in fp32: the network is exported once per loaded model, with
+  batch, height and width dynamic; everything else stays in torch and numpy.
+
+Either is served only for a model version whose check passed: its deciding metric on the
+test split (AUROC, macro-F1 or AP50) changed by at most :data:`MAX_METRIC_CHANGE` from
+eager. ``phenocascade check-runtime TIER --runtime R`` runs the check and records it in
+the artifact's :data:`RUNTIME_CHECKS` file; a worker serves any other version eager and
+says why.
 """
 
 from __future__ import annotations
@@ -16,19 +22,25 @@ import dataclasses
 import functools
 import json
 import logging
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from phenocascade.config import Runtime
 from phenocascade.domain import DecodedImage, StageOutput
-from phenocascade.errors import ArtifactError
+from phenocascade.errors import ArtifactError, ConfigError
+from phenocascade.models.segmentation import NucleusSegmenter
 
 # The largest change of the deciding metric a runtime may cause (issue 13's bound).
 MAX_METRIC_CHANGE = 0.005
 RUNTIME_CHECKS = "runtimes.json"
+# The ONNX operator set of the export (ONNX Runtime 1.20 and later run it).
+ONNX_OPSET = 17
 log = logging.getLogger(__name__)
 
 
@@ -161,9 +173,99 @@ class AutocastStage:
         return under_autocast
 
 
+class OnnxNetwork:
+    """A torch network whose calls run in ONNX Runtime; its other attributes are its own.
+
+    The network is exported once (TorchScript exporter, opset :data:`ONNX_OPSET`, batch,
+    height and width dynamic) and run by ONNX Runtime's CPU provider on ``threads``
+    threads. Calling it takes and returns fp32 ``(N, C, H, W)`` tensors, as the network
+    does; any other attribute (such as the segmenter's ``encoder_statistics``, read by
+    shift detection) is the torch network's.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        A network in eval mode, on the CPU, taking ``(N, channels, H, W)``.
+    channels : int
+        Its input channels.
+    threads : int
+        ONNX Runtime's intra-op threads (the worker's torch threads).
+    """
+
+    def __init__(self, network: torch.nn.Module, channels: int, threads: int) -> None:
+        # Imported here: only a tier served in ONNX pays for it.
+        import onnxruntime
+
+        with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+            path = Path(scratch) / "network.onnx"
+            # The TorchScript exporter warns that it is deprecated; its graph is exact here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network,
+                (torch.zeros(1, channels, 64, 64),),
+                path,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}},
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+            )
+            graph = path.read_bytes()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.network = network
+        self.session = onnxruntime.InferenceSession(
+            graph, options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the network's output for ``x``, computed by ONNX Runtime."""
+        pixels = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(["y"], {"x": pixels})[0])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("network", "session"):
+            raise AttributeError(name)
+        return getattr(self.network, name)
+
+
+def in_onnx(stage: Any, device: str) -> Any:
+    """Return ``stage`` with its nucleus segmenter's network run by :class:`OnnxNetwork`.
+
+    The stage itself is changed (its ``segmenter_.network_``) and returned.
+
+    Raises
+    ------
+    ConfigError
+        If ``device`` is not the CPU, or the stage has no nucleus segmenter.
+    """
+    if device.split(":")[0] != "cpu":
+        raise ConfigError(
+            f"runtime onnx runs on the CPU (ONNX Runtime's CPU provider); on {device} use bf16"
+        )
+    segmenter = getattr(stage, "segmenter_", None)
+    if not isinstance(segmenter, NucleusSegmenter):
+        backend = getattr(stage, "model_name", type(stage).__name__)
+        raise ConfigError(
+            f"runtime onnx covers the models that segment nuclei (nucleus_mask_outlier_detector, "
+            f"morphometric_classifier), not {backend}; serve it eager or bf16"
+        )
+    if not isinstance(segmenter.network_, OnnxNetwork):
+        segmenter.network_ = OnnxNetwork(  # type: ignore[assignment]
+            segmenter.network_, 3, torch.get_num_threads()
+        )
+    return stage
+
+
 def with_runtime(stage: Any, runtime: Runtime, device: str) -> Any:
     """Return ``stage`` computing as ``runtime`` (unchecked: see :func:`serving`)."""
-    return stage if runtime == "eager" else AutocastStage(stage, device)
+    if runtime == "eager":
+        return stage
+    if runtime == "onnx":
+        return in_onnx(stage, device)
+    return AutocastStage(stage, device)
 
 
 def serving(

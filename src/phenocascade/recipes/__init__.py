@@ -215,7 +215,7 @@ def check_runtime(
         If ``runtime`` is ``"eager"`` (nothing to check) or the tier has no such model.
     """
     if runtime == "eager":
-        raise ConfigError("eager is the reference: check bf16 (--runtime bf16)")
+        raise ConfigError("eager is the reference: check bf16 or onnx (--runtime bf16|onnx)")
     own = own_tier(tier, settings=settings, topology=topology, dataset=dataset)
     artifact = own[0].artifact if own is not None else tier
     version = version or champion_version(settings.artifacts, artifact)

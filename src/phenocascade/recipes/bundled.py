@@ -642,7 +642,7 @@ def evaluate_tier(
         Minority tier only: the dataset the model was trained for (see :func:`tier_data`).
     split : str, default "test"
         ``"val"`` while tuning; report only ``"test"``.
-    runtime : {"eager", "bf16"}, default "eager"
+    runtime : {"eager", "bf16", "onnx"}, default "eager"
         How the model computes (:mod:`phenocascade.models.runtime`).
 
     Raises
