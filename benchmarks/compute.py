@@ -1,19 +1,21 @@
-"""How close each tier's inference comes to the machine's compute, eager fp32 and bf16 (issue 13).
+"""How close each tier's inference comes to the machine's compute: eager, bf16, onnx (issue 13).
 
 For the bundled champions (the bootstrap models: restored from the model cache, or
 trained), on test images of each tier, in one run:
 
 - ``matmul_peak_gflops``: the measured peak of a square matrix product (the best of
   several runs), in fp32 and in bf16, on ``--device`` with torch's threads;
-- per tier and runtime (``eager`` fp32, and ``bf16`` autocast), ``img_s`` (images per
+- per tier and runtime (``eager`` fp32, ``bf16`` autocast, and ``onnx`` for the tiers
+  that segment nuclei: their U-Net in ONNX Runtime), ``img_s`` (images per
   second through ``predict``, the best of ``--passes`` passes after a warm-up),
   ``gflop_per_image`` (floating-point operations counted by
   :class:`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products,
   multiply and add counted apart), ``gflops`` (achieved: those operations over the time),
   ``fraction_of_peak`` (of the fp32 peak), and the tier's metric on those images
-  (``auroc``, ``macro_f1`` or ``ap50``); ``bf16`` adds ``speedup`` and ``metric_delta``
-  against eager, and ``accepted`` (speedup with ``|metric_delta| <= 0.005``), or the
-  error that refused it;
+  (``auroc``, ``macro_f1`` or ``ap50``); ``bf16`` and ``onnx`` add ``speedup`` and
+  ``metric_delta`` against eager, and ``accepted`` (speedup with ``|metric_delta| <=
+  0.005``), or the error that refused it (``onnx``'s operations are eager's: torch's
+  counter cannot see inside ONNX Runtime);
 - with ``--replicas 1,2,...``, per tier the total images per second of that many
   processes predicting at once (each with its share of the threads), and on CUDA the
   GPU's mean utilisation while they ran (``nvidia-smi``).
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from phenocascade.config import Settings
 from phenocascade.data.labelled import LabelledSet
 from phenocascade.domain import DecodedImage
+from phenocascade.errors import ConfigError
 from phenocascade.models.base import load_stage
 from phenocascade.models.evaluate import evaluate_stage
+from phenocascade.models.runtime import with_runtime
 from phenocascade.recipes import TIERS, Tier, decode, ensure_bootstrap, tier_data
 from provenance import provenance
 
@@ -130,6 +134,25 @@ def measure(
         "gflops": round(flop / best / 1e9, 2),
         "metric": METRIC[tier],
         "value": metrics.get(METRIC[tier]),
+    }
+
+
+def against_eager(
+    figures: dict[str, Any], eager: Mapping[str, Any], fp32_peak: float
+) -> dict[str, Any]:
+    """Add a runtime's ``fraction_of_peak``, ``speedup``, ``metric_delta`` and ``accepted``."""
+    delta = (
+        None
+        if figures["value"] is None or eager["value"] is None
+        else round(figures["value"] - eager["value"], 4)
+    )
+    speedup = round(figures["img_s"] / eager["img_s"], 2)
+    return {
+        **figures,
+        "fraction_of_peak": round(figures["gflops"] / fp32_peak, 3),
+        "speedup": speedup,
+        "metric_delta": delta,
+        "accepted": delta is not None and abs(delta) <= TOLERANCE and speedup > 1.0,
     }
 
 
@@ -236,18 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (RuntimeError, TypeError) as exc:  # an op or a conversion bf16 lacks
                 result["bf16"] = {"accepted": False, "error": f"{type(exc).__name__}: {exc}"}
             else:
-                bf16["fraction_of_peak"] = round(bf16["gflops"] / peak["fp32"], 3)
-                bf16["speedup"] = round(bf16["img_s"] / eager["img_s"], 2)
-                delta = (
-                    None
-                    if bf16["value"] is None or eager["value"] is None
-                    else round(bf16["value"] - eager["value"], 4)
+                result["bf16"] = against_eager(bf16, eager, peak["fp32"])
+            try:
+                in_ort = with_runtime(
+                    load_stage(settings.artifacts, tier, device=args.device, novelty=False),
+                    "onnx",
+                    args.device,
                 )
-                bf16["metric_delta"] = delta
-                bf16["accepted"] = (
-                    delta is not None and abs(delta) <= TOLERANCE and bf16["speedup"] > 1.0
-                )
-                result["bf16"] = bf16
+            except ConfigError as exc:  # a tier without a nucleus segmenter, or CUDA
+                result["onnx"] = {"accepted": False, "error": str(exc)}
+            else:
+                onnx = measure(in_ort, data, images, tier, "onnx", args.device, args.passes, work)
+                # torch's counter does not see ONNX Runtime's work: it is eager's, faster.
+                onnx["gflop_per_image"] = eager["gflop_per_image"]
+                onnx["gflops"] = round(eager["gflop_per_image"] * onnx["img_s"], 2)
+                result["onnx"] = against_eager(onnx, eager, peak["fp32"])
             if args.replicas:
                 counts = [int(r) for r in args.replicas.split(",") if r]
                 result["replicas"] = scaling(
