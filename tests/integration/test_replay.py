@@ -570,6 +570,9 @@ def test_images_a_worker_scored_before_it_swapped_models_are_sent_again(lab: Lab
     with _rescoring(lab) as rescorer:
         image_id = _submit_levels(lab, (50,))[50]
         _wait("the detector's task", 90, lambda: _task(lab, image_id) is not None, lab)
+        # The joiner is its own process: on a loaded machine its first output can come
+        # well after the detector's task.
+        _wait("the first output", 90, lambda: image_id in _outputs(lab), lab)
         minority = lab.workers["minority"]
         lab.refuse_once.add(V2)
         _promote_detector(lab)
