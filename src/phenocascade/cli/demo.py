@@ -30,7 +30,7 @@ from phenocascade.config import Settings, get_settings, load_topology
 from phenocascade.domain import ImageMeta
 from phenocascade.errors import InfraError
 from phenocascade.infra.local import up
-from phenocascade.store.cassandra import connect, get_latest_output
+from phenocascade.store.cassandra import connect, get_latest_output, outputs_by_study
 from phenocascade.streams.kafka import create_topics
 
 
@@ -54,39 +54,44 @@ def sample_images(
 
 
 def wait_for_outputs(
-    settings: Settings, image_ids: list[str], dead_ids: set[str], timeout_s: float
+    settings: Settings, study: str, image_ids: list[str], timeout_s: float
 ) -> dict[str, dict[str, Any]]:
-    """Poll Cassandra until every image has an output (or timeout); return the outputs."""
+    """Poll Cassandra until every image has an output (or timeout); return the outputs.
+
+    One query of ``study``'s outputs a second; an image's output is read once, when it
+    first appears there.
+    """
     session = connect(settings.cassandra)
+    wanted = set(image_ids)
     outputs: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("streaming through the cascade", total=len(image_ids))
-        while time.monotonic() < deadline:
-            for image_id in image_ids:
-                if image_id not in outputs:
+        task = bar.add_task("streaming through the cascade", total=len(wanted))
+        while True:
+            for row in outputs_by_study(session=session, study=study):
+                image_id = row["image_id"]
+                if image_id in wanted and image_id not in outputs:
                     found = get_latest_output(session=session, image_id=image_id)
                     if found is not None:
                         outputs[image_id] = found
             bar.update(task, completed=len(outputs))
-            if len(outputs) + len(dead_ids) >= len(image_ids):
-                break
+            if len(outputs) >= len(wanted) or time.monotonic() >= deadline:
+                return outputs
             time.sleep(1.0)
-    return outputs
 
 
 class FirstResult:
-    """Watch Cassandra, in a thread, for the first output of ``image_ids``; say when it came.
+    """Watch Cassandra, in a thread, for the first output of ``study``; say when it came.
 
     The demo's images wait in Kafka while the bootstrap models train, and the gate's
     worker starts as soon as its model is ready: its unusable images are answered while
     the branch tiers still train. ``seconds`` is the time from ``since`` (monotonic; the
-    brokers being up) to the first output seen (polled once a second).
+    brokers being up) to the first output seen (one query a second).
     """
 
-    def __init__(self, settings: Settings, image_ids: list[str], since: float) -> None:
+    def __init__(self, settings: Settings, study: str, since: float) -> None:
         self.settings = settings
-        self.image_ids = image_ids
+        self.study = study
         self.since = since
         self.seconds: float | None = None
         self._stop = threading.Event()
@@ -103,15 +108,15 @@ class FirstResult:
     def _watch(self) -> None:
         session = connect(self.settings.cassandra)
         while not self._stop.wait(1.0):
-            for image_id in self.image_ids:
-                found = get_latest_output(session=session, image_id=image_id)
-                if found is not None:
-                    self.seconds = time.monotonic() - self.since
-                    console.print(
-                        f"first result {self.seconds:.0f} s after the brokers were up: "
-                        f"{image_id} {found['status']}"
-                    )
-                    return
+            rows = outputs_by_study(session=session, study=self.study)
+            if rows:
+                first = min(rows, key=lambda r: r["produced_at"])
+                self.seconds = time.monotonic() - self.since
+                console.print(
+                    f"first result {self.seconds:.0f} s after the brokers were up: "
+                    f"{first['image_id']} {first['status']}"
+                )
+                return
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,10 +162,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start([t.name for t in topology.tiers if t.artifact == artifact])
 
     try:
-        with FirstResult(settings, ids, brokers_up) as first:
+        with FirstResult(settings, run_id, brokers_up) as first:
             ensure_bootstrap(settings, progress=True, ready=ready)
             start([t.name for t in topology.tiers if t.name not in started])
-            outputs = wait_for_outputs(settings, ids, set(), args.timeout)
+            outputs = wait_for_outputs(settings, run_id, ids, args.timeout)
         for name, proc in procs.items():
             if proc.poll() is not None:
                 raise InfraError(f"{name} exited with {proc.returncode}; see {logs}/{name}.log")
