@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import yaml
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
@@ -364,7 +363,10 @@ def _smallest(paths: Sequence[Path], n: int) -> list[Path]:
     with pixels: leaving out DSB's few 1024 x 1024 and larger fields keeps it bounded on
     two cores, and the stream still holds every other size.
     """
-    area = {p: int(np.prod(Image.open(p).size)) for p in paths}
+    area: dict[Path, int] = {}
+    for path in paths:
+        with Image.open(path) as image:
+            area[path] = image.width * image.height
     keep = set(sorted(paths, key=lambda p: area[p])[:n])
     return [p for p in paths if p in keep]
 

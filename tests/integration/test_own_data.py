@@ -83,7 +83,9 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
     for tier in topology.tiers:
         # Before any `run`: the sweep creates the planned topics to announce its promotion.
         sweep = ["sweep", tier.name, "--topology", str(planned), "--trials", "2"]
-        _cli(env, *sweep, "--budget-minutes", "1", *budget)
+        # 3 minutes: on a slow 2-core machine one 2-epoch trial of the largest detector
+        # input takes over a minute, and a budget spent mid-trial prunes it.
+        _cli(env, *sweep, "--budget-minutes", "3", *budget)
         trials = json.loads(
             _cli(env, "sweep", "show", tier.name, "--topology", str(planned), "--json")
         )
