@@ -84,7 +84,8 @@ def test_a_lab_dataset_from_voc_files_to_streamed_results(infra: Settings, tmp_p
         # Before any `run`: the sweep creates the planned topics to announce its promotion.
         sweep = ["sweep", tier.name, "--topology", str(planned), "--trials", "2"]
         # 3 minutes: on a slow 2-core machine one 2-epoch trial of the largest detector
-        # input takes over a minute, and a budget spent mid-trial prunes it.
+        # input takes over a minute, and a budget spent by the end of any of a trial's
+        # epochs prunes it, its last one included.
         _cli(env, *sweep, "--budget-minutes", "3", *budget)
         trials = json.loads(
             _cli(env, "sweep", "show", tier.name, "--topology", str(planned), "--json")
