@@ -114,7 +114,7 @@ def test_two_groups_frequent_and_rare_objects_plan_to_five_tiers() -> None:
     }
     backends = {t.name: (t.role, t.backend, t.batch_size) for t in plan.topology.tiers}
     assert backends == {
-        "quality": ("gate", "quality_cnn", 8),
+        "quality": ("gate", "quality_probe", 8),
         "density": ("branch", "multilabel_cnn", 8),
         "size": ("branch", "multilabel_cnn", 8),
         "objects": ("branch", "multilabel_cnn", 8),

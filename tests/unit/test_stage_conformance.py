@@ -31,6 +31,7 @@ SIZE = 48
 # Per backend: constructor arguments and epochs small enough for a unit test.
 FAST: dict[str, tuple[dict[str, Any], int]] = {
     "quality_cnn": ({"input_size": 32, "view": "resize", "batch_size": 4}, 6),
+    "quality_probe": ({"input_size": 32, "n_axes": 4, "batch_size": 4}, 1),
     "multilabel_cnn": ({"backbone": "small_cnn", "input_size": 32, "batch_size": 4}, 6),
     "torchvision_detector": ({"backbone": "resnet18", "min_size": SIZE, "max_size": SIZE}, 5),
     "yolo": ({"imgsz": 64, "batch_size": 4}, 6),

@@ -193,6 +193,14 @@ def test_a_trial_still_training_when_the_budget_is_spent_is_pruned_at_its_next_e
     assert study.trials[late.number].intermediate_values == {3: -0.5}
 
 
+def test_a_trial_that_has_trained_its_last_epoch_is_not_pruned_for_the_budget() -> None:
+    study = optuna.create_study(direction="maximize")
+    spent = sweep.pruning_hook(study.ask(), deadline=time.monotonic() - 1, last_epoch=1)
+    with pytest.raises(optuna.TrialPruned, match="budget was spent at epoch 0"):
+        spent(0, 0.5)
+    spent(1, 0.4)  # its last epoch: the model is trained, only calibration is left
+
+
 def test_a_trial_that_cannot_train_fails_with_its_reason_and_the_sweep_goes_on(
     home: Path, tmp_path: Path
 ) -> None:
@@ -274,6 +282,17 @@ def test_the_morphometric_classifier_is_searched_where_the_dataset_outlines_obje
     # The sampled settings go into the segmenter; the recipe's others (weights, steps) stay.
     assert epochs == 9
     assert config == {"segmenter": {**recipe["segmenter"], "crop_size": 192, "lr": 1e-3}}
+
+
+def test_the_gate_sweep_searches_the_probe_on_its_input_size_alone() -> None:
+    space = default_space(StageKind.GATE)
+    assert {"quality_cnn", "quality_probe"} <= set(space)
+    recipe = own_recipe(StageKind.GATE, "quality_probe", "bootstrap").config
+    trial = optuna.trial.FixedTrial({"quality_probe.input_size": 224, "quality_probe.epochs": 1})
+    config, epochs = trial_config(trial, "quality_probe", space["quality_probe"], recipe)
+    # no learning rate: its head is fitted to convergence; the recipe's weights stay
+    assert (config, epochs) == ({"input_size": 224}, 1)
+    assert recipe["input_size"] == 160 and "lr" not in recipe
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ Rare
     A label whose frequency is at most ``minority_max_fraction`` (default 0.15) is rare;
     any other is frequent.
 Tier 1, the quality gate (always)
-    Tier ``quality``: role gate, backend ``quality_cnn``, labels ``["clear"]``, routes
+    Tier ``quality``: role gate, backend ``quality_probe``, labels ``["clear"]``, routes
     pass -> ``images.usable``, skip -> ``images.skipped``. ``quality="own"``: artifact
     ``<dataset>-quality``, ``dataset: <dataset>``, trained on the dataset's own quality
     labels when it has an image label ``"clear"`` (with any group holding it), else on
@@ -474,7 +474,7 @@ def _gate_spec(dataset: str | None, threads: int) -> TierSpec:
     return TierSpec(
         name=GATE_TIER,
         role="gate",
-        backend="quality_cnn",
+        backend="quality_probe",
         artifact=GENERIC_GATE_ARTIFACT if dataset is None else f"{dataset}-{GATE_TIER}",
         input=SUBMITTED_TOPIC,
         group=f"phenocascade-{GATE_TIER}",

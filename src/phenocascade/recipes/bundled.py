@@ -182,11 +182,35 @@ def recipe(
         is the dataset's default (the first for DSB, ``"torchvision_detector"`` for BCCD).
         Majority tier: ``None`` and ``"morphometric_classifier"`` get the morphometric
         recipe (on the minority tier's segmenter when it can share it); anything else gets
-        the ``multilabel_cnn`` one. The quality tier has one recipe and ignores it.
+        the ``multilabel_cnn`` one. Quality tier: ``None`` and ``"quality_probe"`` get the
+        probe's recipe at bootstrap size when the offline MobileNetV2 weights are
+        installed; otherwise, and for any other backend, the fine-tuned ``quality_cnn``.
     dataset : {"dsb", "bccd"}, default "dsb"
         Minority tier only: DSB 2018 large nuclei, or BCCD white cells and platelets.
     """
     mobilenet = offline_mobilenet()
+    if (
+        tier == "quality"
+        and mobilenet
+        and size == "bootstrap"
+        and backend in (None, "quality_probe")
+    ):
+        # A logistic head on frozen ImageNet features and image statistics
+        # (:mod:`~phenocascade.models.backends.quality_probe`): it looks at each image once,
+        # so it trains in minutes where fine-tuning MobileNetV2 took 20 on a 2-core AMD
+        # EPYC (1178 s), and it ranks clear fields above unclear ones more cleanly (val:
+        # 0.97 of clear images above every unclear one, against 0.38 for deep features
+        # alone). Two start points: one confidently wrong image near the top of the
+        # pooled ranking otherwise ends the single sequence early (a cross-fitted
+        # certificate at 0.99 passed 297 of 824 clear images with one, 637 with two).
+        return Recipe(
+            "quality_probe",
+            {"pretrained": mobilenet, "input_size": 160},
+            max_epochs=1,
+            patience=1,
+            max_val_fit=150,
+            ltt_starts=2,
+        )
     if tier == "quality":
         # The whole field, resized: degradations are scaled to a 256 px short side, so blur
         # stays visible, while exposure and noise need the whole field (crops of dark

@@ -152,6 +152,9 @@ def own_recipe(kind: StageKind, backend: str, size: Size) -> Recipe:
         if full:
             return Recipe(backend, config, max_epochs=40, patience=6, ltt_starts=starts)
         return Recipe(backend, config, max_epochs=6, patience=2, max_train=400, ltt_starts=starts)
+    if backend == "quality_probe":
+        # A logistic head on frozen features: one look at each image, no epochs to tune.
+        return Recipe(backend, {"pretrained": mobilenet, "input_size": 160}, 1, 1, ltt_starts=2)
     if backend == "torchvision_detector":
         min_size, max_size = _DETECTOR_SIZES[size]
         config = {

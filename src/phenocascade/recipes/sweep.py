@@ -24,9 +24,10 @@ seed, so trials differ only by their parameters.
   otherwise that backbone trains from scratch. The ``morphometric_classifier`` is searched
   when the dataset outlines its objects (instance masks or boxes), as it learns to segment
   them: its segmenter's crop size, learning rate and epochs (its U-Net body is always
-  MobileNetV2). The nucleus composites (``nucleus_outlier_detector``,
-  ``nucleus_mask_outlier_detector``) are not searched: they learn one class of size
-  outliers among nuclei, not a tier's labels.
+  MobileNetV2). The ``quality_probe`` gate is searched on its input size alone: its body
+  is frozen and its head is convex, fitted to convergence. The nucleus composites
+  (``nucleus_outlier_detector``, ``nucleus_mask_outlier_detector``) are not searched:
+  they learn one class of size outliers among nuclei, not a tier's labels.
 * **Storage:** the study lives in ``storage`` (default ``sqlite:///<home>/sweeps.db``)
   under ``study_name`` (default the tier's artifact name); a later sweep of the same
   study continues it, and ``phenocascade sweep show`` lists every trial.
@@ -92,8 +93,9 @@ class BackendSpace:
         Choices of the constructor argument ``backbone_arg`` (empty: not searched).
     input_sizes : tuple of int
         Choices of ``size_arg``, in pixels.
-    lr : tuple of float
-        ``(low, high)`` of the learning rate (``lr``), sampled on a log scale.
+    lr : tuple of float or None
+        ``(low, high)`` of the learning rate (``lr``), sampled on a log scale; ``None``:
+        the backend has none (``quality_probe`` fits a convex head to convergence).
     epochs : tuple of int
         ``(low, high)`` of the epochs (early stopping may end a trial sooner).
     augmentation : tuple of float or None, default None
@@ -112,7 +114,7 @@ class BackendSpace:
 
     backbones: tuple[str, ...]
     input_sizes: tuple[int, ...]
-    lr: tuple[float, float]
+    lr: tuple[float, float] | None
     epochs: tuple[int, int]
     augmentation: tuple[float, float] | None = None
     backbone_arg: str = "backbone"
@@ -229,6 +231,8 @@ def default_space(
             spaces[name] = BackendSpace(
                 ("small_cnn", "mobilenet_v2", "resnet18"), (96, 128, 160, 224), (1e-4, 1e-2), epochs
             )
+        elif name == "quality_probe":
+            spaces[name] = BackendSpace((), (128, 160, 224), None, epochs)
         elif name == "torchvision_detector":
             spaces[name] = BackendSpace(
                 ("mobilenet_v2", "resnet18"),
@@ -285,11 +289,9 @@ def trial_config(
     prefix = f"{backend}."
     base: Mapping[str, Any] = (recipe.get(space.nested) or {}) if space.nested else recipe
     size = trial.suggest_categorical(prefix + "input_size", space.input_sizes)
-    config: dict[str, Any] = {
-        **(base if space.nested else {}),
-        space.size_arg: size,
-        "lr": trial.suggest_float(prefix + "lr", *space.lr, log=True),
-    }
+    config: dict[str, Any] = {**(base if space.nested else {}), space.size_arg: size}
+    if space.lr is not None:
+        config["lr"] = trial.suggest_float(prefix + "lr", *space.lr, log=True)
     if space.backbones:
         backbone = trial.suggest_categorical(prefix + "backbone", space.backbones)
         config[space.backbone_arg] = backbone
@@ -307,7 +309,9 @@ def trial_config(
     return ({space.nested: config} if space.nested else config), epochs
 
 
-def pruning_hook(trial: optuna.Trial, deadline: float = math.inf) -> EpochHook:
+def pruning_hook(
+    trial: optuna.Trial, deadline: float = math.inf, last_epoch: int | None = None
+) -> EpochHook:
     """Return an epoch hook that reports ``-val_loss`` and prunes a trial that falls behind.
 
     Parameters
@@ -317,6 +321,10 @@ def pruning_hook(trial: optuna.Trial, deadline: float = math.inf) -> EpochHook:
     deadline : float, default inf
         ``time.monotonic()`` at which the sweep's budget is spent: a trial still training
         then is pruned at its next epoch, so one long trial cannot overrun the budget.
+    last_epoch : int or None, default None
+        The trial's last zero-based epoch: once it has trained it, the trial is not pruned
+        for the budget (its model is as good as it will get, and only calibration is
+        left); ``None``: any epoch may be pruned.
 
     Raises
     ------
@@ -329,7 +337,8 @@ def pruning_hook(trial: optuna.Trial, deadline: float = math.inf) -> EpochHook:
         trial.report(-val_loss, epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation loss {val_loss:.4f} behind at epoch {epoch}")
-        if time.monotonic() >= deadline:
+        finished = last_epoch is not None and epoch >= last_epoch
+        if time.monotonic() >= deadline and not finished:
             raise optuna.TrialPruned(f"the sweep's budget was spent at epoch {epoch}")
 
     return hook
@@ -361,7 +370,7 @@ class _Objective:
         spec = self.spec.model_copy(update={"backend": backend, "config": own})
         started = time.perf_counter()
         try:
-            with epoch_hook(pruning_hook(trial, self.deadline)):
+            with epoch_hook(pruning_hook(trial, self.deadline, last_epoch=epochs - 1)):
                 folder = train_own_tier(
                     spec,
                     self.stored,
@@ -424,7 +433,7 @@ def sweep_tier(
         At most this many trials in this run.
     budget_minutes : float
         No trial starts after this many minutes, and a trial still training then is
-        pruned at its next epoch (:func:`pruning_hook`).
+        pruned at its next epoch unless that is its last (:func:`pruning_hook`).
     storage : str or None, default None
         Optuna storage URL; ``None``: ``sqlite:///<home>/sweeps.db``.
     study_name : str or None, default None

@@ -6,6 +6,7 @@ from phenocascade.models.backends import (
     nucleus_mask_outlier,
     nucleus_outlier,
     quality_cnn,
+    quality_probe,
     torchvision_detector,
     yolo,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "nucleus_mask_outlier",
     "nucleus_outlier",
     "quality_cnn",
+    "quality_probe",
     "torchvision_detector",
     "yolo",
 ]
