@@ -11,7 +11,12 @@ from PIL import Image, ImageFilter
 
 from phenocascade.domain import DecodedImage, Sample
 from phenocascade.errors import ConfigError
-from phenocascade.models.backends.quality_probe import STATISTICS, QualityProbe, image_statistics
+from phenocascade.models.backends.quality_probe import (
+    STATISTICS,
+    ProbeNet,
+    QualityProbe,
+    image_statistics,
+)
 from phenocascade.models.base import get_backend
 
 
@@ -131,6 +136,29 @@ def test_the_probe_learns_clear_from_degraded_fields_and_survives_save_and_load(
     probe.save(tmp_path / "v1", tier="quality")
     loaded = get_backend("quality_probe").load(tmp_path / "v1")
     assert loaded.predict(images) == probe.predict(images)
+
+
+def test_the_probe_describes_an_image_once_however_often_it_is_scored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    train, pixels = _samples(16, 0)
+    val, val_px = _samples(6, 100)
+    pixels |= val_px
+    probe = QualityProbe(input_size=32, n_axes=4, batch_size=4).fit(
+        train, val, classes=("clear",), load=lambda s: pixels[s.image_id]
+    )
+    described: list[int] = []
+    real = ProbeNet.deep
+    monkeypatch.setattr(ProbeNet, "deep", lambda net, x: described.append(len(x)) or real(net, x))
+    # decoded again, as calibration decodes what training read: not described again
+    again = [DecodedImage(s.image_id, pixels[s.image_id].copy()) for s in (*train, *val)]
+    first = probe.predict(again)
+    assert described == [] and np.array_equal(probe.embed(again[:3]), probe.embed(again)[:3])
+    fresh = DecodedImage("new", _field(999))
+    probe.predict([fresh, *again[:2]])
+    probe.embed([fresh])
+    assert described == [1]  # the new image only, once
+    assert probe.predict(again) == first
 
 
 def test_negative_penalties_are_refused_in_one_line() -> None:

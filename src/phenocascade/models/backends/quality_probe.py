@@ -29,7 +29,11 @@ out-of-fold images (session 22's scripts; ``benchmarks/models.py --only quality`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -280,9 +284,6 @@ class QualityProbe(GroupedClassifier):
     kind = StageKind.GATE
     model_name = "quality_probe"
     gate_label = "clear"
-    # The pixels of the last batch described (held, so their identity stays theirs) and
-    # the head's input for them; see :meth:`embed`.
-    _last: tuple[list[npt.NDArray[Any]], npt.NDArray[np.float64]] | None = None
 
     def __init__(
         self,
@@ -321,47 +322,57 @@ class QualityProbe(GroupedClassifier):
 
     # -- features ------------------------------------------------------------------------
     def _raw(
-        self, net: ProbeNet, pixels: Sequence[npt.NDArray[Any]], progress: Progress | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the deep features ``(N, DEEP_WIDTH)`` and statistics ``(N, 18)`` of images."""
-        deep, stats = [], []
-        task = progress.add_task("quality_probe: features", total=len(pixels)) if progress else None
+        self,
+        net: ProbeNet,
+        pixels: Iterable[npt.NDArray[Any]],
+        total: int,
+        progress: Progress | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
+        """Describe images, a batch at a time (each is held only while its batch is).
+
+        Returns the deep features ``(N, DEEP_WIDTH)``, the statistics ``(N, 18)`` and
+        each image's content key (:meth:`_Memo.key`).
+        """
+        deep, stats, keys = [], [], []
+        task = progress.add_task("quality_probe: features", total=total) if progress else None
+        stream = iter(pixels)
         with torch.inference_mode():
-            for start in range(0, len(pixels), self.batch_size):
-                chunk = pixels[start : start + self.batch_size]
+            while chunk := list(itertools.islice(stream, self.batch_size)):
                 batch = torch.stack(
                     [resize_square(to_chw(to_unit_rgb(p)), self.input_size) for p in chunk]
                 )
                 batch = normalize(batch, IMAGENET_MEAN, IMAGENET_STD).to(net.device)
                 deep.append(net.deep(batch).cpu())
                 stats.append(torch.from_numpy(np.stack([image_statistics(p) for p in chunk])))
+                keys += [_Memo.key(p) for p in chunk]
                 if progress is not None and task is not None:
                     progress.advance(task, len(chunk))
         if not deep:
-            return torch.zeros(0, DEEP_WIDTH), torch.zeros(0, len(STATISTICS), dtype=torch.float64)
-        return torch.cat(deep), torch.cat(stats)
+            empty = torch.zeros(0, len(STATISTICS), dtype=torch.float64)
+            return torch.zeros(0, DEEP_WIDTH), empty, []
+        return torch.cat(deep), torch.cat(stats), keys
 
     def _head_inputs(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
-        """Return the head's input of each image; the last batch's are kept (see :meth:`embed`)."""
-        last = self._last
-        if (
-            last is not None
-            and len(last[0]) == len(images)
-            and all(a is img.pixels for a, img in zip(last[0], images, strict=True))
-        ):
-            return last[1]
-        deep, stats = self._raw(self.net_, [img.pixels for img in images])
-        with torch.inference_mode():
-            found = self.net_.head_input(deep, stats).numpy()
-        self._last = ([img.pixels for img in images], found)
-        return found
+        """Return the head's input of each image, described once per content (:class:`_Memo`)."""
+        keys = [_Memo.key(img.pixels) for img in images]
+        found = self._memo.get_many(keys)
+        missing = [j for j, row in enumerate(found) if row is None]
+        if missing:
+            deep, stats, _ = self._raw(self.net_, (images[j].pixels for j in missing), len(missing))
+            with torch.inference_mode():
+                rows = self.net_.head_input(deep, stats).numpy()
+            for j, row in zip(missing, rows, strict=True):
+                found[j] = row
+            self._memo.put_many([keys[j] for j in missing], list(rows))
+        return np.stack([row for row in found if row is not None])
 
     def embed(self, images: Sequence[DecodedImage]) -> npt.NDArray[np.float64]:
         """Return the head's input: the projected deep features and the scaled statistics.
 
         Shape ``(len(images), n_axes + 18)``, ``float64``. The shift detector
-        (:mod:`phenocascade.models.novelty`) reads them; the last batch's are kept, as a
-        worker embeds the batch it has just scored.
+        (:mod:`phenocascade.models.novelty`) reads them; an image described recently is
+        not described again (a worker embeds the batch it has just scored, calibration the
+        images training described).
         """
         if not images:
             return np.zeros((0, self.net_.head.in_features))
@@ -437,8 +448,8 @@ class QualityProbe(GroupedClassifier):
         if bar is not None:
             bar.start()
         try:
-            deep, stats = self._raw(net, [load(s) for s in train], bar)
-            deep_val, stats_val = self._raw(net, [load(s) for s in val], bar)
+            deep, stats, keys = self._raw(net, map(load, train), len(train), bar)
+            deep_val, stats_val, val_keys = self._raw(net, map(load, val), len(val), bar)
         finally:
             if bar is not None:
                 bar.stop()
@@ -474,7 +485,9 @@ class QualityProbe(GroupedClassifier):
             )
         self.net_ = net.eval()
         self.device_ = device
-        self._last = None
+        # Calibration, the shift detector and the validation report read the same images.
+        self._memo = _Memo()
+        self._memo.put_many([*keys, *val_keys], list(torch.cat([x, x_val]).numpy()))
         self._neutral_calibration()
         return self
 
@@ -543,8 +556,53 @@ class QualityProbe(GroupedClassifier):
         net.body.to(device)
         stage.net_ = net.eval()
         stage.device_ = device
+        stage._memo = _Memo()
         stage._adopt_meta(meta)
         return stage
+
+
+class _Memo:
+    """The head's inputs of recently described images, keyed by their pixels' content.
+
+    Bounded (least recently used first out) and safe to share between threads. A key is a
+    BLAKE2 digest of the pixels with their shape and dtype: an image decoded again (for
+    calibration after training, or a re-scored one) is not described again.
+
+    Parameters
+    ----------
+    size : int, default 8192
+        Images kept (about 0.5 KB each).
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._rows: OrderedDict[bytes, npt.NDArray[np.float64]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(pixels: npt.NDArray[Any]) -> bytes:
+        """Return the content key of ``pixels``."""
+        digest = hashlib.blake2b(f"{pixels.shape}{pixels.dtype}".encode(), digest_size=16)
+        digest.update(np.ascontiguousarray(pixels).data)
+        return digest.digest()
+
+    def get_many(self, keys: Sequence[bytes]) -> list[npt.NDArray[np.float64] | None]:
+        """Return the row of each key, ``None`` where it is not kept."""
+        with self._lock:
+            found = [self._rows.get(k) for k in keys]
+            for k, row in zip(keys, found, strict=True):
+                if row is not None:
+                    self._rows.move_to_end(k)
+        return found
+
+    def put_many(self, keys: Sequence[bytes], rows: Sequence[npt.NDArray[np.float64]]) -> None:
+        """Keep ``rows`` under ``keys``, dropping the least recently used beyond ``size``."""
+        with self._lock:
+            for k, row in zip(keys, rows, strict=True):
+                self._rows[k] = row
+                self._rows.move_to_end(k)
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
 
 
 def _check_penalties(penalties: Sequence[float]) -> None:
