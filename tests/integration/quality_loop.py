@@ -4,9 +4,9 @@ champion within a test.
 
 A fair fight: the bootstrap quality champion scores AUROC 1.0 on the holdout, which no
 tiny challenger can strictly beat. Tests that need a promotion therefore start from the
-same recipe with a from-scratch ``small_cnn`` trained for one step on four images; the
-challenger (pretrained MobileNetV2, 96 px, 2 epochs, 24 base images + the annotations)
-must beat it on the same fixed holdout.
+fine-tuned ``quality_cnn`` recipe with a from-scratch ``small_cnn`` trained for one step on
+four images; the challenger, of its parent's backend (pretrained MobileNetV2, 96 px, 2
+epochs, 24 base images + the annotations), must beat it on the same fixed holdout.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def weak_champion(settings: Settings, trainer: RecipeTrainer) -> str:
         train_samples=train,
         val_samples=trainer.holdout("quality"),
         max_epochs=1,
+        backend="quality_cnn",
         config_overrides={"backbone": "small_cnn", "pretrained": None, "input_size": 64},
         progress=False,
     )

@@ -27,6 +27,7 @@ from phenocascade.models.base import (
     champion_version,
     get_backend,
     load_stage,
+    new_stage,
     tier_classes,
 )
 from phenocascade.models.novelty import NoveltyGuard
@@ -183,3 +184,15 @@ def test_a_module_entry_point_registers_its_backend_and_unknown_names_list_both_
     builtin, _, plugins = message.partition("plugins")
     assert "'multilabel_cnn'" in builtin and "'tiny_cnn'" not in builtin
     assert "['tiny_cnn']" in plugins
+
+
+def test_an_option_a_backend_does_not_take_is_named_with_those_it_takes() -> None:
+    # A fine-tuned network's options given to the probe (a challenger's --config, a
+    # topology edit) used to end in a TypeError traceback from the constructor.
+    with pytest.raises(ConfigError) as caught:
+        new_stage("quality_probe", {"backbone": "small_cnn", "input_size": 64, "lr": 1e-3})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'quality_probe' takes no option 'backbone', 'lr'" in message
+    assert "input_size" in message.partition("it takes")[2]
+    assert new_stage("quality_probe", {"input_size": 64}).input_size == 64

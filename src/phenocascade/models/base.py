@@ -18,6 +18,7 @@ are checked before they form a path, since versions arrive from the models topic
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -296,6 +297,29 @@ def get_backend(name: str) -> type[Any]:
             f"unknown backend {name!r}; built-in: {builtin}; plugins ({ENTRY_POINT_GROUP!r} "
             f"entry points): {plugins}"
         ) from None
+
+
+def new_stage(name: str, config: Mapping[str, Any]) -> Any:
+    """Return a fresh stage of backend ``name`` built from ``config``.
+
+    Raises
+    ------
+    ConfigError
+        If no backend has that name (:func:`get_backend`), or ``config`` names an option
+        its constructor does not take: one line naming the options and those it takes.
+    """
+    backend = get_backend(name)
+    params = inspect.signature(backend).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        takes = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        unknown = sorted(set(config) - set(takes))
+        if unknown:
+            raise ConfigError(
+                f"backend {name!r} takes no option {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(sorted(takes))}: remove or rename it in the tier's config "
+                "(or --config)"
+            )
+    return backend(**config)
 
 
 def _import_builtin_backends() -> None:

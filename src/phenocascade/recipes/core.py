@@ -37,7 +37,7 @@ from phenocascade.data.labelled import LabelledSet, load_pixels
 from phenocascade.domain import DecodedImage, Sample, StageOutput
 from phenocascade.errors import ConfigError
 from phenocascade.models.artifact import new_version
-from phenocascade.models.base import champion_version, get_backend, set_champion
+from phenocascade.models.base import champion_version, new_stage, set_champion
 from phenocascade.models.certify import (
     Calibration,
     calibrate_stage,
@@ -237,7 +237,7 @@ def _train(
     progress: bool,
 ) -> Any:
     """Train a fresh backend of ``run`` on ``train``, early-stopping on ``fit_val``."""
-    stage = get_backend(run.backend)(**run.config)
+    stage = new_stage(run.backend, run.config)
     stage.fit(
         train,
         fit_val,
