@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import pty
 import re
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -285,27 +288,55 @@ def test_the_dashboard_charts_only_metrics_the_code_declares() -> None:
     assert len(used) >= 12 and used <= declared, used - declared
 
 
-def test_driver_chatter_goes_to_the_log_file_not_the_console(tmp_path: Path) -> None:
+def _logging(records: str, log_dir: Path, **streams: Any) -> subprocess.CompletedProcess[str]:
+    """Run a process that configures logging as the CLI does, then logs ``records``."""
     script = (
         "import logging, sys\n"
         "from pathlib import Path\n"
         "from phenocascade.cli.logs import configure_logging\n"
-        "configure_logging(False, Path(sys.argv[1]))\n"
-        "logging.getLogger('cassandra.policies').info('driver chatter')\n"
-        "logging.getLogger('librdkafka').warning('%4|GETPID| retrying')\n"
-        "logging.getLogger('phenocascade.cli').info('what a user needs')\n"
+        "configure_logging(False, Path(sys.argv[1]))\n" + records
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        capture_output=True,
+    return subprocess.run(
+        [sys.executable, "-c", script, str(log_dir)],
         text=True,
         timeout=60,
         check=True,
+        **(streams or {"capture_output": True}),
+    )
+
+
+def test_driver_chatter_goes_to_the_log_file_not_the_console(tmp_path: Path) -> None:
+    done = _logging(
+        "logging.getLogger('cassandra.policies').info('driver chatter')\n"
+        "logging.getLogger('librdkafka').warning('%4|GETPID| retrying')\n"
+        "logging.getLogger('phenocascade.cli').info('what a user needs')\n",
+        tmp_path,
     )
     assert "what a user needs" in done.stderr
     assert "chatter" not in done.stderr and "GETPID" not in done.stderr
     kept = (tmp_path / "drivers.log").read_text()
     assert "driver chatter" in kept and "GETPID" in kept and "user needs" not in kept
+
+
+def test_a_terminal_shows_our_messages_alone_and_a_log_file_keeps_their_time(
+    tmp_path: Path,
+) -> None:
+    records = (
+        "logging.getLogger('phenocascade.recipes.core').info('training quality')\n"
+        "logging.getLogger('phenocascade.cli').warning('a broker is slow')\n"
+    )
+    controller, terminal = pty.openpty()
+    try:
+        _logging(records, tmp_path, stderr=terminal, stdout=subprocess.DEVNULL)
+        shown = os.read(controller, 65536).decode().splitlines()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert shown == ["training quality", "WARNING phenocascade.cli: a broker is slow"]
+    first = _logging(records, tmp_path).stderr.splitlines()[0]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d [\d:,]+ INFO phenocascade.recipes.core: training quality", first
+    )
 
 
 def test_every_store_statement_names_its_keyspace() -> None:

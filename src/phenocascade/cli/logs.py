@@ -8,12 +8,17 @@ broker starts or moves a leader, so they reach the console only at ERROR. Every 
 record at INFO or above also goes to ``<home>/logs/drivers.log``, so what the console
 leaves out is kept. ``-v`` adds phenocascade's DEBUG records and every driver's INFO ones
 to the console.
+
+On a terminal, phenocascade's INFO records show their message alone (a warning or an error
+keeps its level and logger), so a person reads what happened, not where it was logged;
+anywhere else (a log file, a pipe, ``-v``) every record has its time, level and logger.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import sys
 from pathlib import Path
 
 from phenocascade.config import LIBRDKAFKA_LOGGER, get_settings
@@ -22,6 +27,7 @@ from phenocascade.errors import ConfigError
 OURS = "phenocascade"
 DRIVERS_LOG = "drivers.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TERMINAL_WARNING_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 _installed: list[logging.Handler] = []
 
@@ -52,6 +58,22 @@ class ConsoleFilter(logging.Filter):
         if record.name == LIBRDKAFKA_LOGGER:
             return record.levelno >= self.librdkafka_level
         return record.levelno >= self.driver_level
+
+
+class TerminalFormatter(logging.Formatter):
+    """Format phenocascade's INFO (and lower) records as their message alone."""
+
+    def __init__(self) -> None:
+        super().__init__(TERMINAL_WARNING_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the message of our INFO records; the level and logger of the rest."""
+        if is_ours(record.name) and record.levelno <= logging.INFO:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatException(record.exc_info)
+            return message
+        return super().format(record)
 
 
 class _DriverFileHandler(logging.FileHandler):
@@ -98,3 +120,5 @@ def configure_logging(verbose: bool, log_dir: Path | None) -> None:
     for handler in _installed:
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
+    if not verbose and sys.stderr.isatty():
+        console.setFormatter(TerminalFormatter())
