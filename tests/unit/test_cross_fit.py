@@ -59,7 +59,7 @@ def _sample(source: int, copy: int, clear: int) -> Sample:
 @pytest.fixture
 def run(monkeypatch: pytest.MonkeyPatch) -> TrainingRun:
     RecordingGate.fits = []
-    monkeypatch.setattr(core, "get_backend", lambda name: RecordingGate)
+    monkeypatch.setattr(core, "new_stage", lambda name, config: RecordingGate(**config))
     monkeypatch.setattr(
         core,
         "decode",
