@@ -109,3 +109,19 @@ def test_pooled_labels_report_the_shared_certificate_once() -> None:
         "  density:dense: yes at p >= 0.960 (3 of 12 images); no at p <= 0.250 (8 of 12 images)",
         "  density:sparse: nothing decided automatically",
     ]
+
+
+def test_a_gate_on_too_few_usable_images_says_it_skips_nothing_on_its_own() -> None:
+    # 85 clear and 170 degraded out-of-fold images of a lab's 105 fields: k = floor(86 *
+    # 0.01) = 0 usable images may fall below the skip cap, so the gate never skips.
+    thresholds = {"clear": _record(0.97, 0.0, 70, 0, 255)}
+    lines = routing_summary(
+        "gate", thresholds, _calibration({"clear": (255, 85)}) | {"discard_rate": 0.01}
+    )
+    assert lines[1:] == [
+        "  clear: yes at p >= 0.970 (70 of 255 images)",
+        "  clear: skips nothing on its own: keeping the usable images it discards to 1% "
+        "takes at least 99 usable calibration images, and it had 85",
+    ]
+    enough = _calibration({"clear": (660, 220)}) | {"discard_rate": 0.01}
+    assert len(routing_summary("gate", thresholds, enough)) == 2

@@ -266,7 +266,27 @@ def routing_summary(
         record = calibration["labels"][label]
         why = _nothing_certified(need, int(record["positives"]), int(record["n"]), unit)
         lines.append(f"  {label}: {why}")
+    if kind == StageKind.GATE.value and calibration.get("discard_rate"):
+        lines += _no_skips(calibration)
     return lines
+
+
+def _no_skips(calibration: Mapping[str, Any]) -> list[str]:
+    """Say which gate labels never skip: too few usable images bound their discards.
+
+    With ``m`` usable calibration images the skip cap keeps the ``floor((m + 1) * rate)``
+    lowest-scored of them (:func:`phenocascade.models.certify.keep_threshold_cap`); below
+    ``ceil(1 / rate) - 1`` that is none, and the gate skips nothing on its own.
+    """
+    rate = float(calibration["discard_rate"])
+    usable = math.ceil(1.0 / rate - 1e-9) - 1
+    return [
+        f"  {label}: skips nothing on its own: keeping the usable images it discards to "
+        f"{rate:.0%} takes at least {usable} usable calibration images, and it had "
+        f"{int(record['positives'])}"
+        for label, record in calibration["labels"].items()
+        if int(record["positives"]) < usable
+    ]
 
 
 def _nothing_certified(need: int, positives: int, n: int, unit: str, labels: int = 1) -> str:
